@@ -1,0 +1,53 @@
+// Backend selection and the build/machine report shown by `elbo info`.
+#include "elbo/backend/backend.hpp"
+
+#include "elbo/backend/cpu/cpu_backend.hpp"
+#include "elbo/util/error.hpp"
+
+#ifdef ELBO_HAVE_CUDA
+#include "elbo/backend/cuda/cuda_device.hpp"
+#endif
+
+namespace elbo {
+
+const char* activation_name(Activation a) {
+  switch (a) {
+    case Activation::Identity: return "identity";
+    case Activation::Relu: return "relu";
+    case Activation::Tanh: return "tanh";
+    case Activation::Softplus: return "softplus";
+  }
+  return "?";
+}
+
+const char* likelihood_name(Likelihood l) {
+  switch (l) {
+    case Likelihood::Bernoulli: return "bernoulli";
+    case Likelihood::GaussianFixed: return "gaussian_fixed";
+    case Likelihood::GaussianLearned: return "gaussian_learned";
+  }
+  return "?";
+}
+
+template <class T>
+std::unique_ptr<Backend<T>> make_backend(DeviceKind kind, int threads) {
+  if (kind == DeviceKind::Cpu) return std::make_unique<CpuBackend<T>>(threads);
+  // The CUDA op set is built in a later stage; until then only the device probe exists.
+  throw usage_error("the CUDA backend is not available in this version of elbo; use the CPU backend");
+}
+
+template std::unique_ptr<Backend<float>> make_backend<float>(DeviceKind, int);
+template std::unique_ptr<Backend<double>> make_backend<double>(DeviceKind, int);
+
+BackendReport probe_backends() {
+  BackendReport r;
+#ifdef ELBO_HAVE_CUDA
+  r.cuda_compiled = true;
+  r.cuda_devices = cuda::device_count(&r.cuda_detail);
+#else
+  r.cuda_detail = "this build has no CUDA support (configured with ELBO_CUDA=OFF or nvcc not found)";
+#endif
+  return r;
+}
+
+}  // namespace elbo

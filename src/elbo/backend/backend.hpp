@@ -1,0 +1,134 @@
+// The op set of a replica. The model, loss and optimizer are written once against
+// this interface; cpu/ (OpenBLAS + loops, the reference) and cuda/ implement it.
+// Pointers passed to ops live in the backend's memory space (host for CPU, device
+// for CUDA): only allocate/upload/download cross that boundary.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "elbo/util/philox.hpp"
+
+namespace elbo {
+
+enum class Activation { Identity, Relu, Tanh, Softplus };
+enum class Likelihood { Bernoulli, GaussianFixed, GaussianLearned };
+enum class DeviceKind { Cpu, Cuda };
+
+const char* activation_name(Activation a);
+const char* likelihood_name(Likelihood l);
+
+// Everything one Adam/AdamW update needs; `step` is 1-based (bias correction).
+struct AdamArgs {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  bool decoupled = false;  // AdamW: decay the weights directly instead of adding wd*p to g
+  int64_t step = 1;
+};
+
+template <class T>
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual DeviceKind device() const = 0;
+
+  // --- memory ---
+  virtual T* allocate(size_t n) = 0;
+  virtual void deallocate(T* p) noexcept = 0;
+  virtual void upload(T* dst, const T* host, size_t n) = 0;
+  virtual void download(T* host, const T* src, size_t n) = 0;
+  virtual void fill(T* dst, T value, size_t n) = 0;
+  virtual void synchronize() {}
+
+  // --- dense layers (all matrices row-major) ---
+  // C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
+  virtual void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda,
+                    const T* b, int ldb, T beta, T* c, int ldc) = 0;
+  // pre (rows x cols) += bias; out = act(pre). out may alias pre only for Identity.
+  virtual void bias_act_forward(Activation act, int rows, int cols, const T* bias, T* pre, T* out) = 0;
+  // dpre = dout * act'(pre) (written; may alias dout), db += column sums of dpre.
+  virtual void bias_act_backward(Activation act, int rows, int cols, const T* pre, const T* out,
+                                 const T* dout, T* dpre, T* db) = 0;
+
+  // --- randomness: out[r, j] = N(0,1) keyed by (seed, stream, step, first_item + r, j) ---
+  virtual void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows,
+                      int cols, T* out) = 0;
+
+  // --- Gaussian posterior q(z|x); mulv is (rows x 2L) = [mu | logvar] ---
+  // z = mu + exp(logvar/2) * eps; kl[r] = KL(q || N(0, I)) in closed form.
+  virtual void posterior_forward(int rows, int latent, const T* mulv, const T* eps, T* z, T* kl) = 0;
+  // dmulv (written) from dz and the KL term weighted by kl_weight.
+  virtual void posterior_backward(int rows, int latent, const T* mulv, const T* eps, const T* dz,
+                                  T kl_weight, T* dmulv) = 0;
+  // out[r] = log q(z|x) - log p(z) for the importance-weighted bound.
+  virtual void posterior_log_ratio(int rows, int latent, const T* mulv, const T* eps, const T* z,
+                                   T* out) = 0;
+
+  // --- likelihood p(x|z); `out` is the decoder output (rows x D, or rows x 2D = [mean | logvar]
+  // for GaussianLearned); nll[r] = -log p(x_r | z_r) summed over the D dimensions ---
+  virtual void likelihood_forward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x,
+                                  T* nll) = 0;
+  // dout (written) = weight * d nll / d out.
+  virtual void likelihood_backward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x,
+                                   T weight, T* dout) = 0;
+  // probs (rows x dim) = E[x|z]: sigmoid(logits) or the Gaussian mean.
+  virtual void likelihood_mean(Likelihood lik, int rows, int dim, const T* out, T* mean) = 0;
+
+  // --- optimizer and reductions over the flat buffers ---
+  virtual void adam_step(const AdamArgs& args, size_t n, T* params, const T* grads, T* m, T* v) = 0;
+  virtual double sum_squares(size_t n, const T* x) = 0;
+  virtual void scale(size_t n, T s, T* x) = 0;
+};
+
+// A move-only array in a backend's memory.
+template <class T>
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(Backend<T>& be, size_t n) : m_be(&be), m_n(n), m_p(n > 0 ? be.allocate(n) : nullptr) {}
+  Buffer(Buffer&& o) noexcept : m_be(o.m_be), m_n(o.m_n), m_p(o.m_p) { o.m_p = nullptr; o.m_n = 0; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      m_be = o.m_be; m_n = o.m_n; m_p = o.m_p;
+      o.m_p = nullptr; o.m_n = 0;
+    }
+    return *this;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() { release(); }
+  T* data() { return m_p; }
+  const T* data() const { return m_p; }
+  size_t size() const { return m_n; }
+
+ private:
+  void release() noexcept {
+    if (m_p != nullptr) m_be->deallocate(m_p);
+    m_p = nullptr;
+  }
+  Backend<T>* m_be = nullptr;
+  size_t m_n = 0;
+  T* m_p = nullptr;
+};
+
+// The backend for a device kind; Cuda throws a clear error in CPU-only builds or
+// when no GPU is present. `threads` sets the BLAS thread count of the CPU backend.
+template <class T>
+std::unique_ptr<Backend<T>> make_backend(DeviceKind kind, int threads = 1);
+
+// What the build and the machine offer, for `elbo info` and test skips.
+struct BackendReport {
+  bool cuda_compiled = false;
+  int cuda_devices = 0;
+  std::string cuda_detail;  // device names, or why none is usable
+};
+BackendReport probe_backends();
+
+}  // namespace elbo

@@ -1,0 +1,43 @@
+// The CPU reference backend: OpenBLAS for GEMMs, plain loops for everything else.
+// Instantiated for float (training) and double (finite-difference checks).
+#pragma once
+
+#include "elbo/backend/backend.hpp"
+
+namespace elbo {
+
+template <class T>
+class CpuBackend final : public Backend<T> {
+ public:
+  explicit CpuBackend(int threads = 1);
+  std::string name() const override { return "cpu"; }
+  DeviceKind device() const override { return DeviceKind::Cpu; }
+
+  T* allocate(size_t n) override;
+  void deallocate(T* p) noexcept override;
+  void upload(T* dst, const T* host, size_t n) override;
+  void download(T* host, const T* src, size_t n) override;
+  void fill(T* dst, T value, size_t n) override;
+
+  void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
+            int ldb, T beta, T* c, int ldc) override;
+  void bias_act_forward(Activation act, int rows, int cols, const T* bias, T* pre, T* out) override;
+  void bias_act_backward(Activation act, int rows, int cols, const T* pre, const T* out, const T* dout,
+                         T* dpre, T* db) override;
+  void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows, int cols,
+              T* out) override;
+  void posterior_forward(int rows, int latent, const T* mulv, const T* eps, T* z, T* kl) override;
+  void posterior_backward(int rows, int latent, const T* mulv, const T* eps, const T* dz, T kl_weight,
+                          T* dmulv) override;
+  void posterior_log_ratio(int rows, int latent, const T* mulv, const T* eps, const T* z, T* out) override;
+  void likelihood_forward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x,
+                          T* nll) override;
+  void likelihood_backward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x, T weight,
+                           T* dout) override;
+  void likelihood_mean(Likelihood lik, int rows, int dim, const T* out, T* mean) override;
+  void adam_step(const AdamArgs& args, size_t n, T* params, const T* grads, T* m, T* v) override;
+  double sum_squares(size_t n, const T* x) override;
+  void scale(size_t n, T s, T* x) override;
+};
+
+}  // namespace elbo

@@ -1,0 +1,110 @@
+// HDF5 model file write/read with validation against the stored spec.
+#include "elbo/ckpt/model_file.hpp"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "elbo/util/h5.hpp"
+
+namespace elbo {
+
+namespace {
+constexpr const char* kFormat = "elbo-model";
+constexpr int64_t kFormatVersion = 1;
+
+void rename_into_place(const std::string& tmp, const std::string& path) {
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    throw io_error("cannot move '" + tmp + "' to '" + path + "': " + ec.message());
+  }
+}
+}  // namespace
+
+void write_text_file_atomic(const std::string& path, const std::string& text) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw io_error("cannot write '" + tmp + "'");
+    out << text;
+    out.flush();
+    if (!out) throw io_error("writing '" + tmp + "' failed (disk full?)");
+  }
+  rename_into_place(tmp, path);
+}
+
+void write_model_file(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
+                      const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed) {
+  std::string tmp = path + ".tmp";
+  try {
+    h5::Id file = h5::create_file(tmp);
+    h5::write_attr_string(file, "format", kFormat);
+    h5::write_attr_int(file, "format_version", kFormatVersion);
+    h5::write_attr_string(file, "spec", dump_spec(spec));
+    h5::write_attr_int(file, "input_channels", input_shape.at(0));
+    h5::write_attr_int(file, "input_height", input_shape.at(1));
+    h5::write_attr_int(file, "input_width", input_shape.at(2));
+    h5::write_attr_int(file, "latent", layout.latent());
+    h5::write_attr_string(file, "likelihood", likelihood_name(layout.spec().likelihood));
+    h5::write_attr_string(file, "activation", activation_name(layout.spec().activation));
+    h5::write_attr_int(file, "step", step);
+    h5::write_attr_int(file, "epochs_completed", epochs_completed);
+    h5::Id group = h5::ensure_group(file, "params");
+    for (const auto& v : layout.views()) {
+      std::vector<hsize_t> shape(v.shape.begin(), v.shape.end());
+      h5::write_dataset<float>(group, v.name, shape, params + v.offset);
+    }
+    ELBO_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
+  } catch (...) {
+    std::remove(tmp.c_str());
+    throw;
+  }
+  rename_into_place(tmp, path);
+}
+
+ModelFile read_model_file(const std::string& path) {
+  if (!std::filesystem::exists(path)) throw model_error(path + ": model file does not exist");
+  ModelFile mf;
+  try {
+    h5::Id file = h5::open_file(path);
+    if (!h5::has_attr(file, "format") || h5::read_attr_string(file, "format") != kFormat)
+      throw model_error(path + ": not an elbo model file (attribute format != '" + kFormat + "')");
+    int64_t version = h5::read_attr_int(file, "format_version");
+    if (version != kFormatVersion)
+      throw model_error(path + ": model format version " + std::to_string(version) + " is not supported (expected " +
+                        std::to_string(kFormatVersion) + ")");
+    mf.spec = parse_spec(h5::read_attr_string(file, "spec"), path + " (stored spec)");
+    mf.input_shape = {static_cast<int>(h5::read_attr_int(file, "input_channels")),
+                      static_cast<int>(h5::read_attr_int(file, "input_height")),
+                      static_cast<int>(h5::read_attr_int(file, "input_width"))};
+    mf.step = h5::read_attr_int(file, "step");
+    mf.epochs_completed = h5::read_attr_int(file, "epochs_completed");
+    VaeLayout layout(mf.spec.model, mf.input_shape[0] * mf.input_shape[1] * mf.input_shape[2]);
+    mf.params.assign(layout.num_params(), 0.0f);
+    for (const auto& v : layout.views()) {
+      std::string name = "params/" + v.name;
+      if (!h5::exists(file, name)) throw model_error(path + ": parameter '" + v.name + "' is missing");
+      std::vector<hsize_t> shape;
+      std::vector<float> data = h5::read_dataset<float>(file, name, &shape);
+      std::vector<hsize_t> want(v.shape.begin(), v.shape.end());
+      if (shape != want) {
+        auto fmt = [](const std::vector<hsize_t>& s) {
+          std::string o = "(";
+          for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+          return o + ")";
+        };
+        throw model_error(path + ": parameter '" + v.name + "' has shape " + fmt(shape) +
+                          " but the stored spec needs " + fmt(want));
+      }
+      std::copy(data.begin(), data.end(), mf.params.begin() + static_cast<std::ptrdiff_t>(v.offset));
+    }
+  } catch (const Error& e) {
+    if (e.kind() == ErrorKind::Model) throw;
+    throw model_error(path + ": cannot read model file: " + e.what());
+  }
+  return mf;
+}
+
+}  // namespace elbo

@@ -1,0 +1,166 @@
+// The `elbo` command: train, eval, info. This is the only place that turns errors
+// into exit codes; in a multi-rank job an error that the ranks did not raise
+// together aborts the whole job so that no rank waits forever.
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "elbo/backend/backend.hpp"
+#include "elbo/ckpt/model_file.hpp"
+#include "elbo/cli/args.hpp"
+#include "elbo/config/spec.hpp"
+#include "elbo/data/shards.hpp"
+#include "elbo/dist/comm.hpp"
+#include "elbo/train/evaluate.hpp"
+#include "elbo/train/trainer.hpp"
+
+namespace elbo {
+namespace {
+
+constexpr const char* kVersion = "0.1.0";
+
+const char* kUsage =
+    "usage: elbo <command> [options]\n\n"
+    "Data-parallel VAE training (run under mpirun -np N or srun for N replicas).\n\n"
+    "commands:\n"
+    "  train SPEC.yaml [--set key.path=value ...]   train a VAE from an experiment spec\n"
+    "  eval MODEL.h5 --data TEST_DIR [--iw-samples K]  test negative ELBO and IWAE bound\n"
+    "  info                                          build, backends and MPI world\n\n"
+    "Run 'elbo <command> --help' for the options of a command.\n";
+
+int exit_code(ErrorKind k) { return (k == ErrorKind::Usage || k == ErrorKind::Config) ? 2 : 1; }
+
+int cmd_train(const std::vector<std::string>& args, Communicator& comm) {
+  std::string spec_path;
+  std::vector<std::string> overrides;
+  cli::ArgParser p("elbo train", "Train a VAE from a YAML experiment spec; rank 0 writes OUTPUT_DIR/{spec.yaml,"
+                                 "metrics.csv,model.h5,eval.yaml}.");
+  p.positional("SPEC", &spec_path, "experiment spec (YAML)");
+  p.repeated("--set", &overrides, "KEY=VALUE", "override a spec key, e.g. --set optim.lr=3e-4 (repeatable)");
+  bool go = false;
+  collectively(comm, [&] { go = p.parse(args); });
+  if (!go) return 0;
+  ExperimentSpec spec;
+  collectively(comm, [&] { spec = load_spec(spec_path, overrides); });
+  train(spec, comm, std::cout);
+  return 0;
+}
+
+int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
+  std::string model_path, data_dir, out_path;
+  int64_t iw = 0, batch = 500, seed = -1, threads = 0;
+  cli::ArgParser p("elbo eval", "Evaluate a trained model on a test split: negative ELBO per sample (nats), its "
+                                "reconstruction and KL parts, and the k-sample importance-weighted bound.");
+  p.positional("MODEL", &model_path, "model file written by elbo train (model.h5)");
+  p.string("--data", &data_dir, "DIR", "test split directory written by elbo-shard", true);
+  p.integer("--iw-samples", &iw, "K", "importance samples for the IWAE bound (0 = skip)", 0);
+  p.integer("--batch-size", &batch, "N", "rows per forward pass on each rank", 1);
+  p.integer("--seed", &seed, "S", "seed for eps (default: the model's training seed)", 0);
+  p.integer("--threads", &threads, "T", "BLAS threads per rank (0 = cores / ranks on the node)", 0);
+  p.string("--output", &out_path, "FILE", "also write the results as YAML to FILE (rank 0)");
+  bool go = false;
+  collectively(comm, [&] { go = p.parse(args); });
+  if (!go) return 0;
+
+  ModelFile mf;
+  std::optional<data::ShardSet> set;
+  collectively(comm, [&] {
+    mf = read_model_file(model_path);
+    set.emplace(data::ShardSet::open(data_dir));
+    std::vector<int> shape = {set->channels(), set->height(), set->width()};
+    if (shape != mf.input_shape)
+      throw data_error(data_dir + ": samples have shape [" + std::to_string(shape[0]) + ", " + std::to_string(shape[1]) +
+                       ", " + std::to_string(shape[2]) + "] but the model " + model_path + " was trained on [" +
+                       std::to_string(mf.input_shape[0]) + ", " + std::to_string(mf.input_shape[1]) + ", " +
+                       std::to_string(mf.input_shape[2]) + "]");
+  });
+  VaeLayout layout(mf.spec.model, static_cast<int>(set->sample_dim()));
+  auto be = make_backend<float>(DeviceKind::Cpu, threads_per_rank(static_cast<int>(threads), comm.world().local_size));
+  Buffer<float> params(*be, layout.num_params());
+  be->upload(params.data(), mf.params.data(), mf.params.size());
+  EvalOptions eo;
+  eo.iw_samples = static_cast<int>(iw);
+  eo.batch_size = batch;
+  eo.seed = seed >= 0 ? static_cast<uint64_t>(seed) : mf.spec.seed;
+  eo.binarize = mf.spec.data.binarize;
+  EvalResult r = evaluate(layout, *be, params.data(), *set, comm, eo);
+  collectively(comm, [&] {
+    if (!comm.is_root()) return;
+    std::cout << format_eval(r) << std::endl;
+    if (!out_path.empty()) write_text_file_atomic(out_path, eval_yaml(r, model_path, data_dir));
+  });
+  return 0;
+}
+
+int cmd_info(const std::vector<std::string>& args, Communicator& comm) {
+  cli::ArgParser p("elbo info", "Print the build configuration, the available backends and the MPI world.");
+  bool go = false;
+  collectively(comm, [&] { go = p.parse(args); });
+  if (!go) return 0;
+  BackendReport r = probe_backends();
+  if (comm.is_root()) {
+    std::cout << "elbo " << kVersion << "\n"
+              << "backends: cpu (OpenBLAS)" << (r.cuda_compiled ? ", cuda (compiled)" : "") << "\n"
+              << "cuda: " << (r.cuda_compiled ? std::to_string(r.cuda_devices) + " device(s)" : "not compiled")
+              << (r.cuda_detail.empty() ? "" : " - " + r.cuda_detail) << "\n"
+              << "mpi world: " << comm.size() << " rank(s); rank 0 on " << comm.world().host << " with "
+              << comm.world().local_size << " local rank(s)\n";
+  }
+  return 0;
+}
+
+int run(int argc, char** argv, Communicator& comm) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "-h" || args[0] == "--help") {
+    if (comm.is_root()) std::fputs(kUsage, args.empty() ? stderr : stdout);
+    return args.empty() ? 2 : 0;
+  }
+  if (args[0] == "--version") {
+    if (comm.is_root()) std::printf("elbo %s\n", kVersion);
+    return 0;
+  }
+  std::string cmd = args[0];
+  std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (cmd == "train") return cmd_train(rest, comm);
+  if (cmd == "eval") return cmd_eval(rest, comm);
+  if (cmd == "info") return cmd_info(rest, comm);
+  throw usage_error("unknown command '" + cmd + "'; valid commands: train, eval, info (see elbo --help)");
+}
+
+}  // namespace
+}  // namespace elbo
+
+int main(int argc, char** argv) {
+  using namespace elbo;
+  std::optional<MpiRuntime> mpi;
+  std::optional<MpiCommunicator> comm;
+  try {
+    mpi.emplace(&argc, &argv);
+    comm.emplace();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "elbo: cannot start MPI: %s\n", e.what());
+    return 1;
+  }
+  try {
+    int rc = run(argc, argv, *comm);
+    comm.reset();
+    mpi.reset();
+    return rc;
+  } catch (const AgreedError& e) {
+    // Every rank raised it together: one message, clean exit everywhere.
+    if (comm->is_root()) std::fprintf(stderr, "elbo: %s: %s\n", error_kind_name(e.kind()), e.what());
+    comm.reset();
+    mpi.reset();
+    return exit_code(e.kind());
+  } catch (const Error& e) {
+    std::fprintf(stderr, "elbo: rank %d: %s: %s\n", comm->rank(), error_kind_name(e.kind()), e.what());
+    if (comm->size() > 1) comm->abort(exit_code(e.kind()));
+    return exit_code(e.kind());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "elbo: rank %d: unexpected error: %s\n", comm->rank(), e.what());
+    if (comm->size() > 1) comm->abort(1);
+    return 1;
+  }
+}

@@ -1,0 +1,383 @@
+// YAML -> ExperimentSpec with precise errors, --set overrides, and the resolved dump.
+#include "elbo/config/spec.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "elbo/util/error.hpp"
+
+namespace elbo {
+
+namespace {
+
+struct Context {
+  std::string source;                 // file name for messages
+  std::set<std::string> overridden;   // keys that came from --set
+};
+
+std::string join(const std::vector<std::string>& v) {
+  std::string out;
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + v[i];
+  return out;
+}
+
+// Reads one YAML mapping, remembering which keys it consumed so that `finish`
+// can reject the rest as unknown (a typo must not silently fall back to a default).
+class MapReader {
+ public:
+  MapReader(YAML::Node node, std::string prefix, const Context& ctx)
+      : m_node(std::move(node)), m_prefix(std::move(prefix)), m_ctx(ctx) {
+    if (m_node && !m_node.IsNull() && !m_node.IsMap())
+      fail(m_node, m_prefix.empty() ? "(top level)" : m_prefix.substr(0, m_prefix.size() - 1),
+           "must be a mapping of keys to values");
+  }
+
+  [[noreturn]] void fail(const YAML::Node& at, const std::string& key, const std::string& what) const {
+    std::string where = m_ctx.source;
+    if (m_ctx.overridden.count(key)) where = "--set " + key;
+    else if (at && at.Mark().line >= 0) where += ":" + std::to_string(at.Mark().line + 1);
+    throw config_error(where + ": " + key + ": " + what);
+  }
+
+  bool has(const std::string& key) {
+    return m_node && m_node.IsMap() && m_node[key] && !m_node[key].IsNull();
+  }
+
+  YAML::Node raw(const std::string& key) {
+    m_seen.insert(key);
+    if (!m_node || !m_node.IsMap()) return YAML::Node();
+    return m_node[key];
+  }
+
+  template <class T>
+  T get(const std::string& key, T fallback) {
+    YAML::Node n = raw(key);
+    if (!n || n.IsNull()) return fallback;
+    return convert<T>(n, m_prefix + key);
+  }
+
+  template <class T>
+  T required(const std::string& key) {
+    YAML::Node n = raw(key);
+    if (!n || n.IsNull()) fail(m_node, m_prefix + key, "is required");
+    return convert<T>(n, m_prefix + key);
+  }
+
+  std::string choice(const std::string& key, const std::string& fallback,
+                     const std::vector<std::string>& valid) {
+    std::string v = get<std::string>(key, fallback);
+    for (const auto& c : valid)
+      if (v == c) return v;
+    fail(raw(key), m_prefix + key, "unknown value '" + v + "'; valid choices: " + join(valid));
+  }
+
+  std::vector<int> int_list(const std::string& key, std::vector<int> fallback) {
+    YAML::Node n = raw(key);
+    if (!n || n.IsNull()) return fallback;
+    if (!n.IsSequence()) fail(n, m_prefix + key, "must be a list of integers, e.g. [400, 200]");
+    std::vector<int> out;
+    for (const auto& e : n) out.push_back(convert<int>(e, m_prefix + key));
+    return out;
+  }
+
+  MapReader sub(const std::string& key) { return MapReader(raw(key), m_prefix + key + ".", m_ctx); }
+
+  void finish(const std::vector<std::string>& known) {
+    if (!m_node || !m_node.IsMap()) return;
+    for (const auto& kv : m_node) {
+      std::string k = kv.first.as<std::string>();
+      if (!m_seen.count(k))
+        fail(kv.first, m_prefix + k, "unknown key; valid keys here: " + join(known));
+    }
+  }
+
+  template <class T>
+  void check(bool ok, const std::string& key, const std::string& what, T got) {
+    if (ok) return;
+    std::ostringstream os;
+    os << what << " (got " << got << ")";
+    fail(raw(key), m_prefix + key, os.str());
+  }
+
+ private:
+  template <class T>
+  T convert(const YAML::Node& n, const std::string& key) const {
+    const char* expected = std::is_same_v<T, bool>          ? "true or false"
+                           : std::is_integral_v<T>          ? "an integer"
+                           : std::is_floating_point_v<T>    ? "a number"
+                                                            : "a string";
+    if (!n.IsScalar()) fail(n, key, std::string("must be ") + expected);
+    try {
+      return n.as<T>();
+    } catch (const YAML::Exception&) {
+      fail(n, key, std::string("must be ") + expected + ", got '" + n.Scalar() + "'");
+    }
+  }
+
+  YAML::Node m_node;
+  std::string m_prefix;
+  const Context& m_ctx;
+  std::set<std::string> m_seen;
+};
+
+void apply_override(YAML::Node& root, const std::string& text, Context& ctx) {
+  size_t eq = text.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw config_error("--set " + text + ": expected key.path=value, e.g. --set optim.lr=3e-4");
+  std::string path = text.substr(0, eq);
+  std::string value = text.substr(eq + 1);
+  YAML::Node parsed;
+  try {
+    parsed = YAML::Load(value);
+  } catch (const YAML::Exception& e) {
+    throw config_error("--set " + path + ": cannot parse value '" + value + "': " + e.msg);
+  }
+  std::vector<std::string> parts;
+  std::stringstream ss(path);
+  for (std::string p; std::getline(ss, p, '.');) {
+    if (p.empty()) throw config_error("--set " + path + ": empty key segment");
+    parts.push_back(p);
+  }
+  YAML::Node cur;
+  cur.reset(root);
+  std::string walked;
+  for (size_t i = 0; i + 1 < parts.size(); ++i) {
+    walked += (i ? "." : "") + parts[i];
+    YAML::Node next = cur[parts[i]];
+    if (next && !next.IsNull() && !next.IsMap())
+      throw config_error("--set " + path + ": '" + walked + "' is not a mapping");
+    if (!next || next.IsNull()) cur[parts[i]] = YAML::Node(YAML::NodeType::Map);
+    YAML::Node child = cur[parts[i]];
+    cur.reset(child);
+  }
+  cur[parts.back()] = parsed;
+  ctx.overridden.insert(path);
+}
+
+ExperimentSpec build(YAML::Node root, Context& ctx) {
+  ExperimentSpec s;
+  s.source = ctx.source;
+  MapReader top(root, "", ctx);
+  s.name = top.get<std::string>("name", s.name);
+  top.check(!s.name.empty(), "name", "must not be empty", "''");
+  int64_t seed = top.get<int64_t>("seed", 1);
+  top.check(seed >= 0, "seed", "must be >= 0", seed);
+  s.seed = static_cast<uint64_t>(seed);
+
+  {
+    MapReader r = top.sub("data");
+    auto& d = s.data;
+    d.train = r.required<std::string>("train");
+    d.test = r.get<std::string>("test", "");
+    d.shape = r.int_list("shape", {});
+    if (!d.shape.empty()) {
+      bool ok = d.shape.size() == 3 && d.shape[0] > 0 && d.shape[1] > 0 && d.shape[2] > 0;
+      r.check(ok, "shape", "must be [channels, height, width] with positive entries", d.shape.size());
+    }
+    d.binarize = r.get<bool>("binarize", d.binarize);
+    d.shuffle = r.get<bool>("shuffle", d.shuffle);
+    d.max_samples = r.get<int64_t>("max_samples", d.max_samples);
+    r.check(d.max_samples >= 0, "max_samples", "must be >= 0 (0 = all)", d.max_samples);
+    r.finish({"train", "test", "shape", "binarize", "shuffle", "max_samples"});
+  }
+  {
+    MapReader r = top.sub("model");
+    auto& m = s.model;
+    m.type = r.choice("type", m.type, {"mlp"});
+    m.encoder = r.int_list("encoder", m.encoder);
+    m.decoder = r.int_list("decoder", m.decoder);
+    for (int w : m.encoder) r.check(w > 0, "encoder", "hidden widths must be >= 1", w);
+    for (int w : m.decoder) r.check(w > 0, "decoder", "hidden widths must be >= 1", w);
+    m.latent = r.get<int>("latent", m.latent);
+    r.check(m.latent >= 1, "latent", "must be >= 1", m.latent);
+    std::string act = r.choice("activation", "relu", {"relu", "tanh", "softplus"});
+    m.activation = act == "relu" ? Activation::Relu : act == "tanh" ? Activation::Tanh : Activation::Softplus;
+
+    // likelihood: either a bare type ("bernoulli") or {type, variance, sigma}.
+    std::string type = "bernoulli", variance = "fixed";
+    if (r.has("likelihood") && r.raw("likelihood").IsScalar()) {
+      type = r.choice("likelihood", type, {"bernoulli", "gaussian"});
+    } else {
+      MapReader l = r.sub("likelihood");
+      type = l.choice("type", type, {"bernoulli", "gaussian"});
+      variance = l.choice("variance", variance, {"fixed", "learned"});
+      m.sigma = l.get<double>("sigma", m.sigma);
+      l.check(m.sigma > 0, "sigma", "must be > 0", m.sigma);
+      l.finish({"type", "variance", "sigma"});
+    }
+    m.likelihood = type == "bernoulli"   ? Likelihood::Bernoulli
+                   : variance == "fixed" ? Likelihood::GaussianFixed
+                                         : Likelihood::GaussianLearned;
+    r.finish({"type", "encoder", "decoder", "latent", "activation", "likelihood"});
+  }
+  {
+    MapReader r = top.sub("loss");
+    s.loss.beta = r.get<double>("beta", s.loss.beta);
+    r.check(s.loss.beta >= 0, "beta", "must be >= 0", s.loss.beta);
+    s.loss.kl_warmup_steps = r.get<int64_t>("kl_warmup_steps", s.loss.kl_warmup_steps);
+    r.check(s.loss.kl_warmup_steps >= 0, "kl_warmup_steps", "must be >= 0", s.loss.kl_warmup_steps);
+    r.finish({"beta", "kl_warmup_steps"});
+  }
+  {
+    MapReader r = top.sub("optim");
+    auto& o = s.optim;
+    o.type = r.choice("type", o.type, {"adam", "adamw"});
+    o.lr = r.get<double>("lr", o.lr);
+    r.check(o.lr > 0, "lr", "must be > 0", o.lr);
+    o.beta1 = r.get<double>("beta1", o.beta1);
+    r.check(o.beta1 >= 0 && o.beta1 < 1, "beta1", "must be in [0, 1)", o.beta1);
+    o.beta2 = r.get<double>("beta2", o.beta2);
+    r.check(o.beta2 >= 0 && o.beta2 < 1, "beta2", "must be in [0, 1)", o.beta2);
+    o.eps = r.get<double>("eps", o.eps);
+    r.check(o.eps > 0, "eps", "must be > 0", o.eps);
+    o.weight_decay = r.get<double>("weight_decay", o.type == "adamw" ? 0.01 : 0.0);
+    r.check(o.weight_decay >= 0, "weight_decay", "must be >= 0", o.weight_decay);
+    o.grad_clip = r.get<double>("grad_clip", o.grad_clip);
+    r.check(o.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)", o.grad_clip);
+    o.schedule = r.choice("schedule", o.schedule, {"constant", "cosine"});
+    o.warmup_steps = r.get<int64_t>("warmup_steps", o.warmup_steps);
+    r.check(o.warmup_steps >= 0, "warmup_steps", "must be >= 0", o.warmup_steps);
+    o.min_lr = r.get<double>("min_lr", o.min_lr);
+    r.check(o.min_lr >= 0 && o.min_lr <= o.lr, "min_lr", "must be in [0, optim.lr]", o.min_lr);
+    r.finish({"type", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "schedule",
+              "warmup_steps", "min_lr"});
+  }
+  {
+    MapReader r = top.sub("train");
+    auto& t = s.train;
+    t.batch_size = r.get<int64_t>("batch_size", t.batch_size);
+    r.check(t.batch_size >= 1, "batch_size", "must be >= 1", t.batch_size);
+    t.epochs = r.get<int64_t>("epochs", t.epochs);
+    r.check(t.epochs >= 1, "epochs", "must be >= 1", t.epochs);
+    t.max_steps = r.get<int64_t>("max_steps", t.max_steps);
+    r.check(t.max_steps >= 0, "max_steps", "must be >= 0 (0 = no cap)", t.max_steps);
+    t.drop_last = r.get<bool>("drop_last", t.drop_last);
+    t.log_every = r.get<int64_t>("log_every", t.log_every);
+    r.check(t.log_every >= 1, "log_every", "must be >= 1", t.log_every);
+    t.threads = r.get<int>("threads", t.threads);
+    r.check(t.threads >= 0, "threads", "must be >= 0 (0 = automatic)", t.threads);
+    r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads"});
+  }
+  {
+    MapReader r = top.sub("eval");
+    s.eval.at_end = r.get<bool>("at_end", s.eval.at_end);
+    s.eval.iw_samples = r.get<int>("iw_samples", s.eval.iw_samples);
+    r.check(s.eval.iw_samples >= 0, "iw_samples", "must be >= 0 (0 = skip the IWAE bound)", s.eval.iw_samples);
+    s.eval.batch_size = r.get<int64_t>("batch_size", s.eval.batch_size);
+    r.check(s.eval.batch_size >= 1, "batch_size", "must be >= 1", s.eval.batch_size);
+    r.finish({"at_end", "iw_samples", "batch_size"});
+  }
+  {
+    MapReader r = top.sub("output");
+    s.output.dir = r.get<std::string>("dir", s.output.dir);
+    r.check(!s.output.dir.empty(), "dir", "must not be empty", "''");
+    s.output.overwrite = r.get<bool>("overwrite", s.output.overwrite);
+    r.finish({"dir", "overwrite"});
+  }
+  top.finish({"name", "seed", "data", "model", "loss", "optim", "train", "eval", "output"});
+  return s;
+}
+
+}  // namespace
+
+ExperimentSpec parse_spec(const std::string& yaml_text, const std::string& source,
+                          const std::vector<std::string>& overrides) {
+  Context ctx{source, {}};
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::ParserException& e) {
+    throw config_error(source + ":" + std::to_string(e.mark.line + 1) + ": invalid YAML: " + e.msg);
+  }
+  if (!root || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
+  if (!root.IsMap()) throw config_error(source + ": the spec must be a YAML mapping (key: value lines)");
+  for (const auto& o : overrides) apply_override(root, o, ctx);
+  return build(root, ctx);
+}
+
+ExperimentSpec load_spec(const std::string& path, const std::vector<std::string>& overrides) {
+  std::ifstream in(path);
+  if (!in) throw config_error(path + ": cannot open the spec file");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse_spec(ss.str(), path, overrides);
+}
+
+std::string dump_spec(const ExperimentSpec& s) {
+  YAML::Emitter e;
+  e.SetDoublePrecision(17);
+  auto ints = [&](const std::vector<int>& v) {
+    e << YAML::Flow << YAML::BeginSeq;
+    for (int x : v) e << x;
+    e << YAML::EndSeq;
+  };
+  e << YAML::BeginMap;
+  e << YAML::Key << "name" << YAML::Value << s.name;
+  e << YAML::Key << "seed" << YAML::Value << s.seed;
+  e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "train" << YAML::Value << s.data.train;
+  e << YAML::Key << "test" << YAML::Value << s.data.test;
+  if (!s.data.shape.empty()) {
+    e << YAML::Key << "shape" << YAML::Value;
+    ints(s.data.shape);
+  }
+  e << YAML::Key << "binarize" << YAML::Value << s.data.binarize;
+  e << YAML::Key << "shuffle" << YAML::Value << s.data.shuffle;
+  e << YAML::Key << "max_samples" << YAML::Value << s.data.max_samples;
+  e << YAML::EndMap;
+  e << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "type" << YAML::Value << s.model.type;
+  e << YAML::Key << "encoder" << YAML::Value;
+  ints(s.model.encoder);
+  e << YAML::Key << "decoder" << YAML::Value;
+  ints(s.model.decoder);
+  e << YAML::Key << "latent" << YAML::Value << s.model.latent;
+  e << YAML::Key << "activation" << YAML::Value << activation_name(s.model.activation);
+  e << YAML::Key << "likelihood" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "type" << YAML::Value
+    << (s.model.likelihood == Likelihood::Bernoulli ? "bernoulli" : "gaussian");
+  e << YAML::Key << "variance" << YAML::Value
+    << (s.model.likelihood == Likelihood::GaussianLearned ? "learned" : "fixed");
+  e << YAML::Key << "sigma" << YAML::Value << s.model.sigma;
+  e << YAML::EndMap << YAML::EndMap;
+  e << YAML::Key << "loss" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "beta" << YAML::Value << s.loss.beta;
+  e << YAML::Key << "kl_warmup_steps" << YAML::Value << s.loss.kl_warmup_steps;
+  e << YAML::EndMap;
+  e << YAML::Key << "optim" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "type" << YAML::Value << s.optim.type;
+  e << YAML::Key << "lr" << YAML::Value << s.optim.lr;
+  e << YAML::Key << "beta1" << YAML::Value << s.optim.beta1;
+  e << YAML::Key << "beta2" << YAML::Value << s.optim.beta2;
+  e << YAML::Key << "eps" << YAML::Value << s.optim.eps;
+  e << YAML::Key << "weight_decay" << YAML::Value << s.optim.weight_decay;
+  e << YAML::Key << "grad_clip" << YAML::Value << s.optim.grad_clip;
+  e << YAML::Key << "schedule" << YAML::Value << s.optim.schedule;
+  e << YAML::Key << "warmup_steps" << YAML::Value << s.optim.warmup_steps;
+  e << YAML::Key << "min_lr" << YAML::Value << s.optim.min_lr;
+  e << YAML::EndMap;
+  e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "batch_size" << YAML::Value << s.train.batch_size;
+  e << YAML::Key << "epochs" << YAML::Value << s.train.epochs;
+  e << YAML::Key << "max_steps" << YAML::Value << s.train.max_steps;
+  e << YAML::Key << "drop_last" << YAML::Value << s.train.drop_last;
+  e << YAML::Key << "log_every" << YAML::Value << s.train.log_every;
+  e << YAML::Key << "threads" << YAML::Value << s.train.threads;
+  e << YAML::EndMap;
+  e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "at_end" << YAML::Value << s.eval.at_end;
+  e << YAML::Key << "iw_samples" << YAML::Value << s.eval.iw_samples;
+  e << YAML::Key << "batch_size" << YAML::Value << s.eval.batch_size;
+  e << YAML::EndMap;
+  e << YAML::Key << "output" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "dir" << YAML::Value << s.output.dir;
+  e << YAML::Key << "overwrite" << YAML::Value << s.output.overwrite;
+  e << YAML::EndMap;
+  e << YAML::EndMap;
+  return std::string(e.c_str()) + "\n";
+}
+
+}  // namespace elbo

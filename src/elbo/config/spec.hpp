@@ -1,0 +1,92 @@
+// ExperimentSpec: the typed, validated form of a YAML experiment file. Parsed once
+// (with --set overrides applied to the YAML tree first); every error names the
+// file, the line and the key, and lists the valid choices where there are some.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "elbo/backend/backend.hpp"
+
+namespace elbo {
+
+struct DataSpec {
+  std::string train;             // split directory (or its manifest.yaml) written by elbo-shard
+  std::string test;              // optional: evaluated at the end of training
+  std::vector<int> shape;        // optional [C, H, W]; checked against the shards when given
+  bool binarize = false;         // dynamic binarization: x ~ Bernoulli(pixel) per step
+  bool shuffle = true;
+  int64_t max_samples = 0;       // 0 = all; otherwise the first N samples of the split
+};
+
+struct ModelSpec {
+  std::string type = "mlp";
+  std::vector<int> encoder{400};
+  std::vector<int> decoder{400};
+  int latent = 20;
+  Activation activation = Activation::Relu;
+  Likelihood likelihood = Likelihood::Bernoulli;
+  double sigma = 1.0;  // standard deviation of the fixed-variance Gaussian likelihood
+};
+
+struct LossSpec {
+  double beta = 1.0;             // weight of the KL term after warm-up
+  int64_t kl_warmup_steps = 0;   // beta ramps linearly from 0 over this many steps
+};
+
+struct OptimSpec {
+  std::string type = "adam";     // adam | adamw
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  double grad_clip = 0.0;        // max global gradient L2 norm; 0 = off
+  std::string schedule = "constant";  // constant | cosine
+  int64_t warmup_steps = 0;      // linear warm-up from 0 to lr
+  double min_lr = 0.0;           // floor of the cosine decay
+};
+
+struct TrainSpec {
+  int64_t batch_size = 128;      // global batch, split evenly over the ranks
+  int64_t epochs = 10;
+  int64_t max_steps = 0;         // 0 = no cap; otherwise stop after this many steps
+  bool drop_last = false;
+  int64_t log_every = 100;       // steps between progress lines
+  int threads = 0;               // BLAS threads per rank; 0 = cores / ranks on the node
+};
+
+struct EvalSpec {
+  bool at_end = true;            // evaluate data.test after training, when given
+  int iw_samples = 0;            // importance samples for the IWAE bound; 0 = skip
+  int64_t batch_size = 500;
+};
+
+struct OutputSpec {
+  std::string dir = "runs/default";
+  bool overwrite = false;        // allow writing into a directory that holds an earlier run
+};
+
+struct ExperimentSpec {
+  std::string name = "experiment";
+  uint64_t seed = 1;
+  DataSpec data;
+  ModelSpec model;
+  LossSpec loss;
+  OptimSpec optim;
+  TrainSpec train;
+  EvalSpec eval;
+  OutputSpec output;
+  std::string source;  // the file it came from, for messages
+};
+
+// Parses `path`, applying each "key.path=value" override first. Throws a Config error.
+ExperimentSpec load_spec(const std::string& path, const std::vector<std::string>& overrides = {});
+// Same from YAML text (`source` names it in messages); used for specs stored in model files.
+ExperimentSpec parse_spec(const std::string& yaml_text, const std::string& source,
+                          const std::vector<std::string>& overrides = {});
+// The resolved spec as YAML: every key, defaults included; parse_spec(dump_spec(s)) == s.
+std::string dump_spec(const ExperimentSpec& spec);
+
+}  // namespace elbo

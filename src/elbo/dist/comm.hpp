@@ -1,0 +1,107 @@
+// World discovery and the Communicator: how replicas sum gradients, share the
+// initial parameters and agree on failures. MPI here; NCCL joins it on the GPU.
+#pragma once
+
+#include <mpi.h>
+
+#include <functional>
+#include <string>
+
+#include "elbo/util/error.hpp"
+
+namespace elbo {
+
+// Throws a Dist error naming the MPI call, the call site and MPI's own message.
+namespace detail {
+[[noreturn]] void mpi_failed(const char* call, const char* file, int line, int rc);
+}
+#define ELBO_CHECK_MPI(call)                                                  \
+  do {                                                                        \
+    int elbo_mpi_rc_ = (call);                                                \
+    if (elbo_mpi_rc_ != MPI_SUCCESS) ::elbo::detail::mpi_failed(#call, __FILE__, __LINE__, elbo_mpi_rc_); \
+  } while (0)
+
+// MPI_Init/MPI_Finalize for the process; errors are returned to us (not fatal) so
+// we can report them with context.
+class MpiRuntime {
+ public:
+  MpiRuntime(int* argc, char*** argv);
+  ~MpiRuntime();
+  MpiRuntime(const MpiRuntime&) = delete;
+  MpiRuntime& operator=(const MpiRuntime&) = delete;
+};
+
+struct WorldInfo {
+  int rank = 0;
+  int size = 1;
+  int local_rank = 0;  // rank among the processes on this node
+  int local_size = 1;
+  std::string host;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual const WorldInfo& world() const = 0;
+  int rank() const { return world().rank; }
+  int size() const { return world().size; }
+  bool is_root() const { return world().rank == 0; }
+
+  virtual void allreduce_sum(float* data, size_t n) = 0;
+  virtual void allreduce_sum(double* data, size_t n) = 0;
+  virtual int allreduce_max(int value) = 0;
+  virtual void broadcast(void* data, size_t bytes, int root) = 0;
+  virtual void barrier() = 0;
+  // Ends every rank of the job; used when one rank fails where the others may be
+  // blocked in a collective and an orderly agreement is impossible.
+  [[noreturn]] virtual void abort(int code) = 0;
+};
+
+// A communicator over MPI_COMM_WORLD (duplicated, so library traffic never mixes
+// with a caller's).
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator();
+  ~MpiCommunicator() override;
+  const WorldInfo& world() const override { return m_world; }
+  void allreduce_sum(float* data, size_t n) override;
+  void allreduce_sum(double* data, size_t n) override;
+  int allreduce_max(int value) override;
+  void broadcast(void* data, size_t bytes, int root) override;
+  void barrier() override;
+  [[noreturn]] void abort(int code) override;
+
+ private:
+  MPI_Comm m_comm = MPI_COMM_NULL;
+  WorldInfo m_world;
+};
+
+// One process, no MPI: for unit tests and tools.
+class SingleCommunicator final : public Communicator {
+ public:
+  const WorldInfo& world() const override { return m_world; }
+  void allreduce_sum(float*, size_t) override {}
+  void allreduce_sum(double*, size_t) override {}
+  int allreduce_max(int value) override { return value; }
+  void broadcast(void*, size_t, int) override {}
+  void barrier() override {}
+  [[noreturn]] void abort(int code) override;
+
+ private:
+  WorldInfo m_world;
+};
+
+// An error every rank of the job raised together (after an agreement or from
+// all-reduced values): the CLI prints it once, on rank 0, and exits cleanly everywhere.
+class AgreedError : public Error {
+ public:
+  using Error::Error;
+};
+
+// Runs `fn` on every rank and makes the outcome collective: if any rank threw an
+// elbo::Error, every rank throws an AgreedError with the lowest failing rank's message (prefixed with its
+// rank when the job has several), so the job stops everywhere with one message
+// and no rank is left waiting in a collective. Use around setup and I/O phases.
+void collectively(Communicator& comm, const std::function<void()>& fn);
+
+}  // namespace elbo

@@ -1,0 +1,39 @@
+// Test-set evaluation: the negative ELBO per sample and its parts, and the
+// importance-weighted bound (Burda et al. 2015), data-parallel over the ranks.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "elbo/backend/backend.hpp"
+#include "elbo/data/shards.hpp"
+#include "elbo/dist/comm.hpp"
+#include "elbo/model/vae.hpp"
+
+namespace elbo {
+
+struct EvalOptions {
+  int iw_samples = 0;        // k for the IWAE bound; 0 = skip it
+  int64_t batch_size = 500;  // rows per forward pass on each rank
+  uint64_t seed = 1;         // keys eps (and binarization): results do not depend on the world size
+  bool binarize = false;
+};
+
+struct EvalResult {
+  int64_t samples = 0;
+  double neg_elbo = 0;   // nats per sample, one posterior sample per x
+  double rec = 0;        // E[-log p(x|z)] part
+  double kl = 0;         // KL part
+  int iw_samples = 0;
+  double iwae_nll = 0;   // -log p(x) estimate: minus the k-sample IWAE bound, nats per sample
+};
+
+EvalResult evaluate(const VaeLayout& layout, Backend<float>& backend, const float* params,
+                    const data::ShardSet& set, Communicator& comm, const EvalOptions& opt);
+
+// "test -ELBO 101.23 nats (rec 90.1, KL 11.1) | IWAE(k=50) NLL 97.5 | 10000 samples"
+std::string format_eval(const EvalResult& r);
+// The same as YAML, for eval.yaml next to the model.
+std::string eval_yaml(const EvalResult& r, const std::string& model, const std::string& data);
+
+}  // namespace elbo

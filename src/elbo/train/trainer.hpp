@@ -1,0 +1,32 @@
+// The training loop of one replica: data slice -> forward -> backward into the
+// flat gradient buffer -> all-reduce -> Adam on the flat parameter buffer ->
+// logging; rank 0 alone writes files.
+#pragma once
+
+#include <iosfwd>
+#include <string>
+
+#include "elbo/config/spec.hpp"
+#include "elbo/dist/comm.hpp"
+#include "elbo/train/evaluate.hpp"
+
+namespace elbo {
+
+struct TrainResult {
+  int64_t steps = 0;
+  int64_t epochs_completed = 0;
+  double last_neg_elbo = 0;  // mean over the last logging interval
+  std::string model_path;
+  bool evaluated = false;
+  EvalResult eval;
+};
+
+// Runs the whole job described by `spec` on this rank. Progress goes to `log` on
+// rank 0. Setup errors are agreed by all ranks (see collectively()) and thrown.
+TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& log);
+
+// BLAS threads for this rank: the spec's value, or the node's cores shared among
+// the ranks placed on it.
+int threads_per_rank(int requested, int local_ranks);
+
+}  // namespace elbo

@@ -1,0 +1,45 @@
+// Typed errors for the whole library. Library code throws; only the CLI turns an
+// error into a message and an exit code (exit() in a rank would hang the others).
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace elbo {
+
+enum class ErrorKind { Usage, Config, Data, Io, Model, Dist, Numeric, Internal };
+
+const char* error_kind_name(ErrorKind kind);
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorKind kind, const std::string& message) : std::runtime_error(message), m_kind(kind) {}
+  ErrorKind kind() const { return m_kind; }
+
+ private:
+  ErrorKind m_kind;
+};
+
+// Convenience constructors so call sites read as `throw config_error(...)`.
+inline Error usage_error(const std::string& m) { return Error(ErrorKind::Usage, m); }
+inline Error config_error(const std::string& m) { return Error(ErrorKind::Config, m); }
+inline Error data_error(const std::string& m) { return Error(ErrorKind::Data, m); }
+inline Error io_error(const std::string& m) { return Error(ErrorKind::Io, m); }
+inline Error model_error(const std::string& m) { return Error(ErrorKind::Model, m); }
+inline Error dist_error(const std::string& m) { return Error(ErrorKind::Dist, m); }
+inline Error numeric_error(const std::string& m) { return Error(ErrorKind::Numeric, m); }
+
+namespace detail {
+[[noreturn]] void throw_call_failed(ErrorKind kind, const char* call, const char* file, int line,
+                                    const std::string& detail);
+}  // namespace detail
+
+// Internal invariant violated: a bug in elbo, not in the user's input.
+#define ELBO_ASSERT(cond, msg)                                                                  \
+  do {                                                                                          \
+    if (!(cond))                                                                                \
+      ::elbo::detail::throw_call_failed(::elbo::ErrorKind::Internal, #cond, __FILE__, __LINE__, \
+                                        (msg));                                                 \
+  } while (0)
+
+}  // namespace elbo

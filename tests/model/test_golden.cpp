@@ -1,0 +1,193 @@
+// Golden test: the C++ VAE against PyTorch (tests/model/make_golden.py). Forward
+// values, every parameter gradient and three optimizer steps must agree to 1e-5
+// relative in double precision; the float path is checked per tensor.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "elbo/backend/cpu/cpu_backend.hpp"
+#include "elbo/model/vae.hpp"
+#include "elbo/optim/adam.hpp"
+#include "elbo/util/h5.hpp"
+
+namespace elbo {
+namespace {
+
+std::string g_golden_path;
+
+std::vector<int> int_array_attr(hid_t obj, const std::string& name) {
+  h5::Id attr(ELBO_CHECK_H5(H5Aopen(obj, name.c_str(), H5P_DEFAULT)), H5Aclose);
+  h5::Id space(ELBO_CHECK_H5(H5Aget_space(attr)), H5Sclose);
+  hssize_t n = H5Sget_simple_extent_npoints(space);
+  std::vector<int> out(static_cast<size_t>(n));
+  if (n > 0) ELBO_CHECK_H5(H5Aread(attr, H5T_NATIVE_INT, out.data()));
+  return out;
+}
+
+// max over elements of |a - b| / (|b| + tiny), tiny scaled to the tensor so that
+// entries that are zero up to round-off do not dominate.
+template <class T>
+double max_rel_err(const T* a, const std::vector<double>& b) {
+  double scale = 0;
+  for (double v : b) scale = std::max(scale, std::abs(v));
+  double tiny = 1e-8 * scale + 1e-12, worst = 0;
+  for (size_t i = 0; i < b.size(); ++i) worst = std::max(worst, std::abs(double(a[i]) - b[i]) / (std::abs(b[i]) + tiny));
+  return worst;
+}
+
+template <class T>
+double norm_err(const T* a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+struct Case {
+  ModelSpec spec;
+  int D = 0, L = 0, B = 0;
+  double beta = 1;
+  std::vector<double> x, eps, rec, kl, mu, logvar, z, out, params, grads;
+  double loss = 0;
+};
+
+Case load_case(hid_t file, const std::string& name, const VaeLayout** layout_out, std::unique_ptr<VaeLayout>& holder) {
+  h5::Id g(ELBO_CHECK_H5(H5Gopen2(file, name.c_str(), H5P_DEFAULT)), H5Gclose);
+  Case c;
+  c.D = static_cast<int>(h5::read_attr_int(g, "D"));
+  c.L = static_cast<int>(h5::read_attr_int(g, "L"));
+  c.B = static_cast<int>(h5::read_attr_int(g, "B"));
+  c.beta = h5::read_attr_double(g, "beta");
+  std::string act = h5::read_attr_string(g, "activation"), lik = h5::read_attr_string(g, "likelihood");
+  c.spec.activation = act == "relu" ? Activation::Relu : act == "tanh" ? Activation::Tanh : Activation::Softplus;
+  c.spec.likelihood = lik == "bernoulli"        ? Likelihood::Bernoulli
+                      : lik == "gaussian_fixed" ? Likelihood::GaussianFixed
+                                                : Likelihood::GaussianLearned;
+  c.spec.sigma = h5::read_attr_double(g, "sigma");
+  c.spec.encoder = int_array_attr(g, "encoder");
+  c.spec.decoder = int_array_attr(g, "decoder");
+  c.spec.latent = c.L;
+  holder = std::make_unique<VaeLayout>(c.spec, c.D);
+  *layout_out = holder.get();
+  c.x = h5::read_dataset<double>(g, "x");
+  c.eps = h5::read_dataset<double>(g, "eps");
+  c.rec = h5::read_dataset<double>(g, "rec");
+  c.kl = h5::read_dataset<double>(g, "kl");
+  c.mu = h5::read_dataset<double>(g, "mu");
+  c.logvar = h5::read_dataset<double>(g, "logvar");
+  c.z = h5::read_dataset<double>(g, "z");
+  c.out = h5::read_dataset<double>(g, "out");
+  c.loss = h5::read_dataset<double>(g, "loss").at(0);
+  c.params.assign(holder->num_params(), 0.0);
+  c.grads.assign(holder->num_params(), 0.0);
+  for (const auto& v : holder->views()) {
+    auto p = h5::read_dataset<double>(g, "params/" + v.name);
+    auto d = h5::read_dataset<double>(g, "grads/" + v.name);
+    EXPECT_EQ(p.size(), v.numel()) << name << ": " << v.name;
+    std::copy(p.begin(), p.end(), c.params.begin() + static_cast<std::ptrdiff_t>(v.offset));
+    std::copy(d.begin(), d.end(), c.grads.begin() + static_cast<std::ptrdiff_t>(v.offset));
+  }
+  return c;
+}
+
+class Golden : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Golden, ForwardAndGradientsMatchPyTorch) {
+  h5::Id file = h5::open_file(g_golden_path);
+  const VaeLayout* layout = nullptr;
+  std::unique_ptr<VaeLayout> holder;
+  Case c = load_case(file, GetParam(), &layout, holder);
+  CpuBackend<double> be;
+  Vae<double> vae(*layout, be, c.B);
+  vae.forward(c.params.data(), c.x.data(), c.eps.data(), c.B);
+  EXPECT_LT(max_rel_err(vae.rec(), c.rec), 1e-5);
+  EXPECT_LT(max_rel_err(vae.kl(), c.kl), 1e-5);
+  EXPECT_LT(max_rel_err(vae.z(), c.z), 1e-5);
+  EXPECT_LT(max_rel_err(vae.output(), c.out), 1e-5);
+  std::vector<double> mu, lv;
+  for (int r = 0; r < c.B; ++r)
+    for (int j = 0; j < c.L; ++j) {
+      mu.push_back(vae.mulv()[r * 2 * c.L + j]);
+      lv.push_back(vae.mulv()[r * 2 * c.L + c.L + j]);
+    }
+  EXPECT_LT(max_rel_err(mu.data(), c.mu), 1e-5);
+  EXPECT_LT(max_rel_err(lv.data(), c.logvar), 1e-5);
+  double loss = 0;
+  for (int r = 0; r < c.B; ++r) loss += (vae.rec()[r] + c.beta * vae.kl()[r]) / c.B;
+  EXPECT_NEAR(loss, c.loss, 1e-5 * std::abs(c.loss));
+
+  std::vector<double> grads(layout->num_params(), 0.0);
+  vae.backward(c.params.data(), grads.data(), c.x.data(), c.eps.data(), c.B, 1.0 / c.B, c.beta / c.B);
+  for (const auto& v : layout->views()) {
+    std::vector<double> want(c.grads.begin() + static_cast<std::ptrdiff_t>(v.offset),
+                             c.grads.begin() + static_cast<std::ptrdiff_t>(v.offset + v.numel()));
+    EXPECT_LT(max_rel_err(grads.data() + v.offset, want), 1e-5) << "gradient of " << v.name;
+  }
+
+  // The float32 training path: the same computation, per-tensor normalized error.
+  CpuBackend<float> bf;
+  Vae<float> vf(*layout, bf, c.B);
+  std::vector<float> pf(c.params.begin(), c.params.end()), xf(c.x.begin(), c.x.end()),
+      ef(c.eps.begin(), c.eps.end()), gf(pf.size(), 0.0f);
+  vf.forward(pf.data(), xf.data(), ef.data(), c.B);
+  vf.backward(pf.data(), gf.data(), xf.data(), ef.data(), c.B, 1.0f / c.B, static_cast<float>(c.beta / c.B));
+  EXPECT_LT(norm_err(vf.rec(), c.rec), 1e-5);
+  for (const auto& v : layout->views()) {
+    std::vector<double> want(c.grads.begin() + static_cast<std::ptrdiff_t>(v.offset),
+                             c.grads.begin() + static_cast<std::ptrdiff_t>(v.offset + v.numel()));
+    EXPECT_LT(norm_err(gf.data() + v.offset, want), 1e-5) << "float gradient of " << v.name;
+  }
+}
+
+TEST_P(Golden, ThreeOptimizerStepsMatchTorchOptim) {
+  h5::Id file = h5::open_file(g_golden_path);
+  const VaeLayout* layout = nullptr;
+  std::unique_ptr<VaeLayout> holder;
+  Case c = load_case(file, GetParam(), &layout, holder);
+  h5::Id g(ELBO_CHECK_H5(H5Gopen2(file, (GetParam() + "/adam").c_str(), H5P_DEFAULT)), H5Gclose);
+  OptimSpec o;
+  o.type = h5::read_attr_string(g, "optimizer");
+  o.lr = h5::read_attr_double(g, "lr");
+  o.beta1 = h5::read_attr_double(g, "beta1");
+  o.beta2 = h5::read_attr_double(g, "beta2");
+  o.eps = h5::read_attr_double(g, "eps");
+  o.weight_decay = h5::read_attr_double(g, "weight_decay");
+  std::vector<double> losses = h5::read_dataset<double>(g, "losses");
+
+  CpuBackend<double> be;
+  Vae<double> vae(*layout, be, c.B);
+  Adam<double> opt(o, be, layout->num_params());
+  std::vector<double> p = c.params, grads(p.size());
+  for (size_t s = 0; s < losses.size(); ++s) {
+    vae.forward(p.data(), c.x.data(), c.eps.data(), c.B);
+    double loss = 0;
+    for (int r = 0; r < c.B; ++r) loss += (vae.rec()[r] + c.beta * vae.kl()[r]) / c.B;
+    EXPECT_NEAR(loss, losses[s], 1e-5 * std::abs(losses[s])) << "loss before step " << s + 1;
+    std::fill(grads.begin(), grads.end(), 0.0);
+    vae.backward(p.data(), grads.data(), c.x.data(), c.eps.data(), c.B, 1.0 / c.B, c.beta / c.B);
+    opt.step(p.data(), grads.data(), o.lr);
+  }
+  for (const auto& v : layout->views()) {
+    std::vector<double> want = h5::read_dataset<double>(g, "params_after/" + v.name);
+    EXPECT_LT(max_rel_err(p.data() + v.offset, want), 1e-5) << "parameter " << v.name << " after " << o.type;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, Golden, ::testing::Values("bern_relu", "gauss_learned_tanh", "gauss_fixed_softplus"));
+
+}  // namespace
+}  // namespace elbo
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: test_golden GOLDEN.h5 (written by tests/model/make_golden.py)\n");
+    return 2;
+  }
+  elbo::g_golden_path = argv[1];
+  return RUN_ALL_TESTS();
+}
