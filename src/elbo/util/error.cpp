@@ -26,8 +26,9 @@ namespace detail {
   // Strip the build-machine prefix so messages show "src/elbo/...:42".
   const char* shown = std::strstr(file, "src/");
   if (shown == nullptr) shown = file;
-  std::string msg = std::string(shown) + ":" + std::to_string(line) + " " + call + " failed";
-  if (!detail.empty()) msg += ": " + detail;
+  std::string msg(shown);
+  msg.append(":").append(std::to_string(line)).append(" ").append(call).append(" failed");
+  if (!detail.empty()) msg.append(": ").append(detail);
   throw Error(kind, msg);
 }
 

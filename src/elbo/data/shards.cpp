@@ -1,0 +1,186 @@
+// Shard writer and reader (HDF5 + a YAML manifest).
+#include "elbo/data/shards.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "elbo/util/error.hpp"
+#include "elbo/util/h5.hpp"
+
+namespace elbo::data {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int64_t kFormatVersion = 1;
+
+std::string shard_name(int i, int n) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "shard-%05d-of-%05d.h5", i, n);
+  return buf;
+}
+
+std::string shape_str(const std::vector<hsize_t>& s) {
+  std::string o = "(";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + ")";
+}
+
+void move_into_place(const fs::path& tmp, const fs::path& dst) {
+  std::error_code ec;
+  fs::rename(tmp, dst, ec);
+  if (ec) throw io_error("cannot move '" + tmp.string() + "' to '" + dst.string() + "': " + ec.message());
+}
+
+}  // namespace
+
+void write_split(const std::string& dir, const std::string& split, const IdxArray& images, const IdxArray* labels,
+                 int num_shards, const std::string& source, bool overwrite) {
+  if (images.dims.size() != 3 && images.dims.size() != 4)
+    throw data_error("images must be (n, H, W) or (n, C, H, W); got " + std::to_string(images.dims.size()) + " dimensions");
+  const int64_t n = images.dims[0];
+  const uint32_t C = images.dims.size() == 4 ? images.dims[1] : 1;
+  const uint32_t H = images.dims[images.dims.size() - 2], W = images.dims.back();
+  if (n < 1) throw data_error("the " + split + " split has no samples");
+  if (num_shards < 1 || num_shards > n)
+    throw data_error("--num-shards " + std::to_string(num_shards) + " must be between 1 and the " + std::to_string(n) +
+                     " samples of the " + split + " split");
+  if (labels != nullptr && labels->rows() != static_cast<size_t>(n))
+    throw data_error("the " + split + " split has " + std::to_string(n) + " images but " +
+                     std::to_string(labels->rows()) + " labels");
+  fs::path d(dir);
+  if (fs::exists(d / "manifest.yaml") && !overwrite)
+    throw data_error(dir + ": already holds a split (manifest.yaml); pass --overwrite to replace it");
+  std::error_code ec;
+  fs::create_directories(d, ec);
+  if (ec) throw io_error("cannot create '" + dir + "': " + ec.message());
+
+  const size_t dim = size_t(C) * H * W;
+  YAML::Emitter m;
+  m << YAML::BeginMap << YAML::Key << "format_version" << YAML::Value << kFormatVersion;
+  m << YAML::Key << "split" << YAML::Value << split;
+  m << YAML::Key << "num_samples" << YAML::Value << n;
+  m << YAML::Key << "shape" << YAML::Value << YAML::Flow << YAML::BeginSeq << C << H << W << YAML::EndSeq;
+  m << YAML::Key << "dtype" << YAML::Value << "uint8";
+  m << YAML::Key << "has_labels" << YAML::Value << (labels != nullptr);
+  m << YAML::Key << "num_shards" << YAML::Value << num_shards;
+  m << YAML::Key << "source" << YAML::Value << source;
+  m << YAML::Key << "shards" << YAML::Value << YAML::BeginSeq;
+  for (int i = 0; i < num_shards; ++i) {
+    const int64_t begin = n * i / num_shards, end = n * (i + 1) / num_shards, rows = end - begin;
+    const std::string name = shard_name(i, num_shards);
+    const fs::path tmp = d / (name + ".tmp");
+    {
+      h5::Id f = h5::create_file(tmp.string());
+      h5::write_dataset<uint8_t>(f, "images", {hsize_t(rows), C, H, W}, images.data.data() + begin * dim, true);
+      if (labels != nullptr) h5::write_dataset<uint8_t>(f, "labels", {hsize_t(rows)}, labels->data.data() + begin);
+      h5::write_attr_int(f, "format_version", kFormatVersion);
+      h5::write_attr_string(f, "split", split);
+      h5::write_attr_int(f, "shard_index", i);
+      h5::write_attr_int(f, "num_shards", num_shards);
+      h5::write_attr_int(f, "global_offset", begin);
+      h5::write_attr_int(f, "num_samples_total", n);
+      h5::write_attr_string(f, "description",
+                            "elbo shard: images[k] (uint8, C x H x W, 0..255) is sample global_offset + k of the " +
+                                split + " split; labels[k] is its class");
+    }
+    move_into_place(tmp, d / name);
+    m << YAML::BeginMap << YAML::Key << "file" << YAML::Value << name << YAML::Key << "offset" << YAML::Value << begin
+      << YAML::Key << "num_samples" << YAML::Value << rows << YAML::EndMap;
+  }
+  m << YAML::EndSeq << YAML::EndMap;
+  const fs::path tmp = d / "manifest.yaml.tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << m.c_str() << "\n";
+    if (!out) throw io_error("cannot write " + tmp.string());
+  }
+  move_into_place(tmp, d / "manifest.yaml");
+}
+
+ShardSet ShardSet::open(const std::string& dir_or_manifest) {
+  fs::path p(dir_or_manifest);
+  fs::path manifest = fs::is_directory(p) ? p / "manifest.yaml" : p;
+  if (!fs::exists(manifest)) {
+    if (!fs::exists(p)) throw data_error(dir_or_manifest + ": data directory does not exist");
+    throw data_error(manifest.string() + ": missing manifest (is this a directory written by elbo-shard?)");
+  }
+  ShardSet s;
+  s.m_dir = manifest.parent_path().string();
+  const std::string mpath = manifest.string();
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(mpath);
+    if (root["format_version"].as<int64_t>() != kFormatVersion)
+      throw data_error(mpath + ": unsupported format_version " + root["format_version"].as<std::string>());
+    s.m_split = root["split"].as<std::string>();
+    s.m_size = root["num_samples"].as<int64_t>();
+    auto shape = root["shape"].as<std::vector<int>>();
+    if (shape.size() != 3 || shape[0] < 1 || shape[1] < 1 || shape[2] < 1)
+      throw data_error(mpath + ": shape must be [C, H, W] with positive entries");
+    std::copy(shape.begin(), shape.end(), s.m_shape);
+    for (const auto& e : root["shards"])
+      s.m_shards.push_back({e["file"].as<std::string>(), e["offset"].as<int64_t>(), e["num_samples"].as<int64_t>()});
+  } catch (const YAML::Exception& e) {
+    throw data_error(mpath + ": malformed manifest: " + e.what());
+  }
+  if (s.m_shards.empty() || s.m_size < 1) throw data_error(mpath + ": the manifest lists no samples");
+
+  const size_t dim = static_cast<size_t>(s.sample_dim());
+  s.m_pixels.resize(static_cast<size_t>(s.m_size) * dim);
+  bool labels = true;
+  int64_t expect_offset = 0;
+  for (size_t i = 0; i < s.m_shards.size(); ++i) {
+    const ShardInfo& sh = s.m_shards[i];
+    const std::string file = (fs::path(s.m_dir) / sh.file).string();
+    if (sh.offset != expect_offset)
+      throw data_error(mpath + ": shard " + sh.file + " starts at sample " + std::to_string(sh.offset) + ", expected " +
+                       std::to_string(expect_offset));
+    if (!fs::exists(file)) throw data_error(file + ": shard file listed in the manifest is missing");
+    try {
+      h5::Id f = h5::open_file(file);
+      std::vector<hsize_t> shp = h5::dataset_shape(f, "images");
+      std::vector<hsize_t> want = {hsize_t(sh.num_samples), hsize_t(s.m_shape[0]), hsize_t(s.m_shape[1]),
+                                   hsize_t(s.m_shape[2])};
+      if (shp != want)
+        throw data_error(file + ": images has shape " + shape_str(shp) + " but the manifest says " + shape_str(want));
+      if (h5::read_attr_int(f, "global_offset") != sh.offset)
+        throw data_error(file + ": global_offset attribute " + std::to_string(h5::read_attr_int(f, "global_offset")) +
+                         " disagrees with the manifest (" + std::to_string(sh.offset) + ")");
+      if (sh.num_samples > 0)
+        h5::read_rows<uint8_t>(f, "images", 0, hsize_t(sh.num_samples), s.m_pixels.data() + size_t(sh.offset) * dim);
+      if (labels && h5::exists(f, "labels")) {
+        s.m_labels.resize(static_cast<size_t>(s.m_size));
+        h5::read_rows<uint8_t>(f, "labels", 0, hsize_t(sh.num_samples), s.m_labels.data() + sh.offset);
+      } else {
+        labels = false;
+      }
+    } catch (const Error& e) {
+      if (std::string(e.what()).find(file) != std::string::npos) throw;
+      throw data_error(file + ": " + e.what());
+    }
+    expect_offset += sh.num_samples;
+  }
+  if (expect_offset != s.m_size)
+    throw data_error(mpath + ": shards cover " + std::to_string(expect_offset) + " samples but num_samples is " +
+                     std::to_string(s.m_size));
+  if (!labels) s.m_labels.clear();
+  return s;
+}
+
+void ShardSet::gather(std::span<const int64_t> idx, uint8_t* out) const {
+  const size_t dim = static_cast<size_t>(sample_dim());
+  for (size_t i = 0; i < idx.size(); ++i) {
+    if (idx[i] < 0 || idx[i] >= m_size)
+      throw data_error(m_dir + ": sample index " + std::to_string(idx[i]) + " out of range [0, " +
+                       std::to_string(m_size) + ")");
+    std::memcpy(out + i * dim, m_pixels.data() + static_cast<size_t>(idx[i]) * dim, dim);
+  }
+}
+
+}  // namespace elbo::data
