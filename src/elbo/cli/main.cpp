@@ -126,7 +126,10 @@ int run(int argc, char** argv, Communicator& comm) {
   if (cmd == "train") return cmd_train(rest, comm);
   if (cmd == "eval") return cmd_eval(rest, comm);
   if (cmd == "info") return cmd_info(rest, comm);
-  throw usage_error("unknown command '" + cmd + "'; valid commands: train, eval, info (see elbo --help)");
+  collectively(comm, [&] {
+    throw usage_error("unknown command '" + cmd + "'; valid commands: train, eval, info (see elbo --help)");
+  });
+  return 2;
 }
 
 }  // namespace

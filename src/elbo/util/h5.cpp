@@ -220,6 +220,8 @@ std::string read_attr_string(hid_t obj, const std::string& name) {
   if (H5Tis_variable_str(ftype) > 0) {
     Id mtype(ELBO_CHECK_H5(H5Tcopy(H5T_C_S1)), H5Tclose);
     ELBO_CHECK_H5(H5Tset_size(mtype, H5T_VARIABLE));
+    // HDF5 converts no vlen strings between character sets: read in the file's own.
+    ELBO_CHECK_H5(H5Tset_cset(mtype, H5Tget_cset(ftype)));
     char* p = nullptr;
     ELBO_CHECK_H5(H5Aread(attr, mtype, &p));
     std::string out = p != nullptr ? p : "";
