@@ -55,10 +55,15 @@ int run(int argc, char** argv) {
   if (dataset_dir.empty() == images.empty())
     throw usage_error("elbo-shard: give either --images (one split) or --dataset-dir (train and test), not both");
   if (!dataset_dir.empty()) {
-    shard_one(find_idx(dataset_dir, "train-images-idx3-ubyte"), find_idx(dataset_dir, "train-labels-idx1-ubyte"),
-              "train", static_cast<int>(shards), (fs::path(out) / "train").string(), overwrite);
-    shard_one(find_idx(dataset_dir, "t10k-images-idx3-ubyte"), find_idx(dataset_dir, "t10k-labels-idx1-ubyte"),
-              "test", static_cast<int>(test_shards), (fs::path(out) / "test").string(), overwrite);
+    // Look up all four files before writing anything, in a fixed order for the messages.
+    const std::string train_images = find_idx(dataset_dir, "train-images-idx3-ubyte");
+    const std::string train_labels = find_idx(dataset_dir, "train-labels-idx1-ubyte");
+    const std::string test_images = find_idx(dataset_dir, "t10k-images-idx3-ubyte");
+    const std::string test_labels = find_idx(dataset_dir, "t10k-labels-idx1-ubyte");
+    shard_one(train_images, train_labels, "train", static_cast<int>(shards), (fs::path(out) / "train").string(),
+              overwrite);
+    shard_one(test_images, test_labels, "test", static_cast<int>(test_shards), (fs::path(out) / "test").string(),
+              overwrite);
   } else {
     shard_one(images, labels, split, static_cast<int>(shards), out, overwrite);
   }

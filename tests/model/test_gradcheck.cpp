@@ -167,6 +167,8 @@ struct VaeCase {
   Likelihood lik;
 };
 
+void PrintTo(const VaeCase& c, std::ostream* os) { *os << c.name; }
+
 class VaeGrad : public ::testing::TestWithParam<VaeCase> {};
 
 TEST_P(VaeGrad, WholeLossGradientMatchesFiniteDifferences) {

@@ -1,0 +1,186 @@
+// IDX reading and the shard format: exact round trips for any shard count, and a
+// clear error naming the file for each kind of damaged or mismatched input.
+#include <gtest/gtest.h>
+#include <zlib.h>
+
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <random>
+
+#include "elbo/data/idx.hpp"
+#include "elbo/data/shards.hpp"
+#include "elbo/util/error.hpp"
+#include "elbo/util/h5.hpp"
+
+namespace elbo::data {
+namespace {
+
+namespace fs = std::filesystem;
+
+class Tmp {
+ public:
+  Tmp() {
+    static int counter = 0;
+    m_dir = fs::temp_directory_path() / ("elbo_test_shards_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    fs::remove_all(m_dir);
+    fs::create_directories(m_dir);
+  }
+  ~Tmp() { fs::remove_all(m_dir); }
+  std::string operator/(const std::string& n) const { return (m_dir / n).string(); }
+
+ private:
+  fs::path m_dir;
+};
+
+std::vector<uint8_t> idx_bytes(const std::vector<uint32_t>& dims, const std::vector<uint8_t>& data, uint8_t type = 8) {
+  std::vector<uint8_t> b = {0, 0, type, static_cast<uint8_t>(dims.size())};
+  for (uint32_t d : dims)
+    for (int s = 24; s >= 0; s -= 8) b.push_back(static_cast<uint8_t>(d >> s));
+  b.insert(b.end(), data.begin(), data.end());
+  return b;
+}
+
+void write_file(const std::string& path, const std::vector<uint8_t>& bytes, bool gzip = false) {
+  if (gzip) {
+    gzFile f = gzopen(path.c_str(), "wb");
+    gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size()));
+    gzclose(f);
+  } else {
+    std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  }
+}
+
+IdxArray synthetic(uint32_t n, uint32_t h, uint32_t w, unsigned seed) {
+  std::mt19937 rng(seed);
+  IdxArray a;
+  a.dims = {n, h, w};
+  a.data.resize(size_t(n) * h * w);
+  for (auto& v : a.data) v = static_cast<uint8_t>(rng());
+  return a;
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected an error";
+  return "";
+}
+
+TEST(Idx, ReadsPlainAndGzipIdentically) {
+  Tmp t;
+  IdxArray a = synthetic(9, 5, 4, 1);
+  write_file(t / "x.idx", idx_bytes(a.dims, a.data));
+  write_file(t / "x.idx.gz", idx_bytes(a.dims, a.data), true);
+  for (const char* f : {"x.idx", "x.idx.gz"}) {
+    IdxArray b = read_idx(t / f);
+    EXPECT_EQ(b.dims, a.dims) << f;
+    EXPECT_EQ(b.data, a.data) << f;
+  }
+}
+
+TEST(Idx, MalformedFilesNameTheFile) {
+  Tmp t;
+  IdxArray a = synthetic(4, 3, 3, 2);
+  auto bytes = idx_bytes(a.dims, a.data);
+  write_file(t / "magic.idx", std::vector<uint8_t>{1, 2, 8, 3, 0, 0, 0, 1});
+  EXPECT_NE(error_of([&] { read_idx(t / "magic.idx"); }).find("magic.idx: not an IDX file"), std::string::npos);
+  write_file(t / "short.idx", std::vector<uint8_t>(bytes.begin(), bytes.end() - 5));
+  EXPECT_NE(error_of([&] { read_idx(t / "short.idx"); }).find("short.idx: truncated"), std::string::npos);
+  write_file(t / "float.idx", idx_bytes(a.dims, a.data, 0x0D));
+  EXPECT_NE(error_of([&] { read_idx(t / "float.idx"); }).find("not supported"), std::string::npos);
+  EXPECT_NE(error_of([&] { read_idx(t / "none.idx"); }).find("none.idx: file does not exist"), std::string::npos);
+}
+
+class RoundTrip : public ::testing::TestWithParam<int> {};
+
+TEST_P(RoundTrip, GatherReturnsExactlyTheInputForAnyShardCount) {
+  Tmp t;
+  IdxArray img = synthetic(103, 5, 4, 3);
+  IdxArray lab;
+  lab.dims = {103};
+  lab.data.resize(103);
+  std::iota(lab.data.begin(), lab.data.end(), 0);
+  write_split(t / "train", "train", img, &lab, GetParam(), "synthetic", false);
+  ShardSet s = ShardSet::open(t / "train");
+  ASSERT_EQ(s.size(), 103);
+  EXPECT_EQ(s.channels(), 1);
+  EXPECT_EQ(s.height(), 5);
+  EXPECT_EQ(s.width(), 4);
+  EXPECT_EQ(s.shards().size(), size_t(GetParam()));
+  std::vector<int64_t> all(103);
+  std::iota(all.begin(), all.end(), 0);
+  std::vector<uint8_t> out(103 * 20);
+  s.gather(all, out.data());
+  EXPECT_EQ(out, img.data);
+  ASSERT_TRUE(s.has_labels());
+  EXPECT_TRUE(std::equal(lab.data.begin(), lab.data.end(), s.labels()));
+  std::vector<int64_t> perm = {102, 0, 57, 57, 31};
+  std::vector<uint8_t> some(perm.size() * 20);
+  s.gather(perm, some.data());
+  for (size_t i = 0; i < perm.size(); ++i)
+    EXPECT_TRUE(std::equal(some.begin() + i * 20, some.begin() + (i + 1) * 20, img.data.begin() + perm[i] * 20));
+  std::vector<int64_t> bad = {103};
+  EXPECT_THROW(s.gather(bad, some.data()), Error);
+}
+
+INSTANTIATE_TEST_SUITE_P(ShardCounts, RoundTrip, ::testing::Values(1, 3, 7, 103));
+
+TEST(Shards, DamagedSplitsNameTheFile) {
+  Tmp t;
+  IdxArray img = synthetic(30, 4, 4, 4);
+  write_split(t / "s", "train", img, nullptr, 3, "synthetic", false);
+  // Refuses to overwrite a split.
+  EXPECT_NE(error_of([&] { write_split(t / "s", "train", img, nullptr, 3, "synthetic", false); }).find("already holds"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { ShardSet::open(t / "nothing"); }).find("nothing: data directory does not exist"),
+            std::string::npos);
+  fs::create_directories(t / "empty");
+  EXPECT_NE(error_of([&] { ShardSet::open(t / "empty"); }).find("missing manifest"), std::string::npos);
+
+  // A shard whose images disagree with the manifest.
+  fs::copy(t / "s", t / "shape", fs::copy_options::recursive);
+  {
+    h5::Id f = h5::create_file(t / "shape/shard-00001-of-00003.h5");
+    std::vector<uint8_t> few(7 * 16);
+    h5::write_dataset<uint8_t>(f, "images", {7, 1, 4, 4}, few.data());
+    h5::write_attr_int(f, "global_offset", 10);
+  }
+  std::string e = error_of([&] { ShardSet::open(t / "shape"); });
+  EXPECT_NE(e.find("shard-00001-of-00003.h5: images has shape (7, 1, 4, 4) but the manifest says (10, 1, 4, 4)"),
+            std::string::npos)
+      << e;
+
+  // A missing shard, and a shard that is not HDF5 at all.
+  fs::copy(t / "s", t / "missing", fs::copy_options::recursive);
+  fs::remove(t / "missing/shard-00002-of-00003.h5");
+  EXPECT_NE(error_of([&] { ShardSet::open(t / "missing"); }).find("shard-00002-of-00003.h5: shard file listed"),
+            std::string::npos);
+  fs::copy(t / "s", t / "junk", fs::copy_options::recursive);
+  write_file(t / "junk/shard-00000-of-00003.h5", std::vector<uint8_t>(100, 'x'));
+  EXPECT_NE(error_of([&] { ShardSet::open(t / "junk"); }).find("shard-00000-of-00003.h5"), std::string::npos);
+
+  // A malformed manifest.
+  fs::copy(t / "s", t / "manifest", fs::copy_options::recursive);
+  std::ofstream(t / "manifest/manifest.yaml") << "format_version: 1\nsplit: [\n";
+  EXPECT_NE(error_of([&] { ShardSet::open(t / "manifest"); }).find("manifest.yaml: malformed manifest"),
+            std::string::npos);
+}
+
+TEST(Shards, BadWriteRequests) {
+  Tmp t;
+  IdxArray img = synthetic(5, 2, 2, 5);
+  EXPECT_NE(error_of([&] { write_split(t / "a", "train", img, nullptr, 6, "s", false); }).find("--num-shards 6"),
+            std::string::npos);
+  IdxArray lab;
+  lab.dims = {4};
+  lab.data.resize(4);
+  EXPECT_NE(error_of([&] { write_split(t / "b", "train", img, &lab, 1, "s", false); }).find("5 images but 4 labels"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace elbo::data
