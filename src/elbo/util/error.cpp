@@ -2,6 +2,7 @@
 #include "elbo/util/error.hpp"
 
 #include <cstring>
+#include <sstream>
 
 namespace elbo {
 
@@ -26,10 +27,10 @@ namespace detail {
   // Strip the build-machine prefix so messages show "src/elbo/...:42".
   const char* shown = std::strstr(file, "src/");
   if (shown == nullptr) shown = file;
-  std::string msg(shown);
-  msg.append(":").append(std::to_string(line)).append(" ").append(call).append(" failed");
-  if (!detail.empty()) msg.append(": ").append(detail);
-  throw Error(kind, msg);
+  std::ostringstream msg;
+  msg << shown << ":" << line << " " << call << " failed";
+  if (!detail.empty()) msg << ": " << detail;
+  throw Error(kind, msg.str());
 }
 
 }  // namespace detail

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""PyTorch reference for the benchmarks: the pytorch/examples VAE (784-400-20, ReLU,
+Bernoulli on pixel intensities, Adam) trained on the same elbo shards, with the
+same test metrics as `elbo eval`. Run with Debian's /usr/bin/python3 (python3-torch).
+
+  pytorch_vae.py --train DIR --test DIR [--epochs 10] [--threads N] [--max-steps N]
+                 [--iw-samples K] [--json OUT]
+"""
+import argparse, glob, json, math, os, time
+import h5py, numpy as np, torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def load_split(d):
+    parts = []
+    for path in glob.glob(os.path.join(d, "shard-*.h5")):
+        with h5py.File(path, "r") as f:
+            parts.append((int(f.attrs["global_offset"]), f["images"][...]))
+    parts.sort(key=lambda p: p[0])
+    x = np.concatenate([p[1] for p in parts]).reshape(-1, 784).astype(np.float32) / 255.0
+    return torch.from_numpy(x)
+
+
+class VAE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
+        self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
+
+    def terms(self, x, eps):
+        h = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        logits = self.fc4(F.relu(self.fc3(z)))
+        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+        return rec, kl, mu, logvar, z
+
+
+def evaluate(model, x, k, batch=500):
+    model.eval()
+    torch.manual_seed(12345)
+    rec_s = kl_s = iw_s = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb = x[i:i + batch]
+            eps = torch.randn(len(xb), 20)
+            rec, kl, mu, logvar, z = model.terms(xb, eps)
+            rec_s += rec.sum().item()
+            kl_s += kl.sum().item()
+            if k > 0:
+                lw = []
+                for j in range(k):
+                    e = eps if j == 0 else torch.randn(len(xb), 20)
+                    r, _, mu, logvar, z = model.terms(xb, e)
+                    log_q = -0.5 * (e.pow(2) + logvar + math.log(2 * math.pi)).sum(1)
+                    log_p = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(1)
+                    lw.append((-r + log_p - log_q).double())
+                lw = torch.stack(lw, 1)
+                iw_s += -(torch.logsumexp(lw, 1) - math.log(k)).sum().item()
+    n = len(x)
+    return rec_s / n, kl_s / n, (iw_s / n if k > 0 else float("nan"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--test", required=True)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-steps", type=int, default=0)
+    ap.add_argument("--iw-samples", type=int, default=0)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    xtr, xte = load_split(a.train), load_split(a.test)
+    model = VAE()
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    step, warm, t_start, n_timed = 0, 20, None, 0
+    for epoch in range(a.epochs):
+        model.train()
+        perm = torch.randperm(len(xtr))
+        total = 0.0
+        for i in range(0, len(xtr), a.batch):
+            if a.max_steps and step >= a.max_steps:
+                break
+            xb = xtr[perm[i:i + a.batch]]
+            rec, kl, *_ = model.terms(xb, torch.randn(len(xb), 20))
+            loss = (rec + kl).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(xb)
+            step += 1
+            if step == warm:
+                t_start = time.perf_counter()
+            elif step > warm:
+                n_timed += len(xb)
+        print(f"epoch {epoch + 1}: train -ELBO {total / len(xtr):.3f}", flush=True)
+        if a.max_steps and step >= a.max_steps:
+            break
+    rate = n_timed / (time.perf_counter() - t_start) if t_start and n_timed else float("nan")
+    rec, kl, iw = evaluate(model, xte, a.iw_samples)
+    out = dict(test_neg_elbo=rec + kl, test_rec=rec, test_kl=kl, test_iwae=iw, train_samples_per_s=rate,
+               threads=a.threads, epochs=a.epochs, steps=step)
+    print(f"pytorch: test -ELBO {rec + kl:.4f} (rec {rec:.4f}, KL {kl:.4f}) IWAE(k={a.iw_samples}) {iw:.4f} | "
+          f"{rate:.0f} train samples/s with {a.threads} thread(s)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
