@@ -3,17 +3,13 @@
 the same global batch (48, with a short last batch of 20 rows split unevenly) and
 require every parameter tensor to agree within 1e-5 relative. A run with another
 seed must differ, so the comparison itself is known to bite."""
-import argparse, os, shutil, subprocess, sys
+import os, shutil, subprocess, sys
 import h5py, numpy as np
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--elbo", required=True)
-ap.add_argument("--data", required=True)
-ap.add_argument("--spec", required=True)
-ap.add_argument("--work", required=True)
-a = ap.parse_args()
-shutil.rmtree(a.work, ignore_errors=True)
-os.makedirs(a.work)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import harness  # noqa: E402
+
+a = harness.parse_args(__doc__)
 
 def train(np_, tag, *extra):
     out = os.path.join(a.work, tag)

@@ -3,17 +3,13 @@
 spec to model file to evaluation, evaluation invariance to the world size, and one
 clear error (on rank 0, non-zero exit on every rank, no hang, nothing overwritten)
 for each kind of bad input."""
-import argparse, hashlib, os, re, shutil, subprocess, sys
+import hashlib, os, re, shutil, subprocess, sys
 import h5py, numpy as np
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--elbo", required=True)
-ap.add_argument("--data", required=True)
-ap.add_argument("--spec", required=True)
-ap.add_argument("--work", required=True)
-a = ap.parse_args()
-shutil.rmtree(a.work, ignore_errors=True)
-os.makedirs(a.work)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import harness  # noqa: E402
+
+a = harness.parse_args(__doc__)
 TRAIN, TEST = f"{a.data}/train", f"{a.data}/test"
 failures = []
 

@@ -3,8 +3,8 @@
 
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 
+#include "elbo/util/files.hpp"
 #include "elbo/util/h5.hpp"
 
 namespace elbo {
@@ -12,28 +12,7 @@ namespace elbo {
 namespace {
 constexpr const char* kFormat = "elbo-model";
 constexpr int64_t kFormatVersion = 1;
-
-void rename_into_place(const std::string& tmp, const std::string& path) {
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    throw io_error("cannot move '" + tmp + "' to '" + path + "': " + ec.message());
-  }
-}
 }  // namespace
-
-void write_text_file_atomic(const std::string& path, const std::string& text) {
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw io_error("cannot write '" + tmp + "'");
-    out << text;
-    out.flush();
-    if (!out) throw io_error("writing '" + tmp + "' failed (disk full?)");
-  }
-  rename_into_place(tmp, path);
-}
 
 void write_model_file(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
                       const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed) {
@@ -89,15 +68,9 @@ ModelFile read_model_file(const std::string& path) {
       std::vector<hsize_t> shape;
       std::vector<float> data = h5::read_dataset<float>(file, name, &shape);
       std::vector<hsize_t> want(v.shape.begin(), v.shape.end());
-      if (shape != want) {
-        auto fmt = [](const std::vector<hsize_t>& s) {
-          std::string o = "(";
-          for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-          return o + ")";
-        };
-        throw model_error(path + ": parameter '" + v.name + "' has shape " + fmt(shape) +
-                          " but the stored spec needs " + fmt(want));
-      }
+      if (shape != want)
+        throw model_error(path + ": parameter '" + v.name + "' has shape " + shape_string(shape) +
+                          " but the stored spec needs " + shape_string(want));
       std::copy(data.begin(), data.end(), mf.params.begin() + static_cast<std::ptrdiff_t>(v.offset));
     }
   } catch (const Error& e) {

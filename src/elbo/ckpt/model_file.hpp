@@ -27,7 +27,4 @@ void write_model_file(const std::string& path, const ExperimentSpec& spec, const
 // Reads and validates a model file; every problem is a Model error naming the file.
 ModelFile read_model_file(const std::string& path);
 
-// Writes `text` to `path` atomically.
-void write_text_file_atomic(const std::string& path, const std::string& text);
-
 }  // namespace elbo

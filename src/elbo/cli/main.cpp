@@ -15,6 +15,7 @@
 #include "elbo/dist/comm.hpp"
 #include "elbo/train/evaluate.hpp"
 #include "elbo/train/trainer.hpp"
+#include "elbo/util/files.hpp"
 
 namespace elbo {
 namespace {
@@ -71,10 +72,8 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
     set.emplace(data::ShardSet::open(data_dir));
     std::vector<int> shape = {set->channels(), set->height(), set->width()};
     if (shape != mf.input_shape)
-      throw data_error(data_dir + ": samples have shape [" + std::to_string(shape[0]) + ", " + std::to_string(shape[1]) +
-                       ", " + std::to_string(shape[2]) + "] but the model " + model_path + " was trained on [" +
-                       std::to_string(mf.input_shape[0]) + ", " + std::to_string(mf.input_shape[1]) + ", " +
-                       std::to_string(mf.input_shape[2]) + "]");
+      throw data_error(data_dir + ": samples have shape " + shape_string(shape, "[]") + " but the model " + model_path +
+                       " was trained on " + shape_string(mf.input_shape, "[]"));
   });
   VaeLayout layout(mf.spec.model, static_cast<int>(set->sample_dim()));
   auto be = make_backend<float>(DeviceKind::Cpu, threads_per_rank(static_cast<int>(threads), comm.world().local_size));

@@ -6,9 +6,9 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 
 #include "elbo/util/error.hpp"
+#include "elbo/util/files.hpp"
 #include "elbo/util/h5.hpp"
 
 namespace elbo::data {
@@ -23,18 +23,6 @@ std::string shard_name(int i, int n) {
   char buf[64];
   std::snprintf(buf, sizeof(buf), "shard-%05d-of-%05d.h5", i, n);
   return buf;
-}
-
-std::string shape_str(const std::vector<hsize_t>& s) {
-  std::string o = "(";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + ")";
-}
-
-void move_into_place(const fs::path& tmp, const fs::path& dst) {
-  std::error_code ec;
-  fs::rename(tmp, dst, ec);
-  if (ec) throw io_error("cannot move '" + tmp.string() + "' to '" + dst.string() + "': " + ec.message());
 }
 
 }  // namespace
@@ -89,18 +77,12 @@ void write_split(const std::string& dir, const std::string& split, const IdxArra
                             "elbo shard: images[k] (uint8, C x H x W, 0..255) is sample global_offset + k of the " +
                                 split + " split; labels[k] is its class");
     }
-    move_into_place(tmp, d / name);
+    rename_into_place(tmp.string(), (d / name).string());
     m << YAML::BeginMap << YAML::Key << "file" << YAML::Value << name << YAML::Key << "offset" << YAML::Value << begin
       << YAML::Key << "num_samples" << YAML::Value << rows << YAML::EndMap;
   }
   m << YAML::EndSeq << YAML::EndMap;
-  const fs::path tmp = d / "manifest.yaml.tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << m.c_str() << "\n";
-    if (!out) throw io_error("cannot write " + tmp.string());
-  }
-  move_into_place(tmp, d / "manifest.yaml");
+  write_text_file_atomic((d / "manifest.yaml").string(), std::string(m.c_str()) + "\n");
 }
 
 ShardSet ShardSet::open(const std::string& dir_or_manifest) {
@@ -148,7 +130,7 @@ ShardSet ShardSet::open(const std::string& dir_or_manifest) {
       std::vector<hsize_t> want = {hsize_t(sh.num_samples), hsize_t(s.m_shape[0]), hsize_t(s.m_shape[1]),
                                    hsize_t(s.m_shape[2])};
       if (shp != want)
-        throw data_error(file + ": images has shape " + shape_str(shp) + " but the manifest says " + shape_str(want));
+        throw data_error(file + ": images has shape " + shape_string(shp) + " but the manifest says " + shape_string(want));
       if (h5::read_attr_int(f, "global_offset") != sh.offset)
         throw data_error(file + ": global_offset attribute " + std::to_string(h5::read_attr_int(f, "global_offset")) +
                          " disagrees with the manifest (" + std::to_string(sh.offset) + ")");

@@ -18,6 +18,7 @@
 #include "elbo/data/shards.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/optim/adam.hpp"
+#include "elbo/util/files.hpp"
 
 namespace elbo {
 
@@ -33,12 +34,6 @@ std::string hms(double seconds) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%02lld:%02lld:%02lld", s / 3600, (s / 60) % 60, s % 60);
   return buf;
-}
-
-std::string shape_str(const std::vector<int>& s) {
-  std::string o = "[";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + "]";
 }
 
 // Files of a finished or running job; refusing to reuse the directory protects them.
@@ -66,6 +61,11 @@ struct Interval {
   Clock::time_point start = Clock::now();
 };
 
+// The samples a run trains on: the split, or its first data.max_samples.
+int64_t training_samples(const ExperimentSpec& spec, const data::ShardSet& set) {
+  return spec.data.max_samples > 0 ? std::min(spec.data.max_samples, set.size()) : set.size();
+}
+
 }  // namespace
 
 int threads_per_rank(int requested, int local_ranks) {
@@ -92,16 +92,16 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     train_set.emplace(data::ShardSet::open(spec.data.train));
     std::vector<int> shape = {train_set->channels(), train_set->height(), train_set->width()};
     if (!spec.data.shape.empty() && spec.data.shape != shape)
-      throw data_error(spec.data.train + ": shards hold samples of shape " + shape_str(shape) +
-                       " but the spec (" + spec.source + ", data.shape) says " + shape_str(spec.data.shape));
+      throw data_error(spec.data.train + ": shards hold samples of shape " + shape_string(shape, "[]") +
+                       " but the spec (" + spec.source + ", data.shape) says " + shape_string(spec.data.shape, "[]"));
     if (!spec.data.test.empty() && spec.eval.at_end) {
       test_set.emplace(data::ShardSet::open(spec.data.test));
       std::vector<int> tshape = {test_set->channels(), test_set->height(), test_set->width()};
       if (tshape != shape)
-        throw data_error(spec.data.test + ": test shards hold samples of shape " + shape_str(tshape) +
-                         " but the training shards (" + spec.data.train + ") hold " + shape_str(shape));
+        throw data_error(spec.data.test + ": test shards hold samples of shape " + shape_string(tshape, "[]") +
+                         " but the training shards (" + spec.data.train + ") hold " + shape_string(shape, "[]"));
     }
-    int64_t n = spec.data.max_samples > 0 ? std::min(spec.data.max_samples, train_set->size()) : train_set->size();
+    const int64_t n = training_samples(spec, *train_set);
     if (n == 0) throw data_error(spec.data.train + ": the training split is empty");
     if (spec.train.drop_last && n < spec.train.batch_size)
       throw config_error(spec.source + ": train.batch_size " + std::to_string(spec.train.batch_size) +
@@ -109,7 +109,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   });
 
   const std::vector<int> input_shape = {train_set->channels(), train_set->height(), train_set->width()};
-  const int64_t n = spec.data.max_samples > 0 ? std::min(spec.data.max_samples, train_set->size()) : train_set->size();
+  const int64_t n = training_samples(spec, *train_set);
   const int D = static_cast<int>(train_set->sample_dim());
   const VaeLayout layout(spec.model, D);
   const int L = layout.latent();
@@ -146,7 +146,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     std::string resolved = dump_spec(spec);
     log << "elbo train: " << spec.name << " | " << world << " rank(s) x " << threads << " BLAS thread(s) | backend "
         << be.name() << "\n"
-        << "data: " << n << " training samples of shape " << shape_str(input_shape) << " from " << spec.data.train
+        << "data: " << n << " training samples of shape " << shape_string(input_shape, "[]") << " from " << spec.data.train
         << "\nmodel: " << P << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
         << "resolved spec:\n" << resolved << std::flush;
     write_text_file_atomic((out_dir / "spec.yaml").string(), resolved);

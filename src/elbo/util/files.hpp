@@ -1,0 +1,24 @@
+// Small shared helpers for writing files safely and for messages about shapes.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace elbo {
+
+// Renames `tmp` over `path` (atomic on one file system); removes `tmp` and throws
+// an Io error naming both on failure.
+void rename_into_place(const std::string& tmp, const std::string& path);
+
+// Writes `text` to `path` via a temporary file and rename_into_place.
+void write_text_file_atomic(const std::string& path, const std::string& text);
+
+// "(2, 3, 4)" or, with brackets "[]", "[2, 3, 4]".
+template <class T>
+std::string shape_string(const std::vector<T>& dims, const char* brackets = "()") {
+  std::string out(1, brackets[0]);
+  for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + std::to_string(dims[i]);
+  return out + brackets[1];
+}
+
+}  // namespace elbo
