@@ -78,6 +78,28 @@ if r is not None and r.returncode == 0:
     check(i20 <= i1 + 0.05, f"IWAE NLL with k=20 ({i20:.3f}) <= k=5 ({i1:.3f})")
     check(i1 <= e1, "IWAE(k=5) NLL <= -ELBO")
 
+# --- 2b. the other model/optimizer options train end to end (1 rank) ---
+opt_dir = os.path.join(a.work, "options")
+r = run(1, "train", a.spec, *base_sets(opt_dir), "--set", "data.max_samples=960", "--set", "train.epochs=3",
+        "--set", "model.activation=tanh", "--set", "model.likelihood={type: gaussian, variance: learned}",
+        "--set", "data.binarize=true", "--set", "optim.type=adamw", "--set", "optim.schedule=cosine",
+        "--set", "optim.warmup_steps=5", "--set", "loss.kl_warmup_steps=50", "--set", "model.encoder=[32, 16]",
+        "--set", "eval.iw_samples=0", "--set", "train.log_every=20")
+check(r is not None and r.returncode == 0, "gaussian-learned/tanh/binarized/AdamW/cosine run exits 0", r)
+if r is not None and r.returncode == 0:
+    rows = open(os.path.join(opt_dir, "metrics.csv")).read().splitlines()[1:]
+    betas = [float(x.split(",")[6]) for x in rows]
+    lrs = [float(x.split(",")[7]) for x in rows]
+    vals = [float(x.split(",")[3]) for x in rows]
+    check(betas[0] < 1.0 and betas[-1] == 1.0, f"KL warm-up ramps beta to 1 ({betas[0]} -> {betas[-1]})")
+    check(lrs[-1] < lrs[1], f"cosine schedule decays the learning rate ({lrs[1]:.2e} -> {lrs[-1]:.2e})")
+    check(vals[-1] < vals[0], f"Gaussian VAE lowers -ELBO ({vals[0]:.1f} -> {vals[-1]:.1f})")
+    with h5py.File(os.path.join(opt_dir, "model.h5"), "r") as f:
+        check(f["params"]["decoder.logvar.weight"].shape == (784, 64), "learned variance head exported")
+        check(f["params"]["encoder.layers.1.weight"].shape == (16, 32), "two encoder layers exported")
+    ev = dict(l.split(": ", 1) for l in open(os.path.join(opt_dir, "eval.yaml")).read().splitlines())
+    check("iwae_nll" not in ev, "no IWAE bound when eval.iw_samples=0")
+
 # --- 3. bad input: one clear message, non-zero exit, no hang, nothing overwritten ---
 def expect_error(what, args, pattern, np_=2, code=None):
     r = run(np_, *args, timeout=120)
