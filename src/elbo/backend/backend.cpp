@@ -5,6 +5,7 @@
 #include "elbo/util/error.hpp"
 
 #ifdef ELBO_HAVE_CUDA
+#include "elbo/backend/cuda/cuda_backend.hpp"
 #include "elbo/backend/cuda/cuda_device.hpp"
 #endif
 
@@ -32,8 +33,15 @@ const char* likelihood_name(Likelihood l) {
 template <class T>
 std::unique_ptr<Backend<T>> make_backend(DeviceKind kind, int threads) {
   if (kind == DeviceKind::Cpu) return std::make_unique<CpuBackend<T>>(threads);
-  // The CUDA op set is built in a later stage; until then only the device probe exists.
-  throw usage_error("the CUDA backend is not available in this version of elbo; use the CPU backend");
+#ifdef ELBO_HAVE_CUDA
+  if constexpr (std::is_same_v<T, float>) {
+    return std::make_unique<CudaBackend>(0);
+  } else {
+    throw usage_error("the CUDA backend computes in float32 only; double precision runs on the CPU backend");
+  }
+#else
+  throw usage_error("this build of elbo has no CUDA backend (configured with ELBO_CUDA=OFF or without nvcc)");
+#endif
 }
 
 template std::unique_ptr<Backend<float>> make_backend<float>(DeviceKind, int);

@@ -1,0 +1,404 @@
+// CUDA backend kernels. Each kernel mirrors one CPU op (cpu/cpu_backend.cpp) with
+// the same formulas, so the CPU backend is the reference in the parity tests.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <string>
+
+#include "elbo/backend/cuda/cuda_backend.hpp"
+#include "elbo/util/error.hpp"
+
+namespace elbo {
+
+namespace {
+
+[[noreturn]] void cuda_failed(const char* call, const char* file, int line, const std::string& why) {
+  ::elbo::detail::throw_call_failed(ErrorKind::Internal, call, file, line, why);
+}
+
+#define CHECK_CUDA(call)                                                                            \
+  do {                                                                                              \
+    cudaError_t elbo_rc_ = (call);                                                                  \
+    if (elbo_rc_ != cudaSuccess) cuda_failed(#call, __FILE__, __LINE__, cudaGetErrorString(elbo_rc_)); \
+  } while (0)
+
+#define CHECK_CUBLAS(call)                                                                          \
+  do {                                                                                              \
+    cublasStatus_t elbo_rc_ = (call);                                                               \
+    if (elbo_rc_ != CUBLAS_STATUS_SUCCESS)                                                          \
+      cuda_failed(#call, __FILE__, __LINE__, cublasGetStatusString(elbo_rc_));                      \
+  } while (0)
+
+// Kernel launches report errors only through cudaGetLastError.
+#define CHECK_LAUNCH(name) CHECK_CUDA(cudaGetLastError())
+
+constexpr int kThreads = 256;
+constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+
+inline unsigned blocks_for(size_t n) {
+  size_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(b < 65535 * 32 ? (b == 0 ? 1 : b) : 65535 * 32);
+}
+
+__device__ __forceinline__ float softplus_f(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
+__device__ __forceinline__ float sigmoid_f(float x) {
+  float e = expf(-fabsf(x));
+  float r = 1.0f / (1.0f + e);
+  return x >= 0.0f ? r : e * r;
+}
+
+__global__ void fill_kernel(float* p, float v, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) p[i] = v;
+}
+
+__global__ void bias_act_fwd_kernel(int act, int rows, int cols, const float* bias, float* pre, float* out) {
+  size_t n = size_t(rows) * cols;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    float p = pre[i] + bias[i % cols];
+    pre[i] = p;
+    switch (act) {
+      case 0: out[i] = p; break;
+      case 1: out[i] = p > 0.0f ? p : 0.0f; break;
+      case 2: out[i] = tanhf(p); break;
+      default: out[i] = softplus_f(p); break;
+    }
+  }
+}
+
+__global__ void act_bwd_kernel(int act, size_t n, const float* pre, const float* out, const float* dout, float* dpre) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    float g = dout[i];
+    switch (act) {
+      case 0: dpre[i] = g; break;
+      case 1: dpre[i] = pre[i] > 0.0f ? g : 0.0f; break;
+      case 2: dpre[i] = g * (1.0f - out[i] * out[i]); break;
+      default: dpre[i] = g * sigmoid_f(pre[i]); break;
+    }
+  }
+}
+
+// db[c] += sum_r d[r, c]: one thread per column; neighbouring threads read
+// neighbouring addresses, so each row is one coalesced load.
+__global__ void column_sum_kernel(int rows, int cols, const float* d, float* db) {
+  int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float acc = 0.0f;
+  for (int r = 0; r < rows; ++r) acc += d[size_t(r) * cols + c];
+  db[c] += acc;
+}
+
+__global__ void normal_kernel(uint64_t seed, uint32_t stream, uint32_t step, uint64_t first_item, int rows, int cols,
+                              float* out) {
+  int blocks_per_row = (cols + 3) / 4;
+  size_t n = size_t(rows) * blocks_per_row;
+  for (size_t t = blockIdx.x * size_t(blockDim.x) + threadIdx.x; t < n; t += size_t(gridDim.x) * blockDim.x) {
+    int r = static_cast<int>(t / blocks_per_row), jb = static_cast<int>(t % blocks_per_row);
+    uint32_t item = static_cast<uint32_t>(first_item + uint64_t(r));
+    Philox4 blk = philox_block(seed, static_cast<RngStream>(stream), step, item, static_cast<uint32_t>(jb));
+    float* o = out + size_t(r) * cols;
+    for (int pair = 0; pair < 2; ++pair) {
+      // Box-Muller in double, exactly as the CPU backend, so both draw the same eps.
+      double u1 = u01_open0(blk.v[2 * pair]), u2 = u01_open0(blk.v[2 * pair + 1]);
+      double rad = sqrt(-2.0 * log(u1)), ang = 6.283185307179586476925286766559 * u2;
+      int j0 = 4 * jb + 2 * pair;
+      if (j0 < cols) o[j0] = static_cast<float>(rad * cos(ang));
+      if (j0 + 1 < cols) o[j0 + 1] = static_cast<float>(rad * sin(ang));
+    }
+  }
+}
+
+__global__ void posterior_fwd_kernel(int rows, int L, const float* mulv, const float* eps, float* z, float* kl) {
+  int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  const float* mu = mulv + size_t(r) * 2 * L;
+  const float* lv = mu + L;
+  float acc = 0.0f;
+  for (int j = 0; j < L; ++j) {
+    float ev = expf(lv[j]);
+    z[size_t(r) * L + j] = mu[j] + sqrtf(ev) * eps[size_t(r) * L + j];
+    acc += 1.0f + lv[j] - mu[j] * mu[j] - ev;
+  }
+  kl[r] = -0.5f * acc;
+}
+
+__global__ void posterior_bwd_kernel(int rows, int L, const float* mulv, const float* eps, const float* dz, float w,
+                                     float* dmulv) {
+  size_t n = size_t(rows) * L;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    size_t r = i / L, j = i % L;
+    const float mu = mulv[r * 2 * L + j], lv = mulv[r * 2 * L + L + j];
+    float ev = expf(lv);
+    dmulv[r * 2 * L + j] = dz[i] + w * mu;
+    dmulv[r * 2 * L + L + j] = dz[i] * eps[i] * 0.5f * sqrtf(ev) + w * 0.5f * (ev - 1.0f);
+  }
+}
+
+__global__ void posterior_ratio_kernel(int rows, int L, const float* mulv, const float* eps, const float* z,
+                                       float* out) {
+  int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  double acc = 0.0;
+  for (int j = 0; j < L; ++j) {
+    double e = eps[size_t(r) * L + j], zz = z[size_t(r) * L + j], lv = mulv[size_t(r) * 2 * L + L + j];
+    acc += -0.5 * (e * e + lv) + 0.5 * zz * zz;
+  }
+  out[r] = static_cast<float>(acc);
+}
+
+// One block per row: per-pixel terms summed in shared memory.
+__global__ void likelihood_fwd_kernel(int lik, float sigma, int dim, const float* out, const float* x, float* nll) {
+  __shared__ float partial[kThreads];
+  const int r = blockIdx.x;
+  const int ld = lik == 2 ? 2 * dim : dim;
+  const float* o = out + size_t(r) * ld;
+  const float* xr = x + size_t(r) * dim;
+  float acc = 0.0f;
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    if (lik == 0) {
+      acc += softplus_f(o[d]) - xr[d] * o[d];
+    } else if (lik == 1) {
+      float diff = xr[d] - o[d];
+      acc += diff * diff;
+    } else {
+      float diff = xr[d] - o[d], lv = o[dim + d];
+      acc += diff * diff * expf(-lv) + lv;
+    }
+  }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    float total = partial[0];
+    if (lik == 1) total = 0.5f * (total / (sigma * sigma) + dim * (float(kLog2Pi) + 2.0f * logf(sigma)));
+    else if (lik == 2) total = 0.5f * (total + dim * float(kLog2Pi));
+    nll[r] = total;
+  }
+}
+
+__global__ void likelihood_bwd_kernel(int lik, float sigma, int rows, int dim, const float* out, const float* x,
+                                      float w, float* dout) {
+  size_t n = size_t(rows) * dim;
+  const int ld = lik == 2 ? 2 * dim : dim;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    size_t r = i / dim, d = i % dim;
+    const float o = out[r * ld + d], xv = x[i];
+    if (lik == 0) {
+      dout[r * ld + d] = w * (sigmoid_f(o) - xv);
+    } else if (lik == 1) {
+      dout[r * ld + d] = w / (sigma * sigma) * (o - xv);
+    } else {
+      float diff = xv - o, prec = expf(-out[r * ld + dim + d]);
+      dout[r * ld + d] = -w * diff * prec;
+      dout[r * ld + dim + d] = w * 0.5f * (1.0f - diff * diff * prec);
+    }
+  }
+}
+
+__global__ void likelihood_mean_kernel(int lik, int rows, int dim, const float* out, float* mean) {
+  size_t n = size_t(rows) * dim;
+  const int ld = lik == 2 ? 2 * dim : dim;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    float o = out[(i / dim) * ld + i % dim];
+    mean[i] = lik == 0 ? sigmoid_f(o) : o;
+  }
+}
+
+__global__ void adam_kernel(size_t n, float* p, const float* g, float* m, float* v, float lr_bc1, float inv_sqrt_bc2,
+                            float b1, float b2, float eps, float wd, float decay, int decoupled) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    float gi = g[i];
+    if (decoupled) p[i] *= decay;
+    else gi += wd * p[i];
+    float mi = b1 * m[i] + (1.0f - b1) * gi;
+    float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] -= lr_bc1 * mi / (sqrtf(vi) * inv_sqrt_bc2 + eps);
+  }
+}
+
+__global__ void sum_squares_kernel(size_t n, const float* x, double* out) {
+  __shared__ double partial[kThreads];
+  double acc = 0.0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    acc += double(x[i]) * x[i];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) atomicAdd(out, partial[0]);
+}
+
+__global__ void scale_kernel(size_t n, float s, float* x) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) x[i] *= s;
+}
+
+int act_code(Activation a) {
+  switch (a) {
+    case Activation::Identity: return 0;
+    case Activation::Relu: return 1;
+    case Activation::Tanh: return 2;
+    case Activation::Softplus: return 3;
+  }
+  return 0;
+}
+int lik_code(Likelihood l) { return l == Likelihood::Bernoulli ? 0 : l == Likelihood::GaussianFixed ? 1 : 2; }
+
+}  // namespace
+
+struct CudaBackend::State {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  double* scratch = nullptr;  // one double for reductions
+};
+
+CudaBackend::CudaBackend(int device) : m_state(std::make_unique<State>()) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+    cudaGetLastError();
+    throw usage_error("CUDA device " + std::to_string(device) + " is not available (" + std::to_string(count) +
+                      " device(s) visible)");
+  }
+  m_state->device = device;
+  CHECK_CUDA(cudaSetDevice(device));
+  CHECK_CUDA(cudaStreamCreateWithFlags(&m_state->stream, cudaStreamNonBlocking));
+  CHECK_CUBLAS(cublasCreate(&m_state->blas));
+  CHECK_CUBLAS(cublasSetStream(m_state->blas, m_state->stream));
+  // Full FP32 GEMMs: the parity tests hold the GPU to the CPU reference.
+  CHECK_CUBLAS(cublasSetMathMode(m_state->blas, CUBLAS_DEFAULT_MATH));
+  CHECK_CUDA(cudaMalloc(&m_state->scratch, sizeof(double)));
+}
+
+CudaBackend::~CudaBackend() {
+  // Destructors only release; failures here are not actionable.
+  if (m_state->scratch != nullptr) cudaFree(m_state->scratch);
+  if (m_state->blas != nullptr) cublasDestroy(m_state->blas);
+  if (m_state->stream != nullptr) cudaStreamDestroy(m_state->stream);
+}
+
+float* CudaBackend::allocate(size_t n) {
+  void* p = nullptr;
+  CHECK_CUDA(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(float)));
+  return static_cast<float*>(p);
+}
+
+void CudaBackend::deallocate(float* p) noexcept { cudaFree(p); }
+
+void CudaBackend::upload(float* dst, const float* host, size_t n) {
+  CHECK_CUDA(cudaMemcpyAsync(dst, host, n * sizeof(float), cudaMemcpyHostToDevice, m_state->stream));
+  // The host buffer may be reused as soon as we return.
+  CHECK_CUDA(cudaStreamSynchronize(m_state->stream));
+}
+
+void CudaBackend::download(float* host, const float* src, size_t n) {
+  CHECK_CUDA(cudaMemcpyAsync(host, src, n * sizeof(float), cudaMemcpyDeviceToHost, m_state->stream));
+  CHECK_CUDA(cudaStreamSynchronize(m_state->stream));
+}
+
+void CudaBackend::fill(float* dst, float value, size_t n) {
+  fill_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(dst, value, n);
+  CHECK_LAUNCH(fill_kernel);
+}
+
+void CudaBackend::synchronize() { CHECK_CUDA(cudaStreamSynchronize(m_state->stream)); }
+
+void CudaBackend::gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+                       const float* b, int ldb, float beta, float* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+  CHECK_CUBLAS(cublasSgemm(m_state->blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+                           n, m, k, &alpha, b, ldb, a, lda, &beta, c, ldc));
+}
+
+void CudaBackend::bias_act_forward(Activation act, int rows, int cols, const float* bias, float* pre, float* out) {
+  bias_act_fwd_kernel<<<blocks_for(size_t(rows) * cols), kThreads, 0, m_state->stream>>>(act_code(act), rows, cols,
+                                                                                          bias, pre, out);
+  CHECK_LAUNCH(bias_act_fwd_kernel);
+}
+
+void CudaBackend::bias_act_backward(Activation act, int rows, int cols, const float* pre, const float* out,
+                                    const float* dout, float* dpre, float* db) {
+  size_t n = size_t(rows) * cols;
+  act_bwd_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(act_code(act), n, pre, out, dout, dpre);
+  CHECK_LAUNCH(act_bwd_kernel);
+  column_sum_kernel<<<(cols + kThreads - 1) / kThreads, kThreads, 0, m_state->stream>>>(rows, cols, dpre, db);
+  CHECK_LAUNCH(column_sum_kernel);
+}
+
+void CudaBackend::normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows, int cols,
+                         float* out) {
+  size_t n = size_t(rows) * ((cols + 3) / 4);
+  normal_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(seed, static_cast<uint32_t>(stream), step,
+                                                                 first_item, rows, cols, out);
+  CHECK_LAUNCH(normal_kernel);
+}
+
+void CudaBackend::posterior_forward(int rows, int latent, const float* mulv, const float* eps, float* z, float* kl) {
+  posterior_fwd_kernel<<<blocks_for(rows), kThreads, 0, m_state->stream>>>(rows, latent, mulv, eps, z, kl);
+  CHECK_LAUNCH(posterior_fwd_kernel);
+}
+
+void CudaBackend::posterior_backward(int rows, int latent, const float* mulv, const float* eps, const float* dz,
+                                     float kl_weight, float* dmulv) {
+  posterior_bwd_kernel<<<blocks_for(size_t(rows) * latent), kThreads, 0, m_state->stream>>>(rows, latent, mulv, eps,
+                                                                                            dz, kl_weight, dmulv);
+  CHECK_LAUNCH(posterior_bwd_kernel);
+}
+
+void CudaBackend::posterior_log_ratio(int rows, int latent, const float* mulv, const float* eps, const float* z,
+                                      float* out) {
+  posterior_ratio_kernel<<<blocks_for(rows), kThreads, 0, m_state->stream>>>(rows, latent, mulv, eps, z, out);
+  CHECK_LAUNCH(posterior_ratio_kernel);
+}
+
+void CudaBackend::likelihood_forward(Likelihood lik, float sigma, int rows, int dim, const float* out, const float* x,
+                                     float* nll) {
+  if (rows == 0) return;
+  likelihood_fwd_kernel<<<rows, kThreads, 0, m_state->stream>>>(lik_code(lik), sigma, dim, out, x, nll);
+  CHECK_LAUNCH(likelihood_fwd_kernel);
+}
+
+void CudaBackend::likelihood_backward(Likelihood lik, float sigma, int rows, int dim, const float* out,
+                                      const float* x, float weight, float* dout) {
+  likelihood_bwd_kernel<<<blocks_for(size_t(rows) * dim), kThreads, 0, m_state->stream>>>(lik_code(lik), sigma, rows,
+                                                                                          dim, out, x, weight, dout);
+  CHECK_LAUNCH(likelihood_bwd_kernel);
+}
+
+void CudaBackend::likelihood_mean(Likelihood lik, int rows, int dim, const float* out, float* mean) {
+  likelihood_mean_kernel<<<blocks_for(size_t(rows) * dim), kThreads, 0, m_state->stream>>>(lik_code(lik), rows, dim,
+                                                                                           out, mean);
+  CHECK_LAUNCH(likelihood_mean_kernel);
+}
+
+void CudaBackend::adam_step(const AdamArgs& a, size_t n, float* params, const float* grads, float* m, float* v) {
+  const double bc1 = 1.0 - std::pow(a.beta1, double(a.step)), bc2 = 1.0 - std::pow(a.beta2, double(a.step));
+  adam_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(
+      n, params, grads, m, v, float(a.lr / bc1), float(1.0 / std::sqrt(bc2)), float(a.beta1), float(a.beta2),
+      float(a.eps), float(a.weight_decay), float(1.0 - a.lr * a.weight_decay), a.decoupled ? 1 : 0);
+  CHECK_LAUNCH(adam_kernel);
+}
+
+double CudaBackend::sum_squares(size_t n, const float* x) {
+  CHECK_CUDA(cudaMemsetAsync(m_state->scratch, 0, sizeof(double), m_state->stream));
+  sum_squares_kernel<<<std::min<unsigned>(blocks_for(n), 1024), kThreads, 0, m_state->stream>>>(n, x, m_state->scratch);
+  CHECK_LAUNCH(sum_squares_kernel);
+  double out = 0;
+  CHECK_CUDA(cudaMemcpyAsync(&out, m_state->scratch, sizeof(double), cudaMemcpyDeviceToHost, m_state->stream));
+  CHECK_CUDA(cudaStreamSynchronize(m_state->stream));
+  return out;
+}
+
+void CudaBackend::scale(size_t n, float s, float* x) {
+  scale_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(n, s, x);
+  CHECK_LAUNCH(scale_kernel);
+}
+
+}  // namespace elbo

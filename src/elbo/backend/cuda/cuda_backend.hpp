@@ -1,0 +1,56 @@
+// The CUDA backend: cuBLAS for GEMMs, fused kernels for everything else, all on
+// one stream owned by the backend. Float only (double stays on the CPU reference).
+// The header exposes no CUDA types so host code compiles without the toolkit.
+#pragma once
+
+#include <memory>
+
+#include "elbo/backend/backend.hpp"
+
+namespace elbo {
+
+class CudaBackend final : public Backend<float> {
+ public:
+  // Uses `device` (a CUDA ordinal); throws a Usage error when it does not exist.
+  explicit CudaBackend(int device = 0);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string name() const override { return "cuda"; }
+  DeviceKind device() const override { return DeviceKind::Cuda; }
+
+  float* allocate(size_t n) override;
+  void deallocate(float* p) noexcept override;
+  void upload(float* dst, const float* host, size_t n) override;
+  void download(float* host, const float* src, size_t n) override;
+  void fill(float* dst, float value, size_t n) override;
+  void synchronize() override;
+
+  void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+            int ldb, float beta, float* c, int ldc) override;
+  void bias_act_forward(Activation act, int rows, int cols, const float* bias, float* pre, float* out) override;
+  void bias_act_backward(Activation act, int rows, int cols, const float* pre, const float* out, const float* dout,
+                         float* dpre, float* db) override;
+  void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows, int cols,
+              float* out) override;
+  void posterior_forward(int rows, int latent, const float* mulv, const float* eps, float* z, float* kl) override;
+  void posterior_backward(int rows, int latent, const float* mulv, const float* eps, const float* dz,
+                          float kl_weight, float* dmulv) override;
+  void posterior_log_ratio(int rows, int latent, const float* mulv, const float* eps, const float* z,
+                           float* out) override;
+  void likelihood_forward(Likelihood lik, float sigma, int rows, int dim, const float* out, const float* x,
+                          float* nll) override;
+  void likelihood_backward(Likelihood lik, float sigma, int rows, int dim, const float* out, const float* x,
+                           float weight, float* dout) override;
+  void likelihood_mean(Likelihood lik, int rows, int dim, const float* out, float* mean) override;
+  void adam_step(const AdamArgs& args, size_t n, float* params, const float* grads, float* m, float* v) override;
+  double sum_squares(size_t n, const float* x) override;
+  void scale(size_t n, float s, float* x) override;
+
+ private:
+  struct State;
+  std::unique_ptr<State> m_state;
+};
+
+}  // namespace elbo

@@ -1,0 +1,120 @@
+// Every CUDA op against the CPU reference (normalized error), and a whole VAE
+// forward/backward. Skips, saying why, where no GPU is present.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "elbo/backend/cpu/cpu_backend.hpp"
+#include "elbo/model/vae.hpp"
+
+namespace elbo {
+namespace {
+
+using Vec = std::vector<float>;
+
+Vec random_vec(size_t n, std::mt19937& rng, float lo = -1, float hi = 1) {
+  std::uniform_real_distribution<float> u(lo, hi);
+  Vec v(n);
+  for (auto& x : v) x = u(rng);
+  return v;
+}
+
+double norm_err(const Vec& a, const Vec& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+class CudaParity : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    BackendReport r = probe_backends();
+    if (!r.cuda_compiled) GTEST_SKIP() << "no GPU: " << r.cuda_detail;
+    if (r.cuda_devices == 0) GTEST_SKIP() << "no GPU: " << r.cuda_detail;
+    gpu = make_backend<float>(DeviceKind::Cuda, 1);
+  }
+  Buffer<float> put(const Vec& host) {
+    Buffer<float> d(*gpu, host.size());
+    gpu->upload(d.data(), host.data(), host.size());
+    return d;
+  }
+  Vec get(const Buffer<float>& d) {
+    Vec out(d.size());
+    gpu->download(out.data(), d.data(), d.size());
+    return out;
+  }
+  std::unique_ptr<Backend<float>> gpu;
+  CpuBackend<float> cpu{1};
+  std::mt19937 rng{17};
+};
+
+TEST_F(CudaParity, GemmAllTransposes) {
+  const int m = 37, n = 53, k = 29;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      Vec a = random_vec(m * k, rng), b = random_vec(k * n, rng), c = random_vec(m * n, rng), want = c;
+      cpu.gemm(ta, tb, m, n, k, 0.7f, a.data(), ta ? m : k, b.data(), tb ? k : n, 0.3f, want.data(), n);
+      Buffer<float> da = put(a), db = put(b), dc = put(c);
+      gpu->gemm(ta, tb, m, n, k, 0.7f, da.data(), ta ? m : k, db.data(), tb ? k : n, 0.3f, dc.data(), n);
+      EXPECT_LT(norm_err(get(dc), want), 1e-5) << "trans_a=" << ta << " trans_b=" << tb;
+    }
+}
+
+TEST_F(CudaParity, RandomNumbersAreTheSameStream) {
+  Vec want(33 * 7);
+  cpu.normal(5, RngStream::Eps, 9, 1000, 33, 7, want.data());
+  Buffer<float> d(*gpu, want.size());
+  gpu->normal(5, RngStream::Eps, 9, 1000, 33, 7, d.data());
+  EXPECT_LT(norm_err(get(d), want), 1e-6);
+}
+
+TEST_F(CudaParity, WholeVaeForwardBackwardAndAdam) {
+  for (Likelihood lik : {Likelihood::Bernoulli, Likelihood::GaussianFixed, Likelihood::GaussianLearned})
+    for (Activation act : {Activation::Relu, Activation::Tanh, Activation::Softplus}) {
+      ModelSpec ms;
+      ms.encoder = {64, 32};
+      ms.decoder = {32, 64};
+      ms.latent = 6;
+      ms.activation = act;
+      ms.likelihood = lik;
+      ms.sigma = 0.5;
+      const int D = 50, rows = 19;
+      VaeLayout layout(ms, D);
+      std::vector<double> init = layout.init_params(3);
+      Vec p(init.begin(), init.end()), x = random_vec(rows * D, rng, 0, 1), eps = random_vec(rows * ms.latent, rng);
+      Vae<float> vc(layout, cpu, rows), vg(layout, *gpu, rows);
+      Vec gc(p.size(), 0.0f);
+      vc.forward(p.data(), x.data(), eps.data(), rows);
+      vc.backward(p.data(), gc.data(), x.data(), eps.data(), rows, 1.0f / rows, 0.7f / rows);
+      Buffer<float> dp = put(p), dx = put(x), de = put(eps), dg = put(Vec(p.size(), 0.0f));
+      vg.forward(dp.data(), dx.data(), de.data(), rows);
+      vg.backward(dp.data(), dg.data(), dx.data(), de.data(), rows, 1.0f / rows, 0.7f / rows);
+      Vec rec_c(vc.rec(), vc.rec() + rows), kl_c(vc.kl(), vc.kl() + rows), rec_g(rows), kl_g(rows);
+      gpu->download(rec_g.data(), vg.rec(), rows);
+      gpu->download(kl_g.data(), vg.kl(), rows);
+      std::string tag = std::string(likelihood_name(lik)) + "/" + activation_name(act);
+      EXPECT_LT(norm_err(rec_g, rec_c), 1e-5) << tag;
+      EXPECT_LT(norm_err(kl_g, kl_c), 1e-5) << tag;
+      EXPECT_LT(norm_err(get(dg), gc), 1e-4) << tag;
+
+      // One AdamW step from the same gradients, and the gradient norm.
+      AdamArgs args;
+      args.decoupled = true;
+      args.weight_decay = 0.01;
+      Vec m(p.size(), 0.0f), v(p.size(), 0.0f), pc = p;
+      cpu.adam_step(args, p.size(), pc.data(), gc.data(), m.data(), v.data());
+      Buffer<float> dm = put(Vec(p.size(), 0.0f)), dv = put(Vec(p.size(), 0.0f)), dg2 = put(gc);
+      gpu->adam_step(args, p.size(), dp.data(), dg2.data(), dm.data(), dv.data());
+      EXPECT_LT(norm_err(get(dp), pc), 1e-6) << tag;
+      EXPECT_NEAR(gpu->sum_squares(gc.size(), dg2.data()), cpu.sum_squares(gc.size(), gc.data()),
+                  1e-6 * cpu.sum_squares(gc.size(), gc.data()));
+    }
+}
+
+}  // namespace
+}  // namespace elbo
