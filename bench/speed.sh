@@ -15,7 +15,7 @@ elbo_rate() {  # mean samples/s over the metrics rows after the warm-up row
 }
 torch_rate() {
   OMP_NUM_THREADS=$1 "$PY" "$ROOT/bench/pytorch_vae.py" --train "$DATA/train" --test "$DATA/test" \
-    --threads "$1" --max-steps "$STEPS" --json "$WORK/torch$1.json" >/dev/null
+    --threads "$1" --max-steps "$STEPS" --warmup-steps 100 --json "$WORK/torch$1.json" >/dev/null
   "$PY" -c "import json; print(round(json.load(open('$WORK/torch$1.json'))['train_samples_per_s']))"
 }
 
