@@ -34,7 +34,8 @@ def check(cond, what, r=None):
 
 
 def base_sets(out):
-    return ["--set", f"data.train={TRAIN}", "--set", f"data.test={TEST}", "--set", f"output.dir={out}"]
+    return ["--set", "device=cpu", "--set", f"data.train={TRAIN}", "--set", f"data.test={TEST}",
+            "--set", f"output.dir={out}"]
 
 
 # --- 1. train on 2 ranks: outputs, progress lines, model layout, evaluation ---

@@ -1,6 +1,8 @@
 // Backend selection and the build/machine report shown by `elbo info`.
 #include "elbo/backend/backend.hpp"
 
+#include <cstdlib>
+
 #include "elbo/backend/cpu/cpu_backend.hpp"
 #include "elbo/util/error.hpp"
 
@@ -31,21 +33,37 @@ const char* likelihood_name(Likelihood l) {
 }
 
 template <class T>
-std::unique_ptr<Backend<T>> make_backend(DeviceKind kind, int threads) {
+void* Backend<T>::allocate_host(size_t bytes) {
+  void* p = std::malloc(bytes == 0 ? 1 : bytes);
+  if (p == nullptr) throw internal_error("out of host memory allocating " + std::to_string(bytes) + " bytes");
+  return p;
+}
+
+template <class T>
+void Backend<T>::free_host(void* p) noexcept {
+  std::free(p);
+}
+
+template class Backend<float>;
+template class Backend<double>;
+
+template <class T>
+std::unique_ptr<Backend<T>> make_backend(DeviceKind kind, int threads, int gpu) {
   if (kind == DeviceKind::Cpu) return std::make_unique<CpuBackend<T>>(threads);
 #ifdef ELBO_HAVE_CUDA
   if constexpr (std::is_same_v<T, float>) {
-    return std::make_unique<CudaBackend>(0);
+    return std::make_unique<CudaBackend>(gpu);
   } else {
     throw usage_error("the CUDA backend computes in float32 only; double precision runs on the CPU backend");
   }
 #else
+  (void)gpu;
   throw usage_error("this build of elbo has no CUDA backend (configured with ELBO_CUDA=OFF or without nvcc)");
 #endif
 }
 
-template std::unique_ptr<Backend<float>> make_backend<float>(DeviceKind, int);
-template std::unique_ptr<Backend<double>> make_backend<double>(DeviceKind, int);
+template std::unique_ptr<Backend<float>> make_backend<float>(DeviceKind, int, int);
+template std::unique_ptr<Backend<double>> make_backend<double>(DeviceKind, int, int);
 
 BackendReport probe_backends() {
   BackendReport r;

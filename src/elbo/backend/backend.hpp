@@ -45,6 +45,9 @@ class Backend {
   virtual void download(T* host, const T* src, size_t n) = 0;
   virtual void fill(T* dst, T value, size_t n) = 0;
   virtual void synchronize() {}
+  // Host memory the device copies from and to fastest (pinned on CUDA), for staging.
+  virtual void* allocate_host(size_t bytes);
+  virtual void free_host(void* p) noexcept;
 
   // --- dense layers (all matrices row-major) ---
   // C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
@@ -119,9 +122,10 @@ class Buffer {
 };
 
 // The backend for a device kind; Cuda throws a clear error in CPU-only builds or
-// when no GPU is present. `threads` sets the BLAS thread count of the CPU backend.
+// when no GPU is present. `threads` sets the BLAS thread count of the CPU backend,
+// `gpu` the CUDA device ordinal of the CUDA backend.
 template <class T>
-std::unique_ptr<Backend<T>> make_backend(DeviceKind kind, int threads = 1);
+std::unique_ptr<Backend<T>> make_backend(DeviceKind kind, int threads = 1, int gpu = 0);
 
 // What the build and the machine offer, for `elbo info` and test skips.
 struct BackendReport {

@@ -166,6 +166,7 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
   int64_t seed = top.get<int64_t>("seed", 1);
   top.check(seed >= 0, "seed", "must be >= 0", seed);
   s.seed = static_cast<uint64_t>(seed);
+  s.device = top.choice("device", s.device, {"auto", "cpu", "cuda"});
 
   {
     MapReader r = top.sub("data");
@@ -277,7 +278,18 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     s.output.overwrite = r.get<bool>("overwrite", s.output.overwrite);
     r.finish({"dir", "overwrite"});
   }
-  top.finish({"name", "seed", "data", "model", "loss", "optim", "train", "eval", "output"});
+  {
+    MapReader r = top.sub("dist");
+    auto& d = s.dist;
+    d.communicator = r.choice("communicator", d.communicator, {"auto", "nccl", "mpi"});
+    d.bucket_mb = r.get<double>("bucket_mb", d.bucket_mb);
+    r.check(d.bucket_mb >= 0, "bucket_mb", "must be >= 0 (0 = one all-reduce after backward)", d.bucket_mb);
+    d.timeout_s = r.get<double>("timeout_s", d.timeout_s);
+    r.check(d.timeout_s >= 0, "timeout_s", "must be >= 0 (0 = wait forever)", d.timeout_s);
+    d.self_test = r.get<bool>("self_test", d.self_test);
+    r.finish({"communicator", "bucket_mb", "timeout_s", "self_test"});
+  }
+  top.finish({"name", "seed", "device", "data", "model", "loss", "optim", "train", "eval", "output", "dist"});
   return s;
 }
 
@@ -317,6 +329,7 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::BeginMap;
   e << YAML::Key << "name" << YAML::Value << s.name;
   e << YAML::Key << "seed" << YAML::Value << s.seed;
+  e << YAML::Key << "device" << YAML::Value << s.device;
   e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "train" << YAML::Value << s.data.train;
   e << YAML::Key << "test" << YAML::Value << s.data.test;
@@ -375,6 +388,12 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "dir" << YAML::Value << s.output.dir;
   e << YAML::Key << "overwrite" << YAML::Value << s.output.overwrite;
+  e << YAML::EndMap;
+  e << YAML::Key << "dist" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "communicator" << YAML::Value << s.dist.communicator;
+  e << YAML::Key << "bucket_mb" << YAML::Value << s.dist.bucket_mb;
+  e << YAML::Key << "timeout_s" << YAML::Value << s.dist.timeout_s;
+  e << YAML::Key << "self_test" << YAML::Value << s.dist.self_test;
   e << YAML::EndMap;
   e << YAML::EndMap;
   return std::string(e.c_str()) + "\n";

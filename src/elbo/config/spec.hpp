@@ -68,9 +68,18 @@ struct OutputSpec {
   bool overwrite = false;        // allow writing into a directory that holds an earlier run
 };
 
+// How replicas are placed and how they talk (the GPU path; the CPU path always uses MPI).
+struct DistSpec {
+  std::string communicator = "auto";  // auto | nccl | mpi (auto: nccl on GPUs unless ranks share one)
+  double bucket_mb = 1.0;        // gradient all-reduce bucket size; 0 = one all-reduce after backward
+  double timeout_s = 300.0;      // a collective unfinished after this long aborts the job; 0 = never
+  bool self_test = true;         // time one all-reduce of the gradient buffer at startup (busbw in the log)
+};
+
 struct ExperimentSpec {
   std::string name = "experiment";
   uint64_t seed = 1;
+  std::string device = "auto";   // auto | cpu | cuda (auto: cuda when a GPU is visible, else cpu)
   DataSpec data;
   ModelSpec model;
   LossSpec loss;
@@ -78,6 +87,7 @@ struct ExperimentSpec {
   TrainSpec train;
   EvalSpec eval;
   OutputSpec output;
+  DistSpec dist;
   std::string source;  // the file it came from, for messages
 };
 

@@ -3,8 +3,12 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 namespace elbo {
@@ -17,6 +21,17 @@ namespace detail {
   ::elbo::detail::throw_call_failed(ErrorKind::Dist, call, file, line, std::string(buf, static_cast<size_t>(len)));
 }
 }  // namespace detail
+
+int launcher_local_rank() {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"}) {
+    const char* v = std::getenv(var);
+    if (v == nullptr || *v == '\0') continue;
+    char* end = nullptr;
+    long r = std::strtol(v, &end, 10);
+    if (*end == '\0' && r >= 0) return static_cast<int>(r);
+  }
+  return -1;
+}
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   int initialized = 0;
@@ -45,6 +60,19 @@ MpiCommunicator::MpiCommunicator() {
   ELBO_CHECK_MPI(MPI_Comm_split_type(m_comm, MPI_COMM_TYPE_SHARED, m_world.rank, MPI_INFO_NULL, &node));
   ELBO_CHECK_MPI(MPI_Comm_rank(node, &m_world.local_rank));
   ELBO_CHECK_MPI(MPI_Comm_size(node, &m_world.local_size));
+  // Prefer the launcher's numbering when it has one: GPU binding in SLURM and Open MPI
+  // scripts (e.g. CUDA_VISIBLE_DEVICES per task) is written against it. Only when it
+  // numbers this node's ranks 0..n-1 exactly once: mpirun inside an sbatch script, for
+  // one, leaves every rank with the batch step's SLURM_LOCALID=0.
+  std::vector<int> ids(static_cast<size_t>(m_world.local_size), -1);
+  const int mine = launcher_local_rank();
+  ELBO_CHECK_MPI(MPI_Allgather(&mine, 1, MPI_INT, ids.data(), 1, MPI_INT, node));
+  std::vector<int> seen(ids.size(), 0);
+  bool permutation = true;
+  for (int id : ids) {
+    if (id < 0 || id >= m_world.local_size || seen[static_cast<size_t>(id)]++) permutation = false;
+  }
+  if (permutation) m_world.local_rank = mine;
   MPI_Comm_free(&node);
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
@@ -57,24 +85,48 @@ MpiCommunicator::~MpiCommunicator() {
   if (m_comm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&m_comm);
 }
 
+void MpiCommunicator::wait(MPI_Request* requests, int n, const char* operation) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  // Poll rather than block in MPI_Waitall: that keeps the deadline in our hands.
+  // Spin first (a gradient all-reduce takes well under a millisecond on one node),
+  // then back off so a rank waiting for a slow peer (rank 0 writing files) idles.
+  for (long polls = 0;; ++polls) {
+    int done = 0;
+    ELBO_CHECK_MPI(MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE));
+    if (done) return;
+    if ((polls & 255) == 255) {
+      const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+      if (m_timeout_s > 0 && waited > m_timeout_s) abort_on_timeout(*this, operation);
+      if (waited > 1e-3) std::this_thread::sleep_for(std::chrono::microseconds(waited > 0.1 ? 2000 : 50));
+    }
+  }
+}
+
 void MpiCommunicator::allreduce_sum(float* data, size_t n) {
   // MPI counts are int: reduce in chunks so buffers past 2^31 elements still work.
   for (size_t off = 0; off < n; off += INT_MAX) {
     int cnt = static_cast<int>(std::min<size_t>(INT_MAX, n - off));
-    ELBO_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, data + off, cnt, MPI_FLOAT, MPI_SUM, m_comm));
+    MPI_Request req = MPI_REQUEST_NULL;
+    ELBO_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, data + off, cnt, MPI_FLOAT, MPI_SUM, m_comm, &req));
+    wait(&req, 1, "all-reduce (float)");
   }
 }
 
 void MpiCommunicator::allreduce_sum(double* data, size_t n) {
   for (size_t off = 0; off < n; off += INT_MAX) {
     int cnt = static_cast<int>(std::min<size_t>(INT_MAX, n - off));
-    ELBO_CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, data + off, cnt, MPI_DOUBLE, MPI_SUM, m_comm));
+    MPI_Request req = MPI_REQUEST_NULL;
+    ELBO_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, data + off, cnt, MPI_DOUBLE, MPI_SUM, m_comm, &req));
+    wait(&req, 1, "all-reduce (double)");
   }
 }
 
 int MpiCommunicator::allreduce_max(int value) {
   int out = 0;
-  ELBO_CHECK_MPI(MPI_Allreduce(&value, &out, 1, MPI_INT, MPI_MAX, m_comm));
+  MPI_Request req = MPI_REQUEST_NULL;
+  ELBO_CHECK_MPI(MPI_Iallreduce(&value, &out, 1, MPI_INT, MPI_MAX, m_comm, &req));
+  wait(&req, 1, "all-reduce (max)");
   return out;
 }
 
@@ -82,11 +134,28 @@ void MpiCommunicator::broadcast(void* data, size_t bytes, int root) {
   auto* p = static_cast<char*>(data);
   for (size_t off = 0; off < bytes; off += INT_MAX) {
     int cnt = static_cast<int>(std::min<size_t>(INT_MAX, bytes - off));
-    ELBO_CHECK_MPI(MPI_Bcast(p + off, cnt, MPI_BYTE, root, m_comm));
+    MPI_Request req = MPI_REQUEST_NULL;
+    ELBO_CHECK_MPI(MPI_Ibcast(p + off, cnt, MPI_BYTE, root, m_comm, &req));
+    wait(&req, 1, "broadcast");
   }
 }
 
-void MpiCommunicator::barrier() { ELBO_CHECK_MPI(MPI_Barrier(m_comm)); }
+void MpiCommunicator::barrier() {
+  MPI_Request req = MPI_REQUEST_NULL;
+  ELBO_CHECK_MPI(MPI_Ibarrier(m_comm, &req));
+  wait(&req, 1, "barrier");
+}
+
+void abort_on_timeout(Communicator& comm, const std::string& operation) {
+  const WorldInfo& w = comm.world();
+  std::fprintf(stderr,
+               "elbo: rank %d (%s): %s did not finish within %.0f s (dist.timeout_s): another rank is stalled or "
+               "gone; aborting the job\n",
+               w.rank, w.host.c_str(), operation.c_str(), comm.timeout());
+  std::fflush(stderr);
+  comm.abort(kExitPeerFailure);
+  std::_Exit(kExitPeerFailure);  // abort() does not return; this tells the compiler so
+}
 
 void MpiCommunicator::abort(int code) {
   MPI_Abort(MPI_COMM_WORLD, code);

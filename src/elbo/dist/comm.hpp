@@ -31,6 +31,11 @@ class MpiRuntime {
   MpiRuntime& operator=(const MpiRuntime&) = delete;
 };
 
+// Exit status of a rank that ends the job because a peer is stalled or gone (a
+// collective past dist.timeout_s, an NCCL error): distinct from input errors (2) and
+// runtime errors (1) so that job scripts can tell them apart.
+constexpr int kExitPeerFailure = 3;
+
 struct WorldInfo {
   int rank = 0;
   int size = 1;
@@ -38,6 +43,10 @@ struct WorldInfo {
   int local_size = 1;
   std::string host;
 };
+
+// The node-local rank as the launcher states it (OMPI_COMM_WORLD_LOCAL_RANK,
+// SLURM_LOCALID, MPI_LOCALRANKID), or -1 when none is set.
+int launcher_local_rank();
 
 class Communicator {
  public:
@@ -52,10 +61,21 @@ class Communicator {
   virtual int allreduce_max(int value) = 0;
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
   virtual void barrier() = 0;
+  // Collectives not finished after `seconds` (0 = never) end the job with a message
+  // naming this rank and the operation, instead of hanging on a stalled peer.
+  void set_timeout(double seconds) { m_timeout_s = seconds; }
+  double timeout() const { return m_timeout_s; }
   // Ends every rank of the job; used when one rank fails where the others may be
   // blocked in a collective and an orderly agreement is impossible.
   [[noreturn]] virtual void abort(int code) = 0;
+
+ protected:
+  double m_timeout_s = 300.0;
 };
+
+// Prints "rank R (host): OPERATION did not finish within T s ..." to stderr and
+// aborts the whole job with kExitPeerFailure. Never returns.
+[[noreturn]] void abort_on_timeout(Communicator& comm, const std::string& operation);
 
 // A communicator over MPI_COMM_WORLD (duplicated, so library traffic never mixes
 // with a caller's).
@@ -70,6 +90,12 @@ class MpiCommunicator final : public Communicator {
   void broadcast(void* data, size_t bytes, int root) override;
   void barrier() override;
   [[noreturn]] void abort(int code) override;
+
+  MPI_Comm handle() const { return m_comm; }
+  // Completes `n` requests, driving MPI progress; past the timeout, aborts the job
+  // naming `operation` (abort_on_timeout). Used for every collective, so no rank
+  // blocks forever in MPI when a peer is stopped or dead.
+  void wait(MPI_Request* requests, int n, const char* operation);
 
  private:
   MPI_Comm m_comm = MPI_COMM_NULL;

@@ -158,7 +158,10 @@ void Vae<T>::decode(const T* params, const T* z, int rows) {
 
 template <class T>
 void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
-                      T kl_weight) {
+                      T kl_weight, const std::function<void(size_t)>& grads_ready) {
+  auto done = [&](const typename VaeLayout::Linear& l) {
+    if (grads_ready) grads_ready(l.w);  // weight before bias: l.w is where the layer starts
+  };
   const Activation act = m_layout.spec().activation;
   const auto& s = m_layout.spec();
   T* g = m_grad_a.data();  // gradient w.r.t. the current layer's output
@@ -172,6 +175,7 @@ void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int r
   const auto& dec = m_layout.decoder();
   const T* dec_in = dec.empty() ? m_z.data() : m_dec_act.back().data();
   linear_backward(out, params, grads, dec_in, g, rows, h);
+  done(out);
   std::swap(g, h);
 
   // Decoder hidden layers, last to first; g holds d(activation of layer i).
@@ -180,6 +184,7 @@ void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int r
                            grads + dec[k].b);
     const T* in = k == 0 ? m_z.data() : m_dec_act[k - 1].data();
     linear_backward(dec[k], params, grads, in, g, rows, h);
+    done(dec[k]);
     std::swap(g, h);
   }
 
@@ -193,6 +198,7 @@ void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int r
   const auto& enc = m_layout.encoder();
   const T* enc_in = enc.empty() ? x : m_enc_act.back().data();
   linear_backward(head, params, grads, enc_in, g, rows, enc.empty() ? nullptr : h);
+  done(head);
   std::swap(g, h);
 
   for (size_t k = enc.size(); k-- > 0;) {
@@ -200,6 +206,7 @@ void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int r
                            grads + enc[k].b);
     const T* in = k == 0 ? x : m_enc_act[k - 1].data();
     linear_backward(enc[k], params, grads, in, g, rows, k == 0 ? nullptr : h);
+    done(enc[k]);
     std::swap(g, h);
   }
 }

@@ -4,6 +4,7 @@
 // written (=).
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -79,8 +80,12 @@ class Vae {
   // x (rows, D), eps (rows, L) -> rec[r] = -log p(x_r|z_r), kl[r] = KL(q(z|x_r) || p(z)).
   void forward(const T* params, const T* x, const T* eps, int rows);
   // grads += d/dparams [ rec_weight * sum_r rec[r] + kl_weight * sum_r kl[r] ] for the
-  // last forward pass (same params, x, eps, rows).
-  void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T kl_weight);
+  // last forward pass (same params, x, eps, rows). Layers sit in the flat buffer in
+  // forward order, so backward finalises it from the end: after each layer,
+  // `grads_ready(offset)` (when given) says grads[offset, P) are final, which lets the
+  // gradient all-reduce start while the earlier layers are still being differentiated.
+  void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T kl_weight,
+                const std::function<void(size_t)>& grads_ready = {});
   // Decoder only: z (rows, L) -> decoder output (rows, output_width).
   void decode(const T* params, const T* z, int rows);
 

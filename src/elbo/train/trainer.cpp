@@ -16,6 +16,8 @@
 #include "elbo/ckpt/model_file.hpp"
 #include "elbo/data/sampler.hpp"
 #include "elbo/data/shards.hpp"
+#include "elbo/dist/grad_sync.hpp"
+#include "elbo/dist/placement.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/optim/adam.hpp"
 #include "elbo/util/files.hpp"
@@ -77,6 +79,7 @@ int threads_per_rank(int requested, int local_ranks) {
 TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& log) {
   const int world = comm.size(), rank = comm.rank();
   const bool root = comm.is_root();
+  comm.set_timeout(spec.dist.timeout_s);
 
   // --- setup, each phase agreed by all ranks so a bad input stops the job everywhere ---
   collectively(comm, [&] {
@@ -116,12 +119,21 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   const int64_t B = spec.train.batch_size;
   const int local_rows = static_cast<int>(B / world);
   const int threads = threads_per_rank(spec.train.threads, comm.world().local_size);
-  auto backend = make_backend<float>(DeviceKind::Cpu, threads);
+  Placement place;
+  std::unique_ptr<Backend<float>> backend;
+  collectively(comm, [&] {
+    place = resolve_placement(spec, comm.world(), probe_backends());
+    backend = make_backend<float>(place.device, threads, place.gpu);
+  });
   Backend<float>& be = *backend;
 
   // --- the replica: one flat parameter buffer, one flat gradient buffer ---
   const size_t P = layout.num_params();
   Buffer<float> params(be, P), grads(be, P);
+  const auto bucket_elems = static_cast<size_t>(spec.dist.bucket_mb * 1e6 / sizeof(float));
+  std::unique_ptr<GradientSync> sync;
+  collectively(comm, [&] { sync = make_gradient_sync(place.communicator, comm, be, grads.data(), P, bucket_elems); });
+  const auto grads_ready = [&](size_t offset) { sync->ready_from(offset); };
   {
     std::vector<double> init = layout.init_params(spec.seed);
     std::vector<float> host(init.begin(), init.end());
@@ -144,8 +156,11 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   std::ofstream csv;
   if (root) {
     std::string resolved = dump_spec(spec);
-    log << "elbo train: " << spec.name << " | " << world << " rank(s) x " << threads << " BLAS thread(s) | backend "
-        << be.name() << "\n"
+    log << "elbo train: " << spec.name << " | " << world << " rank(s) | backend " << be.name()
+        << (place.device == DeviceKind::Cpu ? " x " + std::to_string(threads) + " BLAS thread(s)"
+                                            : " (GPU " + std::to_string(place.gpu) + " on rank 0)")
+        << " (" << place.why << ")\n"
+        << "gradients: " << sync->describe() << "\n"
         << "data: " << n << " training samples of shape " << shape_string(input_shape, "[]") << " from " << spec.data.train
         << "\nmodel: " << P << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
         << "resolved spec:\n" << resolved << std::flush;
@@ -153,6 +168,17 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     csv.open(out_dir / "metrics.csv", std::ios::trunc);
     if (!csv) throw io_error("cannot write " + (out_dir / "metrics.csv").string());
     csv << "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s\n";
+  }
+  if (world > 1 && spec.dist.self_test) {
+    // A startup figure for the interconnect, comparable with nccl-tests' busbw.
+    const AllreduceRate r = measure_allreduce(*sync, be, grads.data(), P, world, 5);
+    if (root) {
+      char line[200];
+      std::snprintf(line, sizeof(line), "all-reduce self-test: %.2f MB gradient buffer in %.3f ms | algbw %.2f GB/s | "
+                    "busbw %.2f GB/s\n", static_cast<double>(P) * sizeof(float) / 1e6, r.seconds * 1e3, r.algbw_gbs,
+                    r.busbw_gbs);
+      log << line << std::flush;
+    }
   }
 
   // --- the loop ---
@@ -171,6 +197,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       const double beta = kl_weight(spec.loss, step);
 
       be.fill(grads.data(), 0.0f, P);
+      sync->begin(step);
       double local[2] = {0, 0};
       if (rows > 0) {
         const int64_t* idx = order.data() + g_begin + sl.begin;
@@ -183,7 +210,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
                   eps.data());
         model.forward(params.data(), x.data(), eps.data(), rows);
         const float w = 1.0f / static_cast<float>(g_rows);
-        model.backward(params.data(), grads.data(), x.data(), eps.data(), rows, w, static_cast<float>(beta) * w);
+        model.backward(params.data(), grads.data(), x.data(), eps.data(), rows, w, static_cast<float>(beta) * w,
+                       grads_ready);
         be.download(rec.data(), model.rec(), rows);
         be.download(kl.data(), model.kl(), rows);
         for (int r = 0; r < rows; ++r) {
@@ -191,7 +219,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           local[1] += kl[r];
         }
       }
-      comm.allreduce_sum(grads.data(), P);
+      sync->finish();  // a rank without rows this step still joins every bucket's all-reduce
       comm.allreduce_sum(local, 2);
       if (!std::isfinite(local[0]) || !std::isfinite(local[1]))
         throw AgreedError(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the loss is not finite (rec sum " +

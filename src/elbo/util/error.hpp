@@ -28,6 +28,7 @@ inline Error io_error(const std::string& m) { return Error(ErrorKind::Io, m); }
 inline Error model_error(const std::string& m) { return Error(ErrorKind::Model, m); }
 inline Error dist_error(const std::string& m) { return Error(ErrorKind::Dist, m); }
 inline Error numeric_error(const std::string& m) { return Error(ErrorKind::Numeric, m); }
+inline Error internal_error(const std::string& m) { return Error(ErrorKind::Internal, m); }
 
 namespace detail {
 [[noreturn]] void throw_call_failed(ErrorKind kind, const char* call, const char* file, int line,

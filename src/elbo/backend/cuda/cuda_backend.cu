@@ -309,6 +309,18 @@ void CudaBackend::fill(float* dst, float value, size_t n) {
 
 void CudaBackend::synchronize() { CHECK_CUDA(cudaStreamSynchronize(m_state->stream)); }
 
+void* CudaBackend::allocate_host(size_t bytes) {
+  void* p = nullptr;
+  CHECK_CUDA(cudaMallocHost(&p, std::max<size_t>(bytes, 1)));
+  return p;
+}
+
+void CudaBackend::free_host(void* p) noexcept { cudaFreeHost(p); }
+
+void* CudaBackend::stream_handle() const { return m_state->stream; }
+
+int CudaBackend::device_ordinal() const { return m_state->device; }
+
 void CudaBackend::gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
                        const float* b, int ldb, float beta, float* c, int ldc) {
   if (m == 0 || n == 0) return;

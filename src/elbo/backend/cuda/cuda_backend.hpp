@@ -26,6 +26,13 @@ class CudaBackend final : public Backend<float> {
   void download(float* host, const float* src, size_t n) override;
   void fill(float* dst, float value, size_t n) override;
   void synchronize() override;
+  void* allocate_host(size_t bytes) override;  // pinned (cudaMallocHost)
+  void free_host(void* p) noexcept override;
+
+  // The stream every op of this backend is issued on, as a cudaStream_t; the NCCL
+  // reducer orders its work against it with events.
+  void* stream_handle() const;
+  int device_ordinal() const;
 
   void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
             int ldb, float beta, float* c, int ldc) override;
