@@ -13,6 +13,7 @@
 #include "elbo/config/spec.hpp"
 #include "elbo/data/shards.hpp"
 #include "elbo/dist/comm.hpp"
+#include "elbo/dist/placement.hpp"
 #include "elbo/train/evaluate.hpp"
 #include "elbo/train/trainer.hpp"
 #include "elbo/util/files.hpp"
@@ -50,7 +51,7 @@ int cmd_train(const std::vector<std::string>& args, Communicator& comm) {
 }
 
 int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
-  std::string model_path, data_dir, out_path;
+  std::string model_path, data_dir, out_path, device = "auto";
   int64_t iw = 0, batch = 500, seed = -1, threads = 0;
   cli::ArgParser p("elbo eval", "Evaluate a trained model on a test split: negative ELBO per sample (nats), its "
                                 "reconstruction and KL parts, and the k-sample importance-weighted bound.");
@@ -60,6 +61,7 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
   p.integer("--batch-size", &batch, "N", "rows per forward pass on each rank", 1);
   p.integer("--seed", &seed, "S", "seed for eps (default: the model's training seed)", 0);
   p.integer("--threads", &threads, "T", "BLAS threads per rank (0 = cores / ranks on the node)", 0);
+  p.string("--device", &device, "auto|cpu|cuda", "where to evaluate (auto: a GPU when one is visible)");
   p.string("--output", &out_path, "FILE", "also write the results as YAML to FILE (rank 0)");
   bool go = false;
   collectively(comm, [&] { go = p.parse(args); });
@@ -76,7 +78,18 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
                        " was trained on " + shape_string(mf.input_shape, "[]"));
   });
   VaeLayout layout(mf.spec.model, static_cast<int>(set->sample_dim()));
-  auto be = make_backend<float>(DeviceKind::Cpu, threads_per_rank(static_cast<int>(threads), comm.world().local_size));
+  std::unique_ptr<Backend<float>> be;
+  collectively(comm, [&] {
+    if (device != "auto" && device != "cpu" && device != "cuda")
+      throw usage_error("--device: '" + device + "' is not one of auto, cpu, cuda");
+    ExperimentSpec where = mf.spec;  // evaluation needs no gradient communicator
+    where.source = "elbo eval --device";
+    where.device = device;
+    where.dist.communicator = "auto";
+    Placement place = resolve_placement(where, comm.world(), probe_backends());
+    be = make_backend<float>(place.device, threads_per_rank(static_cast<int>(threads), comm.world().local_size),
+                             place.gpu);
+  });
   Buffer<float> params(*be, layout.num_params());
   be->upload(params.data(), mf.params.data(), mf.params.size());
   EvalOptions eo;
@@ -106,6 +119,9 @@ int cmd_info(const std::vector<std::string>& args, Communicator& comm) {
               << (r.cuda_detail.empty() ? "" : " - " + r.cuda_detail) << "\n"
               << "mpi world: " << comm.size() << " rank(s); rank 0 on " << comm.world().host << " with "
               << comm.world().local_size << " local rank(s)\n";
+    if (r.cuda_devices > 0)
+      std::cout << "gpu mapping: local rank i uses GPU i % " << r.cuda_devices << " (rank 0 -> GPU "
+                << comm.world().local_rank % r.cuda_devices << ")\n";
   }
   return 0;
 }
