@@ -171,7 +171,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   }
   if (world > 1 && spec.dist.self_test) {
     // A startup figure for the interconnect, comparable with nccl-tests' busbw.
-    const AllreduceRate r = measure_allreduce(*sync, be, grads.data(), P, world, 5);
+    const AllreduceRate r = measure_allreduce(*sync, be, grads.data(), P, world, 20);
     if (root) {
       char line[200];
       std::snprintf(line, sizeof(line), "all-reduce self-test: %.2f MB gradient buffer in %.3f ms | algbw %.2f GB/s | "
