@@ -15,6 +15,7 @@
 #include "elbo/dist/comm.hpp"
 #include "elbo/dist/placement.hpp"
 #include "elbo/train/evaluate.hpp"
+#include "elbo/train/stop_signal.hpp"
 #include "elbo/train/trainer.hpp"
 #include "elbo/util/files.hpp"
 
@@ -27,7 +28,8 @@ const char* kUsage =
     "usage: elbo <command> [options]\n\n"
     "Data-parallel VAE training (run under mpirun -np N or srun for N replicas).\n\n"
     "commands:\n"
-    "  train SPEC.yaml [--set key.path=value ...]   train a VAE from an experiment spec\n"
+    "  train SPEC.yaml [--set key.path=value ...] [--resume auto|PATH]\n"
+    "                                                train a VAE from an experiment spec\n"
     "  eval MODEL.h5 --data TEST_DIR [--iw-samples K]  test negative ELBO and IWAE bound\n"
     "  info                                          build, backends and MPI world\n\n"
     "Run 'elbo <command> --help' for the options of a command.\n";
@@ -41,13 +43,19 @@ int cmd_train(const std::vector<std::string>& args, Communicator& comm) {
                                  "metrics.csv,model.h5,eval.yaml}.");
   p.positional("SPEC", &spec_path, "experiment spec (YAML)");
   p.repeated("--set", &overrides, "KEY=VALUE", "override a spec key, e.g. --set optim.lr=3e-4 (repeatable)");
+  TrainOptions opts;
+  p.string("--resume", &opts.resume, "auto|PATH",
+           "continue from a checkpoint: 'auto' = the newest valid one in OUTPUT_DIR/checkpoints (a fresh start when "
+           "there is none), or a checkpoint file");
   bool go = false;
   collectively(comm, [&] { go = p.parse(args); });
   if (!go) return 0;
   ExperimentSpec spec;
   collectively(comm, [&] { spec = load_spec(spec_path, overrides); });
-  train(spec, comm, std::cout);
-  return 0;
+  TrainResult r = train(spec, comm, std::cout, opts);
+  // Exit codes for job scripts: 75 = stopped on a signal with a checkpoint (requeue and
+  // --resume auto), 76 = forced stop without one, 3 = a peer rank failed, 2 = bad input.
+  return r.stopped ? kExitStopped : 0;
 }
 
 int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {

@@ -260,7 +260,8 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     r.check(t.log_every >= 1, "log_every", "must be >= 1", t.log_every);
     t.threads = r.get<int>("threads", t.threads);
     r.check(t.threads >= 0, "threads", "must be >= 0 (0 = automatic)", t.threads);
-    r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads"});
+    t.on_nonfinite = r.choice("on_nonfinite", t.on_nonfinite, {"abort", "skip"});
+    r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads", "on_nonfinite"});
   }
   {
     MapReader r = top.sub("eval");
@@ -289,7 +290,19 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     d.self_test = r.get<bool>("self_test", d.self_test);
     r.finish({"communicator", "bucket_mb", "timeout_s", "self_test"});
   }
-  top.finish({"name", "seed", "device", "data", "model", "loss", "optim", "train", "eval", "output", "dist"});
+  {
+    MapReader r = top.sub("checkpoint");
+    auto& c = s.checkpoint;
+    c.every = r.get<int64_t>("every", c.every);
+    r.check(c.every >= 0, "every", "must be >= 0 (0 = only at the end and on a stop signal)", c.every);
+    c.keep = r.get<int>("keep", c.keep);
+    r.check(c.keep >= 0, "keep", "must be >= 0 (0 = keep all)", c.keep);
+    c.grace_s = r.get<double>("grace_s", c.grace_s);
+    r.check(c.grace_s > 0, "grace_s", "must be > 0", c.grace_s);
+    r.finish({"every", "keep", "grace_s"});
+  }
+  top.finish({"name", "seed", "device", "data", "model", "loss", "optim", "train", "eval", "output", "dist",
+              "checkpoint"});
   return s;
 }
 
@@ -379,6 +392,7 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "drop_last" << YAML::Value << s.train.drop_last;
   e << YAML::Key << "log_every" << YAML::Value << s.train.log_every;
   e << YAML::Key << "threads" << YAML::Value << s.train.threads;
+  e << YAML::Key << "on_nonfinite" << YAML::Value << s.train.on_nonfinite;
   e << YAML::EndMap;
   e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "at_end" << YAML::Value << s.eval.at_end;
@@ -394,6 +408,11 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "bucket_mb" << YAML::Value << s.dist.bucket_mb;
   e << YAML::Key << "timeout_s" << YAML::Value << s.dist.timeout_s;
   e << YAML::Key << "self_test" << YAML::Value << s.dist.self_test;
+  e << YAML::EndMap;
+  e << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "every" << YAML::Value << s.checkpoint.every;
+  e << YAML::Key << "keep" << YAML::Value << s.checkpoint.keep;
+  e << YAML::Key << "grace_s" << YAML::Value << s.checkpoint.grace_s;
   e << YAML::EndMap;
   e << YAML::EndMap;
   return std::string(e.c_str()) + "\n";

@@ -55,6 +55,13 @@ struct TrainSpec {
   bool drop_last = false;
   int64_t log_every = 100;       // steps between progress lines
   int threads = 0;               // BLAS threads per rank; 0 = cores / ranks on the node
+  std::string on_nonfinite = "abort";  // abort | skip: a NaN/Inf loss or gradient ends the run or drops the step
+};
+
+struct CheckpointSpec {
+  int64_t every = 0;             // steps between checkpoints (0 = only at the end and on a stop signal)
+  int keep = 3;                  // newest checkpoints kept in output.dir/checkpoints (0 = all)
+  double grace_s = 120.0;        // after a stop signal, exit no later than this even if unfinished
 };
 
 struct EvalSpec {
@@ -88,6 +95,7 @@ struct ExperimentSpec {
   EvalSpec eval;
   OutputSpec output;
   DistSpec dist;
+  CheckpointSpec checkpoint;
   std::string source;  // the file it came from, for messages
 };
 

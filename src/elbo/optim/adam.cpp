@@ -32,6 +32,7 @@ Adam<T>::Adam(const OptimSpec& spec, Backend<T>& backend, size_t num_params)
 template <class T>
 double Adam<T>::step(T* params, T* grads, double lr) {
   double norm = std::sqrt(m_be.sum_squares(m_n, grads));
+  if (!std::isfinite(norm)) return norm;
   if (m_spec.grad_clip > 0 && norm > m_spec.grad_clip)
     m_be.scale(m_n, static_cast<T>(m_spec.grad_clip / (norm + 1e-6)), grads);
   ++m_steps;

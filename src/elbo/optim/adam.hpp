@@ -22,10 +22,12 @@ class Adam {
   Adam(const OptimSpec& spec, Backend<T>& backend, size_t num_params);
 
   // Clips `grads` to the spec's global norm (when set), applies one update with `lr`,
-  // and returns the gradient norm before clipping.
+  // and returns the gradient norm before clipping. A non-finite norm is returned
+  // without touching anything: the caller's policy decides (skip or abort).
   double step(T* params, T* grads, double lr);
 
   int64_t steps_taken() const { return m_steps; }
+  void set_steps_taken(int64_t n) { m_steps = n; }  // on resume, with the moments
   Buffer<T>& first_moment() { return m_m; }
   Buffer<T>& second_moment() { return m_v; }
 

@@ -13,6 +13,7 @@
 #include <span>
 #include <thread>
 
+#include "elbo/ckpt/checkpoint.hpp"
 #include "elbo/ckpt/model_file.hpp"
 #include "elbo/data/sampler.hpp"
 #include "elbo/data/shards.hpp"
@@ -20,7 +21,14 @@
 #include "elbo/dist/placement.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/optim/adam.hpp"
+#include "elbo/train/stop_signal.hpp"
 #include "elbo/util/files.hpp"
+
+#include <climits>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <sstream>
 
 namespace elbo {
 
@@ -41,19 +49,67 @@ std::string hms(double seconds) {
 // Files of a finished or running job; refusing to reuse the directory protects them.
 const char* const kRunFiles[] = {"model.h5", "metrics.csv", "spec.yaml", "eval.yaml"};
 
-void prepare_output_dir(const OutputSpec& out) {
+void prepare_output_dir(const OutputSpec& out, bool resuming) {
   fs::path dir(out.dir);
   if (fs::exists(dir) && !fs::is_directory(dir))
     throw config_error("output.dir: '" + out.dir + "' exists and is not a directory");
-  if (!out.overwrite) {
+  if (!out.overwrite && !resuming) {
     for (const char* f : kRunFiles)
       if (fs::exists(dir / f))
         throw config_error("output.dir: '" + out.dir + "' already holds a run (" + f +
-                           "); choose another output.dir or pass --set output.overwrite=true");
+                           "); choose another output.dir, continue it with --resume auto, or pass "
+                           "--set output.overwrite=true");
   }
   std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) throw io_error("cannot create output directory '" + out.dir + "': " + ec.message());
+  fs::create_directories(dir / "checkpoints", ec);
+  if (ec) throw io_error("cannot create output directory '" + out.dir + "/checkpoints': " + ec.message());
+}
+
+// Writes checkpoints on a thread of rank 0, so that the other ranks wait only for
+// the copy of the state to host memory, not for the file system. One write in
+// flight at a time; a failure surfaces at the next submit() or wait().
+class CheckpointWriter {
+ public:
+  ~CheckpointWriter() {
+    if (m_thread.joinable()) m_thread.join();
+  }
+  void submit(std::function<void()> job) {
+    wait();
+    m_thread = std::thread([this, job = std::move(job)] {
+      try {
+        job();
+      } catch (...) {
+        m_error = std::current_exception();
+      }
+    });
+  }
+  void wait() {
+    if (m_thread.joinable()) m_thread.join();
+    if (m_error) {
+      std::exception_ptr e = m_error;
+      m_error = nullptr;
+      std::rethrow_exception(e);
+    }
+  }
+
+ private:
+  std::thread m_thread;
+  std::exception_ptr m_error;
+};
+
+// metrics.csv of a resumed run: the rows up to the checkpoint's step stay, later
+// ones (logged after the checkpoint by the interrupted run) are dropped.
+void truncate_metrics(const fs::path& csv, int64_t step) {
+  std::ifstream in(csv);
+  if (!in) return;
+  std::ostringstream kept;
+  std::string line;
+  bool header = true;
+  while (std::getline(in, line)) {
+    if (header || std::stoll(line.substr(0, line.find(','))) <= step) kept << line << "\n";
+    header = false;
+  }
+  write_text_file_atomic(csv.string(), kept.str());
 }
 
 // Interval statistics for the progress line, summed over the global batch.
@@ -76,7 +132,7 @@ int threads_per_rank(int requested, int local_ranks) {
   return std::max(1, static_cast<int>(hw) / std::max(1, local_ranks));
 }
 
-TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& log) {
+TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& log, const TrainOptions& options) {
   const int world = comm.size(), rank = comm.rank();
   const bool root = comm.is_root();
   comm.set_timeout(spec.dist.timeout_s);
@@ -87,7 +143,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       throw config_error(spec.source + ": train.batch_size: " + std::to_string(spec.train.batch_size) +
                          " is not divisible by the number of ranks (" + std::to_string(world) +
                          "); the global batch is split evenly over the ranks");
-    if (root) prepare_output_dir(spec.output);
+    if (root) prepare_output_dir(spec.output, !options.resume.empty());
   });
 
   std::optional<data::ShardSet> train_set, test_set;
@@ -153,6 +209,68 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   if (spec.train.max_steps > 0) total_steps = std::min(total_steps, spec.train.max_steps);
 
   fs::path out_dir(spec.output.dir);
+  const fs::path ckpt_dir = out_dir / "checkpoints";
+
+  // --- resume: rank 0 finds and verifies the checkpoint, every rank receives it ---
+  TrainState st;
+  st.total_steps = total_steps;
+  st.world_size = world;
+  st.train_samples = n;
+  st.seed = spec.seed;
+  std::ostringstream resume_log;
+  int resumed = 0;
+  if (!options.resume.empty()) {
+    Checkpoint ck;
+    collectively(comm, [&] {
+      if (!root) return;
+      if (options.resume == "auto") {
+        std::vector<std::string> skipped;
+        const bool found = find_resume_checkpoint(ckpt_dir.string(), &ck, &skipped);
+        for (const auto& why : skipped) resume_log << "resume: skipping an unusable checkpoint: " << why << "\n";
+        if (!found) {
+          resume_log << "resume: no usable checkpoint in " << ckpt_dir.string() << "; starting from step 0\n";
+          return;
+        }
+      } else {
+        ck = read_checkpoint(options.resume);
+      }
+      if (ck.input_shape != input_shape)
+        throw data_error(ck.path + ": the checkpoint was trained on samples of shape " + shape_string(ck.input_shape, "[]") +
+                         " but " + spec.data.train + " holds " + shape_string(input_shape, "[]"));
+      for (const auto& c : check_resume_compatible(ck.spec, spec, ck.path))
+        resume_log << "resume: spec change accepted: " << c << "\n";
+      if (ck.state.train_samples != n)
+        throw config_error(spec.source + ": data.train: " + spec.data.train + " yields " + std::to_string(n) +
+                           " training samples but the checkpoint " + ck.path + " was trained on " +
+                           std::to_string(ck.state.train_samples) + "; the sample order would change");
+      resume_log << "resume: continuing from " << ck.path << " at step " << ck.state.step << " (epoch "
+                 << ck.state.epoch + 1 << ", batch " << ck.state.batch_in_epoch << "), written by "
+                 << ck.state.world_size << " rank(s)\n";
+      resumed = 1;
+    });
+    comm.broadcast(&resumed, sizeof(resumed), 0);
+    if (resumed) {
+      if (root) st = ck.state;
+      comm.broadcast(&st, sizeof(st), 0);
+      std::vector<float> host_p(P), host_m(P), host_v(P);
+      if (root) {
+        host_p = ck.params;
+        host_m = ck.exp_avg;
+        host_v = ck.exp_avg_sq;
+      }
+      comm.broadcast(host_p.data(), P * sizeof(float), 0);
+      comm.broadcast(host_m.data(), P * sizeof(float), 0);
+      comm.broadcast(host_v.data(), P * sizeof(float), 0);
+      be.upload(params.data(), host_p.data(), P);
+      be.upload(optim.first_moment().data(), host_m.data(), P);
+      be.upload(optim.second_moment().data(), host_v.data(), P);
+      optim.set_steps_taken(st.adam_steps);
+      // The LR schedule's horizon follows the current spec (train.epochs/max_steps may grow).
+      st.total_steps = total_steps;
+      st.world_size = world;
+    }
+  }
+
   std::ofstream csv;
   if (root) {
     std::string resolved = dump_spec(spec);
@@ -163,11 +281,17 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         << "gradients: " << sync->describe() << "\n"
         << "data: " << n << " training samples of shape " << shape_string(input_shape, "[]") << " from " << spec.data.train
         << "\nmodel: " << P << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
-        << "resolved spec:\n" << resolved << std::flush;
+        << resume_log.str() << "resolved spec:\n" << resolved << std::flush;
     write_text_file_atomic((out_dir / "spec.yaml").string(), resolved);
-    csv.open(out_dir / "metrics.csv", std::ios::trunc);
-    if (!csv) throw io_error("cannot write " + (out_dir / "metrics.csv").string());
-    csv << "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s\n";
+    const fs::path csv_path = out_dir / "metrics.csv";
+    if (resumed && fs::exists(csv_path)) {
+      truncate_metrics(csv_path, st.step);
+      csv.open(csv_path, std::ios::app);
+    } else {
+      csv.open(csv_path, std::ios::trunc);
+      if (csv) csv << "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s\n";
+    }
+    if (!csv) throw io_error("cannot write " + csv_path.string());
   }
   if (world > 1 && spec.dist.self_test) {
     // A startup figure for the interconnect, comparable with nccl-tests' busbw.
@@ -181,15 +305,37 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     }
   }
 
-  // --- the loop ---
+  // --- checkpoints: rank 0 copies the state to host memory, a thread writes it ---
   TrainResult result;
+  CheckpointWriter writer;
+  auto save_checkpoint = [&](bool wait) {
+    if (!root) return;
+    auto hp = std::make_shared<std::vector<float>>(P), hm = std::make_shared<std::vector<float>>(P),
+         hv = std::make_shared<std::vector<float>>(P);
+    be.download(hp->data(), params.data(), P);
+    be.download(hm->data(), optim.first_moment().data(), P);
+    be.download(hv->data(), optim.second_moment().data(), P);
+    const TrainState snap = st;
+    const std::string name = checkpoint_file_name(snap.step);
+    result.checkpoint_path = (ckpt_dir / name).string();
+    writer.submit([=, &spec, &layout, &input_shape] {
+      write_checkpoint((ckpt_dir / name).string(), spec, input_shape, layout, hp->data(), hm->data(), hv->data(), snap);
+      publish_checkpoint(ckpt_dir.string(), name, spec.checkpoint.keep);
+    });
+    if (wait) writer.wait();
+  };
+
+  // --- the loop ---
+  StopSignals stop(spec.checkpoint.grace_s);
   const auto t0 = Clock::now();
+  const int64_t first_step = st.step;
   Interval iv;
-  int64_t step = 0, samples_seen = 0;
-  int64_t epoch = 0;
-  for (; epoch < spec.train.epochs && step < total_steps; ++epoch) {
+  int64_t step = st.step;
+  int64_t epoch = st.epoch;
+  for (; epoch < spec.train.epochs && step < total_steps && !result.stopped; ++epoch) {
     const std::vector<int64_t> order = data::epoch_order(n, spec.seed, epoch, spec.data.shuffle);
-    for (int64_t b = 0; b < per_epoch && step < total_steps; ++b) {
+    const int64_t first_batch = epoch == st.epoch ? st.batch_in_epoch : 0;
+    for (int64_t b = first_batch; b < per_epoch && step < total_steps; ++b) {
       const int64_t g_begin = b * B;
       const int64_t g_rows = std::min(B, n - g_begin);
       const data::Slice sl = data::rank_slice(g_rows, rank, world);
@@ -198,7 +344,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
 
       be.fill(grads.data(), 0.0f, P);
       sync->begin(step);
-      double local[2] = {0, 0};
+      // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
+      double local[4] = {0, 0, 0, stop.requested() ? 1.0 : 0.0};
       if (rows > 0) {
         const int64_t* idx = order.data() + g_begin + sl.begin;
         train_set->gather(std::span<const int64_t>(idx, sl.count), pixels.data());
@@ -218,29 +365,49 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           local[0] += rec[r];
           local[1] += kl[r];
         }
+        if (!std::isfinite(local[0]) || !std::isfinite(local[1])) local[2] = 1;
       }
+      const bool local_bad = local[2] > 0;
       sync->finish();  // a rank without rows this step still joins every bucket's all-reduce
-      comm.allreduce_sum(local, 2);
-      if (!std::isfinite(local[0]) || !std::isfinite(local[1]))
-        throw AgreedError(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the loss is not finite (rec sum " +
-                            std::to_string(local[0]) + ", KL sum " + std::to_string(local[1]) +
-                            "); lower optim.lr or set optim.grad_clip");
+      comm.allreduce_sum(local, 4);
       const double lr = learning_rate(spec.optim, step, total_steps);
-      const double gnorm = optim.step(params.data(), grads.data(), lr);
+      double gnorm = std::numeric_limits<double>::quiet_NaN();
+      if (local[2] == 0) gnorm = optim.step(params.data(), grads.data(), lr);  // not applied if non-finite
       ++step;
-      samples_seen += g_rows;
-      iv.rec += local[0];
-      iv.kl += local[1];
-      iv.samples += static_cast<double>(g_rows);
-      iv.grad_norm += gnorm;
-      ++iv.steps;
+      st.step = step;
+      st.samples_seen += g_rows;
+      st.epoch = b + 1 == per_epoch ? epoch + 1 : epoch;
+      st.batch_in_epoch = b + 1 == per_epoch ? 0 : b + 1;
+      if (local[2] > 0 || !std::isfinite(gnorm)) {
+        // Every rank sees the same sums and the same reduced gradient, so all take this branch.
+        const int top = comm.allreduce_max(local_bad ? -rank : INT_MIN);
+        std::string what = "step " + std::to_string(step) + ": ";
+        what += top == INT_MIN ? "the gradient is not finite (every rank's loss is finite)"
+                               : "the loss is not finite on rank " + std::to_string(-top) +
+                                     (local[2] > 1 ? " (and " + std::to_string(static_cast<int>(local[2]) - 1) +
+                                                         " other rank(s))"
+                                                   : "");
+        if (spec.train.on_nonfinite == "abort")
+          throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
+                                                       "train.on_nonfinite: skip");
+        ++st.skipped_steps;
+        if (root) log << "warning: " << what << "; skipping this step (train.on_nonfinite: skip)\n" << std::flush;
+      } else {
+        st.adam_steps = optim.steps_taken();
+        iv.rec += local[0];
+        iv.kl += local[1];
+        iv.samples += static_cast<double>(g_rows);
+        iv.grad_norm += gnorm;
+        ++iv.steps;
+      }
 
       const bool epoch_end = b + 1 == per_epoch || step == total_steps;
-      if (step % spec.train.log_every == 0 || epoch_end) {
+      if ((step % spec.train.log_every == 0 || epoch_end) && iv.steps > 0) {
         const double secs = std::chrono::duration<double>(Clock::now() - iv.start).count();
         const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
         const double rate = iv.samples / std::max(secs, 1e-9);
-        const double eta = elapsed / static_cast<double>(step) * static_cast<double>(total_steps - step);
+        const double eta = elapsed / static_cast<double>(std::max<int64_t>(1, step - first_step)) *
+                           static_cast<double>(total_steps - step);
         const double r = iv.rec / iv.samples, k = iv.kl / iv.samples;
         result.last_neg_elbo = r + k;
         if (root) {
@@ -255,16 +422,36 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           char row[320];
           std::snprintf(row, sizeof(row), "%lld,%lld,%lld,%.6f,%.6f,%.6f,%.6g,%.6g,%.6g,%.1f,%.3f\n",
                         static_cast<long long>(step), static_cast<long long>(epoch + 1),
-                        static_cast<long long>(samples_seen), r + k, r, k, beta, lr,
+                        static_cast<long long>(st.samples_seen), r + k, r, k, beta, lr,
                         iv.grad_norm / static_cast<double>(iv.steps), rate, elapsed);
           csv << row << std::flush;
         }
         iv = Interval{};
       }
+
+      if (local[3] > 0) {  // some rank was asked to stop: all stop here, after a checkpoint
+        collectively(comm, [&] { save_checkpoint(true); });
+        result.stopped = true;
+        result.stop_signal = stop.signal_number();
+        if (root)
+          log << "stop requested (signal on " << static_cast<int>(local[3]) << " rank(s)) at step " << step
+              << ": wrote " << result.checkpoint_path << "; continue with --resume auto\n" << std::flush;
+        break;
+      }
+      if (spec.checkpoint.every > 0 && step % spec.checkpoint.every == 0 && step < total_steps) save_checkpoint(false);
     }
   }
   result.steps = step;
   result.epochs_completed = epoch;
+  if (result.stopped) {
+    result.steps = step;
+    return result;
+  }
+  // The final checkpoint: the run can be extended later (more epochs) with --resume.
+  collectively(comm, [&] {
+    writer.wait();
+    save_checkpoint(true);
+  });
 
   // --- outputs: rank 0 writes, everyone agrees it worked ---
   result.model_path = (out_dir / "model.h5").string();

@@ -12,8 +12,17 @@
 
 namespace elbo {
 
+struct TrainOptions {
+  // "" = fresh run; "auto" = continue from the newest valid checkpoint in
+  // output.dir/checkpoints (fresh when there is none); otherwise a checkpoint path.
+  std::string resume;
+};
+
 struct TrainResult {
   int64_t steps = 0;
+  bool stopped = false;        // a stop signal ended the run early, after a checkpoint
+  int stop_signal = 0;
+  std::string checkpoint_path; // the last checkpoint written
   int64_t epochs_completed = 0;
   double last_neg_elbo = 0;  // mean over the last logging interval
   std::string model_path;
@@ -23,7 +32,8 @@ struct TrainResult {
 
 // Runs the whole job described by `spec` on this rank. Progress goes to `log` on
 // rank 0. Setup errors are agreed by all ranks (see collectively()) and thrown.
-TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& log);
+TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& log,
+                  const TrainOptions& options = {});
 
 // BLAS threads for this rank: the spec's value, or the node's cores shared among
 // the ranks placed on it.

@@ -1,6 +1,11 @@
 // Atomic file replacement: readers see the old file or the new one, never a torn one.
 #include "elbo/util/files.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -27,6 +32,26 @@ void write_text_file_atomic(const std::string& path, const std::string& text) {
     if (!out) throw io_error("writing '" + tmp + "' failed (disk full?)");
   }
   rename_into_place(tmp, path);
+}
+
+void fsync_path(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw io_error("cannot open '" + path + "' to sync it: " + std::strerror(errno));
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) throw io_error("fsync of '" + path + "' failed: " + std::strerror(err));
+}
+
+void fsync_directory(const std::string& dir) {
+  int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw io_error("cannot open directory '" + dir + "' to sync it: " + std::strerror(errno));
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  // Some file systems (e.g. certain network mounts) refuse fsync on directories.
+  if (rc != 0 && err != EINVAL && err != EROFS)
+    throw io_error("fsync of directory '" + dir + "' failed: " + std::strerror(err));
 }
 
 }  // namespace elbo

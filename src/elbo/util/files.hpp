@@ -13,6 +13,11 @@ void rename_into_place(const std::string& tmp, const std::string& path);
 // Writes `text` to `path` via a temporary file and rename_into_place.
 void write_text_file_atomic(const std::string& path, const std::string& text);
 
+// Durability for crash-safe replacement: fsync a file's data, and fsync a directory
+// so that a rename inside it survives a power loss. Throw Io errors naming the path.
+void fsync_path(const std::string& path);
+void fsync_directory(const std::string& dir);
+
 // "(2, 3, 4)" or, with brackets "[]", "[2, 3, 4]".
 template <class T>
 std::string shape_string(const std::vector<T>& dims, const char* brackets = "()") {

@@ -1,0 +1,245 @@
+// Checkpoint write/read/verify, the checkpoint directory (latest pointer, keep-K),
+// and the resume compatibility rules.
+#include "elbo/ckpt/checkpoint.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+
+#include "elbo/util/files.hpp"
+#include "elbo/util/h5.hpp"
+
+namespace elbo {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kFormat = "elbo-checkpoint";
+constexpr int64_t kFormatVersion = 1;
+
+// FNV-1a over the raw bytes: not cryptographic, but any flipped bit changes it.
+uint64_t fnv1a(const std::vector<const std::vector<float>*>& arrays) {
+  uint64_t h = 1469598103934665603ull;
+  for (const auto* a : arrays) {
+    const auto* p = reinterpret_cast<const unsigned char*>(a->data());
+    for (size_t i = 0, n = a->size() * sizeof(float); i < n; ++i) {
+      h ^= p[i];
+      h *= 1099511628211ull;
+    }
+  }
+  return h;
+}
+
+void write_views(hid_t file, const std::string& group, const VaeLayout& layout, const float* data) {
+  h5::Id g = h5::ensure_group(file, group);
+  for (const auto& v : layout.views()) {
+    std::vector<hsize_t> shape(v.shape.begin(), v.shape.end());
+    h5::write_dataset<float>(g, v.name, shape, data + v.offset);
+  }
+}
+
+void read_views(hid_t file, const std::string& group, const VaeLayout& layout, const std::string& path,
+                std::vector<float>* out) {
+  out->assign(layout.num_params(), 0.0f);
+  for (const auto& v : layout.views()) {
+    const std::string name = group + "/" + v.name;
+    if (!h5::exists(file, name)) throw model_error(path + ": checkpoint lacks '" + name + "'");
+    std::vector<hsize_t> shape;
+    std::vector<float> data = h5::read_dataset<float>(file, name, &shape);
+    std::vector<hsize_t> want(v.shape.begin(), v.shape.end());
+    if (shape != want)
+      throw model_error(path + ": '" + name + "' has shape " + shape_string(shape) + " but the stored spec needs " +
+                        shape_string(want));
+    std::copy(data.begin(), data.end(), out->begin() + static_cast<std::ptrdiff_t>(v.offset));
+  }
+}
+
+// "model.latent" -> "20" for every leaf of the resolved spec.
+void flatten(const YAML::Node& n, const std::string& prefix, std::map<std::string, std::string>* out) {
+  if (n.IsMap()) {
+    for (const auto& kv : n) flatten(kv.second, prefix.empty() ? kv.first.as<std::string>() : prefix + "." + kv.first.as<std::string>(), out);
+  } else {
+    YAML::Emitter e;
+    e << YAML::Flow << n;
+    (*out)[prefix] = e.c_str();
+  }
+}
+
+}  // namespace
+
+std::string checkpoint_file_name(int64_t step) {
+  char buf[48];
+  std::snprintf(buf, sizeof(buf), "ckpt-%09lld.h5", static_cast<long long>(step));
+  return buf;
+}
+
+void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
+                      const VaeLayout& layout, const float* params, const float* exp_avg, const float* exp_avg_sq,
+                      const TrainState& st) {
+  const size_t P = layout.num_params();
+  const std::vector<float> p(params, params + P), m(exp_avg, exp_avg + P), v(exp_avg_sq, exp_avg_sq + P);
+  const std::string tmp = path + ".tmp";
+  try {
+    {
+      h5::Id file = h5::create_file(tmp);
+      h5::write_attr_string(file, "format", kFormat);
+      h5::write_attr_int(file, "format_version", kFormatVersion);
+      h5::write_attr_string(file, "spec", dump_spec(spec));
+      h5::write_attr_int(file, "input_channels", input_shape.at(0));
+      h5::write_attr_int(file, "input_height", input_shape.at(1));
+      h5::write_attr_int(file, "input_width", input_shape.at(2));
+      h5::write_attr_int(file, "step", st.step);
+      h5::write_attr_int(file, "epoch", st.epoch);
+      h5::write_attr_int(file, "batch_in_epoch", st.batch_in_epoch);
+      h5::write_attr_int(file, "samples_seen", st.samples_seen);
+      h5::write_attr_int(file, "adam_steps", st.adam_steps);
+      h5::write_attr_int(file, "skipped_steps", st.skipped_steps);
+      h5::write_attr_int(file, "total_steps", st.total_steps);
+      h5::write_attr_int(file, "world_size", st.world_size);
+      h5::write_attr_int(file, "train_samples", st.train_samples);
+      h5::write_attr_string(file, "seed", std::to_string(st.seed));  // uint64 does not fit int64 attrs
+      char sum[32];
+      std::snprintf(sum, sizeof(sum), "%016llx", static_cast<unsigned long long>(fnv1a({&p, &m, &v})));
+      h5::write_attr_string(file, "checksum_fnv1a64", sum);
+      write_views(file, "params", layout, p.data());
+      write_views(file, "optim/exp_avg", layout, m.data());
+      write_views(file, "optim/exp_avg_sq", layout, v.data());
+      ELBO_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
+    }  // closed here, before the fsync
+    fsync_path(tmp);
+  } catch (...) {
+    std::remove(tmp.c_str());
+    throw;
+  }
+  rename_into_place(tmp, path);
+  fsync_directory(fs::path(path).parent_path().string());
+}
+
+Checkpoint read_checkpoint(const std::string& path) {
+  if (!fs::exists(path)) throw model_error(path + ": checkpoint does not exist");
+  Checkpoint c;
+  c.path = path;
+  try {
+    h5::Id file = h5::open_file(path);
+    if (!h5::has_attr(file, "format") || h5::read_attr_string(file, "format") != kFormat)
+      throw model_error(path + ": not an elbo checkpoint (attribute format != '" + kFormat + "')");
+    const int64_t version = h5::read_attr_int(file, "format_version");
+    if (version != kFormatVersion)
+      throw model_error(path + ": checkpoint format version " + std::to_string(version) +
+                        " is not supported (this elbo reads " + std::to_string(kFormatVersion) + ")");
+    c.spec = parse_spec(h5::read_attr_string(file, "spec"), path + " (stored spec)");
+    c.input_shape = {static_cast<int>(h5::read_attr_int(file, "input_channels")),
+                     static_cast<int>(h5::read_attr_int(file, "input_height")),
+                     static_cast<int>(h5::read_attr_int(file, "input_width"))};
+    TrainState& st = c.state;
+    st.step = h5::read_attr_int(file, "step");
+    st.epoch = h5::read_attr_int(file, "epoch");
+    st.batch_in_epoch = h5::read_attr_int(file, "batch_in_epoch");
+    st.samples_seen = h5::read_attr_int(file, "samples_seen");
+    st.adam_steps = h5::read_attr_int(file, "adam_steps");
+    st.skipped_steps = h5::read_attr_int(file, "skipped_steps");
+    st.total_steps = h5::read_attr_int(file, "total_steps");
+    st.world_size = h5::read_attr_int(file, "world_size");
+    st.train_samples = h5::read_attr_int(file, "train_samples");
+    st.seed = std::stoull(h5::read_attr_string(file, "seed"));
+    const int D = c.input_shape[0] * c.input_shape[1] * c.input_shape[2];
+    VaeLayout layout(c.spec.model, D);
+    read_views(file, "params", layout, path, &c.params);
+    read_views(file, "optim/exp_avg", layout, path, &c.exp_avg);
+    read_views(file, "optim/exp_avg_sq", layout, path, &c.exp_avg_sq);
+    char sum[32];
+    std::snprintf(sum, sizeof(sum), "%016llx",
+                  static_cast<unsigned long long>(fnv1a({&c.params, &c.exp_avg, &c.exp_avg_sq})));
+    const std::string stored = h5::read_attr_string(file, "checksum_fnv1a64");
+    if (stored != sum)
+      throw model_error(path + ": checksum mismatch (stored " + stored + ", computed " + sum +
+                        "): the checkpoint is corrupted");
+    if (st.step < 0 || st.epoch < 0 || st.batch_in_epoch < 0 || st.adam_steps < 0 || st.world_size < 1)
+      throw model_error(path + ": inconsistent loop counters in the checkpoint");
+  } catch (const Error& e) {
+    if (e.kind() == ErrorKind::Model) throw;
+    throw model_error(path + ": cannot read checkpoint: " + e.what());
+  } catch (const std::exception& e) {
+    throw model_error(path + ": cannot read checkpoint: " + e.what());
+  }
+  return c;
+}
+
+std::vector<std::string> list_checkpoints(const std::string& dir) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return names;
+  static const std::regex pattern(R"(ckpt-\d{9}\.h5)");
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (std::regex_match(n, pattern)) names.push_back(n);
+  }
+  std::sort(names.rbegin(), names.rend());  // zero-padded step: lexical order is step order
+  return names;
+}
+
+void publish_checkpoint(const std::string& dir, const std::string& file_name, int keep) {
+  write_text_file_atomic((fs::path(dir) / "latest").string(), file_name + "\n");
+  fsync_directory(dir);
+  if (keep <= 0) return;
+  std::vector<std::string> all = list_checkpoints(dir);
+  for (size_t i = static_cast<size_t>(keep); i < all.size(); ++i) {
+    std::error_code ec;
+    fs::remove(fs::path(dir) / all[i], ec);  // best effort: a leftover old file harms nothing
+  }
+}
+
+bool find_resume_checkpoint(const std::string& dir, Checkpoint* out, std::vector<std::string>* skipped) {
+  std::vector<std::string> order;
+  std::ifstream latest(fs::path(dir) / "latest");
+  std::string first;
+  if (latest && std::getline(latest, first) && !first.empty()) order.push_back(first);
+  for (const auto& n : list_checkpoints(dir))
+    if (n != first) order.push_back(n);
+  for (const auto& n : order) {
+    const std::string path = (fs::path(dir) / n).string();
+    try {
+      *out = read_checkpoint(path);
+      return true;
+    } catch (const Error& e) {
+      skipped->push_back(e.what());
+    }
+  }
+  return false;
+}
+
+std::vector<std::string> check_resume_compatible(const ExperimentSpec& stored, const ExperimentSpec& now,
+                                                 const std::string& checkpoint_path) {
+  // Keys whose change alters the model or the sequence of samples, eps and
+  // binarization draws: continuing under them would not be the same run.
+  static const char* const kFixed[] = {"model.",        "seed",           "data.shuffle", "data.binarize",
+                                       "data.max_samples", "train.batch_size", "train.drop_last"};
+  std::map<std::string, std::string> a, b;
+  flatten(YAML::Load(dump_spec(stored)), "", &a);
+  flatten(YAML::Load(dump_spec(now)), "", &b);
+  std::vector<std::string> changes;
+  for (const auto& [key, old_value] : a) {
+    auto it = b.find(key);
+    const std::string new_value = it == b.end() ? "(absent)" : it->second;
+    if (new_value == old_value) continue;
+    for (const char* f : kFixed) {
+      const std::string fixed(f);
+      const bool match = fixed.back() == '.' ? key.rfind(fixed, 0) == 0 : key == fixed;
+      if (match)
+        throw config_error(now.source + ": " + key + ": cannot change on resume (the checkpoint " + checkpoint_path +
+                           " has " + old_value + ", the spec says " + new_value +
+                           "); it changes the model or the sample sequence. Start a new run in another output.dir");
+    }
+    changes.push_back(key + ": " + old_value + " -> " + new_value);
+  }
+  return changes;
+}
+
+}  // namespace elbo
