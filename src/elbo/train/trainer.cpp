@@ -63,6 +63,9 @@ void prepare_output_dir(const OutputSpec& out, bool resuming) {
   std::error_code ec;
   fs::create_directories(dir / "checkpoints", ec);
   if (ec) throw io_error("cannot create output directory '" + out.dir + "/checkpoints': " + ec.message());
+  // A writer killed mid-checkpoint leaves its temporary file; it was never published.
+  for (const auto& e : fs::directory_iterator(dir / "checkpoints", ec))
+    if (e.path().extension() == ".tmp") fs::remove(e.path(), ec);
 }
 
 // Writes checkpoints on a thread of rank 0, so that the other ranks wait only for
