@@ -13,5 +13,7 @@ args=(-np "$NP" --bind-to core --map-by slot)
 if [[ $(id -u) -eq 0 ]]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
+# Add `--resume auto` to continue an interrupted run. To stop a run cleanly, send
+# SIGUSR1 to mpirun (it forwards it): the ranks checkpoint and exit with 75.
 # One BLAS thread per rank unless the spec says otherwise: ranks already fill the cores.
 exec mpirun "${args[@]}" -x OPENBLAS_NUM_THREADS=1 "$ELBO" train "$spec" "$@"
