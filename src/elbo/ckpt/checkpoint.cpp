@@ -12,6 +12,7 @@
 #include <map>
 #include <regex>
 
+#include "elbo/ckpt/model_file.hpp"
 #include "elbo/util/files.hpp"
 #include "elbo/util/h5.hpp"
 
@@ -35,30 +36,6 @@ uint64_t fnv1a(const std::vector<const std::vector<float>*>& arrays) {
     }
   }
   return h;
-}
-
-void write_views(hid_t file, const std::string& group, const VaeLayout& layout, const float* data) {
-  h5::Id g = h5::ensure_group(file, group);
-  for (const auto& v : layout.views()) {
-    std::vector<hsize_t> shape(v.shape.begin(), v.shape.end());
-    h5::write_dataset<float>(g, v.name, shape, data + v.offset);
-  }
-}
-
-void read_views(hid_t file, const std::string& group, const VaeLayout& layout, const std::string& path,
-                std::vector<float>* out) {
-  out->assign(layout.num_params(), 0.0f);
-  for (const auto& v : layout.views()) {
-    const std::string name = group + "/" + v.name;
-    if (!h5::exists(file, name)) throw model_error(path + ": checkpoint lacks '" + name + "'");
-    std::vector<hsize_t> shape;
-    std::vector<float> data = h5::read_dataset<float>(file, name, &shape);
-    std::vector<hsize_t> want(v.shape.begin(), v.shape.end());
-    if (shape != want)
-      throw model_error(path + ": '" + name + "' has shape " + shape_string(shape) + " but the stored spec needs " +
-                        shape_string(want));
-    std::copy(data.begin(), data.end(), out->begin() + static_cast<std::ptrdiff_t>(v.offset));
-  }
 }
 
 // "model.latent" -> "20" for every leaf of the resolved spec.
@@ -92,9 +69,7 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
       h5::write_attr_string(file, "format", kFormat);
       h5::write_attr_int(file, "format_version", kFormatVersion);
       h5::write_attr_string(file, "spec", dump_spec(spec));
-      h5::write_attr_int(file, "input_channels", input_shape.at(0));
-      h5::write_attr_int(file, "input_height", input_shape.at(1));
-      h5::write_attr_int(file, "input_width", input_shape.at(2));
+      detail::write_input_shape(file, input_shape);
       h5::write_attr_int(file, "step", st.step);
       h5::write_attr_int(file, "epoch", st.epoch);
       h5::write_attr_int(file, "batch_in_epoch", st.batch_in_epoch);
@@ -108,9 +83,9 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
       char sum[32];
       std::snprintf(sum, sizeof(sum), "%016llx", static_cast<unsigned long long>(fnv1a({&p, &m, &v})));
       h5::write_attr_string(file, "checksum_fnv1a64", sum);
-      write_views(file, "params", layout, p.data());
-      write_views(file, "optim/exp_avg", layout, m.data());
-      write_views(file, "optim/exp_avg_sq", layout, v.data());
+      detail::write_param_views(file, "params", layout, p.data());
+      detail::write_param_views(file, "optim/exp_avg", layout, m.data());
+      detail::write_param_views(file, "optim/exp_avg_sq", layout, v.data());
       ELBO_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
     }  // closed here, before the fsync
     fsync_path(tmp);
@@ -135,9 +110,7 @@ Checkpoint read_checkpoint(const std::string& path) {
       throw model_error(path + ": checkpoint format version " + std::to_string(version) +
                         " is not supported (this elbo reads " + std::to_string(kFormatVersion) + ")");
     c.spec = parse_spec(h5::read_attr_string(file, "spec"), path + " (stored spec)");
-    c.input_shape = {static_cast<int>(h5::read_attr_int(file, "input_channels")),
-                     static_cast<int>(h5::read_attr_int(file, "input_height")),
-                     static_cast<int>(h5::read_attr_int(file, "input_width"))};
+    c.input_shape = detail::read_input_shape(file);
     TrainState& st = c.state;
     st.step = h5::read_attr_int(file, "step");
     st.epoch = h5::read_attr_int(file, "epoch");
@@ -151,9 +124,9 @@ Checkpoint read_checkpoint(const std::string& path) {
     st.seed = std::stoull(h5::read_attr_string(file, "seed"));
     const int D = c.input_shape[0] * c.input_shape[1] * c.input_shape[2];
     VaeLayout layout(c.spec.model, D);
-    read_views(file, "params", layout, path, &c.params);
-    read_views(file, "optim/exp_avg", layout, path, &c.exp_avg);
-    read_views(file, "optim/exp_avg_sq", layout, path, &c.exp_avg_sq);
+    detail::read_param_views(file, "params", layout, path, &c.params);
+    detail::read_param_views(file, "optim/exp_avg", layout, path, &c.exp_avg);
+    detail::read_param_views(file, "optim/exp_avg_sq", layout, path, &c.exp_avg_sq);
     char sum[32];
     std::snprintf(sum, sizeof(sum), "%016llx",
                   static_cast<unsigned long long>(fnv1a({&c.params, &c.exp_avg, &c.exp_avg_sq})));

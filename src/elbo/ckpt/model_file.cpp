@@ -14,6 +14,46 @@ constexpr const char* kFormat = "elbo-model";
 constexpr int64_t kFormatVersion = 1;
 }  // namespace
 
+namespace detail {
+
+void write_param_views(int64_t file, const std::string& group, const VaeLayout& layout, const float* flat) {
+  h5::Id g = h5::ensure_group(file, group);
+  for (const auto& v : layout.views()) {
+    std::vector<hsize_t> shape(v.shape.begin(), v.shape.end());
+    h5::write_dataset<float>(g, v.name, shape, flat + v.offset);
+  }
+}
+
+void read_param_views(int64_t file, const std::string& group, const VaeLayout& layout, const std::string& path,
+                      std::vector<float>* flat) {
+  flat->assign(layout.num_params(), 0.0f);
+  for (const auto& v : layout.views()) {
+    const std::string name = group + "/" + v.name;
+    if (!h5::exists(file, name)) throw model_error(path + ": '" + name + "' is missing");
+    std::vector<hsize_t> shape;
+    std::vector<float> data = h5::read_dataset<float>(file, name, &shape);
+    std::vector<hsize_t> want(v.shape.begin(), v.shape.end());
+    if (shape != want)
+      throw model_error(path + ": '" + name + "' has shape " + shape_string(shape) + " but the stored spec needs " +
+                        shape_string(want));
+    std::copy(data.begin(), data.end(), flat->begin() + static_cast<std::ptrdiff_t>(v.offset));
+  }
+}
+
+void write_input_shape(int64_t file, const std::vector<int>& input_shape) {
+  h5::write_attr_int(file, "input_channels", input_shape.at(0));
+  h5::write_attr_int(file, "input_height", input_shape.at(1));
+  h5::write_attr_int(file, "input_width", input_shape.at(2));
+}
+
+std::vector<int> read_input_shape(int64_t file) {
+  return {static_cast<int>(h5::read_attr_int(file, "input_channels")),
+          static_cast<int>(h5::read_attr_int(file, "input_height")),
+          static_cast<int>(h5::read_attr_int(file, "input_width"))};
+}
+
+}  // namespace detail
+
 void write_model_file(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
                       const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed) {
   std::string tmp = path + ".tmp";
@@ -22,19 +62,13 @@ void write_model_file(const std::string& path, const ExperimentSpec& spec, const
     h5::write_attr_string(file, "format", kFormat);
     h5::write_attr_int(file, "format_version", kFormatVersion);
     h5::write_attr_string(file, "spec", dump_spec(spec));
-    h5::write_attr_int(file, "input_channels", input_shape.at(0));
-    h5::write_attr_int(file, "input_height", input_shape.at(1));
-    h5::write_attr_int(file, "input_width", input_shape.at(2));
+    detail::write_input_shape(file, input_shape);
     h5::write_attr_int(file, "latent", layout.latent());
     h5::write_attr_string(file, "likelihood", likelihood_name(layout.spec().likelihood));
     h5::write_attr_string(file, "activation", activation_name(layout.spec().activation));
     h5::write_attr_int(file, "step", step);
     h5::write_attr_int(file, "epochs_completed", epochs_completed);
-    h5::Id group = h5::ensure_group(file, "params");
-    for (const auto& v : layout.views()) {
-      std::vector<hsize_t> shape(v.shape.begin(), v.shape.end());
-      h5::write_dataset<float>(group, v.name, shape, params + v.offset);
-    }
+    detail::write_param_views(file, "params", layout, params);
     ELBO_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
   } catch (...) {
     std::remove(tmp.c_str());
@@ -55,24 +89,11 @@ ModelFile read_model_file(const std::string& path) {
       throw model_error(path + ": model format version " + std::to_string(version) + " is not supported (expected " +
                         std::to_string(kFormatVersion) + ")");
     mf.spec = parse_spec(h5::read_attr_string(file, "spec"), path + " (stored spec)");
-    mf.input_shape = {static_cast<int>(h5::read_attr_int(file, "input_channels")),
-                      static_cast<int>(h5::read_attr_int(file, "input_height")),
-                      static_cast<int>(h5::read_attr_int(file, "input_width"))};
+    mf.input_shape = detail::read_input_shape(file);
     mf.step = h5::read_attr_int(file, "step");
     mf.epochs_completed = h5::read_attr_int(file, "epochs_completed");
     VaeLayout layout(mf.spec.model, mf.input_shape[0] * mf.input_shape[1] * mf.input_shape[2]);
-    mf.params.assign(layout.num_params(), 0.0f);
-    for (const auto& v : layout.views()) {
-      std::string name = "params/" + v.name;
-      if (!h5::exists(file, name)) throw model_error(path + ": parameter '" + v.name + "' is missing");
-      std::vector<hsize_t> shape;
-      std::vector<float> data = h5::read_dataset<float>(file, name, &shape);
-      std::vector<hsize_t> want(v.shape.begin(), v.shape.end());
-      if (shape != want)
-        throw model_error(path + ": parameter '" + v.name + "' has shape " + shape_string(shape) +
-                          " but the stored spec needs " + shape_string(want));
-      std::copy(data.begin(), data.end(), mf.params.begin() + static_cast<std::ptrdiff_t>(v.offset));
-    }
+    detail::read_param_views(file, "params", layout, path, &mf.params);
   } catch (const Error& e) {
     if (e.kind() == ErrorKind::Model) throw;
     throw model_error(path + ": cannot read model file: " + e.what());

@@ -27,4 +27,14 @@ void write_model_file(const std::string& path, const ExperimentSpec& spec, const
 // Reads and validates a model file; every problem is a Model error naming the file.
 ModelFile read_model_file(const std::string& path);
 
+// Shared by the model file and checkpoints (ckpt/checkpoint.cpp): one dataset per
+// named view under `group`, in PyTorch layout; the input shape as three attributes.
+namespace detail {
+void write_param_views(int64_t file, const std::string& group, const VaeLayout& layout, const float* flat);
+void read_param_views(int64_t file, const std::string& group, const VaeLayout& layout, const std::string& path,
+                      std::vector<float>* flat);
+void write_input_shape(int64_t file, const std::vector<int>& input_shape);
+std::vector<int> read_input_shape(int64_t file);
+}  // namespace detail
+
 }  // namespace elbo
