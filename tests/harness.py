@@ -13,3 +13,19 @@ def parse_args(description):
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)
     return a
+
+
+class Checks:
+    """Named assertions that all run and are reported ("ok"/"FAIL" lines); finish()
+    exits non-zero when any failed."""
+    def __init__(self):
+        self.failures = []
+
+    def __call__(self, cond, what, detail=""):
+        print(("ok   " if cond else "FAIL ") + what + (f"\n{detail}" if detail and not cond else ""))
+        if not cond:
+            self.failures.append(what)
+
+    def finish(self):
+        if self.failures:
+            raise SystemExit(f"{len(self.failures)} check(s) failed: {self.failures}")

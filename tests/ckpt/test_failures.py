@@ -16,13 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import harness  # noqa: E402
 
 a = harness.parse_args(__doc__)
-failures = []
-
-
-def check(cond, what, detail=""):
-    print(("ok   " if cond else "FAIL ") + what + (f"\n{detail}" if detail and not cond else ""))
-    if not cond:
-        failures.append(what)
+check = harness.Checks()
 
 
 def cmd(out, *extra, wrap=False):
@@ -112,5 +106,4 @@ warnings = re.findall(r"warning: step (\d+): .*not finite.*skipping this step", 
 check(r.returncode == 0 and len(warnings) > 0, f"on_nonfinite: skip drops {len(warnings)} step(s) with a warning each "
       "and finishes", r.stdout[-1500:] + r.stderr)
 
-if failures:
-    sys.exit(f"{len(failures)} check(s) failed: {failures}")
+check.finish()

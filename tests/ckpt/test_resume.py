@@ -19,13 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import harness  # noqa: E402
 
 a = harness.parse_args(__doc__)
-failures = []
-
-
-def check(cond, what, detail=""):
-    print(("ok   " if cond else "FAIL ") + what + (f"\n{detail}" if detail and not cond else ""))
-    if not cond:
-        failures.append(what)
+check = harness.Checks()
 
 
 def cmd(np_, out, *extra):
@@ -137,5 +131,4 @@ with h5py.File(os.path.join(ref_dir, "checkpoints", "ckpt-000000050.h5"), "r") a
     check(f.attrs["step"] == 50 and f.attrs["world_size"] == 2 and f.attrs["epoch"] == 2 and f.attrs["batch_in_epoch"] == 10,
           "checkpoint attributes: step, world size, epoch and batch position")
 
-if failures:
-    sys.exit(f"{len(failures)} check(s) failed: {failures}")
+check.finish()

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -26,11 +27,11 @@ constexpr const char* kFormat = "elbo-checkpoint";
 constexpr int64_t kFormatVersion = 1;
 
 // FNV-1a over the raw bytes: not cryptographic, but any flipped bit changes it.
-uint64_t fnv1a(const std::vector<const std::vector<float>*>& arrays) {
+uint64_t fnv1a(std::initializer_list<const float*> arrays, size_t count) {
   uint64_t h = 1469598103934665603ull;
-  for (const auto* a : arrays) {
-    const auto* p = reinterpret_cast<const unsigned char*>(a->data());
-    for (size_t i = 0, n = a->size() * sizeof(float); i < n; ++i) {
+  for (const float* a : arrays) {
+    const auto* p = reinterpret_cast<const unsigned char*>(a);
+    for (size_t i = 0, n = count * sizeof(float); i < n; ++i) {
       h ^= p[i];
       h *= 1099511628211ull;
     }
@@ -61,7 +62,6 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
                       const VaeLayout& layout, const float* params, const float* exp_avg, const float* exp_avg_sq,
                       const TrainState& st) {
   const size_t P = layout.num_params();
-  const std::vector<float> p(params, params + P), m(exp_avg, exp_avg + P), v(exp_avg_sq, exp_avg_sq + P);
   const std::string tmp = path + ".tmp";
   try {
     {
@@ -81,11 +81,11 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
       h5::write_attr_int(file, "train_samples", st.train_samples);
       h5::write_attr_string(file, "seed", std::to_string(st.seed));  // uint64 does not fit int64 attrs
       char sum[32];
-      std::snprintf(sum, sizeof(sum), "%016llx", static_cast<unsigned long long>(fnv1a({&p, &m, &v})));
+      std::snprintf(sum, sizeof(sum), "%016llx", static_cast<unsigned long long>(fnv1a({params, exp_avg, exp_avg_sq}, P)));
       h5::write_attr_string(file, "checksum_fnv1a64", sum);
-      detail::write_param_views(file, "params", layout, p.data());
-      detail::write_param_views(file, "optim/exp_avg", layout, m.data());
-      detail::write_param_views(file, "optim/exp_avg_sq", layout, v.data());
+      detail::write_param_views(file, "params", layout, params);
+      detail::write_param_views(file, "optim/exp_avg", layout, exp_avg);
+      detail::write_param_views(file, "optim/exp_avg_sq", layout, exp_avg_sq);
       ELBO_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
     }  // closed here, before the fsync
     fsync_path(tmp);
@@ -129,7 +129,7 @@ Checkpoint read_checkpoint(const std::string& path) {
     detail::read_param_views(file, "optim/exp_avg_sq", layout, path, &c.exp_avg_sq);
     char sum[32];
     std::snprintf(sum, sizeof(sum), "%016llx",
-                  static_cast<unsigned long long>(fnv1a({&c.params, &c.exp_avg, &c.exp_avg_sq})));
+                  static_cast<unsigned long long>(fnv1a({c.params.data(), c.exp_avg.data(), c.exp_avg_sq.data()}, c.params.size())));
     const std::string stored = h5::read_attr_string(file, "checksum_fnv1a64");
     if (stored != sum)
       throw model_error(path + ": checksum mismatch (stored " + stored + ", computed " + sum +
