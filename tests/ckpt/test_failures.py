@@ -8,7 +8,10 @@
      torn file is never picked, and --resume auto ends bit-identical to an
      uninterrupted run;
   3. train.on_nonfinite: a diverging run (absurd learning rate) aborts naming the
-     step, or with `skip` drops the bad steps with a warning naming each and ends."""
+     step, or with `skip` drops the bad steps with a warning naming each and ends;
+  4. the forced exits: a stop that cannot complete (rank 1 stalled by SIGSTOP, so
+     the agreement never finishes) ends rank 0 with exit 76 when checkpoint.grace_s
+     runs out, and at once on a second signal."""
 import glob, os, re, signal, subprocess, sys, time
 import h5py, numpy as np
 
@@ -105,5 +108,56 @@ r = subprocess.run(cmd(skip_dir, "--set", "optim.lr=1e8", "--set", "model.likeli
 warnings = re.findall(r"warning: step (\d+): .*not finite.*skipping this step", r.stdout)
 check(r.returncode == 0 and len(warnings) > 0, f"on_nonfinite: skip drops {len(warnings)} step(s) with a warning each "
       "and finishes", r.stdout[-1500:] + r.stderr)
+
+# 4. Forced exits while the orderly stop is stuck (rank 1 stopped, rank 0 signalled).
+def forced(name, grace_s, second_signal):
+    out = os.path.join(a.work, name)
+    p = subprocess.Popen(cmd(out, "--set", "checkpoint.every=0", "--set", "train.epochs=100000",
+                             "--set", f"checkpoint.grace_s={grace_s}", "--set", "dist.timeout_s=120", wrap=True),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = [f"{out}.pid.{r}" for r in (0, 1)]
+    metrics = os.path.join(out, "metrics.csv")
+    stalled = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            if all(map(os.path.exists, pids)) and os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+                break
+            time.sleep(0.02)
+        if p.poll() is not None:
+            sys.exit(f"{name}: the job ended before the signal:\n{p.communicate()}")
+        stalled = int(open(pids[1]).read())
+        os.kill(stalled, signal.SIGSTOP)
+        rank0 = int(open(pids[0]).read())
+        os.kill(rank0, signal.SIGUSR1)
+        t0 = time.time()
+        if second_signal:
+            time.sleep(0.5)
+            os.kill(rank0, signal.SIGTERM)
+        try:
+            so, se = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            so, se = p.communicate()
+        return p.returncode, time.time() - t0, so + se, out
+    finally:
+        if stalled is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(stalled, sig)
+                except ProcessLookupError:
+                    pass
+        if p.poll() is None:
+            p.kill()
+
+rc, took, text, out = forced("grace", 2, False)
+check(rc == 76 and "checkpoint.grace_s ran out" in text,
+      f"stop stuck behind a stalled rank: exit 76 when checkpoint.grace_s=2 runs out ({rc}, {took:.1f} s)", text[-2000:])
+check(1.5 < took < 30, f"the grace deadline held for ~2 s ({took:.1f} s)")
+check(not glob.glob(os.path.join(out, "checkpoints", "*")), "no checkpoint, not even a temporary file, was left")
+rc, took, text, out = forced("second_signal", 100, True)
+check(rc == 76 and "second stop signal" in text,
+      f"a second signal while the stop is stuck: exit 76 at once ({rc}, {took:.1f} s)", text[-2000:])
+check(took < 30, f"long before checkpoint.grace_s=100 ({took:.1f} s)")
 
 check.finish()
