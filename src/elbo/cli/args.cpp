@@ -1,6 +1,7 @@
 // Command-line parsing for the elbo subcommands.
 #include "elbo/cli/args.hpp"
 
+#include <cctype>
 #include <cstdio>
 #include <sstream>
 
@@ -44,7 +45,9 @@ bool ArgParser::parse(const std::vector<std::string>& args) {
       std::fputs(help().c_str(), stdout);
       return false;
     }
-    if (a.rfind("--", 0) == 0) {
+    // Long options (--name, --name=value) and one-letter short ones (-n 64).
+    const bool is_short = a.size() == 2 && a[0] == '-' && std::isalpha(static_cast<unsigned char>(a[1]));
+    if (a.rfind("--", 0) == 0 || is_short) {
       std::string value;
       bool has_value = false;
       if (size_t eq = a.find('='); eq != std::string::npos) {

@@ -1,6 +1,7 @@
-// The `elbo` command: train, eval, info. This is the only place that turns errors
-// into exit codes; in a multi-rank job an error that the ranks did not raise
-// together aborts the whole job so that no rank waits forever.
+// The `elbo` command: train, eval, info here, the image commands in cli/images.cpp.
+// This is the only place that turns errors into exit codes; in a multi-rank job an
+// error that the ranks did not raise together aborts the whole job so that no rank
+// waits forever.
 #include <cstdio>
 #include <iostream>
 #include <optional>
@@ -10,6 +11,7 @@
 #include "elbo/backend/backend.hpp"
 #include "elbo/ckpt/model_file.hpp"
 #include "elbo/cli/args.hpp"
+#include "elbo/cli/commands.hpp"
 #include "elbo/config/spec.hpp"
 #include "elbo/data/shards.hpp"
 #include "elbo/dist/comm.hpp"
@@ -30,7 +32,12 @@ const char* kUsage =
     "commands:\n"
     "  train SPEC.yaml [--set key.path=value ...] [--resume auto|PATH]\n"
     "                                                train a VAE from an experiment spec\n"
-    "  eval MODEL.h5 --data TEST_DIR [--iw-samples K]  test negative ELBO and IWAE bound\n"
+    "  eval MODEL.h5 --data TEST_DIR [--iw-samples K]  test negative ELBO, IWAE bound, active units\n"
+    "  sample MODEL.h5 [-n 64] [-o samples.png]      decode z ~ N(0, I) into a PNG grid\n"
+    "  reconstruct MODEL.h5 --data DIR [-n 32] [-o recon.png]\n"
+    "                                                inputs beside their reconstructions\n"
+    "  interpolate MODEL.h5 --data DIR --from I --to J [--steps K] [-o interpolation.png]\n"
+    "                                                decode the line between two inputs' latents\n"
     "  info                                          build, backends and MPI world\n\n"
     "Run 'elbo <command> --help' for the options of a command.\n";
 
@@ -75,37 +82,21 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
   collectively(comm, [&] { go = p.parse(args); });
   if (!go) return 0;
 
-  ModelFile mf;
+  cli::LoadedModel m = cli::load_model(comm, "elbo eval", model_path, device, threads);
   std::optional<data::ShardSet> set;
   collectively(comm, [&] {
-    mf = read_model_file(model_path);
     set.emplace(data::ShardSet::open(data_dir));
     std::vector<int> shape = {set->channels(), set->height(), set->width()};
-    if (shape != mf.input_shape)
+    if (shape != m.file.input_shape)
       throw data_error(data_dir + ": samples have shape " + shape_string(shape, "[]") + " but the model " + model_path +
-                       " was trained on " + shape_string(mf.input_shape, "[]"));
+                       " was trained on " + shape_string(m.file.input_shape, "[]"));
   });
-  VaeLayout layout(mf.spec.model, static_cast<int>(set->sample_dim()));
-  std::unique_ptr<Backend<float>> be;
-  collectively(comm, [&] {
-    if (device != "auto" && device != "cpu" && device != "cuda")
-      throw usage_error("--device: '" + device + "' is not one of auto, cpu, cuda");
-    ExperimentSpec where = mf.spec;  // evaluation needs no gradient communicator
-    where.source = "elbo eval --device";
-    where.device = device;
-    where.dist.communicator = "auto";
-    Placement place = resolve_placement(where, comm.world(), probe_backends());
-    be = make_backend<float>(place.device, threads_per_rank(static_cast<int>(threads), comm.world().local_size),
-                             place.gpu);
-  });
-  Buffer<float> params(*be, layout.num_params());
-  be->upload(params.data(), mf.params.data(), mf.params.size());
   EvalOptions eo;
   eo.iw_samples = static_cast<int>(iw);
   eo.batch_size = batch;
-  eo.seed = seed >= 0 ? static_cast<uint64_t>(seed) : mf.spec.seed;
-  eo.binarize = mf.spec.data.binarize;
-  EvalResult r = evaluate(layout, *be, params.data(), *set, comm, eo);
+  eo.seed = seed >= 0 ? static_cast<uint64_t>(seed) : m.file.spec.seed;
+  eo.binarize = m.file.spec.data.binarize;
+  EvalResult r = evaluate(*m.layout, *m.backend, m.params.data(), *set, comm, eo);
   collectively(comm, [&] {
     if (!comm.is_root()) return;
     std::cout << format_eval(r) << std::endl;
@@ -149,8 +140,12 @@ int run(int argc, char** argv, Communicator& comm) {
   if (cmd == "train") return cmd_train(rest, comm);
   if (cmd == "eval") return cmd_eval(rest, comm);
   if (cmd == "info") return cmd_info(rest, comm);
+  if (cmd == "sample") return cli::cmd_sample(rest, comm);
+  if (cmd == "reconstruct") return cli::cmd_reconstruct(rest, comm);
+  if (cmd == "interpolate") return cli::cmd_interpolate(rest, comm);
   collectively(comm, [&] {
-    throw usage_error("unknown command '" + cmd + "'; valid commands: train, eval, info (see elbo --help)");
+    throw usage_error("unknown command '" + cmd + "'; valid commands: train, eval, sample, reconstruct, interpolate, "
+                      "info (see elbo --help)");
   });
   return 2;
 }

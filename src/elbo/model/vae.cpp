@@ -129,6 +129,17 @@ void Vae<T>::decoder_forward(const T* params, const T* z, int rows) {
 
 template <class T>
 void Vae<T>::forward(const T* params, const T* x, const T* eps, int rows) {
+  encode(params, x, rows);
+  const int L = m_layout.latent();
+  m_be.posterior_forward(rows, L, m_mulv.data(), eps, m_z.data(), m_kl.data());
+  decoder_forward(params, m_z.data(), rows);
+  const auto& s = m_layout.spec();
+  m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), m_out.data(), x,
+                          m_rec.data());
+}
+
+template <class T>
+void Vae<T>::encode(const T* params, const T* x, int rows) {
   ELBO_ASSERT(rows >= 1 && rows <= m_max_rows, "batch rows exceed the replica's workspace");
   const Activation act = m_layout.spec().activation;
   const T* h = x;
@@ -141,13 +152,6 @@ void Vae<T>::forward(const T* params, const T* x, const T* eps, int rows) {
   const auto& head = m_layout.encoder_head();
   linear_forward(head, params, h, rows, m_mulv.data());
   m_be.bias_act_forward(Activation::Identity, rows, head.out, params + head.b, m_mulv.data(), m_mulv.data());
-
-  const int L = m_layout.latent();
-  m_be.posterior_forward(rows, L, m_mulv.data(), eps, m_z.data(), m_kl.data());
-  decoder_forward(params, m_z.data(), rows);
-  const auto& s = m_layout.spec();
-  m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), m_out.data(), x,
-                          m_rec.data());
 }
 
 template <class T>

@@ -86,6 +86,8 @@ class Vae {
   // gradient all-reduce start while the earlier layers are still being differentiated.
   void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T kl_weight,
                 const std::function<void(size_t)>& grads_ready = {});
+  // Encoder only: x (rows, D) -> mulv() (rows, 2L) = [mu | logvar].
+  void encode(const T* params, const T* x, int rows);
   // Decoder only: z (rows, L) -> decoder output (rows, output_width).
   void decode(const T* params, const T* z, int rows);
 

@@ -1,0 +1,192 @@
+// elbo sample / reconstruct / interpolate: decode, then tile into a PNG grid. Rank 0
+// does the work (a few hundred images take milliseconds); under mpirun the other
+// ranks only load the model and wait, so errors stay collective.
+#include <cstdio>
+#include <iostream>
+#include <numeric>
+#include <optional>
+#include <span>
+
+#include "elbo/cli/args.hpp"
+#include "elbo/cli/commands.hpp"
+#include "elbo/data/sampler.hpp"
+#include "elbo/data/shards.hpp"
+#include "elbo/dist/placement.hpp"
+#include "elbo/model/generate.hpp"
+#include "elbo/train/trainer.hpp"
+#include "elbo/util/error.hpp"
+#include "elbo/util/files.hpp"
+#include "elbo/viz/image.hpp"
+
+namespace elbo::cli {
+
+LoadedModel load_model(Communicator& comm, const std::string& command, const std::string& path,
+                       const std::string& device, int64_t threads) {
+  LoadedModel m;
+  collectively(comm, [&] {
+    if (device != "auto" && device != "cpu" && device != "cuda")
+      throw usage_error(command + " --device: '" + device + "' is not one of auto, cpu, cuda");
+    m.file = read_model_file(path);
+    const auto& s = m.file.input_shape;
+    m.layout = std::make_unique<VaeLayout>(m.file.spec.model, s[0] * s[1] * s[2]);
+    ExperimentSpec where = m.file.spec;  // inference needs no gradient communicator
+    where.source = command + " --device";
+    where.device = device;
+    where.dist.communicator = "auto";
+    const Placement place = resolve_placement(where, comm.world(), probe_backends());
+    m.backend = make_backend<float>(place.device, threads_per_rank(static_cast<int>(threads), comm.world().local_size),
+                                    place.gpu);
+  });
+  m.params = Buffer<float>(*m.backend, m.layout->num_params());
+  m.backend->upload(m.params.data(), m.file.params.data(), m.file.params.size());
+  return m;
+}
+
+namespace {
+
+// Common options of the image commands.
+struct ImageOptions {
+  std::string model, out, device = "auto";
+  int64_t threads = 0, cols = 8;
+};
+
+void add_common(ArgParser& p, ImageOptions* o, const char* default_out) {
+  o->out = default_out;
+  p.positional("MODEL", &o->model, "model file written by elbo train (model.h5)");
+  p.string("-o", &o->out, "FILE.png", std::string("where to write the grid (default ") + default_out + ")");
+  p.integer("--cols", &o->cols, "C", "images per grid row (default 8)", 1);
+  p.string("--device", &o->device, "auto|cpu|cuda", "where to run the model (auto: a GPU when one is visible)");
+  p.integer("--threads", &o->threads, "T", "BLAS threads (0 = the node's cores / ranks)", 0);
+}
+
+// Gray inputs in [0, 1] (no binarization: the pictures show the data as it is) for
+// dataset items [first, first + n) of the split in `dir`.
+std::vector<float> load_inputs(const data::ShardSet& set, const std::vector<int64_t>& items, const std::string& dir) {
+  for (int64_t i : items)
+    if (i < 0 || i >= set.size())
+      throw usage_error(dir + " holds samples 0.." + std::to_string(set.size() - 1) + "; there is no sample " +
+                        std::to_string(i));
+  const int64_t D = set.sample_dim();
+  std::vector<uint8_t> pixels(items.size() * D);
+  set.gather(std::span<const int64_t>(items.data(), items.size()), pixels.data());
+  std::vector<float> x(pixels.size());
+  data::pixels_to_input<float>(pixels.data(), items.data(), static_cast<int64_t>(items.size()), D, false, 0, 0,
+                               x.data());
+  return x;
+}
+
+data::ShardSet open_matching(const std::string& dir, const LoadedModel& m, const std::string& model_path) {
+  data::ShardSet set = data::ShardSet::open(dir);
+  const std::vector<int> shape = {set.channels(), set.height(), set.width()};
+  if (shape != m.file.input_shape)
+    throw data_error(dir + ": samples have shape " + shape_string(shape, "[]") + " but the model " + model_path +
+                     " was trained on " + shape_string(m.file.input_shape, "[]"));
+  return set;
+}
+
+void write_grid(const LoadedModel& m, const std::vector<float>& images, int n, int cols, const std::string& out) {
+  const auto& s = m.file.input_shape;
+  viz::write_png(out, viz::tile(images.data(), n, s[0], s[1], s[2], cols));
+}
+
+}  // namespace
+
+int cmd_sample(const std::vector<std::string>& args, Communicator& comm) {
+  ImageOptions o;
+  int64_t n = 64, seed = -1;
+  ArgParser p("elbo sample", "Decode z ~ N(0, I) into a PNG grid of E[x|z] (Bernoulli probabilities or Gaussian "
+                             "means).");
+  add_common(p, &o, "samples.png");
+  p.integer("-n", &n, "N", "number of samples (default 64)", 1);
+  p.integer("--seed", &seed, "S", "seed for z (default: the model's training seed)", 0);
+  bool go = false;
+  collectively(comm, [&] { go = p.parse(args); });
+  if (!go) return 0;
+  LoadedModel m = load_model(comm, "elbo sample", o.model, o.device, o.threads);
+  collectively(comm, [&] {
+    if (!comm.is_root()) return;
+    const uint64_t s = seed >= 0 ? static_cast<uint64_t>(seed) : m.file.spec.seed;
+    const auto images = sample_from_prior(*m.layout, *m.backend, m.params.data(), static_cast<int>(n), s);
+    write_grid(m, images, static_cast<int>(n), static_cast<int>(o.cols), o.out);
+    std::cout << "wrote " << o.out << ": " << n << " samples from " << o.model << " (seed " << s << ")\n";
+  });
+  return 0;
+}
+
+int cmd_reconstruct(const std::vector<std::string>& args, Communicator& comm) {
+  ImageOptions o;
+  std::string data_dir;
+  int64_t n = 32, first = 0;
+  ArgParser p("elbo reconstruct", "Inputs beside their reconstructions E[x | z = mu(x)]: each row of inputs is "
+                                  "followed by a row of their reconstructions.");
+  add_common(p, &o, "recon.png");
+  p.string("--data", &data_dir, "DIR", "split directory written by elbo-shard (e.g. data/fmnist/test)", true);
+  p.integer("-n", &n, "N", "number of inputs (default 32)", 1);
+  p.integer("--first", &first, "I", "index of the first input in the split (default 0)", 0);
+  bool go = false;
+  collectively(comm, [&] { go = p.parse(args); });
+  if (!go) return 0;
+  LoadedModel m = load_model(comm, "elbo reconstruct", o.model, o.device, o.threads);
+  collectively(comm, [&] {
+    if (!comm.is_root()) return;
+    const data::ShardSet set = open_matching(data_dir, m, o.model);
+    std::vector<int64_t> items(static_cast<size_t>(n));
+    std::iota(items.begin(), items.end(), first);
+    const std::vector<float> x = load_inputs(set, items, data_dir);
+    const std::vector<float> r = reconstruct(*m.layout, *m.backend, m.params.data(), x.data(), static_cast<int>(n));
+    // Interleave rows: cols inputs, then their cols reconstructions, and so on.
+    const size_t D = set.sample_dim();
+    const int cols = static_cast<int>(std::min(o.cols, n));
+    std::vector<float> grid;
+    int tiles = 0;
+    for (int64_t row = 0; row < n; row += cols) {
+      const int64_t k = std::min<int64_t>(cols, n - row);
+      for (const auto* src : {&x, &r}) {
+        grid.insert(grid.end(), src->begin() + row * D, src->begin() + (row + k) * D);
+        grid.resize(grid.size() + (cols - k) * D, 1.0f);  // a short last row is padded with white
+        tiles += cols;
+      }
+    }
+    write_grid(m, grid, tiles, cols, o.out);
+    std::cout << "wrote " << o.out << ": " << n << " inputs from " << data_dir << " (from " << first
+              << ") and their reconstructions\n";
+  });
+  return 0;
+}
+
+int cmd_interpolate(const std::vector<std::string>& args, Communicator& comm) {
+  ImageOptions o;
+  std::string data_dir;
+  int64_t from = 0, to = 1, steps = 10;
+  ArgParser p("elbo interpolate", "Decode the straight line between the posterior means of two inputs: one row "
+                                  "[input A, steps decoded points from mu(A) to mu(B), input B].");
+  add_common(p, &o, "interpolation.png");
+  p.string("--data", &data_dir, "DIR", "split directory written by elbo-shard (e.g. data/fmnist/test)", true);
+  p.integer("--from", &from, "I", "index of input A in the split (default 0)", 0);
+  p.integer("--to", &to, "J", "index of input B in the split (default 1)", 0);
+  p.integer("--steps", &steps, "K", "decoded points including both ends (default 10)", 2);
+  bool go = false;
+  collectively(comm, [&] { go = p.parse(args); });
+  if (!go) return 0;
+  LoadedModel m = load_model(comm, "elbo interpolate", o.model, o.device, o.threads);
+  collectively(comm, [&] {
+    if (!comm.is_root()) return;
+    const data::ShardSet set = open_matching(data_dir, m, o.model);
+    const std::vector<float> x = load_inputs(set, {from, to}, data_dir);
+    const std::vector<float> mu = posterior_means(*m.layout, *m.backend, m.params.data(), x.data(), 2);
+    const int L = m.layout->latent();
+    const std::vector<float> z = interpolate_latents(mu.data(), mu.data() + L, L, static_cast<int>(steps));
+    const std::vector<float> dec = decode_means(*m.layout, *m.backend, m.params.data(), z.data(), static_cast<int>(steps));
+    const size_t D = set.sample_dim();
+    std::vector<float> row(x.begin(), x.begin() + D);
+    row.insert(row.end(), dec.begin(), dec.end());
+    row.insert(row.end(), x.begin() + D, x.end());
+    const int tiles = static_cast<int>(steps) + 2;
+    write_grid(m, row, tiles, tiles, o.out);
+    std::cout << "wrote " << o.out << ": " << steps << " points from sample " << from << " to sample " << to << " of "
+              << data_dir << "\n";
+  });
+  return 0;
+}
+
+}  // namespace elbo::cli

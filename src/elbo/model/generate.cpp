@@ -1,0 +1,83 @@
+// Sampling, reconstruction and interpolation in batches of the replica's size.
+#include "elbo/model/generate.hpp"
+
+#include <algorithm>
+
+#include "elbo/util/error.hpp"
+
+namespace elbo {
+
+namespace {
+
+constexpr int kRows = 256;  // rows per pass: bounds the activations' memory for any n
+
+// Runs `pass(first, rows)` over [0, n) in chunks; the model is sized for one chunk.
+template <class F>
+void in_chunks(int n, F&& pass) {
+  for (int first = 0; first < n; first += kRows) pass(first, std::min(kRows, n - first));
+}
+
+}  // namespace
+
+std::vector<float> decode_means(const VaeLayout& layout, Backend<float>& be, const float* params, const float* z,
+                                int rows) {
+  ELBO_ASSERT(rows >= 1, "decode_means: no rows");
+  const int L = layout.latent(), D = layout.input_dim();
+  Vae<float> model(layout, be, std::min(rows, kRows));
+  Buffer<float> zd(be, static_cast<size_t>(std::min(rows, kRows)) * L), mean(be, static_cast<size_t>(std::min(rows, kRows)) * D);
+  std::vector<float> out(static_cast<size_t>(rows) * D);
+  in_chunks(rows, [&](int first, int n) {
+    be.upload(zd.data(), z + static_cast<size_t>(first) * L, static_cast<size_t>(n) * L);
+    model.decode(params, zd.data(), n);
+    be.likelihood_mean(layout.spec().likelihood, n, D, model.output(), mean.data());
+    be.download(out.data() + static_cast<size_t>(first) * D, mean.data(), static_cast<size_t>(n) * D);
+  });
+  return out;
+}
+
+std::vector<float> sample_from_prior(const VaeLayout& layout, Backend<float>& be, const float* params, int n,
+                                     uint64_t seed) {
+  ELBO_ASSERT(n >= 1, "sample_from_prior: no samples");
+  const int L = layout.latent();
+  Buffer<float> z(be, static_cast<size_t>(n) * L);
+  be.normal(seed, RngStream::Sample, 0, 0, n, L, z.data());
+  std::vector<float> zh(static_cast<size_t>(n) * L);
+  be.download(zh.data(), z.data(), zh.size());
+  return decode_means(layout, be, params, zh.data(), n);
+}
+
+std::vector<float> posterior_means(const VaeLayout& layout, Backend<float>& be, const float* params, const float* x,
+                                   int rows) {
+  ELBO_ASSERT(rows >= 1, "posterior_means: no rows");
+  const int L = layout.latent(), D = layout.input_dim();
+  const int cap = std::min(rows, kRows);
+  Vae<float> model(layout, be, cap);
+  Buffer<float> xd(be, static_cast<size_t>(cap) * D);
+  std::vector<float> mulv(static_cast<size_t>(cap) * 2 * L), mu(static_cast<size_t>(rows) * L);
+  in_chunks(rows, [&](int first, int n) {
+    be.upload(xd.data(), x + static_cast<size_t>(first) * D, static_cast<size_t>(n) * D);
+    model.encode(params, xd.data(), n);
+    be.download(mulv.data(), model.mulv(), static_cast<size_t>(n) * 2 * L);
+    for (int r = 0; r < n; ++r)
+      std::copy_n(mulv.data() + static_cast<size_t>(r) * 2 * L, L, mu.data() + static_cast<size_t>(first + r) * L);
+  });
+  return mu;
+}
+
+std::vector<float> reconstruct(const VaeLayout& layout, Backend<float>& be, const float* params, const float* x,
+                               int rows) {
+  const std::vector<float> mu = posterior_means(layout, be, params, x, rows);
+  return decode_means(layout, be, params, mu.data(), rows);
+}
+
+std::vector<float> interpolate_latents(const float* mu_a, const float* mu_b, int latent, int steps) {
+  ELBO_ASSERT(steps >= 2, "an interpolation needs at least its two ends");
+  std::vector<float> z(static_cast<size_t>(steps) * latent);
+  for (int s = 0; s < steps; ++s) {
+    const float t = static_cast<float>(s) / static_cast<float>(steps - 1);
+    for (int j = 0; j < latent; ++j) z[static_cast<size_t>(s) * latent + j] = (1.0f - t) * mu_a[j] + t * mu_b[j];
+  }
+  return z;
+}
+
+}  // namespace elbo

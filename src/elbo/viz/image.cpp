@@ -1,0 +1,162 @@
+// Grids of images and PNG files through libpng.
+#include "elbo/viz/image.hpp"
+
+#include <png.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+
+#include "elbo/util/error.hpp"
+#include "elbo/util/files.hpp"
+
+namespace elbo::viz {
+
+Image tile(const float* images, int n, int c, int h, int w, int cols, int pad, uint8_t background) {
+  ELBO_ASSERT(n >= 1 && h >= 1 && w >= 1 && cols >= 1 && pad >= 0, "tile: empty grid");
+  if (c != 1 && c != 3)
+    throw data_error("cannot draw images with " + std::to_string(c) + " channels (PNG grids take 1 or 3)");
+  cols = std::min(cols, n);
+  const int rows = (n + cols - 1) / cols;
+  Image img;
+  img.channels = c;
+  img.width = cols * w + (cols + 1) * pad;
+  img.height = rows * h + (rows + 1) * pad;
+  img.pixels.assign(static_cast<size_t>(img.width) * img.height * c, background);
+  const size_t plane = static_cast<size_t>(h) * w;
+  for (int k = 0; k < n; ++k) {
+    const float* src = images + static_cast<size_t>(k) * c * plane;
+    const int x0 = pad + (k % cols) * (w + pad), y0 = pad + (k / cols) * (h + pad);
+    for (int y = 0; y < h; ++y)
+      for (int x = 0; x < w; ++x)
+        for (int ch = 0; ch < c; ++ch) {
+          float v = src[ch * plane + static_cast<size_t>(y) * w + x];
+          v = std::isfinite(v) ? std::clamp(v, 0.0f, 1.0f) : 0.0f;
+          img.pixels[(static_cast<size_t>(y0 + y) * img.width + (x0 + x)) * c + ch] =
+              static_cast<uint8_t>(std::lround(v * 255.0f));
+        }
+  }
+  return img;
+}
+
+namespace {
+
+// libpng reports errors through a callback that must not return: it records the
+// message and longjmps back to the setjmp in the function that called libpng. Those
+// functions keep only trivially destructible locals, so the jump skips no destructor.
+struct PngError {
+  char message[256] = {};
+};
+
+[[noreturn]] void on_png_error(png_structp png, png_const_charp msg) {
+  auto* e = static_cast<PngError*>(png_get_error_ptr(png));
+  std::snprintf(e->message, sizeof(e->message), "%s", msg);
+  png_longjmp(png, 1);
+}
+void on_png_warning(png_structp, png_const_charp) {}
+
+struct File {
+  FILE* f = nullptr;
+  ~File() {
+    if (f != nullptr) std::fclose(f);
+  }
+};
+
+bool encode(FILE* f, const Image& img, PngError* err) {
+  png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, err, on_png_error, on_png_warning);
+  png_infop info = png != nullptr ? png_create_info_struct(png) : nullptr;
+  if (info == nullptr) {
+    png_destroy_write_struct(&png, nullptr);
+    std::snprintf(err->message, sizeof(err->message), "libpng could not allocate its state");
+    return false;
+  }
+  if (setjmp(png_jmpbuf(png))) {
+    png_destroy_write_struct(&png, &info);
+    return false;
+  }
+  png_init_io(png, f);
+  png_set_IHDR(png, info, static_cast<png_uint_32>(img.width), static_cast<png_uint_32>(img.height), 8,
+               img.channels == 1 ? PNG_COLOR_TYPE_GRAY : PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
+               PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+  png_write_info(png, info);
+  const size_t stride = static_cast<size_t>(img.width) * img.channels;
+  for (int y = 0; y < img.height; ++y) png_write_row(png, img.pixels.data() + y * stride);
+  png_write_end(png, nullptr);
+  png_destroy_write_struct(&png, &info);
+  return true;
+}
+
+bool decode(FILE* f, Image* img, PngError* err) {
+  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, err, on_png_error, on_png_warning);
+  png_infop info = png != nullptr ? png_create_info_struct(png) : nullptr;
+  if (info == nullptr) {
+    png_destroy_read_struct(&png, nullptr, nullptr);
+    std::snprintf(err->message, sizeof(err->message), "libpng could not allocate its state");
+    return false;
+  }
+  if (setjmp(png_jmpbuf(png))) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    return false;
+  }
+  png_init_io(png, f);
+  png_set_sig_bytes(png, 8);
+  png_read_info(png, info);
+  const int bits = png_get_bit_depth(png, info), type = png_get_color_type(png, info);
+  if (bits != 8 || (type != PNG_COLOR_TYPE_GRAY && type != PNG_COLOR_TYPE_RGB)) {
+    std::snprintf(err->message, sizeof(err->message),
+                  "only 8-bit gray or RGB images are read (bit depth %d, color type %d)", bits, type);
+    png_destroy_read_struct(&png, &info, nullptr);
+    return false;
+  }
+  img->width = static_cast<int>(png_get_image_width(png, info));
+  img->height = static_cast<int>(png_get_image_height(png, info));
+  img->channels = type == PNG_COLOR_TYPE_GRAY ? 1 : 3;
+  img->pixels.resize(static_cast<size_t>(img->width) * img->height * img->channels);
+  const size_t stride = static_cast<size_t>(img->width) * img->channels;
+  for (int y = 0; y < img->height; ++y) png_read_row(png, img->pixels.data() + y * stride, nullptr);
+  png_read_end(png, nullptr);
+  png_destroy_read_struct(&png, &info, nullptr);
+  return true;
+}
+
+}  // namespace
+
+void write_png(const std::string& path, const Image& img) {
+  ELBO_ASSERT(img.channels == 1 || img.channels == 3, "write_png: 1 or 3 channels");
+  ELBO_ASSERT(img.pixels.size() == static_cast<size_t>(img.width) * img.height * img.channels,
+              "write_png: pixel count does not match the size");
+  const std::string tmp = path + ".tmp";
+  {
+    File out;
+    out.f = std::fopen(tmp.c_str(), "wb");
+    if (out.f == nullptr) throw io_error("cannot write " + path + ": " + std::strerror(errno));
+    PngError err;
+    if (!encode(out.f, img, &err)) {
+      std::remove(tmp.c_str());
+      throw io_error("cannot write " + path + ": libpng: " + err.message);
+    }
+    if (std::fflush(out.f) != 0 || std::ferror(out.f)) {
+      const std::string why = std::strerror(errno);
+      std::remove(tmp.c_str());
+      throw io_error("cannot write " + path + ": " + why);
+    }
+  }
+  rename_into_place(tmp, path);
+}
+
+Image read_png(const std::string& path) {
+  File in;
+  in.f = std::fopen(path.c_str(), "rb");
+  if (in.f == nullptr) throw io_error("cannot read " + path + ": " + std::strerror(errno));
+  unsigned char sig[8] = {};
+  if (std::fread(sig, 1, 8, in.f) != 8 || png_sig_cmp(sig, 0, 8) != 0) throw data_error(path + ": not a PNG file");
+  Image img;
+  PngError err;
+  if (!decode(in.f, &img, &err)) throw data_error(path + ": libpng: " + err.message);
+  return img;
+}
+
+}  // namespace elbo::viz
