@@ -1,5 +1,6 @@
 // Test-set evaluation: the negative ELBO per sample and its parts, and the
-// importance-weighted bound (Burda et al. 2015), data-parallel over the ranks.
+// importance-weighted bound (Burda et al. 2015) and the active latent units,
+// data-parallel over the ranks.
 #pragma once
 
 #include <cstdint>
@@ -17,7 +18,12 @@ struct EvalOptions {
   int64_t batch_size = 500;  // rows per forward pass on each rank
   uint64_t seed = 1;         // keys eps (and binarization): results do not depend on the world size
   bool binarize = false;
+  bool progress = true;  // a progress bar (rank 0, stderr) over the rank's samples
+  std::string progress_label = "eval";
 };
+
+// Burda et al. (2016): unit j is active when Var_x(E_q[z_j | x]) exceeds 0.01.
+constexpr double kActiveUnitThreshold = 0.01;
 
 struct EvalResult {
   int64_t samples = 0;
@@ -26,6 +32,8 @@ struct EvalResult {
   double kl = 0;         // KL part
   int iw_samples = 0;
   double iwae_nll = 0;   // -log p(x) estimate: minus the k-sample IWAE bound, nats per sample
+  int active_units = 0;  // latent units with Var_x(mu_j(x)) > kActiveUnitThreshold
+  int latent = 0;
 };
 
 EvalResult evaluate(const VaeLayout& layout, Backend<float>& backend, const float* params,
