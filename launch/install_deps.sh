@@ -10,7 +10,7 @@ if [[ "${1:-}" == "--with-tests" ]]; then
   # runs its own daemons from a temporary directory. Debian's slurmd/slurmctld units
   # start only where /etc/slurm/slurm.conf exists; on a systemd machine the munge
   # service does start, with its own key, and is not used by the test.
-  pkgs+=(libgtest-dev python3-torch python3-h5py python3-numpy slurmctld slurmd slurm-client munge)
+  pkgs+=(libgtest-dev python3-torch python3-h5py python3-numpy python3-pil python3-matplotlib slurmctld slurmd slurm-client munge)
 fi
 
 missing=()
