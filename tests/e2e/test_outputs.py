@@ -10,8 +10,12 @@ trained model (parameters read from model.h5 with h5py, inputs from the shards):
   4. elbo eval: active units (Var_x mu_j(x) > 0.01) match NumPy's count; the
      chunked IWAE bound does not depend on the batch size or the number of ranks;
      progress lines appear on stderr when it is not a terminal;
-  5. bad input: a missing model, an index past the split, a non-PNG path."""
-import os, re, subprocess, sys
+  5. bad input: a missing model, an index past the split, an unwritable path;
+  6. evaluation during training (eval.every): test columns in metrics.csv exactly at
+     those steps, sample and reconstruction grids per evaluation and at the end,
+     training itself unperturbed (bit-identical parameters with and without), the
+     loss-curve plot (launch/plot_run.py), and eval.every without data.test refused."""
+import csv, os, re, subprocess, sys
 import h5py, numpy as np
 from PIL import Image
 
@@ -174,5 +178,42 @@ check(r.returncode == 2 and "there is no sample 10000" in r.stderr, "an index pa
       "it", r.stderr[-500:])
 r = elbo("sample", model, "-o", os.path.join(a.work, "no", "such", "dir.png"), expect=None)
 check(r.returncode != 0 and "dir.png" in r.stderr, "an unwritable output path is named", r.stderr[-500:])
+
+# 6. Evaluation during training.
+def train(name, *extra, expect=0):
+    d = os.path.join(a.work, name)
+    r = elbo("train", a.spec, "--set", "device=cpu", "--set", f"data.train={a.data}/train", "--set", f"data.test={TEST}",
+             "--set", "eval.iw_samples=0", "--set", "train.epochs=3", "--set", f"output.dir={d}", *extra, np_=2,
+             expect=expect)
+    return d, r
+
+
+plain, _ = train("plain", "--set", "eval.images=false")
+ev, r = train("every", "--set", "eval.every=40", "--set", "eval.max_samples=500")
+with h5py.File(os.path.join(plain, "model.h5")) as f, h5py.File(os.path.join(ev, "model.h5")) as g:
+    same = all(np.array_equal(f["params"][k][...], g["params"][k][...]) for k in f["params"])
+check(same, "evaluating every 40 steps leaves training bit-identical")
+rows = list(csv.DictReader(open(os.path.join(ev, "metrics.csv"))))
+tested = [int(x["step"]) for x in rows if x["test_neg_elbo"]]
+check(tested == [40, 80, 120], f"metrics.csv has test metrics at steps 40, 80, 120 of 150 ({tested})")
+check(all(abs(float(x["test_neg_elbo"]) - float(x["test_rec"]) - float(x["test_kl"])) < 1e-3 for x in rows
+          if x["test_neg_elbo"]), "test -ELBO = test rec + test KL in every evaluated row")
+check(re.search(r"eval at step 40: test -ELBO [\d.]+ .*\| 500 samples", r.stdout) is not None,
+      "the log reports each evaluation on eval.max_samples test samples", r.stdout[-2000:])
+pngs = sorted(os.listdir(os.path.join(ev, "images")))
+want = [f"{k}-{s:09d}.png" for s in (40, 80, 120) for k in ("recon", "samples")]
+check(pngs == sorted(want), f"a sample grid and a reconstruction grid per evaluation ({pngs})")
+check(np.asarray(Image.open(os.path.join(ev, "samples.png"))).shape == (8 * 30 + 2, 8 * 30 + 2) and
+      np.asarray(Image.open(os.path.join(ev, "recon.png"))).shape == (8 * 30 + 2, 8 * 30 + 2),
+      "final samples.png (8 x 8) and recon.png (4 input rows + 4 reconstruction rows) in the run directory")
+check(not os.path.exists(os.path.join(plain, "samples.png")), "eval.images=false writes no pictures")
+pr = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "launch",
+                                                  "plot_run.py"), ev], capture_output=True, text=True)
+curves = os.path.join(ev, "curves.png")
+check(pr.returncode == 0 and os.path.exists(curves) and Image.open(curves).size[0] > 500,
+      "launch/plot_run.py draws the loss curves", pr.stdout + pr.stderr)
+_, r = train("no_test", "--set", "data.test=", "--set", "eval.every=10", expect=2)
+check("eval.every" in r.stderr and "data.test" in r.stderr, "eval.every without data.test: a config error naming both",
+      r.stderr[-500:])
 
 check.finish()

@@ -5,11 +5,9 @@
 #include <iostream>
 #include <numeric>
 #include <optional>
-#include <span>
 
 #include "elbo/cli/args.hpp"
 #include "elbo/cli/commands.hpp"
-#include "elbo/data/sampler.hpp"
 #include "elbo/data/shards.hpp"
 #include "elbo/dist/placement.hpp"
 #include "elbo/model/generate.hpp"
@@ -57,22 +55,6 @@ void add_common(ArgParser& p, ImageOptions* o, const char* default_out) {
   p.integer("--cols", &o->cols, "C", "images per grid row (default 8)", 1);
   p.string("--device", &o->device, "auto|cpu|cuda", "where to run the model (auto: a GPU when one is visible)");
   p.integer("--threads", &o->threads, "T", "BLAS threads (0 = the node's cores / ranks)", 0);
-}
-
-// Gray inputs in [0, 1] (no binarization: the pictures show the data as it is) for
-// dataset items [first, first + n) of the split in `dir`.
-std::vector<float> load_inputs(const data::ShardSet& set, const std::vector<int64_t>& items, const std::string& dir) {
-  for (int64_t i : items)
-    if (i < 0 || i >= set.size())
-      throw usage_error(dir + " holds samples 0.." + std::to_string(set.size() - 1) + "; there is no sample " +
-                        std::to_string(i));
-  const int64_t D = set.sample_dim();
-  std::vector<uint8_t> pixels(items.size() * D);
-  set.gather(std::span<const int64_t>(items.data(), items.size()), pixels.data());
-  std::vector<float> x(pixels.size());
-  data::pixels_to_input<float>(pixels.data(), items.data(), static_cast<int64_t>(items.size()), D, false, 0, 0,
-                               x.data());
-  return x;
 }
 
 data::ShardSet open_matching(const std::string& dir, const LoadedModel& m, const std::string& model_path) {
@@ -132,22 +114,11 @@ int cmd_reconstruct(const std::vector<std::string>& args, Communicator& comm) {
     const data::ShardSet set = open_matching(data_dir, m, o.model);
     std::vector<int64_t> items(static_cast<size_t>(n));
     std::iota(items.begin(), items.end(), first);
-    const std::vector<float> x = load_inputs(set, items, data_dir);
+    const std::vector<float> x = gray_inputs(set, items, data_dir);
     const std::vector<float> r = reconstruct(*m.layout, *m.backend, m.params.data(), x.data(), static_cast<int>(n));
-    // Interleave rows: cols inputs, then their cols reconstructions, and so on.
-    const size_t D = set.sample_dim();
-    const int cols = static_cast<int>(std::min(o.cols, n));
-    std::vector<float> grid;
-    int tiles = 0;
-    for (int64_t row = 0; row < n; row += cols) {
-      const int64_t k = std::min<int64_t>(cols, n - row);
-      for (const auto* src : {&x, &r}) {
-        grid.insert(grid.end(), src->begin() + row * D, src->begin() + (row + k) * D);
-        grid.resize(grid.size() + (cols - k) * D, 1.0f);  // a short last row is padded with white
-        tiles += cols;
-      }
-    }
-    write_grid(m, grid, tiles, cols, o.out);
+    const auto& sh = m.file.input_shape;
+    viz::write_png(o.out, viz::tile_pairs(x.data(), r.data(), static_cast<int>(n), sh[0], sh[1], sh[2],
+                                          static_cast<int>(o.cols)));
     std::cout << "wrote " << o.out << ": " << n << " inputs from " << data_dir << " (from " << first
               << ") and their reconstructions\n";
   });
@@ -172,7 +143,7 @@ int cmd_interpolate(const std::vector<std::string>& args, Communicator& comm) {
   collectively(comm, [&] {
     if (!comm.is_root()) return;
     const data::ShardSet set = open_matching(data_dir, m, o.model);
-    const std::vector<float> x = load_inputs(set, {from, to}, data_dir);
+    const std::vector<float> x = gray_inputs(set, {from, to}, data_dir);
     const std::vector<float> mu = posterior_means(*m.layout, *m.backend, m.params.data(), x.data(), 2);
     const int L = m.layout->latent();
     const std::vector<float> z = interpolate_latents(mu.data(), mu.data() + L, L, static_cast<int>(steps));

@@ -270,7 +270,14 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     r.check(s.eval.iw_samples >= 0, "iw_samples", "must be >= 0 (0 = skip the IWAE bound)", s.eval.iw_samples);
     s.eval.batch_size = r.get<int64_t>("batch_size", s.eval.batch_size);
     r.check(s.eval.batch_size >= 1, "batch_size", "must be >= 1", s.eval.batch_size);
-    r.finish({"at_end", "iw_samples", "batch_size"});
+    s.eval.every = r.get<int64_t>("every", s.eval.every);
+    r.check(s.eval.every >= 0, "every", "must be >= 0 (0 = only at the end)", s.eval.every);
+    r.check(s.eval.every == 0 || !s.data.test.empty(), "every", "needs data.test, the held-out split to evaluate on",
+            s.eval.every);
+    s.eval.max_samples = r.get<int64_t>("max_samples", s.eval.max_samples);
+    r.check(s.eval.max_samples >= 0, "max_samples", "must be >= 0 (0 = the whole split)", s.eval.max_samples);
+    s.eval.images = r.get<bool>("images", s.eval.images);
+    r.finish({"at_end", "iw_samples", "batch_size", "every", "max_samples", "images"});
   }
   {
     MapReader r = top.sub("output");
@@ -398,6 +405,9 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "at_end" << YAML::Value << s.eval.at_end;
   e << YAML::Key << "iw_samples" << YAML::Value << s.eval.iw_samples;
   e << YAML::Key << "batch_size" << YAML::Value << s.eval.batch_size;
+  e << YAML::Key << "every" << YAML::Value << s.eval.every;
+  e << YAML::Key << "max_samples" << YAML::Value << s.eval.max_samples;
+  e << YAML::Key << "images" << YAML::Value << s.eval.images;
   e << YAML::EndMap;
   e << YAML::Key << "output" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "dir" << YAML::Value << s.output.dir;

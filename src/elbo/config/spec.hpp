@@ -68,6 +68,9 @@ struct EvalSpec {
   bool at_end = true;            // evaluate data.test after training, when given
   int iw_samples = 0;            // importance samples for the IWAE bound; 0 = skip
   int64_t batch_size = 500;
+  int64_t every = 0;             // during training, every N steps: data.test metrics and image grids (0 = off)
+  int64_t max_samples = 2000;    // of data.test for those periodic evaluations (0 = all); the final one uses all
+  bool images = true;            // sample and reconstruction grids (PNG) at each evaluation during and after training
 };
 
 struct OutputSpec {

@@ -10,6 +10,7 @@
 #include "elbo/util/error.hpp"
 #include "elbo/util/files.hpp"
 #include "elbo/util/h5.hpp"
+#include "elbo/util/progress.hpp"
 
 namespace elbo::data {
 
@@ -59,6 +60,7 @@ void write_split(const std::string& dir, const std::string& split, const IdxArra
   m << YAML::Key << "num_shards" << YAML::Value << num_shards;
   m << YAML::Key << "source" << YAML::Value << source;
   m << YAML::Key << "shards" << YAML::Value << YAML::BeginSeq;
+  Progress progress("elbo-shard " + split, num_shards);
   for (int i = 0; i < num_shards; ++i) {
     const int64_t begin = n * i / num_shards, end = n * (i + 1) / num_shards, rows = end - begin;
     const std::string name = shard_name(i, num_shards);
@@ -80,6 +82,7 @@ void write_split(const std::string& dir, const std::string& split, const IdxArra
     rename_into_place(tmp.string(), (d / name).string());
     m << YAML::BeginMap << YAML::Key << "file" << YAML::Value << name << YAML::Key << "offset" << YAML::Value << begin
       << YAML::Key << "num_samples" << YAML::Value << rows << YAML::EndMap;
+    progress.update(i + 1);
   }
   m << YAML::EndSeq << YAML::EndMap;
   write_text_file_atomic((d / "manifest.yaml").string(), std::string(m.c_str()) + "\n");

@@ -2,6 +2,9 @@
 #include "elbo/model/generate.hpp"
 
 #include <algorithm>
+#include <span>
+
+#include "elbo/data/sampler.hpp"
 
 #include "elbo/util/error.hpp"
 
@@ -68,6 +71,19 @@ std::vector<float> reconstruct(const VaeLayout& layout, Backend<float>& be, cons
                                int rows) {
   const std::vector<float> mu = posterior_means(layout, be, params, x, rows);
   return decode_means(layout, be, params, mu.data(), rows);
+}
+
+std::vector<float> gray_inputs(const data::ShardSet& set, const std::vector<int64_t>& items, const std::string& what) {
+  for (int64_t i : items)
+    if (i < 0 || i >= set.size())
+      throw usage_error(what + " holds samples 0.." + std::to_string(set.size() - 1) + "; there is no sample " +
+                        std::to_string(i));
+  const int64_t D = set.sample_dim();
+  std::vector<uint8_t> pixels(items.size() * D);
+  set.gather(std::span<const int64_t>(items.data(), items.size()), pixels.data());
+  std::vector<float> x(pixels.size());
+  data::pixels_to_input<float>(pixels.data(), items.data(), static_cast<int64_t>(items.size()), D, false, 0, 0, x.data());
+  return x;
 }
 
 std::vector<float> interpolate_latents(const float* mu_a, const float* mu_b, int latent, int steps) {

@@ -4,9 +4,11 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "elbo/backend/backend.hpp"
+#include "elbo/data/shards.hpp"
 #include "elbo/model/vae.hpp"
 
 namespace elbo {
@@ -26,6 +28,10 @@ std::vector<float> decode_means(const VaeLayout& layout, Backend<float>& be, con
 // Reconstructions E[x | z = mu(x)] (the posterior mean, no sampling noise): (rows, D).
 std::vector<float> reconstruct(const VaeLayout& layout, Backend<float>& be, const float* params, const float* x,
                                int rows);
+
+// Dataset items of `set` as gray inputs in [0, 1], no binarization (pictures show the
+// data as it is): (items, D). An item outside the split is a Usage error naming `what`.
+std::vector<float> gray_inputs(const data::ShardSet& set, const std::vector<int64_t>& items, const std::string& what);
 
 // `steps` latents from mu(a) to mu(b) inclusive, on the straight line: (steps, L).
 std::vector<float> interpolate_latents(const float* mu_a, const float* mu_b, int latent, int steps);

@@ -17,7 +17,7 @@ namespace elbo {
 
 EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* params,
                     const data::ShardSet& set, Communicator& comm, const EvalOptions& opt) {
-  const int64_t n = set.size();
+  const int64_t n = opt.max_samples > 0 ? std::min(opt.max_samples, set.size()) : set.size();
   const int D = layout.input_dim(), L = layout.latent();
   const int K = opt.iw_samples;
   const data::Slice mine = data::rank_slice(n, comm.rank(), comm.size());
@@ -51,7 +51,9 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
 
   // sums: samples, rec, kl, iwae, then per latent unit sum mu_j and sum mu_j^2
   std::vector<double> sums(4 + 2 * static_cast<size_t>(L), 0.0);
-  Progress progress(opt.progress_label, mine.count, opt.progress && comm.is_root());
+  // Rank 0 shows its own share; the ranks' shares differ by at most one sample.
+  Progress progress(comm.size() > 1 ? opt.progress_label + " (rank 0's share)" : opt.progress_label, mine.count,
+                    opt.progress && comm.is_root());
   for (int64_t off = 0; off < mine.count; off += xb) {
     const int rows = static_cast<int>(std::min<int64_t>(xb, mine.count - off));
     const int64_t first = mine.begin + off;

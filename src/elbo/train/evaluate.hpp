@@ -18,6 +18,7 @@ struct EvalOptions {
   int64_t batch_size = 500;  // rows per forward pass on each rank
   uint64_t seed = 1;         // keys eps (and binarization): results do not depend on the world size
   bool binarize = false;
+  int64_t max_samples = 0;  // evaluate the split's first max_samples only (0 = all)
   bool progress = true;  // a progress bar (rank 0, stderr) over the rank's samples
   std::string progress_label = "eval";
 };

@@ -19,10 +19,13 @@
 #include "elbo/data/shards.hpp"
 #include "elbo/dist/grad_sync.hpp"
 #include "elbo/dist/placement.hpp"
+#include "elbo/model/generate.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/optim/adam.hpp"
 #include "elbo/train/stop_signal.hpp"
 #include "elbo/util/files.hpp"
+#include "elbo/util/progress.hpp"
+#include "elbo/viz/image.hpp"
 
 #include <climits>
 #include <exception>
@@ -47,7 +50,7 @@ std::string hms(double seconds) {
 }
 
 // Files of a finished or running job; refusing to reuse the directory protects them.
-const char* const kRunFiles[] = {"model.h5", "metrics.csv", "spec.yaml", "eval.yaml"};
+const char* const kRunFiles[] = {"model.h5", "metrics.csv", "spec.yaml", "eval.yaml", "samples.png", "recon.png"};
 
 void prepare_output_dir(const OutputSpec& out, bool resuming) {
   fs::path dir(out.dir);
@@ -115,6 +118,27 @@ void truncate_metrics(const fs::path& csv, int64_t step) {
   write_text_file_atomic(csv.string(), kept.str());
 }
 
+// Rank 0's pictures of the model at this point: 64 samples from the prior (the same
+// z every time, so successive grids show the model learning) and the first 32 test
+// inputs beside their reconstructions; DIR/samplesTAG.png and DIR/reconTAG.png.
+void write_grids(const fs::path& dir, const std::string& tag, const VaeLayout& layout, Backend<float>& be,
+                 const float* params, const ExperimentSpec& spec, const data::ShardSet& test,
+                 const std::vector<int>& shape) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw io_error("cannot create " + dir.string() + ": " + ec.message());
+  const std::vector<float> samples = sample_from_prior(layout, be, params, 64, spec.seed);
+  viz::write_png((dir / ("samples" + tag + ".png")).string(),
+                 viz::tile(samples.data(), 64, shape[0], shape[1], shape[2], 8));
+  const int n = static_cast<int>(std::min<int64_t>(32, test.size()));
+  std::vector<int64_t> items(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) items[i] = i;
+  const std::vector<float> x = gray_inputs(test, items, spec.data.test);
+  const std::vector<float> r = reconstruct(layout, be, params, x.data(), n);
+  viz::write_png((dir / ("recon" + tag + ".png")).string(),
+                 viz::tile_pairs(x.data(), r.data(), n, shape[0], shape[1], shape[2], 8));
+}
+
 // Interval statistics for the progress line, summed over the global batch.
 struct Interval {
   double rec = 0, kl = 0, samples = 0, grad_norm = 0;
@@ -156,7 +180,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     if (!spec.data.shape.empty() && spec.data.shape != shape)
       throw data_error(spec.data.train + ": shards hold samples of shape " + shape_string(shape, "[]") +
                        " but the spec (" + spec.source + ", data.shape) says " + shape_string(spec.data.shape, "[]"));
-    if (!spec.data.test.empty() && spec.eval.at_end) {
+    if (!spec.data.test.empty() && (spec.eval.at_end || spec.eval.every > 0)) {
       test_set.emplace(data::ShardSet::open(spec.data.test));
       std::vector<int> tshape = {test_set->channels(), test_set->height(), test_set->width()};
       if (tshape != shape)
@@ -292,7 +316,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       csv.open(csv_path, std::ios::app);
     } else {
       csv.open(csv_path, std::ios::trunc);
-      if (csv) csv << "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s\n";
+      if (csv)
+        csv << "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s,test_neg_elbo,test_rec,"
+               "test_kl\n";
     }
     if (!csv) throw io_error("cannot write " + csv_path.string());
   }
@@ -338,6 +364,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   for (; epoch < spec.train.epochs && step < total_steps && !result.stopped; ++epoch) {
     const std::vector<int64_t> order = data::epoch_order(n, spec.seed, epoch, spec.data.shuffle);
     const int64_t first_batch = epoch == st.epoch ? st.batch_in_epoch : 0;
+    // On a terminal, a bar for the epoch under the log lines (elsewhere the lines suffice).
+    Progress epoch_bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(spec.train.epochs), per_epoch,
+                       root, false);
     for (int64_t b = first_batch; b < per_epoch && step < total_steps; ++b) {
       const int64_t g_begin = b * B;
       const int64_t g_rows = std::min(B, n - g_begin);
@@ -394,7 +423,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
                                                        "train.on_nonfinite: skip");
         ++st.skipped_steps;
-        if (root) log << "warning: " << what << "; skipping this step (train.on_nonfinite: skip)\n" << std::flush;
+        if (root) {
+          epoch_bar.clear();
+          log << "warning: " << what << "; skipping this step (train.on_nonfinite: skip)\n" << std::flush;
+        }
       } else {
         st.adam_steps = optim.steps_taken();
         iv.rec += local[0];
@@ -404,8 +436,36 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         ++iv.steps;
       }
 
+      // Held-out metrics and pictures every eval.every steps (all ranks evaluate their
+      // part of the first eval.max_samples test samples; nothing here touches the
+      // training state, so resumed runs stay bit-identical).
+      const bool eval_now = test_set && spec.eval.every > 0 && step % spec.eval.every == 0 && step < total_steps;
+      EvalResult test_now;
+      epoch_bar.update(b + 1);
+      if (eval_now) {
+        epoch_bar.clear();
+        const auto eval_start = Clock::now();
+        EvalOptions eo;
+        eo.batch_size = spec.eval.batch_size;
+        eo.seed = spec.seed;
+        eo.binarize = spec.data.binarize;
+        eo.max_samples = spec.eval.max_samples;
+        eo.progress = false;
+        test_now = evaluate(layout, be, params.data(), *test_set, comm, eo);
+        collectively(comm, [&] {
+          if (!root) return;
+          log << "eval at step " << step << ": " << format_eval(test_now) << "\n" << std::flush;
+          if (spec.eval.images) {
+            char tag[32];
+            std::snprintf(tag, sizeof(tag), "-%09lld", static_cast<long long>(step));
+            write_grids(out_dir / "images", tag, layout, be, params.data(), spec, *test_set, input_shape);
+          }
+        });
+        iv.start += Clock::now() - eval_start;  // the throughput figure counts training time only
+      }
+
       const bool epoch_end = b + 1 == per_epoch || step == total_steps;
-      if ((step % spec.train.log_every == 0 || epoch_end) && iv.steps > 0) {
+      if ((step % spec.train.log_every == 0 || epoch_end || eval_now) && iv.steps > 0) {
         const double secs = std::chrono::duration<double>(Clock::now() - iv.start).count();
         const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
         const double rate = iv.samples / std::max(secs, 1e-9);
@@ -421,12 +481,18 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
                         static_cast<long long>(epoch + 1), static_cast<long long>(spec.train.epochs),
                         static_cast<long long>(step), static_cast<long long>(total_steps), r + k, r, k, beta, lr,
                         iv.grad_norm / static_cast<double>(iv.steps), rate, hms(eta).c_str());
+          epoch_bar.clear();
           log << line << std::flush;
-          char row[320];
-          std::snprintf(row, sizeof(row), "%lld,%lld,%lld,%.6f,%.6f,%.6f,%.6g,%.6g,%.6g,%.1f,%.3f\n",
-                        static_cast<long long>(step), static_cast<long long>(epoch + 1),
-                        static_cast<long long>(st.samples_seen), r + k, r, k, beta, lr,
-                        iv.grad_norm / static_cast<double>(iv.steps), rate, elapsed);
+          char row[400];
+          int len = std::snprintf(row, sizeof(row), "%lld,%lld,%lld,%.6f,%.6f,%.6f,%.6g,%.6g,%.6g,%.1f,%.3f,",
+                                  static_cast<long long>(step), static_cast<long long>(epoch + 1),
+                                  static_cast<long long>(st.samples_seen), r + k, r, k, beta, lr,
+                                  iv.grad_norm / static_cast<double>(iv.steps), rate, elapsed);
+          if (eval_now)
+            std::snprintf(row + len, sizeof(row) - len, "%.6f,%.6f,%.6f\n", test_now.neg_elbo, test_now.rec,
+                          test_now.kl);
+          else
+            std::snprintf(row + len, sizeof(row) - len, ",,\n");
           csv << row << std::flush;
         }
         iv = Interval{};
@@ -436,6 +502,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         collectively(comm, [&] { save_checkpoint(true); });
         result.stopped = true;
         result.stop_signal = stop.signal_number();
+        epoch_bar.clear();
         if (root)
           log << "stop requested (signal on " << static_cast<int>(local[3]) << " rank(s)) at step " << step
               << ": wrote " << result.checkpoint_path << "; continue with --resume auto\n" << std::flush;
@@ -466,7 +533,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     log << "wrote " << result.model_path << " (" << P << " parameters, step " << step << ")\n" << std::flush;
   });
 
-  if (test_set) {
+  if (test_set && spec.eval.at_end) {
     EvalOptions eo;
     eo.iw_samples = spec.eval.iw_samples;
     eo.batch_size = spec.eval.batch_size;
@@ -478,6 +545,11 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       if (!root) return;
       log << format_eval(result.eval) << "\n" << std::flush;
       write_text_file_atomic((out_dir / "eval.yaml").string(), eval_yaml(result.eval, result.model_path, spec.data.test));
+      if (spec.eval.images) {
+        write_grids(out_dir, "", layout, be, params.data(), spec, *test_set, input_shape);
+        log << "wrote " << (out_dir / "samples.png").string() << " and " << (out_dir / "recon.png").string() << "\n"
+            << std::flush;
+      }
     });
   }
   return result;

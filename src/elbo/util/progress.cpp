@@ -19,7 +19,7 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
-Progress::Progress(std::string label, int64_t total, bool enabled)
+Progress::Progress(std::string label, int64_t total, bool enabled, bool lines)
     : m_label(std::move(label)), m_total(std::max<int64_t>(1, total)), m_mode(Mode::Off) {
   m_start = m_last_draw = std::chrono::steady_clock::now();
   if (!enabled) return;
@@ -31,6 +31,14 @@ Progress::Progress(std::string label, int64_t total, bool enabled)
     m_mode = Mode::Lines;
   else
     m_mode = isatty(STDERR_FILENO) ? Mode::Bar : Mode::Lines;
+  if (m_mode == Mode::Lines && !lines) m_mode = Mode::Off;
+}
+
+void Progress::clear() {
+  if (m_mode != Mode::Bar || !m_drawn) return;
+  std::fputs("\r\033[K", stderr);
+  std::fflush(stderr);
+  m_drawn = false;
 }
 
 Progress::~Progress() {
@@ -72,6 +80,7 @@ void Progress::draw(bool final) {
     bar.resize(kWidth, '.');
     // \r and a clear-to-end-of-line escape: the bar redraws in place.
     std::fprintf(stderr, "\r%s |%s| %s\033[K%s", m_label.c_str(), bar.c_str(), tail, final ? "\n" : "");
+    m_drawn = !final;
   } else {
     std::fprintf(stderr, "%s: %s\n", m_label.c_str(), tail);
   }

@@ -12,14 +12,17 @@ namespace elbo {
 
 class Progress {
  public:
-  // `enabled` false (e.g. on ranks other than 0) makes every call a no-op.
-  Progress(std::string label, int64_t total, bool enabled = true);
+  // `enabled` false (e.g. on ranks other than 0) makes every call a no-op;
+  // `lines` false shows the bar on a terminal and nothing elsewhere (for work that
+  // already logs its own lines, such as training).
+  Progress(std::string label, int64_t total, bool enabled = true, bool lines = true);
   ~Progress();  // finishes the line if finish() was not called
   Progress(const Progress&) = delete;
   Progress& operator=(const Progress&) = delete;
 
   void update(int64_t done);  // absolute amount of work done so far
   void finish();              // final state: 100% (or wherever it stopped) and a newline
+  void clear();               // erase a drawn bar before other output; the next update redraws it
 
  private:
   enum class Mode { Off, Bar, Lines };
@@ -29,6 +32,7 @@ class Progress {
   int64_t m_total, m_done = 0;
   Mode m_mode;
   bool m_finished = false;
+  bool m_drawn = false;  // a bar is on the screen
   int m_next_decile = 1;
   std::chrono::steady_clock::time_point m_start, m_last_draw;
 };

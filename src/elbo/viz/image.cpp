@@ -42,6 +42,23 @@ Image tile(const float* images, int n, int c, int h, int w, int cols, int pad, u
   return img;
 }
 
+Image tile_pairs(const float* inputs, const float* reconstructions, int n, int c, int h, int w, int cols) {
+  ELBO_ASSERT(n >= 1 && cols >= 1, "tile_pairs: empty grid");
+  cols = std::min(cols, n);
+  const size_t D = static_cast<size_t>(c) * h * w;
+  std::vector<float> grid;
+  int tiles = 0;
+  for (int row = 0; row < n; row += cols) {
+    const int k = std::min(cols, n - row);
+    for (const float* src : {inputs, reconstructions}) {
+      grid.insert(grid.end(), src + row * D, src + (row + k) * D);
+      grid.resize(grid.size() + (cols - k) * D, 1.0f);  // blank (white) tiles
+      tiles += cols;
+    }
+  }
+  return tile(grid.data(), tiles, c, h, w, cols);
+}
+
 namespace {
 
 // libpng reports errors through a callback that must not return: it records the

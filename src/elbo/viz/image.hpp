@@ -19,6 +19,10 @@ struct Image {
 // `pad`-pixel border of `background`. Values are clamped to [0, 1]; c must be 1 or 3.
 Image tile(const float* images, int n, int c, int h, int w, int cols, int pad = 2, uint8_t background = 255);
 
+// Inputs beside their reconstructions: a row of `cols` inputs, then a row of their
+// reconstructions, and so on; a short last row is left blank on the right.
+Image tile_pairs(const float* inputs, const float* reconstructions, int n, int c, int h, int w, int cols);
+
 // Writes `img` to `path` through a temporary file and a rename, so a crash never
 // leaves half a PNG; Io errors name the file.
 void write_png(const std::string& path, const Image& img);
