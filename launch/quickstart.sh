@@ -22,4 +22,4 @@ fi
 run_dir="runs/fmnist_mlp-$(date +%Y%m%d-%H%M%S)"
 mpirun -np 2 --bind-to core build/src/elbo train configs/fmnist_mlp.yaml \
   --set output.dir="$run_dir" --set train.threads=1 "$@"
-echo "quickstart: model, metrics and evaluation are in $run_dir"
+echo "quickstart: model, metrics, evaluation and pictures (samples.png, recon.png) are in $run_dir"
