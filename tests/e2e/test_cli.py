@@ -11,7 +11,7 @@ import harness  # noqa: E402
 
 a = harness.parse_args(__doc__)
 TRAIN, TEST = f"{a.data}/train", f"{a.data}/test"
-failures = []
+checks = harness.Checks()
 
 
 def run(np_, *args, timeout=300):
@@ -19,18 +19,13 @@ def run(np_, *args, timeout=300):
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        failures.append(f"HANG: {' '.join(cmd)}")
+        checks(False, f"HANG: {' '.join(cmd)}")
         return None
     return r
 
 
 def check(cond, what, r=None):
-    if cond:
-        print(f"ok   {what}")
-    else:
-        detail = f"\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}" if r is not None else ""
-        print(f"FAIL {what}{detail}")
-        failures.append(what)
+    checks(cond, what, f"--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}" if r is not None else "")
 
 
 def base_sets(out):
@@ -69,7 +64,7 @@ if r is not None and r.returncode == 0:
     def evaluate(np_, k):
         r = run(np_, "eval", model, "--data", TEST, "--iw-samples", str(k), "--batch-size", "333")
         check(r is not None and r.returncode == 0, f"eval np={np_} k={k} exits 0", r)
-        m = re.search(r"test -ELBO ([\d.]+) nats.*IWAE\(k=\d+\) NLL ([\d.]+) nats \| 10000 samples", r.stdout)
+        m = re.search(r"test -ELBO ([\d.]+) nats.*IWAE\(k=\d+\) NLL ([\d.]+) nats \| active units \d+/8 \| 10000 samples", r.stdout)
         check(m is not None, f"eval np={np_} prints the bounds", r)
         return (float(m.group(1)), float(m.group(2))) if m else (np.nan, np.nan)
     e1, i1 = evaluate(1, 5)
@@ -157,8 +152,4 @@ if os.path.exists(os.path.join(run_dir, "model.h5")):
     expect_error("truncated shard", ["train", a.spec, *base_sets(os.path.join(bad, "o4")),
                                      "--set", f"data.train={broken}"], re.escape(shard))
 
-print(f"{len(failures)} failure(s)")
-if failures:
-    for f in failures:
-        print("  -", f)
-    sys.exit(1)
+checks.finish()
