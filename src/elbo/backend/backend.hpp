@@ -31,6 +31,19 @@ struct AdamArgs {
   int64_t step = 1;
 };
 
+// A 2-D convolution over NCHW tensors with PyTorch's semantics: cross-correlation,
+// weight (k, c, r, s), the same stride and zero padding in both dimensions. A
+// transposed convolution is this shape read backwards (its input is dy, its output
+// dx): ConvTranspose2d(cin -> cout) is ConvShape{c = cout, k = cin} on the larger
+// image, with PyTorch's (cin, cout, r, s) weight as is.
+struct ConvShape {
+  int n = 0, c = 0, h = 0, w = 0;  // input: batch, channels, height, width
+  int k = 0, r = 0, s = 0;         // output channels, kernel height and width
+  int stride = 1, pad = 0;
+  int out_h() const { return (h + 2 * pad - r) / stride + 1; }
+  int out_w() const { return (w + 2 * pad - s) / stride + 1; }
+};
+
 template <class T>
 class Backend {
  public:
@@ -58,6 +71,28 @@ class Backend {
   // dpre = dout * act'(pre) (written; may alias dout), db += column sums of dpre.
   virtual void bias_act_backward(Activation act, int rows, int cols, const T* pre, const T* out,
                                  const T* dout, T* dpre, T* db) = 0;
+
+  // --- convolutions and per-sample normalization (NCHW) ---
+  // y (n, k, oh, ow) = conv(x (n, c, h, w), w (k, c, r, s)); written.
+  virtual void conv2d_forward(const ConvShape& s, const T* x, const T* w, T* y) = 0;
+  // dx (n, c, h, w) from dy (n, k, oh, ow); written.
+  virtual void conv2d_backward_data(const ConvShape& s, const T* dy, const T* w, T* dx) = 0;
+  // dw (k, c, r, s) += the filter gradient from x and dy.
+  virtual void conv2d_backward_filter(const ConvShape& s, const T* x, const T* dy, T* dw) = 0;
+  // Per-channel bias and activation over (n, c, hw): pre += bias[c]; out = act(pre).
+  // out may alias pre only for Identity.
+  virtual void channel_bias_act_forward(Activation act, int n, int c, int hw, const T* bias, T* pre, T* out) = 0;
+  // dpre = dout * act'(pre) (written; may alias dout), db[c] += its sum over (n, hw).
+  virtual void channel_bias_act_backward(Activation act, int n, int c, int hw, const T* pre, const T* out,
+                                         const T* dout, T* dpre, T* db) = 0;
+  // GroupNorm over (n, c, hw) in `groups` groups of channels, per sample (no batch
+  // statistics, so no cross-rank communication): y = (x - mean) * rstd * gamma[c] +
+  // beta[c]; stats (n, groups, 2) keeps [mean, rstd] for the backward pass.
+  virtual void group_norm_forward(int n, int c, int hw, int groups, T eps, const T* x, const T* gamma,
+                                  const T* beta, T* y, T* stats) = 0;
+  // dx (written) and dgamma, dbeta (+=) from dy, with the forward pass's stats.
+  virtual void group_norm_backward(int n, int c, int hw, int groups, const T* x, const T* gamma, const T* stats,
+                                   const T* dy, T* dx, T* dgamma, T* dbeta) = 0;
 
   // --- randomness: out[r, j] = N(0,1) keyed by (seed, stream, step, first_item + r, j) ---
   virtual void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows,

@@ -76,26 +76,54 @@ void CpuBackend<T>::gemm(bool trans_a, bool trans_b, int m, int n, int k, T alph
     cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+namespace {
+
+// out[i] = act(pre[i]) over one contiguous run; out may alias pre only for Identity.
+template <class T>
+void activate(Activation act, const T* p, T* o, size_t len) {
+  switch (act) {
+    case Activation::Identity:
+      if (o != p) std::memcpy(o, p, sizeof(T) * len);
+      break;
+    case Activation::Relu:
+      for (size_t i = 0; i < len; ++i) o[i] = p[i] > T(0) ? p[i] : T(0);
+      break;
+    case Activation::Tanh:
+      for (size_t i = 0; i < len; ++i) o[i] = std::tanh(p[i]);
+      break;
+    case Activation::Softplus:
+      for (size_t i = 0; i < len; ++i) o[i] = softplus(p[i]);
+      break;
+  }
+}
+
+// d[i] = g[i] * act'(pre[i]) over one contiguous run (tanh' from the output).
+template <class T>
+void activate_backward(Activation act, const T* p, const T* o, const T* g, T* d, size_t len) {
+  switch (act) {
+    case Activation::Identity:
+      if (d != g) std::memcpy(d, g, sizeof(T) * len);
+      break;
+    case Activation::Relu:
+      for (size_t i = 0; i < len; ++i) d[i] = p[i] > T(0) ? g[i] : T(0);
+      break;
+    case Activation::Tanh:
+      for (size_t i = 0; i < len; ++i) d[i] = g[i] * (T(1) - o[i] * o[i]);
+      break;
+    case Activation::Softplus:
+      for (size_t i = 0; i < len; ++i) d[i] = g[i] * sigmoid(p[i]);
+      break;
+  }
+}
+
+}  // namespace
+
 template <class T>
 void CpuBackend<T>::bias_act_forward(Activation act, int rows, int cols, const T* bias, T* pre, T* out) {
   for (int r = 0; r < rows; ++r) {
     T* p = pre + static_cast<size_t>(r) * cols;
-    T* o = out + static_cast<size_t>(r) * cols;
     for (int c = 0; c < cols; ++c) p[c] += bias[c];
-    switch (act) {
-      case Activation::Identity:
-        if (o != p) std::memcpy(o, p, sizeof(T) * cols);
-        break;
-      case Activation::Relu:
-        for (int c = 0; c < cols; ++c) o[c] = p[c] > T(0) ? p[c] : T(0);
-        break;
-      case Activation::Tanh:
-        for (int c = 0; c < cols; ++c) o[c] = std::tanh(p[c]);
-        break;
-      case Activation::Softplus:
-        for (int c = 0; c < cols; ++c) o[c] = softplus(p[c]);
-        break;
-    }
+    activate(act, p, out + static_cast<size_t>(r) * cols, cols);
   }
 }
 
@@ -103,27 +131,36 @@ template <class T>
 void CpuBackend<T>::bias_act_backward(Activation act, int rows, int cols, const T* pre, const T* out,
                                       const T* dout, T* dpre, T* db) {
   for (int r = 0; r < rows; ++r) {
-    size_t off = static_cast<size_t>(r) * cols;
-    const T* p = pre + off;
-    const T* o = out + off;
-    const T* g = dout + off;
+    const size_t off = static_cast<size_t>(r) * cols;
     T* d = dpre + off;
-    switch (act) {
-      case Activation::Identity:
-        if (d != g) std::memcpy(d, g, sizeof(T) * cols);
-        break;
-      case Activation::Relu:
-        for (int c = 0; c < cols; ++c) d[c] = p[c] > T(0) ? g[c] : T(0);
-        break;
-      case Activation::Tanh:
-        for (int c = 0; c < cols; ++c) d[c] = g[c] * (T(1) - o[c] * o[c]);
-        break;
-      case Activation::Softplus:
-        for (int c = 0; c < cols; ++c) d[c] = g[c] * sigmoid(p[c]);
-        break;
-    }
+    activate_backward(act, pre + off, out + off, dout + off, d, cols);
     for (int c = 0; c < cols; ++c) db[c] += d[c];
   }
+}
+
+template <class T>
+void CpuBackend<T>::channel_bias_act_forward(Activation act, int n, int c, int hw, const T* bias, T* pre, T* out) {
+  for (int b = 0; b < n; ++b)
+    for (int ch = 0; ch < c; ++ch) {
+      const size_t off = (static_cast<size_t>(b) * c + ch) * hw;
+      T* p = pre + off;
+      for (int i = 0; i < hw; ++i) p[i] += bias[ch];
+      activate(act, p, out + off, hw);
+    }
+}
+
+template <class T>
+void CpuBackend<T>::channel_bias_act_backward(Activation act, int n, int c, int hw, const T* pre, const T* out,
+                                              const T* dout, T* dpre, T* db) {
+  for (int b = 0; b < n; ++b)
+    for (int ch = 0; ch < c; ++ch) {
+      const size_t off = (static_cast<size_t>(b) * c + ch) * hw;
+      T* d = dpre + off;
+      activate_backward(act, pre + off, out + off, dout + off, d, hw);
+      double sum = 0;
+      for (int i = 0; i < hw; ++i) sum += d[i];
+      db[ch] += static_cast<T>(sum);
+    }
 }
 
 template <class T>

@@ -2,6 +2,8 @@
 // Instantiated for float (training) and double (finite-difference checks).
 #pragma once
 
+#include <vector>
+
 #include "elbo/backend/backend.hpp"
 
 namespace elbo {
@@ -24,6 +26,16 @@ class CpuBackend final : public Backend<T> {
   void bias_act_forward(Activation act, int rows, int cols, const T* bias, T* pre, T* out) override;
   void bias_act_backward(Activation act, int rows, int cols, const T* pre, const T* out, const T* dout,
                          T* dpre, T* db) override;
+  void conv2d_forward(const ConvShape& s, const T* x, const T* w, T* y) override;
+  void conv2d_backward_data(const ConvShape& s, const T* dy, const T* w, T* dx) override;
+  void conv2d_backward_filter(const ConvShape& s, const T* x, const T* dy, T* dw) override;
+  void channel_bias_act_forward(Activation act, int n, int c, int hw, const T* bias, T* pre, T* out) override;
+  void channel_bias_act_backward(Activation act, int n, int c, int hw, const T* pre, const T* out, const T* dout,
+                                 T* dpre, T* db) override;
+  void group_norm_forward(int n, int c, int hw, int groups, T eps, const T* x, const T* gamma, const T* beta, T* y,
+                          T* stats) override;
+  void group_norm_backward(int n, int c, int hw, int groups, const T* x, const T* gamma, const T* stats, const T* dy,
+                           T* dx, T* dgamma, T* dbeta) override;
   void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows, int cols,
               T* out) override;
   void posterior_forward(int rows, int latent, const T* mulv, const T* eps, T* z, T* kl) override;
@@ -38,6 +50,11 @@ class CpuBackend final : public Backend<T> {
   void adam_step(const AdamArgs& args, size_t n, T* params, const T* grads, T* m, T* v) override;
   double sum_squares(size_t n, const T* x) override;
   void scale(size_t n, T s, T* x) override;
+
+ private:
+  // Convolution scratch (im2col columns and the GEMM's channel-major result), kept
+  // between calls so steady-state steps allocate nothing.
+  std::vector<T> m_cols, m_gemm;
 };
 
 }  // namespace elbo

@@ -1,45 +1,17 @@
 // CUDA backend kernels. Each kernel mirrors one CPU op (cpu/cpu_backend.cpp) with
 // the same formulas, so the CPU backend is the reference in the parity tests.
-#include <cublas_v2.h>
-#include <cuda_runtime.h>
-
 #include <cmath>
 #include <string>
 
-#include "elbo/backend/cuda/cuda_backend.hpp"
-#include "elbo/util/error.hpp"
+#include "elbo/backend/cuda/cuda_internal.hpp"
 
 namespace elbo {
 
 namespace {
 
-[[noreturn]] void cuda_failed(const char* call, const char* file, int line, const std::string& why) {
-  ::elbo::detail::throw_call_failed(ErrorKind::Internal, call, file, line, why);
-}
-
-#define CHECK_CUDA(call)                                                                            \
-  do {                                                                                              \
-    cudaError_t elbo_rc_ = (call);                                                                  \
-    if (elbo_rc_ != cudaSuccess) cuda_failed(#call, __FILE__, __LINE__, cudaGetErrorString(elbo_rc_)); \
-  } while (0)
-
-#define CHECK_CUBLAS(call)                                                                          \
-  do {                                                                                              \
-    cublasStatus_t elbo_rc_ = (call);                                                               \
-    if (elbo_rc_ != CUBLAS_STATUS_SUCCESS)                                                          \
-      cuda_failed(#call, __FILE__, __LINE__, cublasGetStatusString(elbo_rc_));                      \
-  } while (0)
-
-// Kernel launches report errors only through cudaGetLastError.
-#define CHECK_LAUNCH(name) CHECK_CUDA(cudaGetLastError())
-
-constexpr int kThreads = 256;
+using cuda_detail::blocks_for;
+using cuda_detail::kThreads;
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
-
-inline unsigned blocks_for(size_t n) {
-  size_t b = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(b < 65535 * 32 ? (b == 0 ? 1 : b) : 65535 * 32);
-}
 
 __device__ __forceinline__ float softplus_f(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
 __device__ __forceinline__ float sigmoid_f(float x) {
@@ -252,12 +224,6 @@ int lik_code(Likelihood l) { return l == Likelihood::Bernoulli ? 0 : l == Likeli
 
 }  // namespace
 
-struct CudaBackend::State {
-  int device = 0;
-  cudaStream_t stream = nullptr;
-  cublasHandle_t blas = nullptr;
-  double* scratch = nullptr;  // one double for reductions
-};
 
 CudaBackend::CudaBackend(int device) : m_state(std::make_unique<State>()) {
   int count = 0;
@@ -276,12 +242,7 @@ CudaBackend::CudaBackend(int device) : m_state(std::make_unique<State>()) {
   CHECK_CUDA(cudaMalloc(&m_state->scratch, sizeof(double)));
 }
 
-CudaBackend::~CudaBackend() {
-  // Destructors only release; failures here are not actionable.
-  if (m_state->scratch != nullptr) cudaFree(m_state->scratch);
-  if (m_state->blas != nullptr) cublasDestroy(m_state->blas);
-  if (m_state->stream != nullptr) cudaStreamDestroy(m_state->stream);
-}
+CudaBackend::~CudaBackend() = default;  // State::~State releases the handles and memory
 
 float* CudaBackend::allocate(size_t n) {
   void* p = nullptr;

@@ -39,6 +39,17 @@ class CudaBackend final : public Backend<float> {
   void bias_act_forward(Activation act, int rows, int cols, const float* bias, float* pre, float* out) override;
   void bias_act_backward(Activation act, int rows, int cols, const float* pre, const float* out, const float* dout,
                          float* dpre, float* db) override;
+  void conv2d_forward(const ConvShape& s, const float* x, const float* w, float* y) override;
+  void conv2d_backward_data(const ConvShape& s, const float* dy, const float* w, float* dx) override;
+  void conv2d_backward_filter(const ConvShape& s, const float* x, const float* dy, float* dw) override;
+  void channel_bias_act_forward(Activation act, int n, int c, int hw, const float* bias, float* pre,
+                                float* out) override;
+  void channel_bias_act_backward(Activation act, int n, int c, int hw, const float* pre, const float* out,
+                                 const float* dout, float* dpre, float* db) override;
+  void group_norm_forward(int n, int c, int hw, int groups, float eps, const float* x, const float* gamma,
+                          const float* beta, float* y, float* stats) override;
+  void group_norm_backward(int n, int c, int hw, int groups, const float* x, const float* gamma, const float* stats,
+                           const float* dy, float* dx, float* dgamma, float* dbeta) override;
   void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows, int cols,
               float* out) override;
   void posterior_forward(int rows, int latent, const float* mulv, const float* eps, float* z, float* kl) override;
@@ -55,8 +66,10 @@ class CudaBackend final : public Backend<float> {
   double sum_squares(size_t n, const float* x) override;
   void scale(size_t n, float s, float* x) override;
 
- private:
+ // Defined in cuda_internal.hpp, for the backend's .cu files only.
   struct State;
+
+ private:
   std::unique_ptr<State> m_state;
 };
 

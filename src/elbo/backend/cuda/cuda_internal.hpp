@@ -1,0 +1,72 @@
+// Shared by the CUDA backend's .cu files only (never by host code): the checked-call
+// macros, launch geometry, and the backend's state (stream, cuBLAS and cuDNN
+// handles, scratch memory).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cudnn.h>
+
+#include <string>
+
+#include "elbo/backend/cuda/cuda_backend.hpp"
+#include "elbo/util/error.hpp"
+
+namespace elbo {
+
+[[noreturn]] inline void cuda_failed(const char* call, const char* file, int line, const std::string& why) {
+  ::elbo::detail::throw_call_failed(ErrorKind::Internal, call, file, line, why);
+}
+
+#define CHECK_CUDA(call)                                                                               \
+  do {                                                                                                 \
+    cudaError_t elbo_rc_ = (call);                                                                     \
+    if (elbo_rc_ != cudaSuccess) ::elbo::cuda_failed(#call, __FILE__, __LINE__, cudaGetErrorString(elbo_rc_)); \
+  } while (0)
+
+#define CHECK_CUBLAS(call)                                                                             \
+  do {                                                                                                 \
+    cublasStatus_t elbo_rc_ = (call);                                                                  \
+    if (elbo_rc_ != CUBLAS_STATUS_SUCCESS)                                                             \
+      ::elbo::cuda_failed(#call, __FILE__, __LINE__, cublasGetStatusString(elbo_rc_));                 \
+  } while (0)
+
+#define CHECK_CUDNN(call)                                                                              \
+  do {                                                                                                 \
+    cudnnStatus_t elbo_rc_ = (call);                                                                   \
+    if (elbo_rc_ != CUDNN_STATUS_SUCCESS)                                                              \
+      ::elbo::cuda_failed(#call, __FILE__, __LINE__, cudnnGetErrorString(elbo_rc_));                   \
+  } while (0)
+
+// Kernel launches report errors only through cudaGetLastError.
+#define CHECK_LAUNCH(name) CHECK_CUDA(cudaGetLastError())
+
+namespace cuda_detail {
+
+constexpr int kThreads = 256;
+
+inline unsigned blocks_for(size_t n) {
+  size_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(b < 65535 * 32 ? (b == 0 ? 1 : b) : 65535 * 32);
+}
+
+}  // namespace cuda_detail
+
+struct ConvPlans;  // cuda_conv.cu: cuDNN descriptors and algorithms per convolution shape
+
+struct CudaBackend::State {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  double* scratch = nullptr;     // one double for reductions
+  cudnnHandle_t dnn = nullptr;   // created on the first convolution (MLP runs never load cuDNN)
+  void* workspace = nullptr;     // cuDNN workspace, grown to the largest plan's need, then reused
+  size_t workspace_bytes = 0;
+  float* partials = nullptr;     // per-(sample, channel) partial sums for deterministic reductions
+  size_t partials_floats = 0;
+  std::unique_ptr<ConvPlans> plans;
+  State();   // both in cuda_conv.cu, where ConvPlans is complete
+  ~State();  // releases everything above
+};
+
+}  // namespace elbo
