@@ -73,6 +73,60 @@ TEST_F(CudaParity, RandomNumbersAreTheSameStream) {
   EXPECT_LT(norm_err(get(d), want), 1e-6);
 }
 
+// cuDNN with FMA math against im2col + FP32 GEMM: the sums run in other orders, so
+// agreement is to float rounding over c*r*s terms (normalized error < 1e-5).
+TEST_F(CudaParity, ConvolutionsOnCudnn) {
+  const ConvShape shapes[] = {{8, 1, 28, 28, 32, 4, 4, 2, 1}, {8, 32, 14, 14, 64, 4, 4, 2, 1},
+                              {5, 3, 9, 7, 4, 3, 3, 1, 1}};
+  for (const ConvShape& s : shapes) {
+    const size_t nx = size_t(s.n) * s.c * s.h * s.w, ny = size_t(s.n) * s.k * s.out_h() * s.out_w(),
+                 nw = size_t(s.k) * s.c * s.r * s.s;
+    Vec x = random_vec(nx, rng), w = random_vec(nw, rng), dy = random_vec(ny, rng), dw0 = random_vec(nw, rng);
+    Vec y(ny), dx(nx), dw = dw0;
+    cpu.conv2d_forward(s, x.data(), w.data(), y.data());
+    cpu.conv2d_backward_data(s, dy.data(), w.data(), dx.data());
+    cpu.conv2d_backward_filter(s, x.data(), dy.data(), dw.data());
+    Buffer<float> gx = put(x), gw = put(w), gdy = put(dy), gdw = put(dw0), gy(*gpu, ny), gdx(*gpu, nx);
+    gpu->conv2d_forward(s, gx.data(), gw.data(), gy.data());
+    gpu->conv2d_backward_data(s, gdy.data(), gw.data(), gdx.data());
+    gpu->conv2d_backward_filter(s, gx.data(), gdy.data(), gdw.data());
+    EXPECT_LT(norm_err(get(gy), y), 1e-5) << "forward, c " << s.c << " k " << s.k;
+    EXPECT_LT(norm_err(get(gdx), dx), 1e-5) << "backward data, c " << s.c << " k " << s.k;
+    EXPECT_LT(norm_err(get(gdw), dw), 1e-5) << "backward filter (accumulating), c " << s.c << " k " << s.k;
+  }
+}
+
+TEST_F(CudaParity, ChannelBiasActivationAndGroupNorm) {
+  const int n = 6, c = 8, hw = 49, groups = 4;
+  const size_t len = size_t(n) * c * hw;
+  for (Activation act : {Activation::Identity, Activation::Relu, Activation::Tanh, Activation::Softplus}) {
+    Vec pre = random_vec(len, rng, -2, 2), bias = random_vec(c, rng), dout = random_vec(len, rng), db0 = random_vec(c, rng);
+    Vec out(len), dpre(len), db = db0, p = pre;
+    cpu.channel_bias_act_forward(act, n, c, hw, bias.data(), p.data(), out.data());
+    cpu.channel_bias_act_backward(act, n, c, hw, p.data(), out.data(), dout.data(), dpre.data(), db.data());
+    Buffer<float> gp = put(pre), gb = put(bias), gdout = put(dout), gdb = put(db0), gout(*gpu, len), gdpre(*gpu, len);
+    gpu->channel_bias_act_forward(act, n, c, hw, gb.data(), gp.data(), gout.data());
+    gpu->channel_bias_act_backward(act, n, c, hw, gp.data(), gout.data(), gdout.data(), gdpre.data(), gdb.data());
+    EXPECT_LT(norm_err(get(gout), out), 1e-6) << activation_name(act);
+    EXPECT_LT(norm_err(get(gdpre), dpre), 1e-6) << activation_name(act);
+    EXPECT_LT(norm_err(get(gdb), db), 1e-6) << activation_name(act);
+  }
+  Vec x = random_vec(len, rng, -3, 3), gamma = random_vec(c, rng, 0.5f, 1.5f), beta = random_vec(c, rng),
+      dy = random_vec(len, rng), y(len), st(size_t(n) * groups * 2), dx(len), dg(c, 0.0f), dbeta(c, 0.0f);
+  cpu.group_norm_forward(n, c, hw, groups, 1e-5f, x.data(), gamma.data(), beta.data(), y.data(), st.data());
+  cpu.group_norm_backward(n, c, hw, groups, x.data(), gamma.data(), st.data(), dy.data(), dx.data(), dg.data(),
+                          dbeta.data());
+  Buffer<float> gx = put(x), gg = put(gamma), gbeta = put(beta), gdy = put(dy), gy(*gpu, len), gst(*gpu, st.size()),
+                gdx(*gpu, len), gdg = put(Vec(c, 0.0f)), gdbeta = put(Vec(c, 0.0f));
+  gpu->group_norm_forward(n, c, hw, groups, 1e-5f, gx.data(), gg.data(), gbeta.data(), gy.data(), gst.data());
+  gpu->group_norm_backward(n, c, hw, groups, gx.data(), gg.data(), gst.data(), gdy.data(), gdx.data(), gdg.data(),
+                           gdbeta.data());
+  EXPECT_LT(norm_err(get(gy), y), 1e-6) << "group norm forward";
+  EXPECT_LT(norm_err(get(gdx), dx), 1e-5) << "group norm dx";
+  EXPECT_LT(norm_err(get(gdg), dg), 1e-5) << "group norm dgamma";
+  EXPECT_LT(norm_err(get(gdbeta), dbeta), 1e-5) << "group norm dbeta";
+}
+
 TEST_F(CudaParity, WholeVaeForwardBackwardAndAdam) {
   for (Likelihood lik : {Likelihood::Bernoulli, Likelihood::GaussianFixed, Likelihood::GaussianLearned})
     for (Activation act : {Activation::Relu, Activation::Tanh, Activation::Softplus}) {
