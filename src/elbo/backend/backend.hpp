@@ -85,6 +85,10 @@ class Backend {
   // dpre = dout * act'(pre) (written; may alias dout), db[c] += its sum over (n, hw).
   virtual void channel_bias_act_backward(Activation act, int n, int c, int hw, const T* pre, const T* out,
                                          const T* dout, T* dpre, T* db) = 0;
+  // An activation on its own (after GroupNorm): out = act(pre) over n values; dpre =
+  // dout * act'(pre) (written; may alias dout).
+  virtual void activation_forward(Activation act, size_t n, const T* pre, T* out) = 0;
+  virtual void activation_backward(Activation act, size_t n, const T* pre, const T* out, const T* dout, T* dpre) = 0;
   // GroupNorm over (n, c, hw) in `groups` groups of channels, per sample (no batch
   // statistics, so no cross-rank communication): y = (x - mean) * rstd * gamma[c] +
   // beta[c]; stats (n, groups, 2) keeps [mean, rstd] for the backward pass.

@@ -122,8 +122,7 @@ Checkpoint read_checkpoint(const std::string& path) {
     st.world_size = h5::read_attr_int(file, "world_size");
     st.train_samples = h5::read_attr_int(file, "train_samples");
     st.seed = std::stoull(h5::read_attr_string(file, "seed"));
-    const int D = c.input_shape[0] * c.input_shape[1] * c.input_shape[2];
-    VaeLayout layout(c.spec.model, D);
+    VaeLayout layout(c.spec.model, c.input_shape);
     detail::read_param_views(file, "params", layout, path, &c.params);
     detail::read_param_views(file, "optim/exp_avg", layout, path, &c.exp_avg);
     detail::read_param_views(file, "optim/exp_avg_sq", layout, path, &c.exp_avg_sq);

@@ -92,7 +92,7 @@ ModelFile read_model_file(const std::string& path) {
     mf.input_shape = detail::read_input_shape(file);
     mf.step = h5::read_attr_int(file, "step");
     mf.epochs_completed = h5::read_attr_int(file, "epochs_completed");
-    VaeLayout layout(mf.spec.model, mf.input_shape[0] * mf.input_shape[1] * mf.input_shape[2]);
+    VaeLayout layout(mf.spec.model, mf.input_shape);
     detail::read_param_views(file, "params", layout, path, &mf.params);
   } catch (const Error& e) {
     if (e.kind() == ErrorKind::Model) throw;

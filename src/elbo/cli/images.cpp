@@ -26,7 +26,7 @@ LoadedModel load_model(Communicator& comm, const std::string& command, const std
       throw usage_error(command + " --device: '" + device + "' is not one of auto, cpu, cuda");
     m.file = read_model_file(path);
     const auto& s = m.file.input_shape;
-    m.layout = std::make_unique<VaeLayout>(m.file.spec.model, s[0] * s[1] * s[2]);
+    m.layout = std::make_unique<VaeLayout>(m.file.spec.model, s);
     ExperimentSpec where = m.file.spec;  // inference needs no gradient communicator
     where.source = command + " --device";
     where.device = device;

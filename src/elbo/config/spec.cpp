@@ -3,6 +3,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -84,6 +85,66 @@ class MapReader {
   }
 
   MapReader sub(const std::string& key) { return MapReader(raw(key), m_prefix + key + ".", m_ctx); }
+
+  // A conv model's layer list: maps such as {type: conv2d, channels: 32, kernel: 4,
+  // stride: 2, padding: 1}, or bare names for entries without settings (relu, flatten).
+  std::vector<LayerSpec> layer_list(const std::string& key) {
+    YAML::Node n = raw(key);
+    const std::string where = m_prefix + key;
+    if (!n || n.IsNull()) fail(m_node, where, "is required for model.type conv (a list of layers)");
+    if (!n.IsSequence() || n.size() == 0)
+      fail(n, where, "must be a non-empty list of layers, e.g. [{type: conv2d, channels: 32, kernel: 4, stride: 2, "
+                     "padding: 1}, relu, ...]");
+    static const std::vector<std::string> kTypes = {"linear", "conv2d", "conv_transpose2d", "group_norm", "relu",
+                                                     "tanh", "softplus", "flatten", "reshape"};
+    std::vector<LayerSpec> out;
+    for (size_t i = 0; i < n.size(); ++i) {
+      const std::string at = where + "[" + std::to_string(i) + "]";
+      YAML::Node e = n[i];
+      LayerSpec l;
+      if (e.IsScalar()) {
+        l.type = e.Scalar();
+      } else {
+        MapReader r(e, at + ".", m_ctx);
+        l.type = r.required<std::string>("type");
+        if (l.type == "linear") {
+          l.features = r.required<int>("features");
+          r.check(l.features >= 1, "features", "must be >= 1", l.features);
+        } else if (l.type == "conv2d" || l.type == "conv_transpose2d") {
+          l.channels = r.required<int>("channels");
+          r.check(l.channels >= 1, "channels", "must be >= 1", l.channels);
+          l.kernel = r.get<int>("kernel", l.kernel);
+          r.check(l.kernel >= 1, "kernel", "must be >= 1", l.kernel);
+          l.stride = r.get<int>("stride", l.stride);
+          r.check(l.stride >= 1, "stride", "must be >= 1", l.stride);
+          l.padding = r.get<int>("padding", l.padding);
+          r.check(l.padding >= 0, "padding", "must be >= 0", l.padding);
+          if (l.type == "conv_transpose2d") {
+            l.output_padding = r.get<int>("output_padding", l.output_padding);
+            r.check(l.output_padding >= 0 && l.output_padding < l.stride, "output_padding",
+                    "must be >= 0 and smaller than the stride", l.output_padding);
+          }
+        } else if (l.type == "group_norm") {
+          l.groups = r.required<int>("groups");
+          r.check(l.groups >= 1, "groups", "must be >= 1", l.groups);
+        } else if (l.type == "reshape") {
+          l.shape = r.int_list("shape", {});
+          if (l.shape.size() != 3 || l.shape[0] < 1 || l.shape[1] < 1 || l.shape[2] < 1)
+            fail(r.raw("shape"), at + ".shape", "must be [C, H, W] with positive sizes");
+        }
+        r.finish({"type", "features", "channels", "kernel", "stride", "padding", "output_padding", "groups", "shape"});
+      }
+      if (std::find(kTypes.begin(), kTypes.end(), l.type) == kTypes.end())
+        fail(e, at + ".type", "unknown layer '" + l.type + "'; valid layers: " + join(kTypes));
+      if (l.type == "reshape" && l.shape.empty()) fail(e, at, "reshape needs a shape: {type: reshape, shape: [C, H, W]}");
+      if ((l.type == "linear" && l.features == 0) || ((l.type == "conv2d" || l.type == "conv_transpose2d") && l.channels == 0) ||
+          (l.type == "group_norm" && l.groups == 0))
+        fail(e, at, "'" + l.type + "' needs its settings as a mapping, e.g. {type: " + l.type +
+                        (l.type == "linear" ? ", features: 256}" : l.type == "group_norm" ? ", groups: 8}" : ", channels: 32, kernel: 3}"));
+      out.push_back(l);
+    }
+    return out;
+  }
 
   void finish(const std::vector<std::string>& known) {
     if (!m_node || !m_node.IsMap()) return;
@@ -187,15 +248,25 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
   {
     MapReader r = top.sub("model");
     auto& m = s.model;
-    m.type = r.choice("type", m.type, {"mlp"});
-    m.encoder = r.int_list("encoder", m.encoder);
-    m.decoder = r.int_list("decoder", m.decoder);
-    for (int w : m.encoder) r.check(w > 0, "encoder", "hidden widths must be >= 1", w);
-    for (int w : m.decoder) r.check(w > 0, "decoder", "hidden widths must be >= 1", w);
+    m.type = r.choice("type", m.type, {"mlp", "conv"});
+    if (m.type == "mlp") {
+      m.encoder = r.int_list("encoder", m.encoder);
+      m.decoder = r.int_list("decoder", m.decoder);
+      for (int w : m.encoder) r.check(w > 0, "encoder", "hidden widths must be >= 1", w);
+      for (int w : m.decoder) r.check(w > 0, "decoder", "hidden widths must be >= 1", w);
+      std::string act = r.choice("activation", "relu", {"relu", "tanh", "softplus"});
+      m.activation = act == "relu" ? Activation::Relu : act == "tanh" ? Activation::Tanh : Activation::Softplus;
+    } else {
+      if (r.has("activation"))
+        r.fail(r.raw("activation"), "model.activation",
+               "conv models take activations as entries of the encoder and decoder lists (e.g. {type: relu})");
+      m.encoder.clear();
+      m.decoder.clear();
+      m.conv_encoder = r.layer_list("encoder");
+      m.conv_decoder = r.layer_list("decoder");
+    }
     m.latent = r.get<int>("latent", m.latent);
     r.check(m.latent >= 1, "latent", "must be >= 1", m.latent);
-    std::string act = r.choice("activation", "relu", {"relu", "tanh", "softplus"});
-    m.activation = act == "relu" ? Activation::Relu : act == "tanh" ? Activation::Tanh : Activation::Softplus;
 
     // likelihood: either a bare type ("bernoulli") or {type, variance, sigma}.
     std::string type = "bernoulli", variance = "fixed";
@@ -363,12 +434,42 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::EndMap;
   e << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "type" << YAML::Value << s.model.type;
-  e << YAML::Key << "encoder" << YAML::Value;
-  ints(s.model.encoder);
-  e << YAML::Key << "decoder" << YAML::Value;
-  ints(s.model.decoder);
+  auto layers = [&](const std::vector<LayerSpec>& v) {
+    e << YAML::BeginSeq;
+    for (const LayerSpec& l : v) {
+      if (l.type == "relu" || l.type == "tanh" || l.type == "softplus" || l.type == "flatten") {
+        e << l.type;
+        continue;
+      }
+      e << YAML::Flow << YAML::BeginMap << YAML::Key << "type" << YAML::Value << l.type;
+      if (l.type == "linear") e << YAML::Key << "features" << YAML::Value << l.features;
+      if (l.type == "conv2d" || l.type == "conv_transpose2d") {
+        e << YAML::Key << "channels" << YAML::Value << l.channels << YAML::Key << "kernel" << YAML::Value << l.kernel
+          << YAML::Key << "stride" << YAML::Value << l.stride << YAML::Key << "padding" << YAML::Value << l.padding;
+        if (l.type == "conv_transpose2d") e << YAML::Key << "output_padding" << YAML::Value << l.output_padding;
+      }
+      if (l.type == "group_norm") e << YAML::Key << "groups" << YAML::Value << l.groups;
+      if (l.type == "reshape") {
+        e << YAML::Key << "shape" << YAML::Value;
+        ints(l.shape);
+      }
+      e << YAML::EndMap;
+    }
+    e << YAML::EndSeq;
+  };
+  if (s.model.type == "mlp") {
+    e << YAML::Key << "encoder" << YAML::Value;
+    ints(s.model.encoder);
+    e << YAML::Key << "decoder" << YAML::Value;
+    ints(s.model.decoder);
+  } else {
+    e << YAML::Key << "encoder" << YAML::Value;
+    layers(s.model.conv_encoder);
+    e << YAML::Key << "decoder" << YAML::Value;
+    layers(s.model.conv_decoder);
+  }
   e << YAML::Key << "latent" << YAML::Value << s.model.latent;
-  e << YAML::Key << "activation" << YAML::Value << activation_name(s.model.activation);
+  if (s.model.type == "mlp") e << YAML::Key << "activation" << YAML::Value << activation_name(s.model.activation);
   e << YAML::Key << "likelihood" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "type" << YAML::Value
     << (s.model.likelihood == Likelihood::Bernoulli ? "bernoulli" : "gaussian");

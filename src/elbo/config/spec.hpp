@@ -20,10 +20,23 @@ struct DataSpec {
   int64_t max_samples = 0;       // 0 = all; otherwise the first N samples of the split
 };
 
+// One entry of a convolutional model's encoder or decoder list (model.type: conv),
+// in PyTorch's terms: the list reads like an nn.Sequential.
+struct LayerSpec {
+  std::string type;        // linear | conv2d | conv_transpose2d | group_norm | relu | tanh | softplus | flatten | reshape
+  int features = 0;        // linear: output features
+  int channels = 0;        // conv2d, conv_transpose2d: output channels
+  int kernel = 3, stride = 1, padding = 0, output_padding = 0;
+  int groups = 0;          // group_norm: number of channel groups
+  std::vector<int> shape;  // reshape: [C, H, W]
+};
+
 struct ModelSpec {
-  std::string type = "mlp";
-  std::vector<int> encoder{400};
+  std::string type = "mlp";  // mlp | conv
+  std::vector<int> encoder{400};  // mlp: hidden widths
   std::vector<int> decoder{400};
+  std::vector<LayerSpec> conv_encoder;  // conv: x -> ... (then a linear head to [mu | logvar])
+  std::vector<LayerSpec> conv_decoder;  // conv: z -> ... -> the decoder output (image shape)
   int latent = 20;
   Activation activation = Activation::Relu;
   Likelihood likelihood = Likelihood::Bernoulli;

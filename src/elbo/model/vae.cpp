@@ -1,55 +1,212 @@
-// MLP VAE forward/backward over the flat buffers, written once for every backend.
+// The VAE's layers over the flat buffers, written once for every backend: the
+// layout (shapes, parameter offsets and names, initialization) and each layer kind's
+// forward and backward.
 #include "elbo/model/vae.hpp"
 
 #include <algorithm>
 #include <cmath>
 
 #include "elbo/util/error.hpp"
+#include "elbo/util/files.hpp"
 
 namespace elbo {
 
-VaeLayout::VaeLayout(const ModelSpec& spec, int input_dim) : m_spec(spec), m_input_dim(input_dim) {
-  if (input_dim < 1) throw model_error("model input dimension must be >= 1 (got " + std::to_string(input_dim) + ")");
+namespace {
+
+constexpr double kGroupNormEps = 1e-5;  // PyTorch's default
+
+std::string shape_text(const TensorShape& s) { return shape_string(std::vector<int>{s.c, s.h, s.w}, "[]"); }
+
+Activation activation_of(const std::string& type) {
+  return type == "relu" ? Activation::Relu : type == "tanh" ? Activation::Tanh : Activation::Softplus;
+}
+
+}  // namespace
+
+ConvShape Layer::conv(int rows) const {
+  if (kind == LayerKind::Conv2d) return ConvShape{rows, in.c, in.h, in.w, out.c, kernel, kernel, stride, pad};
+  // ConvTranspose2d: the convolution from its output (c = out channels) to its input.
+  return ConvShape{rows, out.c, out.h, out.w, in.c, kernel, kernel, stride, pad};
+}
+
+VaeLayout::VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape) : m_spec(spec) {
+  if (input_shape.size() != 3 || input_shape[0] < 1 || input_shape[1] < 1 || input_shape[2] < 1)
+    throw model_error("model input shape must be [C, H, W] with positive sizes (got " +
+                      shape_string(input_shape, "[]") + ")");
+  m_input = TensorShape{input_shape[0], input_shape[1], input_shape[2]};
   if (spec.latent < 1) throw model_error("model.latent must be >= 1 (got " + std::to_string(spec.latent) + ")");
-  const int L = spec.latent;
-  int in = input_dim;
-  for (size_t i = 0; i < spec.encoder.size(); ++i) {
-    m_enc.push_back(add_linear(in, spec.encoder[i], {"encoder.layers." + std::to_string(i)}, spec.encoder[i]));
-    in = spec.encoder[i];
+  if (spec.type == "conv")
+    build_conv();
+  else
+    build_mlp();
+  m_max_width = m_input.size();
+  for (const auto* list : {&m_enc, &m_dec})
+    for (const Layer& l : *list) m_max_width = std::max({m_max_width, l.in.size(), l.out.size()});
+}
+
+Layer& VaeLayout::add(std::vector<Layer>& to, Layer l, const std::vector<std::string>& names) {
+  size_t wn = 0, bn = 0;
+  std::vector<int> wshape;
+  switch (l.kind) {
+    case LayerKind::Linear:
+      wn = l.out.size() * l.in.size();
+      bn = l.out.size();
+      break;
+    case LayerKind::Conv2d:
+      wn = static_cast<size_t>(l.out.c) * l.in.c * l.kernel * l.kernel;
+      bn = static_cast<size_t>(l.out.c);
+      wshape = {l.out.c, l.in.c, l.kernel, l.kernel};
+      break;
+    case LayerKind::ConvTranspose2d:
+      wn = static_cast<size_t>(l.in.c) * l.out.c * l.kernel * l.kernel;
+      bn = static_cast<size_t>(l.out.c);
+      wshape = {l.in.c, l.out.c, l.kernel, l.kernel};
+      break;
+    case LayerKind::GroupNorm:
+      wn = bn = static_cast<size_t>(l.in.c);
+      wshape = {l.in.c};
+      break;
+  }
+  l.w = m_num_params;
+  m_num_params += wn;
+  l.b = m_num_params;
+  m_num_params += bn;
+  if (l.kind == LayerKind::Linear) {
+    // One matrix may export as several names (mu | logvar), each owning a block of rows.
+    const int rows_per_name = static_cast<int>(l.out.size() / names.size());
+    const int in = static_cast<int>(l.in.size());
+    for (size_t k = 0; k < names.size(); ++k) {
+      m_views.push_back({names[k] + ".weight", l.w + k * rows_per_name * in, {rows_per_name, in}});
+      m_views.push_back({names[k] + ".bias", l.b + k * rows_per_name, {rows_per_name}});
+    }
+  } else {
+    m_views.push_back({names[0] + ".weight", l.w, wshape});
+    m_views.push_back({names[0] + ".bias", l.b, {static_cast<int>(bn)}});
+  }
+  to.push_back(l);
+  return to.back();
+}
+
+void VaeLayout::build_mlp() {
+  const ModelSpec& s = m_spec;
+  const int D = static_cast<int>(m_input.size()), L = s.latent;
+  auto linear = [](int in, int out, Activation act) {
+    Layer l;
+    l.kind = LayerKind::Linear;
+    l.in = TensorShape{in, 1, 1};
+    l.out = TensorShape{out, 1, 1};
+    l.act = act;
+    return l;
+  };
+  int in = D;
+  for (size_t i = 0; i < s.encoder.size(); ++i) {
+    add(m_enc, linear(in, s.encoder[i], s.activation), {"encoder.layers." + std::to_string(i)});
+    in = s.encoder[i];
   }
   // mu and logvar share one (2L, H) matrix so the head is a single GEMM; their
   // names still export separately, as in the PyTorch reference.
-  m_enc_head = add_linear(in, 2 * L, {"encoder.mu", "encoder.logvar"}, L);
+  add(m_enc, linear(in, 2 * L, Activation::Identity), {"encoder.mu", "encoder.logvar"});
   in = L;
-  for (size_t i = 0; i < spec.decoder.size(); ++i) {
-    m_dec.push_back(add_linear(in, spec.decoder[i], {"decoder.layers." + std::to_string(i)}, spec.decoder[i]));
-    in = spec.decoder[i];
+  for (size_t i = 0; i < s.decoder.size(); ++i) {
+    add(m_dec, linear(in, s.decoder[i], s.activation), {"decoder.layers." + std::to_string(i)});
+    in = s.decoder[i];
   }
-  if (spec.likelihood == Likelihood::GaussianLearned)
-    m_dec_out = add_linear(in, 2 * input_dim, {"decoder.out", "decoder.logvar"}, input_dim);
+  if (s.likelihood == Likelihood::GaussianLearned)
+    add(m_dec, linear(in, 2 * D, Activation::Identity), {"decoder.out", "decoder.logvar"});
   else
-    m_dec_out = add_linear(in, input_dim, {"decoder.out"}, input_dim);
-
-  m_max_width = std::max({2 * L, m_dec_out.out, input_dim});
-  for (int w : spec.encoder) m_max_width = std::max(m_max_width, w);
-  for (int w : spec.decoder) m_max_width = std::max(m_max_width, w);
+    add(m_dec, linear(in, D, Activation::Identity), {"decoder.out"});
 }
 
-VaeLayout::Linear VaeLayout::add_linear(int in, int out, const std::vector<std::string>& names,
-                                        size_t rows_per_name) {
-  Linear l;
-  l.in = in;
-  l.out = out;
-  l.w = m_num_params;
-  m_num_params += static_cast<size_t>(out) * in;
-  l.b = m_num_params;
-  m_num_params += static_cast<size_t>(out);
-  for (size_t k = 0; k < names.size(); ++k) {
-    m_views.push_back({names[k] + ".weight", l.w + k * rows_per_name * in,
-                       {static_cast<int>(rows_per_name), in}});
-    m_views.push_back({names[k] + ".bias", l.b + k * rows_per_name, {static_cast<int>(rows_per_name)}});
+// Shape inference over a conv model's list; errors name model.KEY[i].
+std::vector<Layer> VaeLayout::build_list(const std::vector<LayerSpec>& list, TensorShape shape, const std::string& key,
+                                         const std::string& prefix, std::vector<Layer>& to) {
+  const size_t first = to.size();
+  bool may_activate = false;  // the previous entry is a layer whose output an activation may follow
+  for (size_t i = 0; i < list.size(); ++i) {
+    const LayerSpec& e = list[i];
+    const std::string at = "model." + key + "[" + std::to_string(i) + "] (" + e.type + ")";
+    const std::string name = prefix + ".layers." + std::to_string(i);
+    auto fail = [&](const std::string& why) { throw config_error(at + ": " + why); };
+    if (e.type == "relu" || e.type == "tanh" || e.type == "softplus") {
+      if (!may_activate) fail("an activation must follow a linear, conv2d, conv_transpose2d or group_norm layer");
+      to.back().act = activation_of(e.type);
+      may_activate = false;
+      continue;
+    }
+    if (e.type == "flatten") {
+      shape = TensorShape{static_cast<int>(shape.size()), 1, 1};
+      continue;
+    }
+    if (e.type == "reshape") {
+      const TensorShape t{e.shape[0], e.shape[1], e.shape[2]};
+      if (t.size() != shape.size())
+        fail("cannot reshape " + shape_text(shape) + " (" + std::to_string(shape.size()) + " values) to " +
+             shape_text(t) + " (" + std::to_string(t.size()) + ")");
+      shape = t;
+      continue;
+    }
+    Layer l;
+    l.in = shape;
+    if (e.type == "linear") {
+      l.kind = LayerKind::Linear;
+      l.out = TensorShape{e.features, 1, 1};
+    } else if (e.type == "group_norm") {
+      l.kind = LayerKind::GroupNorm;
+      if (shape.c % e.groups != 0)
+        fail(std::to_string(shape.c) + " channels do not divide into " + std::to_string(e.groups) + " groups");
+      l.groups = e.groups;
+      l.out = shape;
+    } else {
+      l.kind = e.type == "conv2d" ? LayerKind::Conv2d : LayerKind::ConvTranspose2d;
+      if (shape.h == 1 && shape.w == 1 && !to.empty() && to.back().kind == LayerKind::Linear)
+        fail("needs an image input, but the previous layer is linear; put {type: reshape, shape: [C, H, W]} between");
+      l.kernel = e.kernel;
+      l.stride = e.stride;
+      l.pad = e.padding;
+      if (l.kind == LayerKind::Conv2d) {
+        const int oh = (shape.h + 2 * e.padding - e.kernel) / e.stride + 1,
+                  ow = (shape.w + 2 * e.padding - e.kernel) / e.stride + 1;
+        if (shape.h + 2 * e.padding < e.kernel || shape.w + 2 * e.padding < e.kernel)
+          fail("kernel " + std::to_string(e.kernel) + " is larger than the padded input " + shape_text(shape));
+        l.out = TensorShape{e.channels, oh, ow};
+      } else {
+        const int oh = (shape.h - 1) * e.stride - 2 * e.padding + e.kernel + e.output_padding,
+                  ow = (shape.w - 1) * e.stride - 2 * e.padding + e.kernel + e.output_padding;
+        if (oh < 1 || ow < 1) fail("the output of " + shape_text(shape) + " would be empty");
+        l.out = TensorShape{e.channels, oh, ow};
+      }
+    }
+    add(to, l, {name});
+    shape = l.out;
+    may_activate = true;
   }
-  return l;
+  return std::vector<Layer>(to.begin() + static_cast<std::ptrdiff_t>(first), to.end());
+}
+
+void VaeLayout::build_conv() {
+  const ModelSpec& s = m_spec;
+  if (s.conv_encoder.empty() || s.conv_decoder.empty())
+    throw config_error("model.type conv needs model.encoder and model.decoder layer lists");
+  build_list(s.conv_encoder, m_input, "encoder", "encoder", m_enc);
+  const TensorShape feat = m_enc.empty() ? m_input : m_enc.back().out;
+  Layer head;
+  head.kind = LayerKind::Linear;
+  head.in = TensorShape{static_cast<int>(feat.size()), 1, 1};
+  head.out = TensorShape{2 * s.latent, 1, 1};
+  add(m_enc, head, {"encoder.mu", "encoder.logvar"});
+
+  build_list(s.conv_decoder, TensorShape{s.latent, 1, 1}, "decoder", "decoder", m_dec);
+  if (m_dec.empty()) throw config_error("model.decoder: the list has no layer with parameters");
+  TensorShape want = m_input;
+  if (s.likelihood == Likelihood::GaussianLearned) want.c *= 2;  // [mean | logvar] channels
+  const Layer& last = m_dec.back();
+  if (!(last.out == want))
+    throw config_error("model.decoder: the last layer produces " + shape_text(last.out) + " per sample but the " +
+                       likelihood_name(s.likelihood) + " likelihood of " + shape_text(m_input) + " data needs " +
+                       shape_text(want));
+  if (last.act != Activation::Identity)
+    throw config_error("model.decoder: the last layer must have no activation (it gives the likelihood's "
+                       "parameters, e.g. Bernoulli logits)");
 }
 
 const ParamView& VaeLayout::view(const std::string& name) const {
@@ -60,17 +217,44 @@ const ParamView& VaeLayout::view(const std::string& name) const {
 
 std::vector<double> VaeLayout::init_params(uint64_t seed) const {
   std::vector<double> p(m_num_params);
-  auto fill = [&](const Linear& l) {
-    double bound = 1.0 / std::sqrt(static_cast<double>(l.in));
-    size_t end = l.b + static_cast<size_t>(l.out);
-    for (size_t i = l.w; i < end; ++i)
+  auto uniform = [&](size_t begin, size_t end, double bound) {
+    for (size_t i = begin; i < end; ++i)
       p[i] = bound * (2.0 * philox_uniform(seed, RngStream::Init, 0, static_cast<uint32_t>(i), 0) - 1.0);
   };
-  for (const auto& l : m_enc) fill(l);
-  fill(m_enc_head);
-  for (const auto& l : m_dec) fill(l);
-  fill(m_dec_out);
+  for (const auto* list : {&m_enc, &m_dec})
+    for (const Layer& l : *list) {
+      const size_t end = l.b + (l.kind == LayerKind::Linear ? l.out.size() : static_cast<size_t>(l.out.c));
+      switch (l.kind) {
+        case LayerKind::Linear:
+          uniform(l.w, end, 1.0 / std::sqrt(static_cast<double>(l.in.size())));
+          break;
+        case LayerKind::Conv2d:
+          uniform(l.w, end, 1.0 / std::sqrt(static_cast<double>(l.in.c) * l.kernel * l.kernel));
+          break;
+        case LayerKind::ConvTranspose2d:
+          uniform(l.w, end, 1.0 / std::sqrt(static_cast<double>(l.out.c) * l.kernel * l.kernel));
+          break;
+        case LayerKind::GroupNorm:
+          std::fill(p.begin() + static_cast<std::ptrdiff_t>(l.w), p.begin() + static_cast<std::ptrdiff_t>(l.b), 1.0);
+          std::fill(p.begin() + static_cast<std::ptrdiff_t>(l.b),
+                    p.begin() + static_cast<std::ptrdiff_t>(l.b + l.in.c), 0.0);
+          break;
+      }
+    }
   return p;
+}
+
+template <class T>
+std::vector<typename Vae<T>::Acts> Vae<T>::make_acts(const std::vector<Layer>& layers) {
+  std::vector<Acts> out(layers.size());
+  const size_t R = static_cast<size_t>(m_max_rows);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const Layer& l = layers[i];
+    out[i].pre = Buffer<T>(m_be, R * l.out.size());
+    if (l.act != Activation::Identity) out[i].act = Buffer<T>(m_be, R * l.out.size());
+    if (l.kind == LayerKind::GroupNorm) out[i].stats = Buffer<T>(m_be, R * l.groups * 2);
+  }
+  return out;
 }
 
 template <class T>
@@ -78,17 +262,9 @@ Vae<T>::Vae(const VaeLayout& layout, Backend<T>& be, int max_rows)
     : m_layout(layout), m_be(be), m_max_rows(max_rows) {
   ELBO_ASSERT(max_rows >= 1, "a replica needs room for at least one sample");
   const size_t R = static_cast<size_t>(max_rows);
-  for (const auto& l : layout.encoder()) {
-    m_enc_pre.emplace_back(be, R * l.out);
-    m_enc_act.emplace_back(be, R * l.out);
-  }
-  for (const auto& l : layout.decoder()) {
-    m_dec_pre.emplace_back(be, R * l.out);
-    m_dec_act.emplace_back(be, R * l.out);
-  }
-  m_mulv = Buffer<T>(be, R * 2 * layout.latent());
+  m_enc_acts = make_acts(layout.encoder());
+  m_dec_acts = make_acts(layout.decoder());
   m_z = Buffer<T>(be, R * layout.latent());
-  m_out = Buffer<T>(be, R * layout.output_width());
   m_rec = Buffer<T>(be, R);
   m_kl = Buffer<T>(be, R);
   m_grad_a = Buffer<T>(be, R * layout.max_width());
@@ -96,62 +272,103 @@ Vae<T>::Vae(const VaeLayout& layout, Backend<T>& be, int max_rows)
 }
 
 template <class T>
-void Vae<T>::linear_forward(const typename VaeLayout::Linear& l, const T* params, const T* in, int rows,
-                            T* pre) {
-  // pre (rows, out) = in (rows, in) . W^T ; the bias is added by bias_act_forward.
-  m_be.gemm(false, true, rows, l.out, l.in, T(1), in, l.in, params + l.w, l.in, T(0), pre, l.out);
+void Vae<T>::layer_forward(const Layer& l, const T* params, const T* in, int rows, Acts& a) {
+  T* pre = a.pre.data();
+  switch (l.kind) {
+    case LayerKind::Linear: {
+      const int fin = static_cast<int>(l.in.size()), fout = static_cast<int>(l.out.size());
+      // pre (rows, out) = in (rows, in) . W^T ; then bias and activation.
+      m_be.gemm(false, true, rows, fout, fin, T(1), in, fin, params + l.w, fin, T(0), pre, fout);
+      m_be.bias_act_forward(l.act, rows, fout, params + l.b, pre, a.out());
+      return;
+    }
+    case LayerKind::Conv2d:
+      m_be.conv2d_forward(l.conv(rows), in, params + l.w, pre);
+      break;
+    case LayerKind::ConvTranspose2d:
+      // The transposed convolution is the data gradient of the convolution it reverses.
+      m_be.conv2d_backward_data(l.conv(rows), in, params + l.w, pre);
+      break;
+    case LayerKind::GroupNorm:
+      m_be.group_norm_forward(rows, l.in.c, l.in.h * l.in.w, l.groups, static_cast<T>(kGroupNormEps), in,
+                              params + l.w, params + l.b, pre, a.stats.data());
+      if (l.act != Activation::Identity) m_be.activation_forward(l.act, static_cast<size_t>(rows) * l.out.size(), pre, a.out());
+      return;
+  }
+  m_be.channel_bias_act_forward(l.act, rows, l.out.c, l.out.h * l.out.w, params + l.b, pre, a.out());
 }
 
 template <class T>
-void Vae<T>::linear_backward(const typename VaeLayout::Linear& l, const T* params, T* grads, const T* in,
-                             const T* dpre, int rows, T* din) {
-  // dW (out, in) += dpre^T . in
-  m_be.gemm(true, false, l.out, l.in, rows, T(1), dpre, l.out, in, l.in, T(1), grads + l.w, l.in);
-  // din (rows, in) = dpre . W   (skipped for the input layer: nothing upstream needs it)
-  if (din != nullptr)
-    m_be.gemm(false, false, rows, l.in, l.out, T(1), dpre, l.out, params + l.w, l.in, T(0), din, l.in);
+void Vae<T>::layer_backward(const Layer& l, const T* params, T* grads, const T* in, int rows, Acts& a, T* g, T* din) {
+  const T* pre = a.pre.data();
+  switch (l.kind) {
+    case LayerKind::Linear: {
+      const int fin = static_cast<int>(l.in.size()), fout = static_cast<int>(l.out.size());
+      m_be.bias_act_backward(l.act, rows, fout, pre, a.out(), g, g, grads + l.b);
+      // dW (out, in) += dpre^T . in
+      m_be.gemm(true, false, fout, fin, rows, T(1), g, fout, in, fin, T(1), grads + l.w, fin);
+      // din (rows, in) = dpre . W   (skipped where nothing upstream needs it)
+      if (din != nullptr) m_be.gemm(false, false, rows, fin, fout, T(1), g, fout, params + l.w, fin, T(0), din, fin);
+      return;
+    }
+    case LayerKind::Conv2d: {
+      const ConvShape s = l.conv(rows);
+      m_be.channel_bias_act_backward(l.act, rows, l.out.c, l.out.h * l.out.w, pre, a.out(), g, g, grads + l.b);
+      m_be.conv2d_backward_filter(s, in, g, grads + l.w);
+      if (din != nullptr) m_be.conv2d_backward_data(s, g, params + l.w, din);
+      return;
+    }
+    case LayerKind::ConvTranspose2d: {
+      // Roles swap: this layer's output gradient is the reversed convolution's input.
+      const ConvShape s = l.conv(rows);
+      m_be.channel_bias_act_backward(l.act, rows, l.out.c, l.out.h * l.out.w, pre, a.out(), g, g, grads + l.b);
+      m_be.conv2d_backward_filter(s, g, in, grads + l.w);
+      if (din != nullptr) m_be.conv2d_forward(s, g, params + l.w, din);
+      return;
+    }
+    case LayerKind::GroupNorm: {
+      const size_t n = static_cast<size_t>(rows) * l.out.size();
+      if (l.act != Activation::Identity) m_be.activation_backward(l.act, n, pre, a.out(), g, g);
+      // GroupNorm's input gradient is needed to reach gamma's effect on earlier layers;
+      // with no earlier layer it still costs one pass, written to the scratch din.
+      T* dx = din != nullptr ? din : (g == m_grad_a.data() ? m_grad_b.data() : m_grad_a.data());
+      m_be.group_norm_backward(rows, l.in.c, l.in.h * l.in.w, l.groups, in, params + l.w, a.stats.data(), g, dx,
+                               grads + l.w, grads + l.b);
+      return;
+    }
+  }
 }
 
 template <class T>
 void Vae<T>::decoder_forward(const T* params, const T* z, int rows) {
-  const Activation act = m_layout.spec().activation;
   const T* h = z;
   const auto& dec = m_layout.decoder();
   for (size_t i = 0; i < dec.size(); ++i) {
-    linear_forward(dec[i], params, h, rows, m_dec_pre[i].data());
-    m_be.bias_act_forward(act, rows, dec[i].out, params + dec[i].b, m_dec_pre[i].data(), m_dec_act[i].data());
-    h = m_dec_act[i].data();
+    layer_forward(dec[i], params, h, rows, m_dec_acts[i]);
+    h = m_dec_acts[i].out();
   }
-  const auto& out = m_layout.decoder_out();
-  linear_forward(out, params, h, rows, m_out.data());
-  m_be.bias_act_forward(Activation::Identity, rows, out.out, params + out.b, m_out.data(), m_out.data());
+}
+
+template <class T>
+void Vae<T>::encode(const T* params, const T* x, int rows) {
+  ELBO_ASSERT(rows >= 1 && rows <= m_max_rows, "batch rows exceed the replica's workspace");
+  const T* h = x;
+  const auto& enc = m_layout.encoder();
+  for (size_t i = 0; i < enc.size(); ++i) {
+    layer_forward(enc[i], params, h, rows, m_enc_acts[i]);
+    h = m_enc_acts[i].out();
+  }
 }
 
 template <class T>
 void Vae<T>::forward(const T* params, const T* x, const T* eps, int rows) {
   encode(params, x, rows);
   const int L = m_layout.latent();
-  m_be.posterior_forward(rows, L, m_mulv.data(), eps, m_z.data(), m_kl.data());
+  m_be.posterior_forward(rows, L, mulv(), eps, m_z.data(), m_kl.data());
   decoder_forward(params, m_z.data(), rows);
   const auto& s = m_layout.spec();
-  m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), m_out.data(), x,
+  m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), output(), x,
                           m_rec.data());
-}
-
-template <class T>
-void Vae<T>::encode(const T* params, const T* x, int rows) {
-  ELBO_ASSERT(rows >= 1 && rows <= m_max_rows, "batch rows exceed the replica's workspace");
-  const Activation act = m_layout.spec().activation;
-  const T* h = x;
-  const auto& enc = m_layout.encoder();
-  for (size_t i = 0; i < enc.size(); ++i) {
-    linear_forward(enc[i], params, h, rows, m_enc_pre[i].data());
-    m_be.bias_act_forward(act, rows, enc[i].out, params + enc[i].b, m_enc_pre[i].data(), m_enc_act[i].data());
-    h = m_enc_act[i].data();
-  }
-  const auto& head = m_layout.encoder_head();
-  linear_forward(head, params, h, rows, m_mulv.data());
-  m_be.bias_act_forward(Activation::Identity, rows, head.out, params + head.b, m_mulv.data(), m_mulv.data());
 }
 
 template <class T>
@@ -163,53 +380,33 @@ void Vae<T>::decode(const T* params, const T* z, int rows) {
 template <class T>
 void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
                       T kl_weight, const std::function<void(size_t)>& grads_ready) {
-  auto done = [&](const typename VaeLayout::Linear& l) {
-    if (grads_ready) grads_ready(l.w);  // weight before bias: l.w is where the layer starts
-  };
-  const Activation act = m_layout.spec().activation;
   const auto& s = m_layout.spec();
+  const auto& enc = m_layout.encoder();
+  const auto& dec = m_layout.decoder();
   T* g = m_grad_a.data();  // gradient w.r.t. the current layer's output
   T* h = m_grad_b.data();  // gradient w.r.t. its input (written next)
 
-  // Decoder output layer.
-  const auto& out = m_layout.decoder_out();
-  m_be.likelihood_backward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), m_out.data(), x,
-                           rec_weight, g);
-  m_be.bias_act_backward(Activation::Identity, rows, out.out, m_out.data(), m_out.data(), g, g, grads + out.b);
-  const auto& dec = m_layout.decoder();
-  const T* dec_in = dec.empty() ? m_z.data() : m_dec_act.back().data();
-  linear_backward(out, params, grads, dec_in, g, rows, h);
-  done(out);
-  std::swap(g, h);
+  // Layers sit in the flat buffer in forward order, so each finished layer completes
+  // grads[its first parameter, P): the gradient all-reduce may start on that range.
+  auto done = [&](const Layer& l) {
+    if (grads_ready) grads_ready(l.w);
+  };
 
-  // Decoder hidden layers, last to first; g holds d(activation of layer i).
+  m_be.likelihood_backward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), output(), x,
+                           rec_weight, g);
   for (size_t k = dec.size(); k-- > 0;) {
-    m_be.bias_act_backward(act, rows, dec[k].out, m_dec_pre[k].data(), m_dec_act[k].data(), g, g,
-                           grads + dec[k].b);
-    const T* in = k == 0 ? m_z.data() : m_dec_act[k - 1].data();
-    linear_backward(dec[k], params, grads, in, g, rows, h);
+    const T* in = k == 0 ? m_z.data() : m_dec_acts[k - 1].out();
+    layer_backward(dec[k], params, grads, in, rows, m_dec_acts[k], g, h);
     done(dec[k]);
     std::swap(g, h);
   }
 
   // g = dz. Through the reparameterization and the KL term into (mu | logvar).
-  const int L = m_layout.latent();
-  m_be.posterior_backward(rows, L, m_mulv.data(), eps, g, kl_weight, h);
+  m_be.posterior_backward(rows, m_layout.latent(), mulv(), eps, g, kl_weight, h);
   std::swap(g, h);
-  const auto& head = m_layout.encoder_head();
-  m_be.bias_act_backward(Activation::Identity, rows, head.out, m_mulv.data(), m_mulv.data(), g, g,
-                         grads + head.b);
-  const auto& enc = m_layout.encoder();
-  const T* enc_in = enc.empty() ? x : m_enc_act.back().data();
-  linear_backward(head, params, grads, enc_in, g, rows, enc.empty() ? nullptr : h);
-  done(head);
-  std::swap(g, h);
-
   for (size_t k = enc.size(); k-- > 0;) {
-    m_be.bias_act_backward(act, rows, enc[k].out, m_enc_pre[k].data(), m_enc_act[k].data(), g, g,
-                           grads + enc[k].b);
-    const T* in = k == 0 ? x : m_enc_act[k - 1].data();
-    linear_backward(enc[k], params, grads, in, g, rows, k == 0 ? nullptr : h);
+    const T* in = k == 0 ? x : m_enc_acts[k - 1].out();
+    layer_backward(enc[k], params, grads, in, rows, m_enc_acts[k], g, k == 0 ? nullptr : h);
     done(enc[k]);
     std::swap(g, h);
   }

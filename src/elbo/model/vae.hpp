@@ -1,5 +1,6 @@
-// The MLP VAE: a table of named views into ONE flat parameter buffer (and the same
-// offsets into ONE flat gradient buffer), with forward and backward written out.
+// The VAE, MLP or convolutional: a list of layers whose parameters are named views
+// into ONE flat parameter buffer (and the same offsets into ONE flat gradient
+// buffer), with forward and backward written out per layer kind.
 // Rule for backward: parameter gradients accumulate (+=), activation gradients are
 // written (=).
 #pragma once
@@ -26,44 +27,71 @@ struct ParamView {
   }
 };
 
-// Shape-only description of the network, shared by all replicas and both dtypes.
+// Per-sample tensor shape (C, H, W); a feature vector is (F, 1, 1).
+struct TensorShape {
+  int c = 1, h = 1, w = 1;
+  size_t size() const { return static_cast<size_t>(c) * h * w; }
+  bool operator==(const TensorShape&) const = default;
+};
+
+enum class LayerKind { Linear, Conv2d, ConvTranspose2d, GroupNorm };
+
+// One layer with parameters, and the activation fused after it. Weight layouts are
+// PyTorch's: Linear (out, in), Conv2d (out, in, k, k), ConvTranspose2d (in, out, k, k);
+// GroupNorm's gamma and beta sit where weight and bias would.
+struct Layer {
+  LayerKind kind = LayerKind::Linear;
+  TensorShape in, out;
+  Activation act = Activation::Identity;
+  int kernel = 1, stride = 1, pad = 0, groups = 1;
+  size_t w = 0, b = 0;  // offsets of weight (or gamma) and bias (or beta) in the flat buffer
+  // The convolution this layer computes (read backwards for ConvTranspose2d) on `rows` samples.
+  ConvShape conv(int rows) const;
+};
+
+// Shape-only description of the network, shared by all replicas and both dtypes:
+// encoder layers (the last is the linear head to [mu | logvar]) and decoder layers
+// (the last produces the likelihood's parameters in the input's shape).
 class VaeLayout {
  public:
-  VaeLayout(const ModelSpec& spec, int input_dim);
-
-  struct Linear {
-    int in = 0, out = 0;
-    size_t w = 0, b = 0;  // offsets of weight (out, in) and bias (out)
-  };
+  // `input_shape` is [C, H, W] from the data; an MLP flattens it.
+  VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape);
+  VaeLayout(const ModelSpec& spec, int input_dim) : VaeLayout(spec, std::vector<int>{1, 1, input_dim}) {}
 
   const ModelSpec& spec() const { return m_spec; }
-  int input_dim() const { return m_input_dim; }
+  int input_dim() const { return static_cast<int>(m_input.size()); }
+  const TensorShape& input_shape() const { return m_input; }
   int latent() const { return m_spec.latent; }
   // Width of the decoder output: D, or 2D ([mean | logvar]) for a learned variance.
-  int output_width() const { return m_dec_out.out; }
+  int output_width() const { return static_cast<int>(m_dec.back().out.size()); }
   size_t num_params() const { return m_num_params; }
   const std::vector<ParamView>& views() const { return m_views; }
   const ParamView& view(const std::string& name) const;
 
-  const std::vector<Linear>& encoder() const { return m_enc; }
-  const Linear& encoder_head() const { return m_enc_head; }  // -> (mu | logvar), 2L outputs
-  const std::vector<Linear>& decoder() const { return m_dec; }
-  const Linear& decoder_out() const { return m_dec_out; }
-  int max_width() const { return m_max_width; }
+  const std::vector<Layer>& encoder() const { return m_enc; }
+  const std::vector<Layer>& decoder() const { return m_dec; }
+  size_t max_width() const { return m_max_width; }  // largest per-sample tensor between layers
 
-  // PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and
-  // biases, drawn from Philox keyed by (seed, element index): identical on every rank.
+  // PyTorch's defaults: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for Linear and convolution
+  // weights and biases (fan_in of ConvTranspose2d from weight dim 1, as PyTorch
+  // computes it), gamma = 1 and beta = 0 for GroupNorm; drawn from Philox keyed by
+  // (seed, element index): identical on every rank.
   std::vector<double> init_params(uint64_t seed) const;
 
  private:
-  Linear add_linear(int in, int out, const std::vector<std::string>& names, size_t rows_per_name);
+  void build_mlp();
+  void build_conv();
+  // Appends a layer's parameters; names maps each name to the rows of the weight it owns
+  // (the linear head exports mu and logvar separately from one matrix).
+  Layer& add(std::vector<Layer>& to, Layer l, const std::vector<std::string>& names);
+  std::vector<Layer> build_list(const std::vector<LayerSpec>& list, TensorShape shape, const std::string& key,
+                                const std::string& prefix, std::vector<Layer>& to);
 
   ModelSpec m_spec;
-  int m_input_dim = 0;
+  TensorShape m_input;
   size_t m_num_params = 0;
-  int m_max_width = 0;
-  std::vector<Linear> m_enc, m_dec;
-  Linear m_enc_head, m_dec_out;
+  size_t m_max_width = 0;
+  std::vector<Layer> m_enc, m_dec;
   std::vector<ParamView> m_views;
 };
 
@@ -94,24 +122,29 @@ class Vae {
   // Results of the last pass, in backend memory.
   const T* rec() const { return m_rec.data(); }
   const T* kl() const { return m_kl.data(); }
-  const T* mulv() const { return m_mulv.data(); }    // (rows, 2L) = [mu | logvar]
-  const T* z() const { return m_z.data(); }          // (rows, L)
-  const T* output() const { return m_out.data(); }   // (rows, output_width)
+  const T* mulv() const { return m_enc_acts.back().out(); }  // (rows, 2L) = [mu | logvar]
+  const T* z() const { return m_z.data(); }                     // (rows, L)
+  const T* output() const { return m_dec_acts.back().out(); }   // (rows, output_width)
 
  private:
-  void linear_forward(const typename VaeLayout::Linear& l, const T* params, const T* in, int rows, T* pre);
-  void linear_backward(const typename VaeLayout::Linear& l, const T* params, T* grads, const T* in,
-                       const T* dpre, int rows, T* din);
+  // One layer: in -> pre-activation (m_pre[i]) -> output (m_act[i], or pre itself when
+  // the activation is the identity); stats holds GroupNorm's per-group [mean, rstd].
+  struct Acts {
+    Buffer<T> pre, act, stats;
+    T* out() { return act.size() > 0 ? act.data() : pre.data(); }
+    const T* out() const { return act.size() > 0 ? act.data() : pre.data(); }
+  };
+  void layer_forward(const Layer& l, const T* params, const T* in, int rows, Acts& a);
+  // g holds d(output) on entry and d(pre-activation) after; din (may be null) gets d(input).
+  void layer_backward(const Layer& l, const T* params, T* grads, const T* in, int rows, Acts& a, T* g, T* din);
   void decoder_forward(const T* params, const T* z, int rows);
+  std::vector<Acts> make_acts(const std::vector<Layer>& layers);
 
   const VaeLayout& m_layout;
   Backend<T>& m_be;
   int m_max_rows;
-  // Per hidden layer: pre-activation and activation, (rows, width).
-  std::vector<Buffer<T>> m_enc_pre, m_enc_act, m_dec_pre, m_dec_act;
-  Buffer<T> m_mulv;           // (rows, 2L)
+  std::vector<Acts> m_enc_acts, m_dec_acts;  // per layer; the last encoder one is [mu | logvar]
   Buffer<T> m_z;              // (rows, L)
-  Buffer<T> m_out;            // (rows, output_width)
   Buffer<T> m_rec, m_kl;      // (rows)
   Buffer<T> m_grad_a, m_grad_b;  // (rows, max width): activation gradients, ping-pong
 };

@@ -197,7 +197,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   const std::vector<int> input_shape = {train_set->channels(), train_set->height(), train_set->width()};
   const int64_t n = training_samples(spec, *train_set);
   const int D = static_cast<int>(train_set->sample_dim());
-  const VaeLayout layout(spec.model, D);
+  std::optional<VaeLayout> layout_holder;
+  collectively(comm, [&] { layout_holder.emplace(spec.model, input_shape); });  // shape errors name the layer
+  const VaeLayout& layout = *layout_holder;
   const int L = layout.latent();
   const int64_t B = spec.train.batch_size;
   const int local_rows = static_cast<int>(B / world);

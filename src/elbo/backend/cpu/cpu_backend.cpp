@@ -139,6 +139,16 @@ void CpuBackend<T>::bias_act_backward(Activation act, int rows, int cols, const 
 }
 
 template <class T>
+void CpuBackend<T>::activation_forward(Activation act, size_t n, const T* pre, T* out) {
+  activate(act, pre, out, n);
+}
+
+template <class T>
+void CpuBackend<T>::activation_backward(Activation act, size_t n, const T* pre, const T* out, const T* dout, T* dpre) {
+  activate_backward(act, pre, out, dout, dpre, n);
+}
+
+template <class T>
 void CpuBackend<T>::channel_bias_act_forward(Activation act, int n, int c, int hw, const T* bias, T* pre, T* out) {
   for (int b = 0; b < n; ++b)
     for (int ch = 0; ch < c; ++ch) {

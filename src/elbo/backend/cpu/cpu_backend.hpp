@@ -32,6 +32,8 @@ class CpuBackend final : public Backend<T> {
   void channel_bias_act_forward(Activation act, int n, int c, int hw, const T* bias, T* pre, T* out) override;
   void channel_bias_act_backward(Activation act, int n, int c, int hw, const T* pre, const T* out, const T* dout,
                                  T* dpre, T* db) override;
+  void activation_forward(Activation act, size_t n, const T* pre, T* out) override;
+  void activation_backward(Activation act, size_t n, const T* pre, const T* out, const T* dout, T* dpre) override;
   void group_norm_forward(int n, int c, int hw, int groups, T eps, const T* x, const T* gamma, const T* beta, T* y,
                           T* stats) override;
   void group_norm_backward(int n, int c, int hw, int groups, const T* x, const T* gamma, const T* stats, const T* dy,

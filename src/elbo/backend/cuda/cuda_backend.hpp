@@ -46,6 +46,9 @@ class CudaBackend final : public Backend<float> {
                                 float* out) override;
   void channel_bias_act_backward(Activation act, int n, int c, int hw, const float* pre, const float* out,
                                  const float* dout, float* dpre, float* db) override;
+  void activation_forward(Activation act, size_t n, const float* pre, float* out) override;
+  void activation_backward(Activation act, size_t n, const float* pre, const float* out, const float* dout,
+                           float* dpre) override;
   void group_norm_forward(int n, int c, int hw, int groups, float eps, const float* x, const float* gamma,
                           const float* beta, float* y, float* stats) override;
   void group_norm_backward(int n, int c, int hw, int groups, const float* x, const float* gamma, const float* stats,

@@ -85,6 +85,18 @@ __global__ void channel_bias_act_fwd_kernel(int act, size_t total, int c, int hw
   }
 }
 
+__global__ void activation_kernel(int act, size_t total, const float* pre, float* out) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
+    const float p = pre[i];
+    switch (act) {
+      case 0: out[i] = p; break;
+      case 1: out[i] = p > 0.0f ? p : 0.0f; break;
+      case 2: out[i] = tanhf(p); break;
+      default: out[i] = fmaxf(p, 0.0f) + log1pf(expf(-fabsf(p))); break;
+    }
+  }
+}
+
 __global__ void channel_act_bwd_kernel(int act, size_t total, const float* pre, const float* out, const float* dout,
                                        float* dpre) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
@@ -306,6 +318,17 @@ void CudaBackend::channel_bias_act_backward(Activation act, int n, int c, int hw
   CHECK_LAUNCH(plane_sum_kernel);
   sum_over_samples_kernel<<<(c + kThreads - 1) / kThreads, kThreads, 0, m_state->stream>>>(n, c, part, db);
   CHECK_LAUNCH(sum_over_samples_kernel);
+}
+
+void CudaBackend::activation_forward(Activation act, size_t n, const float* pre, float* out) {
+  activation_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(act_code(act), n, pre, out);
+  CHECK_LAUNCH(activation_kernel);
+}
+
+void CudaBackend::activation_backward(Activation act, size_t n, const float* pre, const float* out, const float* dout,
+                                      float* dpre) {
+  channel_act_bwd_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(act_code(act), n, pre, out, dout, dpre);
+  CHECK_LAUNCH(channel_act_bwd_kernel);
 }
 
 void CudaBackend::group_norm_forward(int n, int c, int hw, int groups, float eps, const float* x, const float* gamma,
