@@ -1,13 +1,16 @@
 // Every op's backward, and the whole VAE loss gradient, against central finite
 // differences in double precision on the CPU backend.
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <functional>
+#include <algorithm>
 #include <random>
 #include <vector>
 
 #include "elbo/backend/cpu/cpu_backend.hpp"
+#include "elbo/config/spec.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/util/error.hpp"
 
@@ -217,6 +220,144 @@ INSTANTIATE_TEST_SUITE_P(
                               Likelihood::GaussianLearned},
                       VaeCase{"no_hidden_layers", {}, {}, 2, Activation::Relu, Likelihood::Bernoulli}),
     [](const auto& info) { return std::string(info.param.name); });
+
+// A convolutional VAE with every layer kind: conv2d (stride 2, padding), group_norm,
+// fused and stand-alone activations, flatten, linear, reshape, conv_transpose2d with
+// output_padding, and a conv2d output layer.
+const char* kConvModel = R"(
+data: {train: unused}
+model:
+  type: conv
+  latent: 3
+  encoder:
+    - {type: conv2d, channels: 4, kernel: 3, stride: 2, padding: 1}
+    - {type: group_norm, groups: 2}
+    - relu
+    - {type: conv2d, channels: 4, kernel: 2, stride: 1, padding: 0}
+    - tanh
+    - flatten
+    - {type: linear, features: 6}
+    - softplus
+  decoder:
+    - {type: linear, features: 16}
+    - relu
+    - {type: reshape, shape: [4, 2, 2]}
+    - {type: conv_transpose2d, channels: 3, kernel: 3, stride: 2, padding: 1, output_padding: 1}
+    - {type: group_norm, groups: 3}
+    - softplus
+    - {type: conv2d, channels: CH, kernel: 3, stride: 1, padding: 1}
+)";
+
+class ConvVaeGrad : public ::testing::TestWithParam<Likelihood> {};
+
+TEST_P(ConvVaeGrad, WholeLossGradientMatchesFiniteDifferences) {
+  const Likelihood lik = GetParam();
+  std::string yaml = kConvModel;
+  yaml.replace(yaml.find("CH"), 2, lik == Likelihood::GaussianLearned ? "4" : "2");
+  yaml += lik == Likelihood::Bernoulli ? "  likelihood: bernoulli\n"
+          : lik == Likelihood::GaussianFixed ? "  likelihood: {type: gaussian, sigma: 0.7}\n"
+                                             : "  likelihood: {type: gaussian, variance: learned}\n";
+  const ExperimentSpec spec = parse_spec(yaml, "conv test spec");
+  const VaeLayout layout(spec.model, std::vector<int>{2, 4, 4});
+  EXPECT_EQ(layout.decoder().back().out, (TensorShape{lik == Likelihood::GaussianLearned ? 4 : 2, 4, 4}));
+  const int rows = 3, D = layout.input_dim(), L = layout.latent();
+  CpuBackend<double> be;
+  Vae<double> vae(layout, be, rows);
+  std::mt19937_64 rng(17);
+  Vec params = layout.init_params(5);
+  for (auto& p : params) p += 0.03;  // off zero: relu kinks away from the probes, gamma != 1
+  Vec x = random_vec(static_cast<size_t>(rows) * D, rng, 0, 1), eps = random_vec(rows * L, rng, -1.5, 1.5);
+  const double rw = 1.0 / rows, kw = 0.6 / rows;
+  auto loss = [&](const Vec& p) {
+    vae.forward(p.data(), x.data(), eps.data(), rows);
+    double s = 0;
+    for (int r = 0; r < rows; ++r) s += rw * vae.rec()[r] + kw * vae.kl()[r];
+    return s;
+  };
+  loss(params);
+  Vec grads(params.size(), 0.0);
+  std::vector<size_t> ready;
+  vae.backward(params.data(), grads.data(), x.data(), eps.data(), rows, rw, kw,
+               [&](size_t offset) { ready.push_back(offset); });
+  expect_gradient(loss, params, grads, "conv_vae", 1e-6, 5e-6);
+  // Every layer with parameters reports, from the end of the buffer to its start.
+  ASSERT_EQ(ready.size(), layout.encoder().size() + layout.decoder().size());
+  EXPECT_TRUE(std::is_sorted(ready.rbegin(), ready.rend()));
+  EXPECT_EQ(ready.back(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Likelihoods, ConvVaeGrad,
+                         ::testing::Values(Likelihood::Bernoulli, Likelihood::GaussianFixed,
+                                           Likelihood::GaussianLearned));
+
+TEST(ConvLayout, ShapeErrorsNameTheLayer) {
+  auto layout_error = [](const std::string& model, std::vector<int> shape) -> std::string {
+    try {
+      VaeLayout layout(parse_spec(model, "spec.yaml").model, shape);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  };
+  const std::string head = "data: {train: unused}\nmodel:\n  type: conv\n  latent: 2\n";
+  EXPECT_THAT(layout_error(head + "  encoder: [{type: conv2d, channels: 4, kernel: 9}]\n"
+                                  "  decoder: [{type: linear, features: 16}]\n", {1, 4, 4}),
+              ::testing::HasSubstr("model.encoder[0] (conv2d): kernel 9 is larger than the padded input [1, 4, 4]"));
+  EXPECT_THAT(layout_error(head + "  encoder: [relu]\n  decoder: [{type: linear, features: 16}]\n", {1, 4, 4}),
+              ::testing::HasSubstr("model.encoder[0] (relu): an activation must follow"));
+  EXPECT_THAT(layout_error(head + "  encoder: [{type: conv2d, channels: 3, kernel: 3}, {type: group_norm, groups: 2}]\n"
+                                  "  decoder: [{type: linear, features: 16}]\n", {1, 4, 4}),
+              ::testing::HasSubstr("model.encoder[1] (group_norm): 3 channels do not divide into 2 groups"));
+  EXPECT_THAT(layout_error(head + "  encoder: [flatten]\n  decoder: [{type: linear, features: 8}, "
+                                  "{type: conv_transpose2d, channels: 1, kernel: 2}]\n", {1, 4, 4}),
+              ::testing::HasSubstr("model.decoder[1] (conv_transpose2d): needs an image input"));
+  EXPECT_THAT(layout_error(head + "  encoder: [flatten]\n  decoder: [{type: linear, features: 8}, "
+                                  "{type: reshape, shape: [2, 2, 3]}]\n", {1, 4, 4}),
+              ::testing::HasSubstr("model.decoder[1] (reshape): cannot reshape [8, 1, 1] (8 values) to [2, 2, 3] (12)"));
+  EXPECT_THAT(layout_error(head + "  encoder: [flatten]\n  decoder: [{type: linear, features: 15}]\n", {1, 4, 4}),
+              ::testing::HasSubstr("model.decoder: the last layer produces [15, 1, 1] per sample but the bernoulli "
+                                   "likelihood of [1, 4, 4] data needs [1, 4, 4]"));
+  EXPECT_THAT(layout_error(head + "  encoder: [flatten]\n  decoder: [{type: linear, features: 16}, relu]\n", {1, 4, 4}),
+              ::testing::HasSubstr("the last layer must have no activation"));
+  // The spec parser catches what needs no shapes, naming the entry's key.
+  EXPECT_THAT(layout_error(head + "  encoder: [{type: conv3d, channels: 2}]\n  decoder: [relu]\n", {1, 4, 4}),
+              ::testing::HasSubstr("model.encoder[0].type: unknown layer 'conv3d'"));
+  EXPECT_THAT(layout_error(head + "  encoder: [{type: conv2d, kernel: 3}]\n  decoder: [relu]\n", {1, 4, 4}),
+              ::testing::HasSubstr("model.encoder[0].channels: is required"));
+  EXPECT_THAT(layout_error(head + "  activation: relu\n  encoder: [flatten]\n  decoder: [relu]\n", {1, 4, 4}),
+              ::testing::HasSubstr("model.activation: conv models take activations as entries"));
+}
+
+TEST(ConvLayout, NamesAndShapesFollowPyTorchSequential) {
+  const ExperimentSpec spec = parse_spec(std::string(R"(
+data: {train: unused}
+model:
+  type: conv
+  latent: 8
+  encoder: [{type: conv2d, channels: 16, kernel: 4, stride: 2, padding: 1}, relu, {type: group_norm, groups: 4}, flatten]
+  decoder: [{type: linear, features: 784}, relu, {type: reshape, shape: [16, 7, 7]},
+            {type: conv_transpose2d, channels: 1, kernel: 4, stride: 2, padding: 1}]
+)"), "spec.yaml");
+  const VaeLayout layout(spec.model, std::vector<int>{1, 14, 14});
+  EXPECT_EQ(layout.view("encoder.layers.0.weight").shape, (std::vector<int>{16, 1, 4, 4}));
+  EXPECT_EQ(layout.view("encoder.layers.2.weight").shape, (std::vector<int>{16}));  // GroupNorm gamma
+  EXPECT_EQ(layout.view("encoder.mu.weight").shape, (std::vector<int>{8, 16 * 7 * 7}));
+  EXPECT_EQ(layout.view("decoder.layers.3.weight").shape, (std::vector<int>{16, 1, 4, 4}));  // (in, out, k, k)
+  EXPECT_EQ(layout.decoder().back().out, (TensorShape{1, 14, 14}));
+  const Vec p = layout.init_params(3);
+  const auto& gamma = layout.view("encoder.layers.2.weight");
+  const auto& beta = layout.view("encoder.layers.2.bias");
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_EQ(p[gamma.offset + i], 1.0);
+    EXPECT_EQ(p[beta.offset + i], 0.0);
+  }
+  // ConvTranspose2d's bound uses fan_in = weight.size(1) * k * k = 1 * 16, as PyTorch computes it.
+  const auto& wt = layout.view("decoder.layers.3.weight");
+  double maxabs = 0;
+  for (size_t i = 0; i < wt.numel(); ++i) maxabs = std::max(maxabs, std::abs(p[wt.offset + i]));
+  EXPECT_LE(maxabs, 0.25);
+  EXPECT_GT(maxabs, 0.2);
+}
 
 TEST(VaeLayout, NamesAndShapesFollowPyTorchLinear) {
   ModelSpec ms;

@@ -107,6 +107,8 @@ class MapReader {
       } else {
         MapReader r(e, at + ".", m_ctx);
         l.type = r.required<std::string>("type");
+        if (std::find(kTypes.begin(), kTypes.end(), l.type) == kTypes.end())
+          fail(r.raw("type"), at + ".type", "unknown layer '" + l.type + "'; valid layers: " + join(kTypes));
         if (l.type == "linear") {
           l.features = r.required<int>("features");
           r.check(l.features >= 1, "features", "must be >= 1", l.features);

@@ -200,7 +200,8 @@ void VaeLayout::build_conv() {
   TensorShape want = m_input;
   if (s.likelihood == Likelihood::GaussianLearned) want.c *= 2;  // [mean | logvar] channels
   const Layer& last = m_dec.back();
-  if (!(last.out == want))
+  // A flat last layer of the right size is fine too: (n, C*H*W) is the same memory as NCHW.
+  if (!(last.out == want) && !(last.kind == LayerKind::Linear && last.out.size() == want.size()))
     throw config_error("model.decoder: the last layer produces " + shape_text(last.out) + " per sample but the " +
                        likelihood_name(s.likelihood) + " likelihood of " + shape_text(m_input) + " data needs " +
                        shape_text(want));
