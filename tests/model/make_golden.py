@@ -2,7 +2,7 @@
 """Writes the golden reference for tests/model/test_golden.cpp: the same VAE in
 PyTorch (float64), its inputs, weights, eps, forward values, every parameter
 gradient, and three torch.optim steps. Usage: make_golden.py OUT.h5"""
-import math, sys
+import json, math, sys
 import h5py, numpy as np, torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -52,6 +52,84 @@ class Vae(nn.Module):
         return rec, kl, mu, logvar, z, out
 
 
+class ConvVae(nn.Module):
+    """The same spec list as elbo's model.type conv, as nn.Sequential (so parameter names
+    match: encoder.layers.<index in the list>.weight)."""
+
+    def __init__(self, shape, enc, L, dec, lik):
+        super().__init__()
+        self.lik, self.shape = lik, shape
+        self.encoder = nn.Module()
+        self.encoder.layers, feat = self.sequential(enc, shape)
+        n = feat[0] * feat[1] * feat[2]
+        self.encoder.mu, self.encoder.logvar = nn.Linear(n, L), nn.Linear(n, L)
+        self.decoder = nn.Module()
+        self.decoder.layers, _ = self.sequential(dec, (L, 1, 1))
+
+    @staticmethod
+    def sequential(spec, shape):
+        mods = []
+        c, h, w = shape
+        for e in spec:
+            t = e if isinstance(e, str) else e["type"]
+            if t in ("relu", "tanh", "softplus"):
+                mods.append({"relu": nn.ReLU(), "tanh": nn.Tanh(), "softplus": nn.Softplus()}[t])
+            elif t == "flatten":
+                mods.append(nn.Flatten()); c, h, w = c * h * w, 1, 1
+            elif t == "reshape":
+                mods.append(nn.Unflatten(1, tuple(e["shape"]))); c, h, w = e["shape"]
+            elif t == "linear":
+                mods.append(nn.Linear(c * h * w, e["features"])); c, h, w = e["features"], 1, 1
+            elif t == "group_norm":
+                mods.append(nn.GroupNorm(e["groups"], c))
+            elif t == "conv2d":
+                k, s_, p = e["kernel"], e.get("stride", 1), e.get("padding", 0)
+                mods.append(nn.Conv2d(c, e["channels"], k, s_, p))
+                c, h, w = e["channels"], (h + 2 * p - k) // s_ + 1, (w + 2 * p - k) // s_ + 1
+            elif t == "conv_transpose2d":
+                k, s_, p, op = e["kernel"], e.get("stride", 1), e.get("padding", 0), e.get("output_padding", 0)
+                mods.append(nn.ConvTranspose2d(c, e["channels"], k, s_, p, op))
+                c, h, w = e["channels"], (h - 1) * s_ - 2 * p + k + op, (w - 1) * s_ - 2 * p + k + op
+        return nn.Sequential(*mods), (c, h, w)
+
+    def forward(self, x, eps, sigma):
+        B = x.shape[0]
+        h = self.encoder.layers(x.view(B, *self.shape)).flatten(1)
+        mu, logvar = self.encoder.mu(h), self.encoder.logvar(h)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        out = self.decoder.layers(z)
+        C = self.shape[0]
+        if self.lik == "gaussian_learned":
+            mean, lv = out[:, :C].flatten(1), out[:, C:].flatten(1)
+            rec = 0.5 * ((x - mean) ** 2 * torch.exp(-lv) + lv + math.log(2 * math.pi)).sum(1)
+        elif self.lik == "bernoulli":
+            rec = F.binary_cross_entropy_with_logits(out.flatten(1), x, reduction="none").sum(1)
+        else:
+            rec = 0.5 * ((x - out.flatten(1)) ** 2 / sigma**2 + math.log(2 * math.pi * sigma**2)).sum(1)
+        kl = -0.5 * (1 + logvar - mu**2 - torch.exp(logvar)).sum(1)
+        return rec, kl, mu, logvar, z, out.flatten(1)
+
+
+CONV_ENC = [{"type": "conv2d", "channels": 4, "kernel": 4, "stride": 2, "padding": 1}, {"type": "group_norm", "groups": 2},
+            "relu", {"type": "conv2d", "channels": 6, "kernel": 3, "stride": 1, "padding": 1}, "softplus", "flatten",
+            {"type": "linear", "features": 10}, "tanh"]
+
+
+def conv_dec(out_channels):
+    return [{"type": "linear", "features": 24}, "relu", {"type": "reshape", "shape": [6, 2, 2]},
+            {"type": "conv_transpose2d", "channels": 4, "kernel": 4, "stride": 2, "padding": 1},
+            {"type": "group_norm", "groups": 4}, "relu",
+            {"type": "conv_transpose2d", "channels": out_channels, "kernel": 3, "stride": 2, "padding": 1,
+             "output_padding": 1}]
+
+
+CONV_CASES = [
+    dict(name="conv_bern", shape=(2, 8, 8), enc=CONV_ENC, L=3, dec=conv_dec(2), lik="bernoulli", beta=1.0, B=3,
+         sigma=1.0, opt="adam", wd=0.0),
+    dict(name="conv_gauss_learned", shape=(1, 8, 8), enc=CONV_ENC, L=2, dec=conv_dec(2), lik="gaussian_learned",
+         beta=0.7, B=2, sigma=1.0, opt="adamw", wd=0.05),
+]
+
 CASES = [
     dict(name="bern_relu", D=12, enc=[10, 8], L=3, dec=[8, 10], act="relu", lik="bernoulli", beta=1.0, B=5,
          sigma=1.0, opt="adam", wd=0.0),
@@ -66,8 +144,13 @@ def main(path):
     torch.manual_seed(1234)
     with h5py.File(path, "w") as f:
         f.attrs["version"] = 1
-        for c in CASES:
-            m = Vae(c["D"], c["enc"], c["L"], c["dec"], c["act"], c["lik"])
+        for c in CASES + CONV_CASES:
+            conv = "shape" in c
+            if conv:
+                c["D"] = int(np.prod(c["shape"]))
+                m = ConvVae(c["shape"], c["enc"], c["L"], c["dec"], c["lik"])
+            else:
+                m = Vae(c["D"], c["enc"], c["L"], c["dec"], c["act"], c["lik"])
             with torch.no_grad():
                 for n, p in m.named_parameters():
                     if n.endswith("bias"):
@@ -83,9 +166,18 @@ def main(path):
             for k in ("D", "L", "B"):
                 g.attrs[k] = c[k]
             g.attrs["beta"], g.attrs["sigma"] = c["beta"], c["sigma"]
-            g.attrs["activation"], g.attrs["likelihood"] = c["act"], c["lik"]
-            g.attrs["encoder"] = np.array(c["enc"], dtype=np.int32)
-            g.attrs["decoder"] = np.array(c["dec"], dtype=np.int32)
+            g.attrs["likelihood"] = c["lik"]
+            if conv:
+                # elbo reads the model from this spec text (JSON is YAML).
+                lik = {"bernoulli": "bernoulli", "gaussian_learned": {"type": "gaussian", "variance": "learned"}}
+                g.attrs["spec"] = json.dumps({"data": {"train": "unused"}, "model": {
+                    "type": "conv", "latent": c["L"], "encoder": c["enc"], "decoder": c["dec"],
+                    "likelihood": lik[c["lik"]]}})
+                g.attrs["shape"] = np.array(c["shape"], dtype=np.int32)
+            else:
+                g.attrs["activation"] = c["act"]
+                g.attrs["encoder"] = np.array(c["enc"], dtype=np.int32)
+                g.attrs["decoder"] = np.array(c["dec"], dtype=np.int32)
             for k, v in dict(x=x, eps=eps, rec=rec, kl=kl, mu=mu, logvar=logvar, z=z, out=out).items():
                 g[k] = v.detach().numpy()
             g["loss"] = np.array([loss.item()])
