@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """PyTorch reference for the benchmarks: the pytorch/examples VAE (784-400-20, ReLU,
-Bernoulli on pixel intensities, Adam) trained on the same elbo shards, with the
-same test metrics as `elbo eval`. Run with Debian's /usr/bin/python3 (python3-torch).
+Bernoulli on pixel intensities, Adam), or with --model conv the conv VAE of
+configs/fmnist_conv.yaml, trained on the same elbo shards, with the same test
+metrics as `elbo eval`. Run with Debian's /usr/bin/python3 (python3-torch).
 
-  pytorch_vae.py --train DIR --test DIR [--epochs 10] [--threads N] [--max-steps N]
-                 [--iw-samples K] [--device cpu|cuda] [--compile] [--no-eval] [--json OUT]
+  pytorch_vae.py --train DIR --test DIR [--model mlp|conv] [--channels-last] [--epochs 10]
+                 [--threads N] [--max-steps N] [--iw-samples K] [--device cpu|cuda] [--compile]
+                 [--no-eval] [--json OUT]
 
 On a GPU (--device cuda) it is PyTorch at its best for this model: the data on the
 device, fused Adam, no per-step host sync (the loss is accumulated on the device),
@@ -37,6 +39,33 @@ class VAE(nn.Module):
         mu, logvar = self.fc21(h), self.fc22(h)
         z = mu + torch.exp(0.5 * logvar) * eps
         logits = self.fc4(F.relu(self.fc3(z)))
+        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+        return rec, kl, mu, logvar, z
+
+
+class ConvVAE(nn.Module):
+    """configs/fmnist_conv.yaml in PyTorch: conv 32 and 64 (k4 s2 p1) to 64x7x7, a 256-unit
+    bottleneck, latent 20, and transposed convolutions back to 1x28x28 Bernoulli logits."""
+
+    def __init__(self, channels_last=False):
+        super().__init__()
+        self.channels_last = channels_last
+        self.enc = nn.Sequential(nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),
+                                 nn.Flatten(), nn.Linear(3136, 256), nn.ReLU())
+        self.mu, self.logvar = nn.Linear(256, 20), nn.Linear(256, 20)
+        self.dec = nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 3136), nn.ReLU(),
+                                 nn.Unflatten(1, (64, 7, 7)), nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),
+                                 nn.ConvTranspose2d(32, 1, 4, 2, 1))
+
+    def terms(self, x, eps):
+        img = x.view(-1, 1, 28, 28)
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        h = self.enc(img)
+        mu, logvar = self.mu(h), self.logvar(h)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        logits = self.dec(z).reshape(-1, 784)
         rec = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
         return rec, kl, mu, logvar, z
@@ -91,6 +120,9 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward/loss")
     ap.add_argument("--no-eval", action="store_true", help="speed only: skip the test-set evaluation")
+    ap.add_argument("--model", default="mlp", choices=["mlp", "conv"],
+                    help="mlp: configs/fmnist_mlp.yaml; conv: configs/fmnist_conv.yaml")
+    ap.add_argument("--channels-last", action="store_true", help="conv: NHWC memory format (cuDNN's fast path)")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -101,7 +133,9 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     xtr, xte = load_split(a.train).to(dev), load_split(a.test)
-    model = VAE().to(dev)
+    model = (ConvVAE(a.channels_last) if a.model == "conv" else VAE()).to(dev)
+    if a.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr, **({"fused": True} if cuda else {}))
 
     def loss_of(xb, eps):
@@ -144,7 +178,7 @@ def main():
         rec, kl, iw = evaluate(model.cpu(), xte, a.iw_samples)
     out = dict(test_neg_elbo=rec + kl, test_rec=rec, test_kl=kl, test_iwae=iw, train_samples_per_s=rate,
                threads=a.threads, epochs=a.epochs, steps=step, device=a.device, compiled=a.compile,
-               batch=a.batch, tf32=False)
+               batch=a.batch, tf32=False, model=a.model, channels_last=a.channels_last)
     print(f"pytorch ({a.device}{', compiled' if a.compile else ''}): test -ELBO {rec + kl:.4f} (rec {rec:.4f}, "
           f"KL {kl:.4f}) IWAE(k={a.iw_samples}) {iw:.4f} | {rate:.0f} train samples/s, batch {a.batch}")
     if a.json:

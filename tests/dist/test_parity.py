@@ -3,7 +3,8 @@
 the same global batch (48, with a short last batch of 20 rows split unevenly) and
 require every parameter tensor to agree within 1e-5 relative, with the default
 gradient buckets, with many tiny buckets (hundreds of overlapped all-reduces per
-step) and with one all-reduce after backward. A run with another seed must differ,
+step) and with one all-reduce after backward; and a small convolutional VAE (conv,
+GroupNorm, transposed conv) on 1 and 3 ranks. A run with another seed must differ,
 so the comparison itself is known to bite."""
 import os, shutil, subprocess, sys
 import h5py, numpy as np
@@ -45,6 +46,17 @@ for i, (n, label, extra) in enumerate(variants):
     print(f"np={n} ({label}) vs np=1: worst per-tensor relative error {err:.3e} ({name}), max abs diff {maxabs:.3e}")
     if err > 1e-5:
         failed = True
+CONV = ("model={type: conv, latent: 8, likelihood: bernoulli, "
+        "encoder: [{type: conv2d, channels: 8, kernel: 4, stride: 2, padding: 1}, relu, {type: group_norm, groups: 4}, "
+        "flatten], decoder: [{type: linear, features: 392}, relu, {type: reshape, shape: [8, 7, 7]}, "
+        "{type: conv_transpose2d, channels: 4, kernel: 4, stride: 2, padding: 1}, relu, "
+        "{type: conv_transpose2d, channels: 1, kernel: 4, stride: 2, padding: 1}]}")
+conv1 = train(1, "conv_np1", "--set", CONV)
+conv3 = train(3, "conv_np3", "--set", CONV, "--set", "dist.bucket_mb=0.004")
+err, name = worst(conv3, conv1)
+print(f"conv VAE np=3 (4 KB buckets) vs np=1: worst per-tensor relative error {err:.3e} ({name})")
+if err > 1e-5:
+    failed = True
 reseeded = train(2, "np2_seed9", "--set", "seed=9")
 err, _ = worst(reseeded, ref)
 print(f"seed 9 vs seed 3: per-tensor relative difference {err:.3e} (must be large)")
