@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "elbo/backend/cpu/cpu_backend.hpp"
+#include "elbo/config/spec.hpp"
 #include "elbo/model/vae.hpp"
 
 namespace elbo {
@@ -168,6 +169,41 @@ TEST_F(CudaParity, WholeVaeForwardBackwardAndAdam) {
       EXPECT_NEAR(gpu->sum_squares(gc.size(), dg2.data()), cpu.sum_squares(gc.size(), gc.data()),
                   1e-6 * cpu.sum_squares(gc.size(), gc.data()));
     }
+}
+
+// A conv VAE (conv, GroupNorm + activation, transposed conv) on cuDNN against the CPU.
+TEST_F(CudaParity, WholeConvVaeForwardBackward) {
+  const ExperimentSpec spec = parse_spec(R"(
+data: {train: unused}
+model:
+  type: conv
+  latent: 6
+  encoder: [{type: conv2d, channels: 8, kernel: 4, stride: 2, padding: 1}, {type: group_norm, groups: 4}, relu,
+            {type: conv2d, channels: 16, kernel: 3, stride: 2, padding: 1}, relu, flatten]
+  decoder: [{type: linear, features: 256}, relu, {type: reshape, shape: [16, 4, 4]},
+            {type: conv_transpose2d, channels: 8, kernel: 4, stride: 2, padding: 1}, softplus,
+            {type: conv_transpose2d, channels: 1, kernel: 4, stride: 2, padding: 1}]
+)", "conv parity spec");
+  const VaeLayout layout(spec.model, std::vector<int>{1, 16, 16});
+  const int rows = 11, D = layout.input_dim(), L = layout.latent();
+  std::vector<double> init = layout.init_params(4);
+  Vec p(init.begin(), init.end()), x = random_vec(size_t(rows) * D, rng, 0, 1), eps = random_vec(rows * L, rng);
+  Vae<float> vc(layout, cpu, rows), vg(layout, *gpu, rows);
+  Vec gc(p.size(), 0.0f);
+  vc.forward(p.data(), x.data(), eps.data(), rows);
+  vc.backward(p.data(), gc.data(), x.data(), eps.data(), rows, 1.0f / rows, 1.0f / rows);
+  Buffer<float> dp = put(p), dx = put(x), de = put(eps), dg = put(Vec(p.size(), 0.0f));
+  vg.forward(dp.data(), dx.data(), de.data(), rows);
+  vg.backward(dp.data(), dg.data(), dx.data(), de.data(), rows, 1.0f / rows, 1.0f / rows);
+  Vec rec_c(vc.rec(), vc.rec() + rows), rec_g(rows);
+  gpu->download(rec_g.data(), vg.rec(), rows);
+  EXPECT_LT(norm_err(rec_g, rec_c), 1e-5);
+  const Vec grads_g = get(dg);
+  for (const auto& v : layout.views()) {
+    Vec a(grads_g.begin() + v.offset, grads_g.begin() + v.offset + v.numel()),
+        b(gc.begin() + v.offset, gc.begin() + v.offset + v.numel());
+    EXPECT_LT(norm_err(a, b), 1e-4) << "gradient of " << v.name;
+  }
 }
 
 }  // namespace
