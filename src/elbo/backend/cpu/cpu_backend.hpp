@@ -57,6 +57,8 @@ class CpuBackend final : public Backend<T> {
   // Convolution scratch (im2col columns and the GEMM's channel-major result), kept
   // between calls so steady-state steps allocate nothing.
   std::vector<T> m_cols, m_gemm;
+  // Sizes the scratch for `s`; returns the samples per chunk.
+  int conv_scratch(const ConvShape& s);
 };
 
 }  // namespace elbo

@@ -93,6 +93,23 @@ void gemm_rm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda
                 b, ldb, beta, c, ldc);
 }
 
+// Chunk [n0, n0 + nb) of an NCHW tensor with k channels of P values, to and from the
+// channel-major (k, nb*P) layout the GEMMs use.
+template <class T>
+void to_channel_major(const T* nchw, int n0, int nb, int k, int P, T* cm) {
+  for (int b = 0; b < nb; ++b)
+    for (int c = 0; c < k; ++c)
+      std::memcpy(cm + static_cast<size_t>(c) * nb * P + static_cast<size_t>(b) * P,
+                  nchw + ((static_cast<size_t>(n0) + b) * k + c) * P, sizeof(T) * P);
+}
+template <class T>
+void from_channel_major(const T* cm, int n0, int nb, int k, int P, T* nchw) {
+  for (int b = 0; b < nb; ++b)
+    for (int c = 0; c < k; ++c)
+      std::memcpy(nchw + ((static_cast<size_t>(n0) + b) * k + c) * P,
+                  cm + static_cast<size_t>(c) * nb * P + static_cast<size_t>(b) * P, sizeof(T) * P);
+}
+
 void check_shape(const ConvShape& s, const char* op) {
   if (s.n < 1 || s.c < 1 || s.k < 1 || s.r < 1 || s.s < 1 || s.stride < 1 || s.pad < 0 || s.out_h() < 1 ||
       s.out_w() < 1)
@@ -105,22 +122,26 @@ void check_shape(const ConvShape& s, const char* op) {
 }  // namespace
 
 template <class T>
+int CpuBackend<T>::conv_scratch(const ConvShape& s) {
+  const int nb_max = chunk_samples(s);
+  const size_t P = static_cast<size_t>(s.out_h()) * s.out_w();
+  m_cols.resize(static_cast<size_t>(s.c) * s.r * s.s * nb_max * P);
+  m_gemm.resize(static_cast<size_t>(s.k) * nb_max * P);
+  return nb_max;
+}
+
+template <class T>
 void CpuBackend<T>::conv2d_forward(const ConvShape& s, const T* x, const T* w, T* y) {
   check_shape(s, "conv2d_forward");
   const int P = s.out_h() * s.out_w(), CRS = s.c * s.r * s.s;
-  const int nb_max = chunk_samples(s);
-  m_cols.resize(static_cast<size_t>(CRS) * nb_max * P);
-  m_gemm.resize(static_cast<size_t>(s.k) * nb_max * P);
+  const int nb_max = conv_scratch(s);
   for (int n0 = 0; n0 < s.n; n0 += nb_max) {
     const int nb = std::min(nb_max, s.n - n0);
     const int cols = nb * P;
     im2col(s, x + static_cast<size_t>(n0) * s.c * s.h * s.w, nb, m_cols.data());
     // (k, nb*P) = w (k, CRS) . cols (CRS, nb*P)
     gemm_rm<T>(false, false, s.k, cols, CRS, T(1), w, CRS, m_cols.data(), cols, T(0), m_gemm.data(), cols);
-    for (int b = 0; b < nb; ++b)
-      for (int k = 0; k < s.k; ++k)
-        std::memcpy(y + ((static_cast<size_t>(n0) + b) * s.k + k) * P, m_gemm.data() + static_cast<size_t>(k) * cols +
-                    static_cast<size_t>(b) * P, sizeof(T) * P);
+    from_channel_major(m_gemm.data(), n0, nb, s.k, P, y);
   }
 }
 
@@ -128,17 +149,12 @@ template <class T>
 void CpuBackend<T>::conv2d_backward_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
   check_shape(s, "conv2d_backward_data");
   const int P = s.out_h() * s.out_w(), CRS = s.c * s.r * s.s;
-  const int nb_max = chunk_samples(s);
-  m_cols.resize(static_cast<size_t>(CRS) * nb_max * P);
-  m_gemm.resize(static_cast<size_t>(s.k) * nb_max * P);
+  const int nb_max = conv_scratch(s);
   std::fill(dx, dx + static_cast<size_t>(s.n) * s.c * s.h * s.w, T(0));
   for (int n0 = 0; n0 < s.n; n0 += nb_max) {
     const int nb = std::min(nb_max, s.n - n0);
     const int cols = nb * P;
-    for (int b = 0; b < nb; ++b)
-      for (int k = 0; k < s.k; ++k)
-        std::memcpy(m_gemm.data() + static_cast<size_t>(k) * cols + static_cast<size_t>(b) * P,
-                    dy + ((static_cast<size_t>(n0) + b) * s.k + k) * P, sizeof(T) * P);
+    to_channel_major(dy, n0, nb, s.k, P, m_gemm.data());
     // dcols (CRS, nb*P) = w^T (CRS, k) . dy (k, nb*P)
     gemm_rm<T>(true, false, CRS, cols, s.k, T(1), w, CRS, m_gemm.data(), cols, T(0), m_cols.data(), cols);
     col2im(s, m_cols.data(), nb, dx + static_cast<size_t>(n0) * s.c * s.h * s.w);
@@ -149,17 +165,12 @@ template <class T>
 void CpuBackend<T>::conv2d_backward_filter(const ConvShape& s, const T* x, const T* dy, T* dw) {
   check_shape(s, "conv2d_backward_filter");
   const int P = s.out_h() * s.out_w(), CRS = s.c * s.r * s.s;
-  const int nb_max = chunk_samples(s);
-  m_cols.resize(static_cast<size_t>(CRS) * nb_max * P);
-  m_gemm.resize(static_cast<size_t>(s.k) * nb_max * P);
+  const int nb_max = conv_scratch(s);
   for (int n0 = 0; n0 < s.n; n0 += nb_max) {
     const int nb = std::min(nb_max, s.n - n0);
     const int cols = nb * P;
     im2col(s, x + static_cast<size_t>(n0) * s.c * s.h * s.w, nb, m_cols.data());
-    for (int b = 0; b < nb; ++b)
-      for (int k = 0; k < s.k; ++k)
-        std::memcpy(m_gemm.data() + static_cast<size_t>(k) * cols + static_cast<size_t>(b) * P,
-                    dy + ((static_cast<size_t>(n0) + b) * s.k + k) * P, sizeof(T) * P);
+    to_channel_major(dy, n0, nb, s.k, P, m_gemm.data());
     // dw (k, CRS) += dy (k, nb*P) . cols^T (nb*P, CRS)
     gemm_rm<T>(false, true, s.k, CRS, cols, T(1), m_gemm.data(), cols, m_cols.data(), cols, T(1), dw, CRS);
   }
@@ -230,6 +241,8 @@ void CpuBackend<T>::group_norm_backward(int n, int c, int hw, int groups, const 
     }
 }
 
+template int CpuBackend<float>::conv_scratch(const ConvShape&);
+template int CpuBackend<double>::conv_scratch(const ConvShape&);
 template void CpuBackend<float>::conv2d_forward(const ConvShape&, const float*, const float*, float*);
 template void CpuBackend<double>::conv2d_forward(const ConvShape&, const double*, const double*, double*);
 template void CpuBackend<float>::conv2d_backward_data(const ConvShape&, const float*, const float*, float*);

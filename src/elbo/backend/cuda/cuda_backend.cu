@@ -9,16 +9,13 @@ namespace elbo {
 
 namespace {
 
+using cuda_detail::act_code;
 using cuda_detail::blocks_for;
+using cuda_detail::sigmoid_f;
+using cuda_detail::softplus_f;
 using cuda_detail::kThreads;
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
 
-__device__ __forceinline__ float softplus_f(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
-__device__ __forceinline__ float sigmoid_f(float x) {
-  float e = expf(-fabsf(x));
-  float r = 1.0f / (1.0f + e);
-  return x >= 0.0f ? r : e * r;
-}
 
 __global__ void fill_kernel(float* p, float v, size_t n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) p[i] = v;
@@ -29,24 +26,7 @@ __global__ void bias_act_fwd_kernel(int act, int rows, int cols, const float* bi
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     float p = pre[i] + bias[i % cols];
     pre[i] = p;
-    switch (act) {
-      case 0: out[i] = p; break;
-      case 1: out[i] = p > 0.0f ? p : 0.0f; break;
-      case 2: out[i] = tanhf(p); break;
-      default: out[i] = softplus_f(p); break;
-    }
-  }
-}
-
-__global__ void act_bwd_kernel(int act, size_t n, const float* pre, const float* out, const float* dout, float* dpre) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    float g = dout[i];
-    switch (act) {
-      case 0: dpre[i] = g; break;
-      case 1: dpre[i] = pre[i] > 0.0f ? g : 0.0f; break;
-      case 2: dpre[i] = g * (1.0f - out[i] * out[i]); break;
-      default: dpre[i] = g * sigmoid_f(pre[i]); break;
-    }
+    out[i] = cuda_detail::activate(act, p);
   }
 }
 
@@ -211,15 +191,6 @@ __global__ void scale_kernel(size_t n, float s, float* x) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) x[i] *= s;
 }
 
-int act_code(Activation a) {
-  switch (a) {
-    case Activation::Identity: return 0;
-    case Activation::Relu: return 1;
-    case Activation::Tanh: return 2;
-    case Activation::Softplus: return 3;
-  }
-  return 0;
-}
 int lik_code(Likelihood l) { return l == Likelihood::Bernoulli ? 0 : l == Likelihood::GaussianFixed ? 1 : 2; }
 
 }  // namespace
@@ -298,9 +269,7 @@ void CudaBackend::bias_act_forward(Activation act, int rows, int cols, const flo
 
 void CudaBackend::bias_act_backward(Activation act, int rows, int cols, const float* pre, const float* out,
                                     const float* dout, float* dpre, float* db) {
-  size_t n = size_t(rows) * cols;
-  act_bwd_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(act_code(act), n, pre, out, dout, dpre);
-  CHECK_LAUNCH(act_bwd_kernel);
+  activation_backward(act, size_t(rows) * cols, pre, out, dout, dpre);
   column_sum_kernel<<<(cols + kThreads - 1) / kThreads, kThreads, 0, m_state->stream>>>(rows, cols, dpre, db);
   CHECK_LAUNCH(column_sum_kernel);
 }

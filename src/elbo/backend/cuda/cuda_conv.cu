@@ -56,6 +56,7 @@ CudaBackend::State::~State() {
 
 namespace {
 
+using cuda_detail::act_code;
 using cuda_detail::blocks_for;
 using cuda_detail::kThreads;
 
@@ -76,41 +77,19 @@ __global__ void channel_bias_act_fwd_kernel(int act, size_t total, int c, int hw
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
     const float p = pre[i] + bias[(i / hw) % c];
     pre[i] = p;
-    switch (act) {
-      case 0: out[i] = p; break;
-      case 1: out[i] = p > 0.0f ? p : 0.0f; break;
-      case 2: out[i] = tanhf(p); break;
-      default: out[i] = fmaxf(p, 0.0f) + log1pf(expf(-fabsf(p))); break;
-    }
+    out[i] = cuda_detail::activate(act, p);
   }
 }
 
 __global__ void activation_kernel(int act, size_t total, const float* pre, float* out) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
-    const float p = pre[i];
-    switch (act) {
-      case 0: out[i] = p; break;
-      case 1: out[i] = p > 0.0f ? p : 0.0f; break;
-      case 2: out[i] = tanhf(p); break;
-      default: out[i] = fmaxf(p, 0.0f) + log1pf(expf(-fabsf(p))); break;
-    }
-  }
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x)
+    out[i] = cuda_detail::activate(act, pre[i]);
 }
 
-__global__ void channel_act_bwd_kernel(int act, size_t total, const float* pre, const float* out, const float* dout,
-                                       float* dpre) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
-    const float g = dout[i];
-    switch (act) {
-      case 0: dpre[i] = g; break;
-      case 1: dpre[i] = pre[i] > 0.0f ? g : 0.0f; break;
-      case 2: dpre[i] = g * (1.0f - out[i] * out[i]); break;
-      default: {
-        const float e = expf(-fabsf(pre[i])), r = 1.0f / (1.0f + e);
-        dpre[i] = g * (pre[i] >= 0.0f ? r : e * r);
-      }
-    }
-  }
+__global__ void activation_bwd_kernel(int act, size_t total, const float* pre, const float* out, const float* dout,
+                                      float* dpre) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x)
+    dpre[i] = cuda_detail::activate_grad(act, dout[i], pre[i], out[i]);
 }
 
 // Block-wide sum in double (deterministic: a fixed tree over the threads).
@@ -206,15 +185,6 @@ __global__ void group_norm_bwd_kernel(int c, int hw, int groups, const float* x,
   }
 }
 
-int act_code(Activation a) {
-  switch (a) {
-    case Activation::Identity: return 0;
-    case Activation::Relu: return 1;
-    case Activation::Tanh: return 2;
-    case Activation::Softplus: return 3;
-  }
-  return 0;
-}
 
 // The plan for `s`, made on first use.
 ConvPlan& plan_for(CudaBackend::State& st, const ConvShape& s) {
@@ -309,10 +279,7 @@ void CudaBackend::channel_bias_act_forward(Activation act, int n, int c, int hw,
 
 void CudaBackend::channel_bias_act_backward(Activation act, int n, int c, int hw, const float* pre, const float* out,
                                             const float* dout, float* dpre, float* db) {
-  const size_t total = size_t(n) * c * hw;
-  channel_act_bwd_kernel<<<blocks_for(total), kThreads, 0, m_state->stream>>>(act_code(act), total, pre, out, dout,
-                                                                              dpre);
-  CHECK_LAUNCH(channel_act_bwd_kernel);
+  activation_backward(act, size_t(n) * c * hw, pre, out, dout, dpre);
   float* part = partials(*m_state, size_t(n) * c);
   plane_sum_kernel<<<n * c, kThreads, 0, m_state->stream>>>(hw, dpre, part);
   CHECK_LAUNCH(plane_sum_kernel);
@@ -327,8 +294,8 @@ void CudaBackend::activation_forward(Activation act, size_t n, const float* pre,
 
 void CudaBackend::activation_backward(Activation act, size_t n, const float* pre, const float* out, const float* dout,
                                       float* dpre) {
-  channel_act_bwd_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(act_code(act), n, pre, out, dout, dpre);
-  CHECK_LAUNCH(channel_act_bwd_kernel);
+  activation_bwd_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(act_code(act), n, pre, out, dout, dpre);
+  CHECK_LAUNCH(activation_bwd_kernel);
 }
 
 void CudaBackend::group_norm_forward(int n, int c, int hw, int groups, float eps, const float* x, const float* gamma,

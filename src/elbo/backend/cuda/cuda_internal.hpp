@@ -50,6 +50,41 @@ inline unsigned blocks_for(size_t n) {
   return static_cast<unsigned>(b < 65535 * 32 ? (b == 0 ? 1 : b) : 65535 * 32);
 }
 
+inline int act_code(Activation a) {
+  switch (a) {
+    case Activation::Identity: return 0;
+    case Activation::Relu: return 1;
+    case Activation::Tanh: return 2;
+    case Activation::Softplus: return 3;
+  }
+  return 0;
+}
+
+// The activations by act_code, with the CPU reference's formulas.
+__device__ __forceinline__ float softplus_f(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
+__device__ __forceinline__ float sigmoid_f(float x) {
+  float e = expf(-fabsf(x));
+  float r = 1.0f / (1.0f + e);
+  return x >= 0.0f ? r : e * r;
+}
+__device__ __forceinline__ float activate(int act, float p) {
+  switch (act) {
+    case 0: return p;
+    case 1: return p > 0.0f ? p : 0.0f;
+    case 2: return tanhf(p);
+    default: return softplus_f(p);
+  }
+}
+// d(pre) from d(out); tanh' from the output.
+__device__ __forceinline__ float activate_grad(int act, float g, float pre, float out) {
+  switch (act) {
+    case 0: return g;
+    case 1: return pre > 0.0f ? g : 0.0f;
+    case 2: return g * (1.0f - out * out);
+    default: return g * sigmoid_f(pre);
+  }
+}
+
 }  // namespace cuda_detail
 
 struct ConvPlans;  // cuda_conv.cu: cuDNN descriptors and algorithms per convolution shape
