@@ -29,3 +29,13 @@ class Checks:
     def finish(self):
         if self.failures:
             raise SystemExit(f"{len(self.failures)} check(s) failed: {self.failures}")
+
+
+# A small convolutional VAE for 28x28 data (conv, GroupNorm, transposed conv), as one
+# --set value: `--set`, harness.SMALL_CONV_MODEL.
+SMALL_CONV_MODEL = (
+    "model={type: conv, latent: 8, likelihood: bernoulli, "
+    "encoder: [{type: conv2d, channels: 8, kernel: 4, stride: 2, padding: 1}, relu, {type: group_norm, groups: 4}, "
+    "flatten], decoder: [{type: linear, features: 392}, relu, {type: reshape, shape: [8, 7, 7]}, "
+    "{type: conv_transpose2d, channels: 4, kernel: 4, stride: 2, padding: 1}, relu, "
+    "{type: conv_transpose2d, channels: 1, kernel: 4, stride: 2, padding: 1}]}")

@@ -11,7 +11,8 @@
      so, falls back to the previous valid one, and still ends bit-identical;
   5. an incompatible spec change (model.latent) is refused naming the key; a
      compatible one (optim.lr) is accepted and logged;
-  6. the checkpoint reads in h5py with the model file's parameter names."""
+  6. the checkpoint reads in h5py with the model file's parameter names;
+  7. a convolutional VAE resumed from a mid-epoch checkpoint: bit-identical."""
 import glob, os, re, shutil, signal, subprocess, sys, time
 import h5py, numpy as np
 
@@ -130,5 +131,14 @@ with h5py.File(os.path.join(ref_dir, "checkpoints", "ckpt-000000050.h5"), "r") a
           "checkpoint: /params, /optim/exp_avg, /optim/exp_avg_sq with the model file's names")
     check(f.attrs["step"] == 50 and f.attrs["world_size"] == 2 and f.attrs["epoch"] == 2 and f.attrs["batch_in_epoch"] == 10,
           "checkpoint attributes: step, world size, epoch and batch position")
+
+# 7. A conv VAE: uninterrupted against resumed from its step-25 checkpoint.
+conv_ref, conv_mid = os.path.join(a.work, "conv_ref"), os.path.join(a.work, "conv_mid")
+run(2, conv_ref, "--set", harness.SMALL_CONV_MODEL, "--set", "train.epochs=2", "--set", "checkpoint.every=25")
+run(2, conv_mid, "--set", harness.SMALL_CONV_MODEL, "--set", "train.epochs=2",
+    "--resume", os.path.join(conv_ref, "checkpoints", "ckpt-000000025.h5"))
+with h5py.File(os.path.join(conv_ref, "model.h5"), "r") as f, h5py.File(os.path.join(conv_mid, "model.h5"), "r") as g:
+    check(f.attrs["step"] == 40 and all(np.array_equal(f["params"][k][...], g["params"][k][...]) for k in f["params"]),
+          "conv VAE resumed from the mid-epoch checkpoint at step 25 == uninterrupted, bit for bit")
 
 check.finish()

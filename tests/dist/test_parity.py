@@ -46,11 +46,7 @@ for i, (n, label, extra) in enumerate(variants):
     print(f"np={n} ({label}) vs np=1: worst per-tensor relative error {err:.3e} ({name}), max abs diff {maxabs:.3e}")
     if err > 1e-5:
         failed = True
-CONV = ("model={type: conv, latent: 8, likelihood: bernoulli, "
-        "encoder: [{type: conv2d, channels: 8, kernel: 4, stride: 2, padding: 1}, relu, {type: group_norm, groups: 4}, "
-        "flatten], decoder: [{type: linear, features: 392}, relu, {type: reshape, shape: [8, 7, 7]}, "
-        "{type: conv_transpose2d, channels: 4, kernel: 4, stride: 2, padding: 1}, relu, "
-        "{type: conv_transpose2d, channels: 1, kernel: 4, stride: 2, padding: 1}]}")
+CONV = harness.SMALL_CONV_MODEL
 conv1 = train(1, "conv_np1", "--set", CONV)
 conv3 = train(3, "conv_np3", "--set", CONV, "--set", "dist.bucket_mb=0.004")
 err, name = worst(conv3, conv1)
