@@ -8,7 +8,10 @@ with ctest's skip code 77 and the reason otherwise):
   2. NCCL with 1 rank vs the MPI path with 1 rank: bit-identical parameters (a
      one-rank all-reduce is a copy).
   3. 2 ranks sharing one GPU through the MPI communicator (pinned-host staging)
-     vs 1 rank at the same global batch: 1e-5 relative per tensor, as on the CPU.
+     vs 1 rank at the same global batch: 1e-5 relative per tensor, as on the CPU;
+  4. the steady-state step replayed as a CUDA graph vs launched op by op (KL
+     warm-up first, so the run switches from eager steps to replays mid-way, and
+     a short last batch, which runs eagerly): bit-identical parameters.
 A reseeded GPU run must differ, so the comparisons can fail."""
 import csv, os, re, subprocess, sys
 import h5py, numpy as np
@@ -69,6 +72,14 @@ err, name = worst(shared, gpu)
 print(f"2 ranks sharing the GPU (mpi, staged) vs 1 rank: {err:.2e} ({name})")
 if err > 1e-5:
     failures.append("2 ranks on one GPU differ from 1 rank")
+
+mixed = ("--set", "device=cuda", "--set", "loss.kl_warmup_steps=10", "--set", "data.max_samples=2390")
+graphed, _ = train(1, "gpu_graph_on", *mixed, "--set", "train.cuda_graph=on")
+eager, _ = train(1, "gpu_graph_off", *mixed, "--set", "train.cuda_graph=off")
+same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
+print(f"CUDA graph replay vs eager launches, 50 steps: bit-identical = {same}")
+if not same:
+    failures.append("the graph-replayed steps differ from eagerly launched ones")
 
 reseeded, _ = train(1, "gpu_seed9", "--set", "device=cuda", "--set", "seed=9")
 err, _ = worst(reseeded, gpu)

@@ -44,6 +44,24 @@ void Backend<T>::free_host(void* p) noexcept {
   std::free(p);
 }
 
+namespace {
+
+class Replayed final : public CapturedWork {
+ public:
+  explicit Replayed(std::function<void()> work) : m_work(std::move(work)) {}
+  void launch() override { m_work(); }
+
+ private:
+  std::function<void()> m_work;
+};
+
+}  // namespace
+
+template <class T>
+std::unique_ptr<CapturedWork> Backend<T>::capture(std::function<void()> work) {
+  return std::make_unique<Replayed>(std::move(work));
+}
+
 template class Backend<float>;
 template class Backend<double>;
 

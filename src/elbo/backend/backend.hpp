@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -44,6 +45,15 @@ struct ConvShape {
   int out_w() const { return (w + 2 * pad - s) / stride + 1; }
 };
 
+// Work recorded once and launched again and again: a CUDA graph on the GPU (one
+// launch instead of one per kernel), the work itself on the CPU. The recorded work
+// reads the same buffers and the same scalar arguments at every launch.
+class CapturedWork {
+ public:
+  virtual ~CapturedWork() = default;
+  virtual void launch() = 0;
+};
+
 template <class T>
 class Backend {
  public:
@@ -61,6 +71,12 @@ class Backend {
   // Host memory the device copies from and to fastest (pinned on CUDA), for staging.
   virtual void* allocate_host(size_t bytes);
   virtual void free_host(void* p) noexcept;
+
+  // Records `work` (backend calls only: no upload, download or synchronize inside)
+  // for replay; nothing runs until launch(). The default keeps `work` and runs it at
+  // every launch, so `work` must own what it uses (capture values, not references
+  // to locals).
+  virtual std::unique_ptr<CapturedWork> capture(std::function<void()> work);
 
   // --- dense layers (all matrices row-major) ---
   // C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.

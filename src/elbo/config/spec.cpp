@@ -334,7 +334,8 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     t.threads = r.get<int>("threads", t.threads);
     r.check(t.threads >= 0, "threads", "must be >= 0 (0 = automatic)", t.threads);
     t.on_nonfinite = r.choice("on_nonfinite", t.on_nonfinite, {"abort", "skip"});
-    r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads", "on_nonfinite"});
+    t.cuda_graph = r.choice("cuda_graph", t.cuda_graph, {"auto", "on", "off"});
+    r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads", "on_nonfinite", "cuda_graph"});
   }
   {
     MapReader r = top.sub("eval");
@@ -503,6 +504,7 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "log_every" << YAML::Value << s.train.log_every;
   e << YAML::Key << "threads" << YAML::Value << s.train.threads;
   e << YAML::Key << "on_nonfinite" << YAML::Value << s.train.on_nonfinite;
+  e << YAML::Key << "cuda_graph" << YAML::Value << s.train.cuda_graph;
   e << YAML::EndMap;
   e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "at_end" << YAML::Value << s.eval.at_end;

@@ -69,6 +69,7 @@ struct TrainSpec {
   int64_t log_every = 100;       // steps between progress lines
   int threads = 0;               // BLAS threads per rank; 0 = cores / ranks on the node
   std::string on_nonfinite = "abort";  // abort | skip: a NaN/Inf loss or gradient ends the run or drops the step
+  std::string cuda_graph = "auto";     // auto | on | off: replay the steady-state forward/backward as one CUDA graph
 };
 
 struct CheckpointSpec {

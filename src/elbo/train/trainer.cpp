@@ -211,6 +211,11 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     backend = make_backend<float>(place.device, threads, place.gpu);
   });
   Backend<float>& be = *backend;
+  // auto: on for one GPU replica, where nothing overlaps with the backward pass and
+  // launch overhead is what a small batch pays for; with several ranks the per-layer
+  // bucketed all-reduce is worth more than the saved launches.
+  const bool use_graph = spec.train.cuda_graph == "on" ||
+                         (spec.train.cuda_graph == "auto" && place.device == DeviceKind::Cuda && world == 1);
 
   // --- the replica: one flat parameter buffer, one flat gradient buffer ---
   const size_t P = layout.num_params();
@@ -308,6 +313,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
                                             : " (GPU " + std::to_string(place.gpu) + " on rank 0)")
         << " (" << place.why << ")\n"
         << "gradients: " << sync->describe() << "\n"
+        << "step graph: " << (use_graph ? "on (steady-state forward/backward replayed as one recorded graph)" : "off")
+        << "\n"
         << "data: " << n << " training samples of shape " << shape_string(input_shape, "[]") << " from " << spec.data.train
         << "\nmodel: " << P << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
         << resume_log.str() << "resolved spec:\n" << resolved << std::flush;
@@ -357,6 +364,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   };
 
   // --- the loop ---
+  std::unique_ptr<CapturedWork> graph;  // recorded at the second steady-state step
+  bool steady_warm = false;             // a steady-state step has run op by op
   StopSignals stop(spec.checkpoint.grace_s);
   const auto t0 = Clock::now();
   const int64_t first_step = st.step;
@@ -376,7 +385,14 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       const int rows = static_cast<int>(sl.count);
       const double beta = kl_weight(spec.loss, step);
 
-      be.fill(grads.data(), 0.0f, P);
+      // The steady-state step (a full batch, the KL weight at its final value) replays
+      // one recorded forward/backward; other steps launch op by op. The first steady
+      // step runs op by op too: it makes every lazily created resource (cuDNN plans and
+      // workspace, reduction scratch), which must not be allocated while recording.
+      const bool steady = use_graph && rows == local_rows && g_rows == B && step >= spec.loss.kl_warmup_steps;
+      const bool graph_step = steady && steady_warm;
+      steady_warm = steady_warm || steady;
+      if (!graph_step) be.fill(grads.data(), 0.0f, P);
       sync->begin(step);
       // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
       double local[4] = {0, 0, 0, stop.requested() ? 1.0 : 0.0};
@@ -389,10 +405,21 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         // eps keyed by the sample's position in the global batch: the same for any world size.
         be.normal(spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(sl.begin), rows, L,
                   eps.data());
-        model.forward(params.data(), x.data(), eps.data(), rows);
-        const float w = 1.0f / static_cast<float>(g_rows);
-        model.backward(params.data(), grads.data(), x.data(), eps.data(), rows, w, static_cast<float>(beta) * w,
-                       grads_ready);
+        const float w = 1.0f / static_cast<float>(g_rows), kw = static_cast<float>(beta) * w;
+        if (graph_step) {
+          if (!graph)
+            graph = be.capture([&model, &be, p = params.data(), g = grads.data(), xp = x.data(), ep = eps.data(), rows,
+                                w, kw, P] {
+              be.fill(g, 0.0f, P);
+              model.forward(p, xp, ep, rows);
+              model.backward(p, g, xp, ep, rows, w, kw);
+            });
+          graph->launch();
+          sync->ready_from(0);  // all buckets at once: a graph gives no per-layer hook for the overlap
+        } else {
+          model.forward(params.data(), x.data(), eps.data(), rows);
+          model.backward(params.data(), grads.data(), x.data(), eps.data(), rows, w, kw, grads_ready);
+        }
         be.download(rec.data(), model.rec(), rows);
         be.download(kl.data(), model.kl(), rows);
         for (int r = 0; r < rows; ++r) {

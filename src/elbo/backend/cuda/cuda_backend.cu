@@ -211,6 +211,47 @@ CudaBackend::CudaBackend(int device) : m_state(std::make_unique<State>()) {
   // Full FP32 GEMMs: the parity tests hold the GPU to the CPU reference.
   CHECK_CUBLAS(cublasSetMathMode(m_state->blas, CUBLAS_DEFAULT_MATH));
   CHECK_CUDA(cudaMalloc(&m_state->scratch, sizeof(double)));
+  // A workspace of its own (32 MiB, NVIDIA's advice for Hopper) keeps cuBLAS from
+  // allocating inside a graph capture.
+  constexpr size_t kBlasWorkspace = size_t(32) << 20;
+  CHECK_CUDA(cudaMalloc(&m_state->blas_workspace, kBlasWorkspace));
+  CHECK_CUBLAS(cublasSetWorkspace(m_state->blas, m_state->blas_workspace, kBlasWorkspace));
+}
+
+namespace {
+
+class CudaGraph final : public CapturedWork {
+ public:
+  CudaGraph(cudaStream_t stream, cudaGraphExec_t exec) : m_stream(stream), m_exec(exec) {}
+  ~CudaGraph() override { cudaGraphExecDestroy(m_exec); }
+  void launch() override { CHECK_CUDA(cudaGraphLaunch(m_exec, m_stream)); }
+
+ private:
+  cudaStream_t m_stream;
+  cudaGraphExec_t m_exec;
+};
+
+}  // namespace
+
+std::unique_ptr<CapturedWork> CudaBackend::capture(std::function<void()> work) {
+  cudaStream_t st = m_state->stream;
+  // Thread-local mode: the checkpoint writer thread's host work cannot invalidate it.
+  CHECK_CUDA(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  try {
+    work();
+  } catch (...) {
+    cudaGraph_t partial = nullptr;
+    cudaStreamEndCapture(st, &partial);  // leave the stream usable, then report the first error
+    if (partial != nullptr) cudaGraphDestroy(partial);
+    throw;
+  }
+  cudaGraph_t graph = nullptr;
+  CHECK_CUDA(cudaStreamEndCapture(st, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t rc = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (rc != cudaSuccess) cuda_failed("cudaGraphInstantiate(&exec, graph, 0)", __FILE__, __LINE__, cudaGetErrorString(rc));
+  return std::make_unique<CudaGraph>(st, exec);
 }
 
 CudaBackend::~CudaBackend() = default;  // State::~State releases the handles and memory

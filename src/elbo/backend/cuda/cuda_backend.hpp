@@ -31,6 +31,9 @@ class CudaBackend final : public Backend<float> {
 
   // The stream every op of this backend is issued on, as a cudaStream_t; the NCCL
   // reducer orders its work against it with events.
+  // A CUDA graph of `work`, captured from this backend's stream.
+  std::unique_ptr<CapturedWork> capture(std::function<void()> work) override;
+
   void* stream_handle() const;
   int device_ordinal() const;
 

@@ -50,6 +50,7 @@ CudaBackend::State::~State() {
   if (partials != nullptr) cudaFree(partials);
   if (dnn != nullptr) cudnnDestroy(dnn);
   if (scratch != nullptr) cudaFree(scratch);
+  if (blas_workspace != nullptr) cudaFree(blas_workspace);
   if (blas != nullptr) cublasDestroy(blas);
   if (stream != nullptr) cudaStreamDestroy(stream);
 }

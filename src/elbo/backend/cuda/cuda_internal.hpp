@@ -94,6 +94,7 @@ struct CudaBackend::State {
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   double* scratch = nullptr;     // one double for reductions
+  void* blas_workspace = nullptr;  // cuBLAS's workspace, set once so that graph capture allocates nothing
   cudnnHandle_t dnn = nullptr;   // created on the first convolution (MLP runs never load cuDNN)
   void* workspace = nullptr;     // cuDNN workspace, grown to the largest plan's need, then reused
   size_t workspace_bytes = 0;
