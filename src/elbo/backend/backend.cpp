@@ -62,6 +62,13 @@ std::unique_ptr<CapturedWork> Backend<T>::capture(std::function<void()> work) {
   return std::make_unique<Replayed>(std::move(work));
 }
 
+template <class T>
+void Backend<T>::linear_forward(Activation act, int rows, int in, int out, const T* x, const T* w, const T* bias,
+                                T* pre, T* y) {
+  gemm(false, true, rows, out, in, T(1), x, in, w, in, T(0), pre, out);
+  bias_act_forward(act, rows, out, bias, pre, y);
+}
+
 template class Backend<float>;
 template class Backend<double>;
 

@@ -82,9 +82,15 @@ class Backend {
   // C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
   virtual void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda,
                     const T* b, int ldb, T beta, T* c, int ldc) = 0;
+  // A linear layer: pre (rows x out) = x (rows x in) . w^T with w (out x in), then
+  // bias_act_forward. A backend that fuses bias and activation into the GEMM (cuBLASLt
+  // epilogues) may leave pre unwritten for ReLU: ReLU's backward reads only out.
+  virtual void linear_forward(Activation act, int rows, int in, int out, const T* x, const T* w, const T* bias,
+                              T* pre, T* y);
   // pre (rows x cols) += bias; out = act(pre). out may alias pre only for Identity.
   virtual void bias_act_forward(Activation act, int rows, int cols, const T* bias, T* pre, T* out) = 0;
-  // dpre = dout * act'(pre) (written; may alias dout), db += column sums of dpre.
+  // dpre = dout * act'(pre) (written; may alias dout), db += column sums of dpre. ReLU's
+  // derivative is read from out, tanh's too; softplus's from pre.
   virtual void bias_act_backward(Activation act, int rows, int cols, const T* pre, const T* out,
                                  const T* dout, T* dpre, T* db) = 0;
 

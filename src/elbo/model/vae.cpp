@@ -278,9 +278,8 @@ void Vae<T>::layer_forward(const Layer& l, const T* params, const T* in, int row
   switch (l.kind) {
     case LayerKind::Linear: {
       const int fin = static_cast<int>(l.in.size()), fout = static_cast<int>(l.out.size());
-      // pre (rows, out) = in (rows, in) . W^T ; then bias and activation.
-      m_be.gemm(false, true, rows, fout, fin, T(1), in, fin, params + l.w, fin, T(0), pre, fout);
-      m_be.bias_act_forward(l.act, rows, fout, params + l.b, pre, a.out());
+      // pre (rows, out) = in (rows, in) . W^T ; then bias and activation (fused where the backend can).
+      m_be.linear_forward(l.act, rows, fin, fout, in, params + l.w, params + l.b, pre, a.out());
       return;
     }
     case LayerKind::Conv2d:

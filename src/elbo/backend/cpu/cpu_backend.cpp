@@ -105,7 +105,7 @@ void activate_backward(Activation act, const T* p, const T* o, const T* g, T* d,
       if (d != g) std::memcpy(d, g, sizeof(T) * len);
       break;
     case Activation::Relu:
-      for (size_t i = 0; i < len; ++i) d[i] = p[i] > T(0) ? g[i] : T(0);
+      for (size_t i = 0; i < len; ++i) d[i] = o[i] > T(0) ? g[i] : T(0);  // relu(p) > 0 exactly when p > 0
       break;
     case Activation::Tanh:
       for (size_t i = 0; i < len; ++i) d[i] = g[i] * (T(1) - o[i] * o[i]);

@@ -216,6 +216,8 @@ CudaBackend::CudaBackend(int device) : m_state(std::make_unique<State>()) {
   constexpr size_t kBlasWorkspace = size_t(32) << 20;
   CHECK_CUDA(cudaMalloc(&m_state->blas_workspace, kBlasWorkspace));
   CHECK_CUBLAS(cublasSetWorkspace(m_state->blas, m_state->blas_workspace, kBlasWorkspace));
+  m_state->blas_workspace_bytes = kBlasWorkspace;
+  CHECK_CUBLAS(cublasLtCreate(&m_state->lt));
 }
 
 namespace {
@@ -255,6 +257,20 @@ std::unique_ptr<CapturedWork> CudaBackend::capture(std::function<void()> work) {
 }
 
 CudaBackend::~CudaBackend() = default;  // State::~State releases the handles and memory
+
+CudaBackend::State::~State() {
+  // Destructors only release; failures here are not actionable.
+  plans.reset();
+  linear_plans.reset();
+  if (lt != nullptr) cublasLtDestroy(lt);
+  if (workspace != nullptr) cudaFree(workspace);
+  if (partials != nullptr) cudaFree(partials);
+  if (dnn != nullptr) cudnnDestroy(dnn);
+  if (scratch != nullptr) cudaFree(scratch);
+  if (blas_workspace != nullptr) cudaFree(blas_workspace);
+  if (blas != nullptr) cublasDestroy(blas);
+  if (stream != nullptr) cudaStreamDestroy(stream);
+}
 
 float* CudaBackend::allocate(size_t n) {
   void* p = nullptr;

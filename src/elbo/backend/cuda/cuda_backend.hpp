@@ -39,6 +39,9 @@ class CudaBackend final : public Backend<float> {
 
   void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
             int ldb, float beta, float* c, int ldc) override;
+  // Identity and ReLU: one cuBLASLt GEMM with the bias (and ReLU) epilogue; others: GEMM + kernel.
+  void linear_forward(Activation act, int rows, int in, int out, const float* x, const float* w, const float* bias,
+                      float* pre, float* y) override;
   void bias_act_forward(Activation act, int rows, int cols, const float* bias, float* pre, float* out) override;
   void bias_act_backward(Activation act, int rows, int cols, const float* pre, const float* out, const float* dout,
                          float* dpre, float* db) override;

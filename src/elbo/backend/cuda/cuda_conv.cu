@@ -41,19 +41,7 @@ struct ConvPlans {
   std::map<Key, std::unique_ptr<ConvPlan>> by_shape;
 };
 
-CudaBackend::State::State() = default;
-
-CudaBackend::State::~State() {
-  // Destructors only release; failures here are not actionable.
-  plans.reset();
-  if (workspace != nullptr) cudaFree(workspace);
-  if (partials != nullptr) cudaFree(partials);
-  if (dnn != nullptr) cudnnDestroy(dnn);
-  if (scratch != nullptr) cudaFree(scratch);
-  if (blas_workspace != nullptr) cudaFree(blas_workspace);
-  if (blas != nullptr) cublasDestroy(blas);
-  if (stream != nullptr) cudaStreamDestroy(stream);
-}
+void destroy(ConvPlans* p) noexcept { delete p; }
 
 namespace {
 
@@ -192,7 +180,7 @@ ConvPlan& plan_for(CudaBackend::State& st, const ConvShape& s) {
   if (st.dnn == nullptr) {
     CHECK_CUDNN(cudnnCreate(&st.dnn));
     CHECK_CUDNN(cudnnSetStream(st.dnn, st.stream));
-    st.plans = std::make_unique<ConvPlans>();
+    st.plans.reset(new ConvPlans());
   }
   const ConvPlans::Key key{s.n, s.c, s.h, s.w, s.k, s.r, s.s, s.stride, s.pad};
   auto it = st.plans->by_shape.find(key);

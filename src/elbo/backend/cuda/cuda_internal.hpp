@@ -3,6 +3,7 @@
 // handles, scratch memory).
 #pragma once
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cudnn.h>
@@ -79,7 +80,7 @@ __device__ __forceinline__ float activate(int act, float p) {
 __device__ __forceinline__ float activate_grad(int act, float g, float pre, float out) {
   switch (act) {
     case 0: return g;
-    case 1: return pre > 0.0f ? g : 0.0f;
+    case 1: return out > 0.0f ? g : 0.0f;  // relu(pre) > 0 exactly when pre > 0
     case 2: return g * (1.0f - out * out);
     default: return g * sigmoid_f(pre);
   }
@@ -87,22 +88,33 @@ __device__ __forceinline__ float activate_grad(int act, float g, float pre, floa
 
 }  // namespace cuda_detail
 
-struct ConvPlans;  // cuda_conv.cu: cuDNN descriptors and algorithms per convolution shape
+// Per-shape plans, each kept by the file that makes them: cuDNN convolutions
+// (cuda_conv.cu) and cuBLASLt fused GEMMs (cuda_linear.cu).
+struct ConvPlans;
+struct LinearPlans;
+void destroy(ConvPlans* p) noexcept;
+void destroy(LinearPlans* p) noexcept;
+template <class P>
+struct PlanDeleter {
+  void operator()(P* p) const noexcept { destroy(p); }
+};
 
 struct CudaBackend::State {
   int device = 0;
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   double* scratch = nullptr;     // one double for reductions
-  void* blas_workspace = nullptr;  // cuBLAS's workspace, set once so that graph capture allocates nothing
+  void* blas_workspace = nullptr;  // cuBLAS's and cuBLASLt's workspace (one stream: never used at once),
+  size_t blas_workspace_bytes = 0;  //   set once so that graph capture allocates nothing
   cudnnHandle_t dnn = nullptr;   // created on the first convolution (MLP runs never load cuDNN)
   void* workspace = nullptr;     // cuDNN workspace, grown to the largest plan's need, then reused
   size_t workspace_bytes = 0;
   float* partials = nullptr;     // per-(sample, channel) partial sums for deterministic reductions
   size_t partials_floats = 0;
-  std::unique_ptr<ConvPlans> plans;
-  State();   // both in cuda_conv.cu, where ConvPlans is complete
-  ~State();  // releases everything above
+  std::unique_ptr<ConvPlans, PlanDeleter<ConvPlans>> plans;
+  cublasLtHandle_t lt = nullptr;  // cuBLASLt, for GEMMs with the bias and ReLU fused in
+  std::unique_ptr<LinearPlans, PlanDeleter<LinearPlans>> linear_plans;
+  ~State();  // releases everything above (cuda_backend.cu)
 };
 
 }  // namespace elbo
