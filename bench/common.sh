@@ -4,8 +4,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${BUILD:-$ROOT/build}
 DATA=${DATA:-$ROOT/data/fmnist}
 PY=${ELBO_PYTHON:-/usr/bin/python3}
-ELBO=$BUILD/src/elbo
-if [[ ! -x $ELBO || ! -x $BUILD/data_tools/elbo-shard ]]; then
+ELBO=${ELBO:-$BUILD/src/elbo}  # ELBO may name a prebuilt binary (the GPU kit's)
+if [[ ! -x $ELBO || ( ! -f $DATA/train/manifest.yaml && ! -x $BUILD/data_tools/elbo-shard ) ]]; then
   cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DELBO_BUILD_TESTS=OFF >/dev/null
   cmake --build "$BUILD" -j"$(nproc)" >/dev/null
 fi
