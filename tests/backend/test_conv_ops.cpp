@@ -11,18 +11,14 @@
 #include <vector>
 
 #include "elbo/backend/cpu/cpu_backend.hpp"
+#include "test_util.hpp"
 
 namespace elbo {
 namespace {
 
-using Vec = std::vector<double>;
-
-Vec random_vec(size_t n, std::mt19937_64& rng, double lo = -1.0, double hi = 1.0) {
-  std::uniform_real_distribution<double> u(lo, hi);
-  Vec v(n);
-  for (auto& x : v) x = u(rng);
-  return v;
-}
+using test_util::expect_gradient;
+using test_util::random_vec;
+using test_util::Vec;
 
 double dot(const Vec& a, const Vec& b) {
   double s = 0;
@@ -53,21 +49,6 @@ Vec direct_conv(const ConvShape& s, const Vec& x, const Vec& w) {
           y[((size_t(b) * s.k + k) * OH + oh) * OW + ow] = acc;
         }
   return y;
-}
-
-void expect_fd(const std::function<double(const Vec&)>& f, Vec x, const Vec& g, const std::string& what,
-               double tol = 1e-7) {
-  const double h = 1e-6;
-  for (size_t i = 0; i < x.size(); ++i) {
-    const double keep = x[i];
-    x[i] = keep + h;
-    const double fp = f(x);
-    x[i] = keep - h;
-    const double fm = f(x);
-    x[i] = keep;
-    const double fd = (fp - fm) / (2 * h);
-    EXPECT_NEAR(g[i], fd, tol * std::max(1.0, std::abs(fd))) << what << "[" << i << "]";
-  }
 }
 
 // n, c, h, w, k, r, s, stride, pad: stride 1 and 2, padding, a non-square image and
@@ -118,8 +99,8 @@ TEST_P(Conv, BackwardOpsMatchFiniteDifferences) {
   Vec dx(in_size(s)), dw(w_size(s), 0.0);
   be.conv2d_backward_data(s, dy.data(), w.data(), dx.data());
   be.conv2d_backward_filter(s, x.data(), dy.data(), dw.data());
-  expect_fd([&](const Vec& v) { return loss(v, w); }, x, dx, "dx");
-  expect_fd([&](const Vec& v) { return loss(x, v); }, w, dw, "dw");
+  expect_gradient([&](const Vec& v) { return loss(v, w); }, x, dx, "dx", 1e-6, 1e-7);
+  expect_gradient([&](const Vec& v) { return loss(x, v); }, w, dw, "dw", 1e-6, 1e-7);
   // The filter gradient accumulates.
   Vec dw2 = dw;
   be.conv2d_backward_filter(s, x.data(), dy.data(), dw2.data());
@@ -173,8 +154,8 @@ TEST_P(ChannelAct, BiasActivationBackwardMatchesFiniteDifferences) {
   Vec pre = pre0, out(pre.size()), dpre(pre.size()), db(c, 0.0);
   be.channel_bias_act_forward(act, n, c, hw, bias.data(), pre.data(), out.data());
   be.channel_bias_act_backward(act, n, c, hw, pre.data(), out.data(), wout.data(), dpre.data(), db.data());
-  expect_fd([&](const Vec& v) { return f(v, bias); }, pre0, dpre, "dpre", 1e-6);
-  expect_fd([&](const Vec& v) { return f(pre0, v); }, bias, db, "dbias", 1e-6);
+  expect_gradient([&](const Vec& v) { return f(v, bias); }, pre0, dpre, "dpre", 1e-6, 1e-6);
+  expect_gradient([&](const Vec& v) { return f(pre0, v); }, bias, db, "dbias", 1e-6, 1e-6);
 }
 
 INSTANTIATE_TEST_SUITE_P(Activations, ChannelAct,
@@ -216,9 +197,9 @@ TEST(GroupNorm, BackwardMatchesFiniteDifferences) {
   be.group_norm_forward(n, c, hw, groups, 1e-5, x.data(), gamma.data(), beta.data(), y.data(), st.data());
   be.group_norm_backward(n, c, hw, groups, x.data(), gamma.data(), st.data(), wout.data(), dx.data(), dg.data(),
                          db.data());
-  expect_fd([&](const Vec& v) { return f(v, gamma, beta); }, x, dx, "dx", 1e-6);
-  expect_fd([&](const Vec& v) { return f(x, v, beta); }, gamma, dg, "dgamma", 1e-6);
-  expect_fd([&](const Vec& v) { return f(x, gamma, v); }, beta, db, "dbeta", 1e-6);
+  expect_gradient([&](const Vec& v) { return f(v, gamma, beta); }, x, dx, "dx", 1e-6, 1e-6);
+  expect_gradient([&](const Vec& v) { return f(x, v, beta); }, gamma, dg, "dgamma", 1e-6, 1e-6);
+  expect_gradient([&](const Vec& v) { return f(x, gamma, v); }, beta, db, "dbeta", 1e-6, 1e-6);
 }
 
 }  // namespace

@@ -13,38 +13,14 @@
 #include "elbo/config/spec.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/util/error.hpp"
+#include "test_util.hpp"
 
 namespace elbo {
 namespace {
 
-using Vec = std::vector<double>;
-
-Vec random_vec(size_t n, std::mt19937_64& rng, double lo = -1.0, double hi = 1.0) {
-  std::uniform_real_distribution<double> u(lo, hi);
-  Vec v(n);
-  for (auto& x : v) x = u(rng);
-  return v;
-}
-
-// Checks analytic gradient `g` of scalar f at `x` against central differences.
-void expect_gradient(const std::function<double(const Vec&)>& f, Vec x, const Vec& g, const std::string& what,
-                     double h = 1e-6, double tol = 1e-6) {
-  ASSERT_EQ(x.size(), g.size());
-  double max_err = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    double keep = x[i];
-    x[i] = keep + h;
-    double fp = f(x);
-    x[i] = keep - h;
-    double fm = f(x);
-    x[i] = keep;
-    double fd = (fp - fm) / (2 * h);
-    double err = std::abs(fd - g[i]) / std::max(1.0, std::abs(fd));
-    max_err = std::max(max_err, err);
-    EXPECT_LT(err, tol) << what << "[" << i << "]: finite difference " << fd << " vs analytic " << g[i];
-  }
-  ::testing::Test::RecordProperty(what + "_max_err", std::to_string(max_err));
-}
+using test_util::expect_gradient;
+using test_util::random_vec;
+using test_util::Vec;
 
 class OpGrad : public ::testing::TestWithParam<Activation> {};
 
