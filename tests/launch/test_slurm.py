@@ -291,6 +291,9 @@ def run_jobs(a, cluster, check):
     ref_step, ref = params(ref_dir)
     check(ref_step == 1200, f"uninterrupted run reached step 1200 (got {ref_step})")
     check("2 ranks via srun" in log(ref_id), "the multi-node script started 2 ranks with srun", log(ref_id))
+    check(f"2 rank(s) on 1 node(s) via srun (SLURM job {ref_id}, restart 0)" in log(ref_id) or
+          f"2 rank(s) on 1 node(s) via srun (SLURM job {ref_id})" in log(ref_id),
+          "elbo discovers its world from SLURM: 2 ranks, 1 node, srun, the job id", log(ref_id)[:1500])
 
     def preempted(name, script, how, extra_env=None):
         jobid, out = submit(name, script, extra_env)
@@ -322,6 +325,8 @@ def run_jobs(a, cluster, check):
     t = preempted("usr1_batch_mpirun", "slurm-multinode.sbatch", "batch", {"ELBO_LAUNCHER": "mpirun"})
     check("2 ranks via mpirun" in t and "SIGUSR1 from SLURM" in t and "requeueing job" in t,
           "usr1_batch_mpirun: the shell forwarded SIGUSR1 through mpirun and requeued the job", t)
+    check("via mpirun inside SLURM job" in t and re.search(r"via mpirun inside SLURM job \d+, restart 1", t) is not None,
+          "usr1_batch_mpirun: elbo sees mpirun inside the SLURM job, and the restart count after the requeue", t[:3000])
     preempted("scontrol_requeue", "slurm.sbatch", "requeue")
 
 

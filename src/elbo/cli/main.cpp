@@ -116,7 +116,8 @@ int cmd_info(const std::vector<std::string>& args, Communicator& comm) {
               << "backends: cpu (OpenBLAS)" << (r.cuda_compiled ? ", cuda (compiled)" : "") << "\n"
               << "cuda: " << (r.cuda_compiled ? std::to_string(r.cuda_devices) + " device(s)" : "not compiled")
               << (r.cuda_detail.empty() ? "" : " - " + r.cuda_detail) << "\n"
-              << "mpi world: " << comm.size() << " rank(s); rank 0 on " << comm.world().host << " with "
+              << "mpi world: " << comm.size() << " rank(s) on " << comm.world().nodes << " node(s), started by "
+              << launcher_description() << "; rank 0 on " << comm.world().host << " with "
               << comm.world().local_size << " local rank(s)\n";
     if (r.cuda_devices > 0)
       std::cout << "gpu mapping: local rank i uses GPU i % " << r.cuda_devices << " (rank 0 -> GPU "

@@ -33,6 +33,20 @@ int launcher_local_rank() {
   return -1;
 }
 
+std::string launcher_description() {
+  auto env = [](const char* name) -> std::string {
+    const char* v = std::getenv(name);
+    return v != nullptr ? v : "";
+  };
+  const std::string job = env("SLURM_JOB_ID"), restart = env("SLURM_RESTART_COUNT");
+  const std::string in_job = job.empty() ? "" : "SLURM job " + job + (restart.empty() ? "" : ", restart " + restart);
+  // Open MPI sets OMPI_COMM_WORLD_SIZE in processes that mpirun starts; srun sets
+  // SLURM_STEP_ID for the tasks of a step (the batch script itself has none).
+  if (!env("OMPI_COMM_WORLD_SIZE").empty()) return in_job.empty() ? "mpirun" : "mpirun inside " + in_job;
+  if (!env("SLURM_STEP_ID").empty() && !env("SLURM_PROCID").empty()) return "srun (" + in_job + ")";
+  return in_job.empty() ? "direct" : "direct (" + in_job + ")";
+}
+
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   int initialized = 0;
   MPI_Initialized(&initialized);
@@ -74,6 +88,8 @@ MpiCommunicator::MpiCommunicator() {
   }
   if (permutation) m_world.local_rank = mine;
   MPI_Comm_free(&node);
+  const int leader = m_world.local_rank == 0 ? 1 : 0;  // one per node
+  ELBO_CHECK_MPI(MPI_Allreduce(&leader, &m_world.nodes, 1, MPI_INT, MPI_SUM, m_comm));
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   m_world.host = host;

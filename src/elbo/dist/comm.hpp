@@ -41,12 +41,17 @@ struct WorldInfo {
   int size = 1;
   int local_rank = 0;  // rank among the processes on this node
   int local_size = 1;
+  int nodes = 1;       // distinct nodes in the job
   std::string host;
 };
 
 // The node-local rank as the launcher states it (OMPI_COMM_WORLD_LOCAL_RANK,
 // SLURM_LOCALID, MPI_LOCALRANKID), or -1 when none is set.
 int launcher_local_rank();
+
+// Who started this process, from the environment, for the logs: "srun (SLURM job 12,
+// restart 1)", "mpirun inside SLURM job 12", "mpirun", or "direct".
+std::string launcher_description();
 
 class Communicator {
  public:

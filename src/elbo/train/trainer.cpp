@@ -308,7 +308,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   std::ofstream csv;
   if (root) {
     std::string resolved = dump_spec(spec);
-    log << "elbo train: " << spec.name << " | " << world << " rank(s) | backend " << be.name()
+    log << "elbo train: " << spec.name << " | " << world << " rank(s) on " << comm.world().nodes << " node(s) via "
+        << launcher_description() << " | backend " << be.name()
         << (place.device == DeviceKind::Cpu ? " x " + std::to_string(threads) + " BLAS thread(s)"
                                             : " (GPU " + std::to_string(place.gpu) + " on rank 0)")
         << " (" << place.why << ")\n"
