@@ -236,7 +236,14 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   Adam<float> optim(spec.optim, be, P);
   Buffer<float> x(be, static_cast<size_t>(local_rows) * D), eps(be, static_cast<size_t>(local_rows) * L);
   std::vector<uint8_t> pixels(static_cast<size_t>(local_rows) * D);
-  std::vector<float> xh(static_cast<size_t>(local_rows) * D), rec(local_rows), kl(local_rows);
+  // The batch on the host, in pinned memory on a GPU so that its upload need not wait:
+  // every step that uploads also downloads its losses (a synchronization) before the
+  // next step writes here again.
+  const size_t xh_floats = static_cast<size_t>(local_rows) * D;
+  std::unique_ptr<float, std::function<void(float*)>> xh_buf(
+      static_cast<float*>(be.allocate_host(xh_floats * sizeof(float))), [&be](float* p) { be.free_host(p); });
+  float* const xh = xh_buf.get();
+  std::vector<float> rec(local_rows), kl(local_rows);
 
   const int64_t per_epoch = data::batches_per_epoch(n, B, spec.train.drop_last);
   int64_t total_steps = per_epoch * spec.train.epochs;
@@ -401,8 +408,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         const int64_t* idx = order.data() + g_begin + sl.begin;
         train_set->gather(std::span<const int64_t>(idx, sl.count), pixels.data());
         data::pixels_to_input<float>(pixels.data(), idx, rows, D, spec.data.binarize, spec.seed,
-                                     static_cast<uint32_t>(epoch), xh.data());
-        be.upload(x.data(), xh.data(), static_cast<size_t>(rows) * D);
+                                     static_cast<uint32_t>(epoch), xh);
+        be.upload_async(x.data(), xh, static_cast<size_t>(rows) * D);
         // eps keyed by the sample's position in the global batch: the same for any world size.
         be.normal(spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(sl.begin), rows, L,
                   eps.data());

@@ -286,6 +286,11 @@ void CudaBackend::upload(float* dst, const float* host, size_t n) {
   CHECK_CUDA(cudaStreamSynchronize(m_state->stream));
 }
 
+void CudaBackend::upload_async(float* dst, const float* host, size_t n) {
+  // From pinned memory this is a true DMA in stream order; no wait here.
+  CHECK_CUDA(cudaMemcpyAsync(dst, host, n * sizeof(float), cudaMemcpyHostToDevice, m_state->stream));
+}
+
 void CudaBackend::download(float* host, const float* src, size_t n) {
   CHECK_CUDA(cudaMemcpyAsync(host, src, n * sizeof(float), cudaMemcpyDeviceToHost, m_state->stream));
   CHECK_CUDA(cudaStreamSynchronize(m_state->stream));
