@@ -214,7 +214,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   // auto: on for one GPU replica, where nothing overlaps with the backward pass and
   // launch overhead is what a small batch pays for; with several ranks the per-layer
   // bucketed all-reduce is worth more than the saved launches.
-  const bool use_graph = spec.train.cuda_graph == "on" ||
+  bool use_graph = spec.train.cuda_graph == "on" ||
                          (spec.train.cuda_graph == "auto" && place.device == DeviceKind::Cuda && world == 1);
 
   // --- the replica: one flat parameter buffer, one flat gradient buffer ---
@@ -414,17 +414,29 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         be.normal(spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(sl.begin), rows, L,
                   eps.data());
         const float w = 1.0f / static_cast<float>(g_rows), kw = static_cast<float>(beta) * w;
-        if (graph_step) {
-          if (!graph)
+        if (graph_step && !graph) {
+          try {
             graph = be.capture([&model, &be, p = params.data(), g = grads.data(), xp = x.data(), ep = eps.data(), rows,
                                 w, kw, P] {
               be.fill(g, 0.0f, P);
               model.forward(p, xp, ep, rows);
               model.backward(p, g, xp, ep, rows, w, kw);
             });
+          } catch (const Error& e) {
+            // A driver or library that cannot record the step costs speed, not the run.
+            use_graph = false;
+            if (root) {
+              epoch_bar.clear();
+              log << "warning: the training step could not be recorded as a graph (" << e.what()
+                  << "); launching it op by op\n" << std::flush;
+            }
+          }
+        }
+        if (graph_step && graph) {
           graph->launch();
           sync->ready_from(0);  // all buckets at once: a graph gives no per-layer hook for the overlap
         } else {
+          if (graph_step) be.fill(grads.data(), 0.0f, P);  // the recording would have zeroed them
           model.forward(params.data(), x.data(), eps.data(), rows);
           model.backward(params.data(), grads.data(), x.data(), eps.data(), rows, w, kw, grads_ready);
         }
