@@ -341,7 +341,13 @@ TEST(VaeLayout, NamesAndShapesFollowPyTorchLinear) {
   ms.decoder = {400};
   ms.latent = 20;
   VaeLayout layout(ms, 784);
-  EXPECT_EQ(layout.num_params(), size_t(784 * 400 + 400 + 2 * (400 * 20 + 20) + 20 * 400 + 400 + 400 * 784 + 784));
+  EXPECT_EQ(layout.num_values(), size_t(784 * 400 + 400 + 2 * (400 * 20 + 20) + 20 * 400 + 400 + 400 * 784 + 784));
+  // Every view starts on a 64-byte boundary of the flat buffer, except logvar, which
+  // shares one matrix with mu; the buffer holds them all.
+  for (const auto& v : layout.views()) {
+    if (v.name.rfind("encoder.logvar", 0) != 0) EXPECT_EQ(v.offset % VaeLayout::kParamAlign, 0u) << v.name;
+    EXPECT_LE(v.offset + v.numel(), layout.num_params()) << v.name;
+  }
   EXPECT_EQ(layout.view("encoder.layers.0.weight").shape, (std::vector<int>{400, 784}));
   EXPECT_EQ(layout.view("encoder.mu.weight").shape, (std::vector<int>{20, 400}));
   EXPECT_EQ(layout.view("encoder.logvar.bias").shape, (std::vector<int>{20}));

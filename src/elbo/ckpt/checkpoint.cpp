@@ -26,16 +26,19 @@ namespace {
 constexpr const char* kFormat = "elbo-checkpoint";
 constexpr int64_t kFormatVersion = 1;
 
-// FNV-1a over the raw bytes: not cryptographic, but any flipped bit changes it.
-uint64_t fnv1a(std::initializer_list<const float*> arrays, size_t count) {
+// FNV-1a over the raw bytes of every named parameter view, array after array: not
+// cryptographic, but any flipped bit changes it. Over the views rather than the flat
+// buffer, so the alignment padding between layers is not part of the format.
+uint64_t fnv1a(std::initializer_list<const float*> arrays, const VaeLayout& layout) {
   uint64_t h = 1469598103934665603ull;
-  for (const float* a : arrays) {
-    const auto* p = reinterpret_cast<const unsigned char*>(a);
-    for (size_t i = 0, n = count * sizeof(float); i < n; ++i) {
-      h ^= p[i];
-      h *= 1099511628211ull;
+  for (const float* a : arrays)
+    for (const ParamView& v : layout.views()) {
+      const auto* p = reinterpret_cast<const unsigned char*>(a + v.offset);
+      for (size_t i = 0, n = v.numel() * sizeof(float); i < n; ++i) {
+        h ^= p[i];
+        h *= 1099511628211ull;
+      }
     }
-  }
   return h;
 }
 
@@ -61,7 +64,6 @@ std::string checkpoint_file_name(int64_t step) {
 void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
                       const VaeLayout& layout, const float* params, const float* exp_avg, const float* exp_avg_sq,
                       const TrainState& st) {
-  const size_t P = layout.num_params();
   const std::string tmp = path + ".tmp";
   try {
     {
@@ -81,7 +83,7 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
       h5::write_attr_int(file, "train_samples", st.train_samples);
       h5::write_attr_string(file, "seed", std::to_string(st.seed));  // uint64 does not fit int64 attrs
       char sum[32];
-      std::snprintf(sum, sizeof(sum), "%016llx", static_cast<unsigned long long>(fnv1a({params, exp_avg, exp_avg_sq}, P)));
+      std::snprintf(sum, sizeof(sum), "%016llx", static_cast<unsigned long long>(fnv1a({params, exp_avg, exp_avg_sq}, layout)));
       h5::write_attr_string(file, "checksum_fnv1a64", sum);
       detail::write_param_views(file, "params", layout, params);
       detail::write_param_views(file, "optim/exp_avg", layout, exp_avg);
@@ -128,7 +130,7 @@ Checkpoint read_checkpoint(const std::string& path) {
     detail::read_param_views(file, "optim/exp_avg_sq", layout, path, &c.exp_avg_sq);
     char sum[32];
     std::snprintf(sum, sizeof(sum), "%016llx",
-                  static_cast<unsigned long long>(fnv1a({c.params.data(), c.exp_avg.data(), c.exp_avg_sq.data()}, c.params.size())));
+                  static_cast<unsigned long long>(fnv1a({c.params.data(), c.exp_avg.data(), c.exp_avg_sq.data()}, layout)));
     const std::string stored = h5::read_attr_string(file, "checksum_fnv1a64");
     if (stored != sum)
       throw model_error(path + ": checksum mismatch (stored " + stored + ", computed " + sum +

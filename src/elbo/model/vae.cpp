@@ -67,10 +67,15 @@ Layer& VaeLayout::add(std::vector<Layer>& to, Layer l, const std::vector<std::st
       wshape = {l.in.c};
       break;
   }
-  l.w = m_num_params;
-  m_num_params += wn;
-  l.b = m_num_params;
-  m_num_params += bn;
+  // Every weight and bias starts on a 64-byte boundary of the flat buffer (16 floats):
+  // vectorized GPU kernels and cuBLASLt's bias epilogue need aligned pointers. The
+  // gaps stay zero (no gradient reaches them), and files store only the named views.
+  auto aligned = [](size_t n) { return (n + kParamAlign - 1) / kParamAlign * kParamAlign; };
+  l.w = aligned(m_num_params);
+  m_num_params = l.w + wn;
+  l.b = aligned(m_num_params);
+  m_num_params = l.b + bn;
+  m_num_values += wn + bn;
   if (l.kind == LayerKind::Linear) {
     // One matrix may export as several names (mu | logvar), each owning a block of rows.
     const int rows_per_name = static_cast<int>(l.out.size() / names.size());
@@ -217,30 +222,39 @@ const ParamView& VaeLayout::view(const std::string& name) const {
 }
 
 std::vector<double> VaeLayout::init_params(uint64_t seed) const {
-  std::vector<double> p(m_num_params);
-  auto uniform = [&](size_t begin, size_t end, double bound) {
-    for (size_t i = begin; i < end; ++i)
-      p[i] = bound * (2.0 * philox_uniform(seed, RngStream::Init, 0, static_cast<uint32_t>(i), 0) - 1.0);
+  std::vector<double> p(m_num_params, 0.0);  // the alignment gaps stay zero
+  // Draws are keyed by the value's position among all values (not its offset in the
+  // padded buffer), so the initialization does not depend on the alignment.
+  uint32_t value = 0;
+  auto uniform = [&](size_t begin, size_t n, double bound) {
+    for (size_t i = 0; i < n; ++i, ++value)
+      p[begin + i] = bound * (2.0 * philox_uniform(seed, RngStream::Init, 0, value, 0) - 1.0);
   };
   for (const auto* list : {&m_enc, &m_dec})
     for (const Layer& l : *list) {
-      const size_t end = l.b + (l.kind == LayerKind::Linear ? l.out.size() : static_cast<size_t>(l.out.c));
+      const size_t nb = l.kind == LayerKind::Linear ? l.out.size() : static_cast<size_t>(l.out.c);
+      size_t nw = 0;
+      double bound = 0;
       switch (l.kind) {
         case LayerKind::Linear:
-          uniform(l.w, end, 1.0 / std::sqrt(static_cast<double>(l.in.size())));
+          nw = l.out.size() * l.in.size();
+          bound = 1.0 / std::sqrt(static_cast<double>(l.in.size()));
           break;
         case LayerKind::Conv2d:
-          uniform(l.w, end, 1.0 / std::sqrt(static_cast<double>(l.in.c) * l.kernel * l.kernel));
+          nw = static_cast<size_t>(l.out.c) * l.in.c * l.kernel * l.kernel;
+          bound = 1.0 / std::sqrt(static_cast<double>(l.in.c) * l.kernel * l.kernel);
           break;
         case LayerKind::ConvTranspose2d:
-          uniform(l.w, end, 1.0 / std::sqrt(static_cast<double>(l.out.c) * l.kernel * l.kernel));
+          nw = static_cast<size_t>(l.in.c) * l.out.c * l.kernel * l.kernel;
+          bound = 1.0 / std::sqrt(static_cast<double>(l.out.c) * l.kernel * l.kernel);
           break;
         case LayerKind::GroupNorm:
-          std::fill(p.begin() + static_cast<std::ptrdiff_t>(l.w), p.begin() + static_cast<std::ptrdiff_t>(l.b), 1.0);
-          std::fill(p.begin() + static_cast<std::ptrdiff_t>(l.b),
-                    p.begin() + static_cast<std::ptrdiff_t>(l.b + l.in.c), 0.0);
-          break;
+          std::fill_n(p.begin() + static_cast<std::ptrdiff_t>(l.w), l.in.c, 1.0);  // gamma; beta stays 0
+          value += static_cast<uint32_t>(2 * l.in.c);
+          continue;
       }
+      uniform(l.w, nw, bound);
+      uniform(l.b, nb, bound);
     }
   return p;
 }

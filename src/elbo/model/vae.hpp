@@ -64,7 +64,11 @@ class VaeLayout {
   int latent() const { return m_spec.latent; }
   // Width of the decoder output: D, or 2D ([mean | logvar]) for a learned variance.
   int output_width() const { return static_cast<int>(m_dec.back().out.size()); }
+  // Length of the flat buffers (the views plus alignment gaps between layers).
   size_t num_params() const { return m_num_params; }
+  // Trainable values: the sum of the views' sizes, what a user calls the model's size.
+  size_t num_values() const { return m_num_values; }
+  static constexpr size_t kParamAlign = 16;  // floats: 64 bytes
   const std::vector<ParamView>& views() const { return m_views; }
   const ParamView& view(const std::string& name) const;
 
@@ -90,6 +94,7 @@ class VaeLayout {
   ModelSpec m_spec;
   TensorShape m_input;
   size_t m_num_params = 0;
+  size_t m_num_values = 0;
   size_t m_max_width = 0;
   std::vector<Layer> m_enc, m_dec;
   std::vector<ParamView> m_views;

@@ -324,7 +324,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         << "step graph: " << (use_graph ? "on (steady-state forward/backward replayed as one recorded graph)" : "off")
         << "\n"
         << "data: " << n << " training samples of shape " << shape_string(input_shape, "[]") << " from " << spec.data.train
-        << "\nmodel: " << P << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
+        << "\nmodel: " << layout.num_values() << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
         << resume_log.str() << "resolved spec:\n" << resolved << std::flush;
     write_text_file_atomic((out_dir / "spec.yaml").string(), resolved);
     const fs::path csv_path = out_dir / "metrics.csv";
@@ -579,7 +579,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     std::vector<float> host(P);
     be.download(host.data(), params.data(), P);
     write_model_file(result.model_path, spec, input_shape, layout, host.data(), step, epoch);
-    log << "wrote " << result.model_path << " (" << P << " parameters, step " << step << ")\n" << std::flush;
+    log << "wrote " << result.model_path << " (" << layout.num_values() << " parameters, step " << step << ")\n"
+        << std::flush;
   });
 
   if (test_set && spec.eval.at_end) {

@@ -9,6 +9,7 @@
 // reads as x^T (in x rows) with ld = in (op B = N). The bias is per row of y^T, which
 // is how the epilogue broadcasts it. FP32 compute (CUBLAS_COMPUTE_32F: no TF32), like
 // the cuBLAS GEMMs, and the algorithm cuBLASLt's heuristic ranks first, kept per shape.
+#include <cstdint>
 #include <map>
 #include <tuple>
 
@@ -30,7 +31,10 @@ struct LinearPlan {
 };
 
 struct LinearPlans {
-  using Key = std::tuple<int, int, int, int>;  // rows, in, out, epilogue
+  // rows, in, out, epilogue, and the alignments of w, x and y: cuBLASLt's heuristic
+  // assumes 256-byte aligned matrices unless told otherwise, and the layers' weights
+  // sit at arbitrary float offsets of the flat parameter buffer.
+  using Key = std::tuple<int, int, int, int, int, int, int>;
   std::map<Key, std::unique_ptr<LinearPlan>> by_shape;
 };
 
@@ -38,9 +42,18 @@ void destroy(LinearPlans* p) noexcept { delete p; }
 
 namespace {
 
-LinearPlan& linear_plan(CudaBackend::State& st, int rows, int in, int out, cublasLtEpilogue_t epilogue) {
+// The largest power of two (up to 256) that divides the address.
+int alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  int bytes = 1;
+  while (bytes < 256 && (a & static_cast<uintptr_t>(2 * bytes - 1)) == 0) bytes *= 2;
+  return bytes;
+}
+
+LinearPlan& linear_plan(CudaBackend::State& st, int rows, int in, int out, cublasLtEpilogue_t epilogue, int align_w,
+                        int align_x, int align_y) {
   if (!st.linear_plans) st.linear_plans.reset(new LinearPlans());
-  const LinearPlans::Key key{rows, in, out, static_cast<int>(epilogue)};
+  const LinearPlans::Key key{rows, in, out, static_cast<int>(epilogue), align_w, align_x, align_y};
   auto it = st.linear_plans->by_shape.find(key);
   if (it != st.linear_plans->by_shape.end()) return *it->second;
   auto p = std::make_unique<LinearPlan>();
@@ -59,6 +72,12 @@ LinearPlan& linear_plan(CudaBackend::State& st, int rows, int in, int out, cubla
   CHECK_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
   const size_t ws = st.blas_workspace_bytes;
   CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  const uint32_t aw = static_cast<uint32_t>(align_w), ax = static_cast<uint32_t>(align_x),
+                 ay = static_cast<uint32_t>(align_y);
+  CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aw, sizeof(aw)));
+  CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ax, sizeof(ax)));
+  CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ay, sizeof(ay)));
+  CHECK_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ay, sizeof(ay)));
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   const cublasStatus_t rc = cublasLtMatmulAlgoGetHeuristic(st.lt, p->op, p->a, p->b, p->c, p->c, pref, 1, &result,
@@ -79,8 +98,14 @@ void CudaBackend::linear_forward(Activation act, int rows, int in, int out, cons
     Backend<float>::linear_forward(act, rows, in, out, x, w, bias, pre, y);
     return;
   }
+  // The epilogue reads the bias vectorized: a bias at an offset not 16-byte aligned
+  // (the flat buffer puts it anywhere) takes the unfused path.
+  if (alignment(bias) < 16) {
+    Backend<float>::linear_forward(act, rows, in, out, x, w, bias, pre, y);
+    return;
+  }
   const cublasLtEpilogue_t epilogue = act == Activation::Relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS;
-  LinearPlan& p = linear_plan(*m_state, rows, in, out, epilogue);
+  LinearPlan& p = linear_plan(*m_state, rows, in, out, epilogue, alignment(w), alignment(x), alignment(y));
   if (!p.usable) {
     Backend<float>::linear_forward(act, rows, in, out, x, w, bias, pre, y);
     return;
