@@ -30,9 +30,14 @@ constexpr int64_t kFormatVersion = 1;
 // cryptographic, but any flipped bit changes it. Over the views rather than the flat
 // buffer, so the alignment padding between layers is not part of the format.
 uint64_t fnv1a(std::initializer_list<const float*> arrays, const VaeLayout& layout) {
+  // In buffer order (the views list mu's weight and bias before logvar's), which makes
+  // this the hash of the whole flat buffer for a layout without gaps, as written by
+  // elbo before the alignment padding: those checkpoints still verify.
+  std::vector<ParamView> views = layout.views();
+  std::sort(views.begin(), views.end(), [](const ParamView& a, const ParamView& b) { return a.offset < b.offset; });
   uint64_t h = 1469598103934665603ull;
   for (const float* a : arrays)
-    for (const ParamView& v : layout.views()) {
+    for (const ParamView& v : views) {
       const auto* p = reinterpret_cast<const unsigned char*>(a + v.offset);
       for (size_t i = 0, n = v.numel() * sizeof(float); i < n; ++i) {
         h ^= p[i];
