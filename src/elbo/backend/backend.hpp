@@ -69,6 +69,9 @@ class Backend {
   // An upload that may still be in flight on return: `host` must come from
   // allocate_host and stay unchanged until the next download or synchronize.
   virtual void upload_async(T* dst, const T* host, size_t n) { upload(dst, host, n); }
+  // A download that may still be in flight on return: `host` must come from
+  // allocate_host, and holds the values after the next synchronize().
+  virtual void download_async(T* host, const T* src, size_t n) { download(host, src, n); }
   virtual void fill(T* dst, T value, size_t n) = 0;
   virtual void synchronize() {}
   // Host memory the device copies from and to fastest (pinned on CUDA), for staging.

@@ -243,7 +243,12 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   std::unique_ptr<float, std::function<void(float*)>> xh_buf(
       static_cast<float*>(be.allocate_host(xh_floats * sizeof(float))), [&be](float* p) { be.free_host(p); });
   float* const xh = xh_buf.get();
-  std::vector<float> rec(local_rows), kl(local_rows);
+  // The per-sample losses come back the same way: two copies, one wait.
+  std::unique_ptr<float, std::function<void(float*)>> loss_buf(
+      static_cast<float*>(be.allocate_host(2 * static_cast<size_t>(local_rows) * sizeof(float))),
+      [&be](float* p) { be.free_host(p); });
+  float* const rec = loss_buf.get();
+  float* const kl = rec + local_rows;
 
   const int64_t per_epoch = data::batches_per_epoch(n, B, spec.train.drop_last);
   int64_t total_steps = per_epoch * spec.train.epochs;
@@ -440,8 +445,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           model.forward(params.data(), x.data(), eps.data(), rows);
           model.backward(params.data(), grads.data(), x.data(), eps.data(), rows, w, kw, grads_ready);
         }
-        be.download(rec.data(), model.rec(), rows);
-        be.download(kl.data(), model.kl(), rows);
+        be.download_async(rec, model.rec(), rows);
+        be.download_async(kl, model.kl(), rows);
+        be.synchronize();
         for (int r = 0; r < rows; ++r) {
           local[0] += rec[r];
           local[1] += kl[r];

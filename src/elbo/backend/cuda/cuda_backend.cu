@@ -291,6 +291,10 @@ void CudaBackend::upload_async(float* dst, const float* host, size_t n) {
   CHECK_CUDA(cudaMemcpyAsync(dst, host, n * sizeof(float), cudaMemcpyHostToDevice, m_state->stream));
 }
 
+void CudaBackend::download_async(float* host, const float* src, size_t n) {
+  CHECK_CUDA(cudaMemcpyAsync(host, src, n * sizeof(float), cudaMemcpyDeviceToHost, m_state->stream));
+}
+
 void CudaBackend::download(float* host, const float* src, size_t n) {
   CHECK_CUDA(cudaMemcpyAsync(host, src, n * sizeof(float), cudaMemcpyDeviceToHost, m_state->stream));
   CHECK_CUDA(cudaStreamSynchronize(m_state->stream));

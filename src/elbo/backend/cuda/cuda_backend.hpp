@@ -25,6 +25,7 @@ class CudaBackend final : public Backend<float> {
   void upload(float* dst, const float* host, size_t n) override;
   void download(float* host, const float* src, size_t n) override;
   void upload_async(float* dst, const float* host, size_t n) override;
+  void download_async(float* host, const float* src, size_t n) override;
   void fill(float* dst, float value, size_t n) override;
   void synchronize() override;
   void* allocate_host(size_t bytes) override;  // pinned (cudaMallocHost)
