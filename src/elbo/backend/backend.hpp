@@ -153,6 +153,8 @@ class Backend {
   // --- optimizer and reductions over the flat buffers ---
   virtual void adam_step(const AdamArgs& args, size_t n, T* params, const T* grads, T* m, T* v) = 0;
   virtual double sum_squares(size_t n, const T* x) = 0;
+  // The same, delivered into `host` (from allocate_host) by the next synchronize().
+  virtual void sum_squares_async(size_t n, const T* x, double* host) { *host = sum_squares(n, x); }
   virtual void scale(size_t n, T s, T* x) = 0;
 };
 

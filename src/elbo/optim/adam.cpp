@@ -31,7 +31,12 @@ Adam<T>::Adam(const OptimSpec& spec, Backend<T>& backend, size_t num_params)
 
 template <class T>
 double Adam<T>::step(T* params, T* grads, double lr) {
-  double norm = std::sqrt(m_be.sum_squares(m_n, grads));
+  return step(params, grads, lr, m_be.sum_squares(m_n, grads));
+}
+
+template <class T>
+double Adam<T>::step(T* params, T* grads, double lr, double squared_norm) {
+  const double norm = std::sqrt(squared_norm);
   if (!std::isfinite(norm)) return norm;
   if (m_spec.grad_clip > 0 && norm > m_spec.grad_clip)
     m_be.scale(m_n, static_cast<T>(m_spec.grad_clip / (norm + 1e-6)), grads);

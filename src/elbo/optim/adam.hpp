@@ -25,6 +25,9 @@ class Adam {
   // and returns the gradient norm before clipping. A non-finite norm is returned
   // without touching anything: the caller's policy decides (skip or abort).
   double step(T* params, T* grads, double lr);
+  // The same with the gradients' squared norm already known (computed while the
+  // losses came back, where no all-reduce follows the backward pass).
+  double step(T* params, T* grads, double lr, double squared_norm);
 
   int64_t steps_taken() const { return m_steps; }
   void set_steps_taken(int64_t n) { m_steps = n; }  // on resume, with the moments

@@ -249,6 +249,12 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       [&be](float* p) { be.free_host(p); });
   float* const rec = loss_buf.get();
   float* const kl = rec + local_rows;
+  // With one rank the gradients are final when backward ends: their norm comes back
+  // with the losses, and the optimizer step needs no wait of its own.
+  const bool norm_with_losses = world == 1;
+  std::unique_ptr<double, std::function<void(double*)>> norm_buf(
+      static_cast<double*>(be.allocate_host(sizeof(double))), [&be](double* p) { be.free_host(p); });
+  double* const squared_norm = norm_buf.get();
 
   const int64_t per_epoch = data::batches_per_epoch(n, B, spec.train.drop_last);
   int64_t total_steps = per_epoch * spec.train.epochs;
@@ -447,6 +453,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         }
         be.download_async(rec, model.rec(), rows);
         be.download_async(kl, model.kl(), rows);
+        if (norm_with_losses) be.sum_squares_async(P, grads.data(), squared_norm);
         be.synchronize();
         for (int r = 0; r < rows; ++r) {
           local[0] += rec[r];
@@ -459,7 +466,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       comm.allreduce_sum(local, 4);
       const double lr = learning_rate(spec.optim, step, total_steps);
       double gnorm = std::numeric_limits<double>::quiet_NaN();
-      if (local[2] == 0) gnorm = optim.step(params.data(), grads.data(), lr);  // not applied if non-finite
+      if (local[2] == 0)  // not applied if non-finite
+        gnorm = norm_with_losses ? optim.step(params.data(), grads.data(), lr, *squared_norm)
+                                 : optim.step(params.data(), grads.data(), lr);
       ++step;
       st.step = step;
       st.samples_seen += g_rows;

@@ -173,7 +173,12 @@ __global__ void adam_kernel(size_t n, float* p, const float* g, float* m, float*
   }
 }
 
-__global__ void sum_squares_kernel(size_t n, const float* x, double* out) {
+constexpr unsigned kSumBlocks = 1024;
+
+// Sum of squares in two fixed-order passes (no atomics), so a GPU run repeats bit for
+// bit even where the norm feeds gradient clipping: per-block partials, then one block
+// adds them in a fixed tree into partial[kSumBlocks].
+__global__ void sum_squares_kernel(size_t n, const float* x, double* partial_out) {
   __shared__ double partial[kThreads];
   double acc = 0.0;
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
@@ -184,7 +189,20 @@ __global__ void sum_squares_kernel(size_t n, const float* x, double* out) {
     if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
     __syncthreads();
   }
-  if (threadIdx.x == 0) atomicAdd(out, partial[0]);
+  if (threadIdx.x == 0) partial_out[blockIdx.x] = partial[0];
+}
+
+__global__ void sum_partials_kernel(unsigned blocks, double* partials) {
+  __shared__ double partial[kThreads];
+  double acc = 0.0;
+  for (unsigned i = threadIdx.x; i < blocks; i += blockDim.x) acc += partials[i];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partials[kSumBlocks] = partial[0];
 }
 
 __global__ void scale_kernel(size_t n, float s, float* x) {
@@ -210,7 +228,7 @@ CudaBackend::CudaBackend(int device) : m_state(std::make_unique<State>()) {
   CHECK_CUBLAS(cublasSetStream(m_state->blas, m_state->stream));
   // Full FP32 GEMMs: the parity tests hold the GPU to the CPU reference.
   CHECK_CUBLAS(cublasSetMathMode(m_state->blas, CUBLAS_DEFAULT_MATH));
-  CHECK_CUDA(cudaMalloc(&m_state->scratch, sizeof(double)));
+  CHECK_CUDA(cudaMalloc(&m_state->scratch, (kSumBlocks + 1) * sizeof(double)));
   // A workspace of its own (32 MiB, NVIDIA's advice for Hopper) keeps cuBLAS from
   // allocating inside a graph capture.
   constexpr size_t kBlasWorkspace = size_t(32) << 20;
@@ -394,12 +412,19 @@ void CudaBackend::adam_step(const AdamArgs& a, size_t n, float* params, const fl
   CHECK_LAUNCH(adam_kernel);
 }
 
-double CudaBackend::sum_squares(size_t n, const float* x) {
-  CHECK_CUDA(cudaMemsetAsync(m_state->scratch, 0, sizeof(double), m_state->stream));
-  sum_squares_kernel<<<std::min<unsigned>(blocks_for(n), 1024), kThreads, 0, m_state->stream>>>(n, x, m_state->scratch);
+void CudaBackend::sum_squares_async(size_t n, const float* x, double* host) {
+  const unsigned blocks = std::min<unsigned>(blocks_for(n), kSumBlocks);
+  sum_squares_kernel<<<blocks, kThreads, 0, m_state->stream>>>(n, x, m_state->scratch);
   CHECK_LAUNCH(sum_squares_kernel);
+  sum_partials_kernel<<<1, kThreads, 0, m_state->stream>>>(blocks, m_state->scratch);
+  CHECK_LAUNCH(sum_partials_kernel);
+  CHECK_CUDA(cudaMemcpyAsync(host, m_state->scratch + kSumBlocks, sizeof(double), cudaMemcpyDeviceToHost,
+                             m_state->stream));
+}
+
+double CudaBackend::sum_squares(size_t n, const float* x) {
   double out = 0;
-  CHECK_CUDA(cudaMemcpyAsync(&out, m_state->scratch, sizeof(double), cudaMemcpyDeviceToHost, m_state->stream));
+  sum_squares_async(n, x, &out);  // pageable target: the copy completes before the wait below returns
   CHECK_CUDA(cudaStreamSynchronize(m_state->stream));
   return out;
 }

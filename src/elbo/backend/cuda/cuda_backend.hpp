@@ -75,6 +75,7 @@ class CudaBackend final : public Backend<float> {
   void likelihood_mean(Likelihood lik, int rows, int dim, const float* out, float* mean) override;
   void adam_step(const AdamArgs& args, size_t n, float* params, const float* grads, float* m, float* v) override;
   double sum_squares(size_t n, const float* x) override;
+  void sum_squares_async(size_t n, const float* x, double* host) override;
   void scale(size_t n, float s, float* x) override;
 
  // Defined in cuda_internal.hpp, for the backend's .cu files only.

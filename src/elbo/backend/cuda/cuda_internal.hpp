@@ -103,7 +103,7 @@ struct CudaBackend::State {
   int device = 0;
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
-  double* scratch = nullptr;     // one double for reductions
+  double* scratch = nullptr;     // reduction partials and their sum (cuda_backend.cu)
   void* blas_workspace = nullptr;  // cuBLAS's and cuBLASLt's workspace (one stream: never used at once),
   size_t blas_workspace_bytes = 0;  //   set once so that graph capture allocates nothing
   cudnnHandle_t dnn = nullptr;   // created on the first convolution (MLP runs never load cuDNN)
