@@ -190,6 +190,22 @@ class Buffer {
   T* m_p = nullptr;
 };
 
+// E elements of host memory from a backend's allocate_host (pinned on CUDA, so copies
+// to and from it can run asynchronously), released with free_host.
+template <class E, class T>
+class HostBuffer {
+ public:
+  HostBuffer(Backend<T>& be, size_t n) : m_be(&be), m_p(static_cast<E*>(be.allocate_host(n * sizeof(E)))) {}
+  ~HostBuffer() { m_be->free_host(m_p); }
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  E* data() { return m_p; }
+
+ private:
+  Backend<T>* m_be;
+  E* m_p;
+};
+
 // The backend for a device kind; Cuda throws a clear error in CPU-only builds or
 // when no GPU is present. `threads` sets the BLAS thread count of the CPU backend,
 // `gpu` the CUDA device ordinal of the CUDA backend.

@@ -239,22 +239,17 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   // The batch on the host, in pinned memory on a GPU so that its upload need not wait:
   // every step that uploads also downloads its losses (a synchronization) before the
   // next step writes here again.
-  const size_t xh_floats = static_cast<size_t>(local_rows) * D;
-  std::unique_ptr<float, std::function<void(float*)>> xh_buf(
-      static_cast<float*>(be.allocate_host(xh_floats * sizeof(float))), [&be](float* p) { be.free_host(p); });
-  float* const xh = xh_buf.get();
+  HostBuffer<float, float> xh_buf(be, static_cast<size_t>(local_rows) * D);
+  float* const xh = xh_buf.data();
   // The per-sample losses come back the same way: two copies, one wait.
-  std::unique_ptr<float, std::function<void(float*)>> loss_buf(
-      static_cast<float*>(be.allocate_host(2 * static_cast<size_t>(local_rows) * sizeof(float))),
-      [&be](float* p) { be.free_host(p); });
-  float* const rec = loss_buf.get();
+  HostBuffer<float, float> loss_buf(be, 2 * static_cast<size_t>(local_rows));
+  float* const rec = loss_buf.data();
   float* const kl = rec + local_rows;
   // With one rank the gradients are final when backward ends: their norm comes back
   // with the losses, and the optimizer step needs no wait of its own.
   const bool norm_with_losses = world == 1;
-  std::unique_ptr<double, std::function<void(double*)>> norm_buf(
-      static_cast<double*>(be.allocate_host(sizeof(double))), [&be](double* p) { be.free_host(p); });
-  double* const squared_norm = norm_buf.get();
+  HostBuffer<double, float> norm_buf(be, 1);
+  double* const squared_norm = norm_buf.data();
 
   const int64_t per_epoch = data::batches_per_epoch(n, B, spec.train.drop_last);
   int64_t total_steps = per_epoch * spec.train.epochs;
