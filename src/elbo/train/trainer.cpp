@@ -146,6 +146,73 @@ struct Interval {
   Clock::time_point start = Clock::now();
 };
 
+// The host side of a batch: dataset indices -> pixels -> model input in pinned
+// memory, for this rank's slice. Two buffers, so that the next batch is prepared while
+// the device still runs the current one (its upload reads the other buffer).
+class BatchPrep {
+ public:
+  BatchPrep(Backend<float>& be, const data::ShardSet& set, const ExperimentSpec& spec, int64_t n, int rank, int world,
+            int local_rows, int dim)
+      : m_set(set), m_spec(spec), m_n(n), m_rank(rank), m_world(world), m_dim(dim),
+        m_pixels(static_cast<size_t>(local_rows) * dim) {
+    for (auto& b : m_bufs) b.host = std::make_unique<HostBuffer<float, float>>(be, static_cast<size_t>(local_rows) * dim);
+  }
+
+  // Batch b of `epoch`: this rank's rows and their input (prepared now unless prefetched).
+  const float* get(int64_t epoch, int64_t b, int* rows) {
+    Buf* ready = nullptr;
+    for (auto& buf : m_bufs)
+      if (buf.epoch == epoch && buf.batch == b) ready = &buf;
+    if (ready == nullptr) ready = &fill(m_bufs[m_last == &m_bufs[0] ? 1 : 0], epoch, b);
+    m_last = ready;
+    *rows = ready->rows;
+    return ready->host->data();
+  }
+
+  // Prepares batch b of `epoch` into the buffer get() did not just hand out.
+  void prefetch(int64_t epoch, int64_t b) { fill(m_bufs[m_last == &m_bufs[0] ? 1 : 0], epoch, b); }
+
+ private:
+  struct Buf {
+    std::unique_ptr<HostBuffer<float, float>> host;
+    int64_t epoch = -1, batch = -1;
+    int rows = 0;
+  };
+
+  const std::vector<int64_t>& order(int64_t epoch) {
+    for (auto& [e, o] : m_orders)
+      if (e == epoch) return o;
+    // Two epochs at most are in play: the current one and the next.
+    auto& slot = m_orders[m_orders[0].first <= m_orders[1].first ? 0 : 1];
+    slot = {epoch, data::epoch_order(m_n, m_spec.seed, epoch, m_spec.data.shuffle)};
+    return slot.second;
+  }
+
+  Buf& fill(Buf& buf, int64_t epoch, int64_t b) {
+    const int64_t B = m_spec.train.batch_size, g_begin = b * B, g_rows = std::min(B, m_n - g_begin);
+    const data::Slice sl = data::rank_slice(g_rows, m_rank, m_world);
+    buf.epoch = epoch;
+    buf.batch = b;
+    buf.rows = static_cast<int>(sl.count);
+    if (buf.rows > 0) {
+      const int64_t* idx = order(epoch).data() + g_begin + sl.begin;
+      m_set.gather(std::span<const int64_t>(idx, sl.count), m_pixels.data());
+      data::pixels_to_input<float>(m_pixels.data(), idx, buf.rows, m_dim, m_spec.data.binarize, m_spec.seed,
+                                   static_cast<uint32_t>(epoch), buf.host->data());
+    }
+    return buf;
+  }
+
+  const data::ShardSet& m_set;
+  const ExperimentSpec& m_spec;
+  int64_t m_n;
+  int m_rank, m_world, m_dim;
+  std::vector<uint8_t> m_pixels;
+  Buf m_bufs[2];
+  Buf* m_last = nullptr;
+  std::pair<int64_t, std::vector<int64_t>> m_orders[2] = {{-1, {}}, {-2, {}}};
+};
+
 // The samples a run trains on: the split, or its first data.max_samples.
 int64_t training_samples(const ExperimentSpec& spec, const data::ShardSet& set) {
   return spec.data.max_samples > 0 ? std::min(spec.data.max_samples, set.size()) : set.size();
@@ -235,12 +302,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   Vae<float> model(layout, be, local_rows);
   Adam<float> optim(spec.optim, be, P);
   Buffer<float> x(be, static_cast<size_t>(local_rows) * D), eps(be, static_cast<size_t>(local_rows) * L);
-  std::vector<uint8_t> pixels(static_cast<size_t>(local_rows) * D);
   // The batch on the host, in pinned memory on a GPU so that its upload need not wait:
   // every step that uploads also downloads its losses (a synchronization) before the
   // next step writes here again.
-  HostBuffer<float, float> xh_buf(be, static_cast<size_t>(local_rows) * D);
-  float* const xh = xh_buf.data();
+  BatchPrep batches(be, *train_set, spec, n, rank, world, local_rows, D);
   // The per-sample losses come back the same way: two copies, one wait.
   HostBuffer<float, float> loss_buf(be, 2 * static_cast<size_t>(local_rows));
   float* const rec = loss_buf.data();
@@ -387,7 +452,6 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   int64_t step = st.step;
   int64_t epoch = st.epoch;
   for (; epoch < spec.train.epochs && step < total_steps && !result.stopped; ++epoch) {
-    const std::vector<int64_t> order = data::epoch_order(n, spec.seed, epoch, spec.data.shuffle);
     const int64_t first_batch = epoch == st.epoch ? st.batch_in_epoch : 0;
     // On a terminal, a bar for the epoch under the log lines (elsewhere the lines suffice).
     Progress epoch_bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(spec.train.epochs), per_epoch,
@@ -396,7 +460,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       const int64_t g_begin = b * B;
       const int64_t g_rows = std::min(B, n - g_begin);
       const data::Slice sl = data::rank_slice(g_rows, rank, world);
-      const int rows = static_cast<int>(sl.count);
+      int rows = 0;
+      const float* xh = batches.get(epoch, b, &rows);
       const double beta = kl_weight(spec.loss, step);
 
       // The steady-state step (a full batch, the KL weight at its final value) replays
@@ -411,10 +476,6 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
       double local[4] = {0, 0, 0, stop.requested() ? 1.0 : 0.0};
       if (rows > 0) {
-        const int64_t* idx = order.data() + g_begin + sl.begin;
-        train_set->gather(std::span<const int64_t>(idx, sl.count), pixels.data());
-        data::pixels_to_input<float>(pixels.data(), idx, rows, D, spec.data.binarize, spec.seed,
-                                     static_cast<uint32_t>(epoch), xh);
         be.upload_async(x.data(), xh, static_cast<size_t>(rows) * D);
         // eps keyed by the sample's position in the global batch: the same for any world size.
         be.normal(spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(sl.begin), rows, L,
@@ -449,6 +510,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         be.download_async(rec, model.rec(), rows);
         be.download_async(kl, model.kl(), rows);
         if (norm_with_losses) be.sum_squares_async(P, grads.data(), squared_norm);
+        // While the device works: the next batch on the host.
+        const bool last_in_epoch = b + 1 == per_epoch;
+        if (step + 1 < total_steps && !(last_in_epoch && epoch + 1 >= spec.train.epochs))
+          batches.prefetch(last_in_epoch ? epoch + 1 : epoch, last_in_epoch ? 0 : b + 1);
         be.synchronize();
         for (int r = 0; r < rows; ++r) {
           local[0] += rec[r];
