@@ -169,6 +169,9 @@ if m1 and m2:
                                 f"({a2})")
 check("eval: 100%" in r1.stderr and "eval:  50%" in r1.stderr, "progress lines on stderr (not a terminal)",
       r1.stderr[-800:])
+r3 = elbo("eval", model, "--data", TEST, "--iw-samples", "5", "--max-samples", "300")
+check(re.search(r"\| active units \d+/\d+ \| 300 samples", r3.stdout) is not None,
+      "eval --max-samples 300 evaluates the first 300 test samples", r3.stdout)
 
 # 5. Bad input.
 r = elbo("sample", os.path.join(a.work, "missing.h5"), expect=None)

@@ -67,13 +67,14 @@ int cmd_train(const std::vector<std::string>& args, Communicator& comm) {
 
 int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
   std::string model_path, data_dir, out_path, device = "auto";
-  int64_t iw = 0, batch = 500, seed = -1, threads = 0;
+  int64_t iw = 0, batch = 500, seed = -1, threads = 0, max_samples = 0;
   cli::ArgParser p("elbo eval", "Evaluate a trained model on a test split: negative ELBO per sample (nats), its "
                                 "reconstruction and KL parts, and the k-sample importance-weighted bound.");
   p.positional("MODEL", &model_path, "model file written by elbo train (model.h5)");
   p.string("--data", &data_dir, "DIR", "test split directory written by elbo-shard", true);
   p.integer("--iw-samples", &iw, "K", "importance samples for the IWAE bound (0 = skip)", 0);
   p.integer("--batch-size", &batch, "N", "rows per forward pass on each rank", 1);
+  p.integer("--max-samples", &max_samples, "N", "evaluate the split's first N samples only (0 = all)", 0);
   p.integer("--seed", &seed, "S", "seed for eps (default: the model's training seed)", 0);
   p.integer("--threads", &threads, "T", "BLAS threads per rank (0 = cores / ranks on the node)", 0);
   p.string("--device", &device, "auto|cpu|cuda", "where to evaluate (auto: a GPU when one is visible)");
@@ -94,6 +95,7 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
   EvalOptions eo;
   eo.iw_samples = static_cast<int>(iw);
   eo.batch_size = batch;
+  eo.max_samples = max_samples;
   eo.seed = seed >= 0 ? static_cast<uint64_t>(seed) : m.file.spec.seed;
   eo.binarize = m.file.spec.data.binarize;
   EvalResult r = evaluate(*m.layout, *m.backend, m.params.data(), *set, comm, eo);
