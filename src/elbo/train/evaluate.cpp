@@ -79,13 +79,17 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
     }
 
     if (K > 0) {
+      // Sample 0 is the forward pass above; the chunks decode samples 1..K-1.
+      be.posterior_log_ratio(rows, L, model.mulv(), eps.data(), model.z(), ratio.data());
+      be.download(lr.data(), ratio.data(), rows);
+      for (int r = 0; r < rows; ++r) logw[static_cast<size_t>(r) * K] = -double(rec[r]) - double(lr[r]);
       const size_t n_rep = static_cast<size_t>(rows) * kc;
       for (int j = 0; j < kc; ++j) std::copy_n(xh.data(), static_cast<size_t>(rows) * D, rep.data() + j * rows * D);
       be.upload(x_rep.data(), rep.data(), n_rep * D);
       for (int j = 0; j < kc; ++j)
         std::copy_n(mulv.data(), static_cast<size_t>(rows) * 2 * L, rep.data() + j * rows * 2 * L);
       be.upload(mulv_rep.data(), rep.data(), n_rep * 2 * L);
-      for (int k0 = 0; k0 < K; k0 += kc) {
+      for (int k0 = 1; k0 < K; k0 += kc) {
         const int kn = std::min(kc, K - k0);
         const int nr = rows * kn;
         // eps for IW sample k of dataset item i is keyed by (k, i) alone: the bound does
