@@ -77,11 +77,11 @@ class MpiGradientSync final : public BucketedSync {
   MpiGradientSync(MpiCommunicator& comm, Backend<float>& be, float* grads, size_t n, size_t bucket_elems)
       : BucketedSync(n, bucket_elems), m_comm(comm), m_be(be), m_grads(grads), m_n(n),
         m_staged(be.device() != DeviceKind::Cpu) {
-    if (m_staged) m_host = static_cast<float*>(be.allocate_host(n * sizeof(float)));
+    if (m_staged) {
+      m_staging = std::make_unique<HostBuffer<float, float>>(be, n);
+      m_host = m_staging->data();
+    }
     m_requests.reserve(m_buckets.size());
-  }
-  ~MpiGradientSync() override {
-    if (m_host != nullptr) m_be.free_host(m_host);
   }
   std::string describe() const override {
     return std::string(m_staged ? "mpi, staged through pinned host memory, " : "mpi, ") + bucket_summary();
@@ -116,6 +116,7 @@ class MpiGradientSync final : public BucketedSync {
   float* m_grads;
   size_t m_n;
   bool m_staged;
+  std::unique_ptr<HostBuffer<float, float>> m_staging;  // pinned, for a GPU's gradients
   float* m_host = nullptr;
   std::vector<MPI_Request> m_requests;
 };
