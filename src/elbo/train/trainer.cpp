@@ -158,15 +158,21 @@ class BatchPrep {
     for (auto& b : m_bufs) b.host = std::make_unique<HostBuffer<float, float>>(be, static_cast<size_t>(local_rows) * dim);
   }
 
-  // Batch b of `epoch`: this rank's rows and their input (prepared now unless prefetched).
-  const float* get(int64_t epoch, int64_t b, int* rows) {
+  struct Batch {
+    const float* x = nullptr;  // (rows, dim) in pinned memory
+    int rows = 0;              // this rank's rows
+    int64_t global_rows = 0;   // the whole batch's (the last one of an epoch may be short)
+    int64_t first = 0;         // this rank's first row's position in the global batch
+  };
+
+  // Batch b of `epoch` (prepared now unless prefetched).
+  Batch get(int64_t epoch, int64_t b) {
     Buf* ready = nullptr;
     for (auto& buf : m_bufs)
       if (buf.epoch == epoch && buf.batch == b) ready = &buf;
     if (ready == nullptr) ready = &fill(m_bufs[m_last == &m_bufs[0] ? 1 : 0], epoch, b);
     m_last = ready;
-    *rows = ready->rows;
-    return ready->host->data();
+    return ready->batch_info;
   }
 
   // Prepares batch b of `epoch` into the buffer get() did not just hand out.
@@ -176,7 +182,7 @@ class BatchPrep {
   struct Buf {
     std::unique_ptr<HostBuffer<float, float>> host;
     int64_t epoch = -1, batch = -1;
-    int rows = 0;
+    Batch batch_info;
   };
 
   const std::vector<int64_t>& order(int64_t epoch) {
@@ -193,11 +199,11 @@ class BatchPrep {
     const data::Slice sl = data::rank_slice(g_rows, m_rank, m_world);
     buf.epoch = epoch;
     buf.batch = b;
-    buf.rows = static_cast<int>(sl.count);
-    if (buf.rows > 0) {
+    buf.batch_info = Batch{buf.host->data(), static_cast<int>(sl.count), g_rows, sl.begin};
+    if (sl.count > 0) {
       const int64_t* idx = order(epoch).data() + g_begin + sl.begin;
       m_set.gather(std::span<const int64_t>(idx, sl.count), m_pixels.data());
-      data::pixels_to_input<float>(m_pixels.data(), idx, buf.rows, m_dim, m_spec.data.binarize, m_spec.seed,
+      data::pixels_to_input<float>(m_pixels.data(), idx, sl.count, m_dim, m_spec.data.binarize, m_spec.seed,
                                    static_cast<uint32_t>(epoch), buf.host->data());
     }
     return buf;
@@ -457,11 +463,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     Progress epoch_bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(spec.train.epochs), per_epoch,
                        root, false);
     for (int64_t b = first_batch; b < per_epoch && step < total_steps; ++b) {
-      const int64_t g_begin = b * B;
-      const int64_t g_rows = std::min(B, n - g_begin);
-      const data::Slice sl = data::rank_slice(g_rows, rank, world);
-      int rows = 0;
-      const float* xh = batches.get(epoch, b, &rows);
+      const BatchPrep::Batch batch = batches.get(epoch, b);
+      const int rows = batch.rows;
+      const int64_t g_rows = batch.global_rows;
       const double beta = kl_weight(spec.loss, step);
 
       // The steady-state step (a full batch, the KL weight at its final value) replays
@@ -476,9 +480,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
       double local[4] = {0, 0, 0, stop.requested() ? 1.0 : 0.0};
       if (rows > 0) {
-        be.upload_async(x.data(), xh, static_cast<size_t>(rows) * D);
+        be.upload_async(x.data(), batch.x, static_cast<size_t>(rows) * D);
         // eps keyed by the sample's position in the global batch: the same for any world size.
-        be.normal(spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(sl.begin), rows, L,
+        be.normal(spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first), rows, L,
                   eps.data());
         const float w = 1.0f / static_cast<float>(g_rows), kw = static_cast<float>(beta) * w;
         if (graph_step && !graph) {
