@@ -1,51 +1,200 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs there, in phases that each fit one device call
-# (10 minutes). Prepare here first: bash bench/gpu_kit.sh, then call the device tool
-# with carry [".gpukit.tar.xz"] and the command `bash bench/gpu_session.sh PHASE`.
-#   check   the machine: GPU, driver, every library of the binaries resolved, elbo info
-#   tests   CUDA op parity, the conv ops, the GPU training tests (GPU vs CPU, NCCL,
-#           shared GPU, graph replay vs eager)
-#   bench   bench/gpu.sh (MLP) and bench/gpu_conv.sh (conv) against PyTorch
-# Logs go to $OUT (the device tool brings them back).
+# Everything a lent GPU window should prove, in one device call, stage by stage:
+#   smoke     the GPU and driver, where every CUDA library of every binary resolves,
+#             `elbo info` with 1 and 2 ranks, torch, compute-sanitizer
+#   parity    every CUDA op and whole VAEs against the CPU reference (the error each
+#             reached is printed), the graph-after-scratch-growth check, conv ops
+#   train     tests/dist/test_gpu_train.py: GPU vs CPU, NCCL vs MPI with 1 rank, 2 ranks
+#             sharing the GPU, graph replay vs eager
+#   graphs    the conv VAE with CUDA graphs on and off and evaluations and image grids
+#             between (larger shapes that grow the scratch memory): bit for bit; and
+#             `elbo eval` of the result on the GPU against the CPU
+#   memcheck  compute-sanitizer memcheck over the parity tests
+#   bench     bench/gpu.sh (MLP) and bench/gpu_conv.sh (conv) against PyTorch, eager
+#             first, torch.compile while time remains; the all-reduce self-test
+# Each stage has its own time limit and log in $OUT; summary.txt ends with a table.
+# The whole run stays inside BUDGET seconds (default 420), so a second try fits in a
+# 15-minute window. Prepare first, on a CPU machine: bash bench/gpu_kit.sh; then call
+# the device tool with carry [".gpukit.tar.xz"] and `bash bench/gpu_session.sh`.
+# STAGES="parity train" runs a subset.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-/tmp/elbo-gpu-out}
+export ROOT
+export OUT=${OUT:-/tmp/elbo-gpu-out}
 mkdir -p "$OUT"
-phase=${1:?usage: bench/gpu_session.sh check|tests|bench}
+STAGES=${STAGES:-smoke parity train graphs memcheck bench}
+BUDGET=${BUDGET:-420}
+T0=$SECONDS
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# --- the kit and the data ---
 kitdir=/tmp/elbo-gpukit
 if [[ ! -f $kitdir/gpukit/env.sh ]]; then
-  mkdir -p "$kitdir" && tar -C "$kitdir" -xJf "$ROOT/.gpukit.tar.xz" || { echo "no .gpukit.tar.xz carried"; exit 2; }
+  mkdir -p "$kitdir"
+  [[ -f $ROOT/.gpukit.tar.xz ]] || { note "no .gpukit.tar.xz carried: run bench/gpu_kit.sh and carry it"; exit 2; }
+  if command -v xz >/dev/null; then
+    tar -C "$kitdir" -xJf "$ROOT/.gpukit.tar.xz"
+  else  # no xz on the machine: Python's lzma reads it
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
+      "$ROOT/.gpukit.tar.xz" "$kitdir"
+  fi || { note "cannot unpack .gpukit.tar.xz"; exit 2; }
 fi
 # shellcheck disable=SC1091
 source "$kitdir/gpukit/env.sh"
-DATA=/tmp/elbo-gpu-data
-if [[ ! -f $DATA/train/manifest.yaml ]]; then
-  # Only the 10 000 test images travel: they serve as the training split for the
-  # throughput runs and the GPU tests, and as the test split.
-  elbo-shard --images "$kit/data/t10k-images-idx3-ubyte.gz" --labels "$kit/data/t10k-labels-idx1-ubyte.gz" \
-    --split train --num-shards 2 --out "$DATA/train" >/dev/null &&
-  elbo-shard --images "$kit/data/t10k-images-idx3-ubyte.gz" --labels "$kit/data/t10k-labels-idx1-ubyte.gz" \
-    --split test --num-shards 1 --out "$DATA/test" >/dev/null
+export KIT=$kitdir/gpukit DATA=/tmp/elbo-gpu-data W=/tmp/elbo-gpu-work
+mkdir -p "$W"
+if [[ ! -f $DATA/test/manifest.yaml ]]; then
+  # Only the 10 000 test images travel: they are the training split of the throughput
+  # runs and the GPU tests, and the test split.
+  for split in train test; do
+    n=$([[ $split == train ]] && echo 2 || echo 1)
+    elbo-shard --images "$KIT/data/t10k-images-idx3-ubyte.gz" --labels "$KIT/data/t10k-labels-idx1-ubyte.gz" \
+      --split "$split" --num-shards "$n" --out "$DATA/$split" >/dev/null || { note "elbo-shard failed"; exit 2; }
+  done
 fi
+note "elbo GPU session $(date -u +%FT%TZ) on $(hostname); python $ELBO_PY; kit and data ready after $((SECONDS - T0)) s"
 
-case "$phase" in
-  check)
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    for b in "$kit"/bin/*; do ldd "$b" | grep "not found" | sed "s|^|$(basename "$b"): |"; done
-    elbo info
-    python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
-    ;;
-  tests)
-    test_probe 2>&1 | tee "$OUT/test_probe.log" | tail -3
-    test_cuda_parity 2>&1 | tee "$OUT/test_cuda_parity.log" | grep -E "OK|FAILED|Failure|Expected|actual|PASSED"
-    test_conv_ops 2>&1 | tail -1
-    PYTHONUNBUFFERED=1 python3 "$ROOT/tests/dist/test_gpu_train.py" --elbo "$(command -v elbo)" --data "$DATA" \
-      --spec "$ROOT/configs/smoke.yaml" --work /tmp/elbo-gpu-train 2>&1 | tee "$OUT/test_gpu_train.log"
-    ;;
-  bench)
-    export ELBO=$kit/bin/elbo DATA PY=python3
-    bash "$ROOT/bench/gpu.sh" 600 2>&1 | tee "$OUT/gpu_mlp.txt"
-    bash "$ROOT/bench/gpu_conv.sh" 400 2>&1 | tee "$OUT/gpu_conv.txt"
-    ;;
-  *) echo "unknown phase $phase"; exit 2 ;;
-esac
+# --- the stages (each runs under `timeout` in its own bash, output to its log) ---
+stage_smoke() {
+  nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  echo "--- where each binary's libraries resolve (CUDA ones and any not found)"
+  for b in "$KIT"/libexec/*; do
+    echo "$(basename "$b"):"
+    LD_LIBRARY_PATH=$ELBO_KIT_LD ldd "$b" | grep -E "not found|cuda|cublas|cudnn|nccl|nvrtc|libstdc|libmpi|hdf5"
+  done
+  local missing
+  missing=$(for b in "$KIT"/libexec/*; do LD_LIBRARY_PATH=$ELBO_KIT_LD ldd "$b"; done | grep -c "not found")
+  echo "--- elbo info"
+  elbo info || return 1
+  echo "--- mpirun -np 2 elbo info"
+  mpirun -np 2 elbo info || return 1
+  echo "--- torch"
+  "$ELBO_PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU seen by torch")'
+  compute-sanitizer --version | tail -1
+  local cuda
+  cuda=$(elbo info | grep -m1 '^cuda:')
+  echo "RESULT: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); $missing libraries not found; $cuda"
+  [[ $missing == 0 && $cuda != "cuda: 0 device"* ]]
+}
+
+gtest_result() {  # log -> "N passed, M failed, K skipped"
+  local p f s
+  p=$(grep -c '^\[       OK \]' "$1"); f=$(grep -c '^\[  FAILED  \] [A-Za-z]*\.' "$1"); s=$(grep -c '^\[  SKIPPED \]' "$1")
+  echo "$p passed, $f failed, $s skipped"
+  [[ $f == 0 && $s == 0 ]]  # a skipped GPU test means the GPU was not seen: not a pass
+}
+
+stage_parity() {
+  local rc=0
+  for t in test_probe test_cuda_parity test_conv_ops; do
+    echo "=== $t"
+    "$t" --gtest_color=no 2>&1 | tee "$W/$t.log" || rc=1
+    gtest_result "$W/$t.log" >/dev/null || rc=1
+  done
+  cat "$W"/test_*.log >"$W/parity_all.log"
+  echo "RESULT: $(gtest_result "$W/parity_all.log"); closest to its tolerance: $(awk '/^parity / {
+      for (i = 1; i <= NF; i++) { if ($i == "err") e = $(i + 1); if ($i == "(tol") t = $(i + 1) + 0 }
+      if (e / t > m) { m = e / t; line = $0 } } END { print line }' "$W/parity_all.log")"
+  return $rc
+}
+
+stage_train() {
+  PYTHONUNBUFFERED=1 "$ELBO_PY" "$ROOT/tests/dist/test_gpu_train.py" --elbo "$KIT/bin/elbo" --data "$DATA" \
+    --spec "$ROOT/configs/smoke.yaml" --work "$W/train"
+  local rc=$?
+  echo "RESULT: exit $rc$([[ $rc == 77 ]] && echo ' (skipped: the GPU was not seen)'); $(grep -c '^FAIL\|failed' "$OUT/train.log" 2>/dev/null || true) failure lines"
+  return $rc
+}
+
+stage_graphs() {
+  # fmnist_conv at batch 128 for 200 steps; every 50 steps an evaluation (batches of
+  # 500, IWAE 5) and image grids (64 samples, reconstructions): shapes larger than the
+  # training step's, between the recorded graph's replays.
+  local common=(train "$ROOT/configs/fmnist_conv.yaml" --set device=cuda --set data.train="$DATA/train"
+    --set data.test="$DATA/test" --set train.max_steps=200 --set train.log_every=50 --set eval.every=50
+    --set eval.max_samples=1000 --set eval.iw_samples=5 --set eval.images=true --set output.overwrite=true)
+  elbo "${common[@]}" --set train.cuda_graph=on --set output.dir="$W/graph_on" || return 1
+  elbo "${common[@]}" --set train.cuda_graph=off --set output.dir="$W/graph_off" || return 1
+  "$ELBO_PY" - "$W" <<'PY' || return 1
+import csv, sys, h5py, numpy as np
+w = sys.argv[1]
+def load(tag):
+    with h5py.File(f"{w}/{tag}/model.h5") as f:
+        p = {k: f["params"][k][...] for k in f["params"]}
+    rows = list(csv.DictReader(open(f"{w}/{tag}/metrics.csv")))
+    return p, rows
+on, mon = load("graph_on")
+off, moff = load("graph_off")
+same = all(np.array_equal(on[k], off[k]) for k in off)
+tests = [(r["step"], r["test_neg_elbo"]) for r in mon if r.get("test_neg_elbo")]
+same_m = [(r["neg_elbo"], r.get("test_neg_elbo")) for r in mon] == [(r["neg_elbo"], r.get("test_neg_elbo")) for r in moff]
+print(f"graph on vs off, 200 conv steps with {len(tests)} evaluations between: parameters bit-identical = {same}, "
+      f"metrics identical = {same_m}; test -ELBO by step {tests}")
+sys.exit(0 if same and same_m else 1)
+PY
+  local r_on=$? e_gpu e_cpu
+  elbo eval "$W/graph_on/model.h5" --data "$DATA/test" --iw-samples 20 --max-samples 2000 --device cuda \
+    --output "$W/eval_gpu.yaml" || return 1
+  elbo eval "$W/graph_on/model.h5" --data "$DATA/test" --iw-samples 20 --max-samples 2000 --device cpu \
+    --output "$W/eval_cpu.yaml" || return 1
+  echo "--- eval.yaml, GPU then CPU"; cat "$W/eval_gpu.yaml" "$W/eval_cpu.yaml"
+  "$ELBO_PY" - "$W" <<'PY'
+import sys, yaml
+w = sys.argv[1]
+g, c = yaml.safe_load(open(f"{w}/eval_gpu.yaml")), yaml.safe_load(open(f"{w}/eval_cpu.yaml"))
+keys = [k for k in g if isinstance(g[k], float) and k in c]
+worst = max(abs(g[k] - c[k]) / max(abs(c[k]), 1e-9) for k in keys)
+print(f"RESULT: graphs on/off bit-identical through evaluations; elbo eval GPU vs CPU worst relative gap {worst:.2e} over {keys}")
+sys.exit(0 if worst < 1e-4 else 1)
+PY
+}
+
+stage_memcheck() {
+  compute-sanitizer --tool memcheck --target-processes all --leak-check no --error-exitcode 9 \
+    "$KIT/bin/test_cuda_parity" --gtest_color=no
+  local rc=$?
+  echo "RESULT: exit $rc; $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log" || echo 'no ERROR SUMMARY line')"
+  return $rc
+}
+
+stage_bench() {
+  export ELBO=$KIT/bin/elbo PY=$ELBO_PY BENCH_KEEP=$W/bench
+  bash "$ROOT/bench/gpu.sh" 600 || return 1
+  bash "$ROOT/bench/gpu_conv.sh" 600 || return 1
+  echo "--- all-reduce self-test: 2 ranks sharing the GPU (MPI through pinned host memory)"
+  mpirun -np 2 elbo train "$ROOT/configs/fmnist_mlp.yaml" --set device=cuda --set dist.communicator=mpi \
+    --set data.train="$DATA/train" --set data.test= --set eval.every=0 --set train.max_steps=20 \
+    --set output.dir="$W/selftest" | grep -E "self-test|gradients:"
+  if (( $(date +%s) + 150 < STAGE_DEADLINE )); then
+    echo "--- torch.compile, while time remains"
+    COMPILE_ONLY=1 bash "$ROOT/bench/gpu.sh" 600
+    (( $(date +%s) + 90 < STAGE_DEADLINE )) && COMPILE_ONLY=1 bash "$ROOT/bench/gpu_conv.sh" 600
+  fi
+  echo "RESULT: $(grep -h '^summary:' "$OUT/bench.log" | tr '\n' ' ')"
+}
+export -f stage_smoke stage_parity stage_train stage_graphs stage_memcheck stage_bench gtest_result
+
+declare -A LIMIT=([smoke]=45 [parity]=60 [train]=120 [graphs]=75 [memcheck]=90 [bench]=200)
+rows=()
+for s in $STAGES; do
+  left=$((BUDGET - (SECONDS - T0) - 5))
+  lim=${LIMIT[$s]:-60}
+  (( lim > left )) && lim=$left
+  if (( lim < 10 )); then rows+=("$(printf '%-9s %-8s %5s  %s' "$s" "no time" 0 "the budget of $BUDGET s ran out")"); continue; fi
+  t=$SECONDS
+  STAGE_DEADLINE=$(( $(date +%s) + lim )) timeout -k 5 "$lim" bash -c "stage_$s" >"$OUT/$s.log" 2>&1
+  rc=$?
+  status=$([[ $rc == 0 ]] && echo pass || { [[ $rc == 124 || $rc == 137 ]] && echo timeout || echo "FAIL($rc)"; })
+  result=$(grep -h '^RESULT: ' "$OUT/$s.log" | tail -1 | cut -c9-)
+  rows+=("$(printf '%-9s %-8s %5d  %s' "$s" "$status" $((SECONDS - t)) "${result:-see $s.log}")")
+  echo "${rows[-1]}"
+done
+{
+  echo
+  printf '%-9s %-8s %5s  %s\n' stage status s result
+  printf '%s\n' "${rows[@]}"
+  echo "total $((SECONDS - T0)) s of a $BUDGET s budget"
+} | tee -a "$SUMMARY"

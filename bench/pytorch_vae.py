@@ -6,7 +6,7 @@ metrics as `elbo eval`. Run with Debian's /usr/bin/python3 (python3-torch).
 
   pytorch_vae.py --train DIR --test DIR [--model mlp|conv] [--channels-last] [--epochs 10]
                  [--threads N] [--max-steps N] [--iw-samples K] [--device cpu|cuda] [--compile]
-                 [--no-eval] [--json OUT]
+                 [--no-eval] [--drop-last] [--json OUT]
 
 On a GPU (--device cuda) it is PyTorch at its best for this model: the data on the
 device, fused Adam, no per-step host sync (the loss is accumulated on the device),
@@ -123,6 +123,8 @@ def main():
     ap.add_argument("--model", default="mlp", choices=["mlp", "conv"],
                     help="mlp: configs/fmnist_mlp.yaml; conv: configs/fmnist_conv.yaml")
     ap.add_argument("--channels-last", action="store_true", help="conv: NHWC memory format (cuDNN's fast path)")
+    ap.add_argument("--drop-last", action="store_true",
+                    help="skip each epoch's short last batch (elbo's train.drop_last), as the GPU benchmarks do")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -153,6 +155,8 @@ def main():
         total, seen = torch.zeros((), device=dev, dtype=torch.float64), 0
         for i in range(0, len(xtr), a.batch):
             if a.max_steps and step >= a.max_steps:
+                break
+            if a.drop_last and i + a.batch > len(xtr):
                 break
             xb = xtr[perm[i:i + a.batch]]
             loss = step_loss(xb, torch.randn(len(xb), 20, device=dev))

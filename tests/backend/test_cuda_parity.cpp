@@ -3,10 +3,15 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <sstream>
 #include <random>
 #include <vector>
 
 #include "elbo/backend/cpu/cpu_backend.hpp"
+#ifdef ELBO_HAVE_CUDA
+#include "elbo/backend/cuda/cuda_backend.hpp"
+#endif
 #include "elbo/config/spec.hpp"
 #include "elbo/model/vae.hpp"
 
@@ -30,6 +35,19 @@ double norm_err(const Vec& a, const Vec& b) {
   }
   return std::sqrt(num / std::max(den, 1e-30));
 }
+
+// EXPECT_LT on a normalized error that also prints the error reached, so a GPU run's
+// log states every op's tolerance and how close it came.
+#define EXPECT_PARITY(err_expr, tol, what)                                                              \
+  do {                                                                                                  \
+    const double parity_err_ = (err_expr);                                                              \
+    std::ostringstream parity_what_;                                                                    \
+    parity_what_ << what;                                                                               \
+    std::printf("parity %-28s %-44s err %.2e (tol %.0e)\n",                                              \
+                ::testing::UnitTest::GetInstance()->current_test_info()->name(), parity_what_.str().c_str(), \
+                parity_err_, double(tol));                                                              \
+    EXPECT_LT(parity_err_, tol) << parity_what_.str();                                                  \
+  } while (0)
 
 class CudaParity : public ::testing::Test {
  protected:
@@ -62,7 +80,7 @@ TEST_F(CudaParity, GemmAllTransposes) {
       cpu.gemm(ta, tb, m, n, k, 0.7f, a.data(), ta ? m : k, b.data(), tb ? k : n, 0.3f, want.data(), n);
       Buffer<float> da = put(a), db = put(b), dc = put(c);
       gpu->gemm(ta, tb, m, n, k, 0.7f, da.data(), ta ? m : k, db.data(), tb ? k : n, 0.3f, dc.data(), n);
-      EXPECT_LT(norm_err(get(dc), want), 1e-5) << "trans_a=" << ta << " trans_b=" << tb;
+      EXPECT_PARITY(norm_err(get(dc), want), 1e-5, "gemm trans_a=" << ta << " trans_b=" << tb);
     }
 }
 
@@ -79,9 +97,9 @@ TEST_F(CudaParity, LinearForwardWithFusedEpilogues) {
     gpu->linear_forward(act, rows, in, out, gx.data(), gw.data(), gb.data(), gpre.data(),
                         act == Activation::Identity ? gpre.data() : gy.data());
     if (act == Activation::Identity)
-      EXPECT_LT(norm_err(get(gpre), pre), 1e-5) << "identity";
+      EXPECT_PARITY(norm_err(get(gpre), pre), 1e-5, "linear fwd identity");
     else
-      EXPECT_LT(norm_err(get(gy), y), 1e-5) << activation_name(act);
+      EXPECT_PARITY(norm_err(get(gy), y), 1e-5, "linear fwd " << activation_name(act));
   }
 }
 
@@ -90,7 +108,7 @@ TEST_F(CudaParity, RandomNumbersAreTheSameStream) {
   cpu.normal(5, RngStream::Eps, 9, 1000, 33, 7, want.data());
   Buffer<float> d(*gpu, want.size());
   gpu->normal(5, RngStream::Eps, 9, 1000, 33, 7, d.data());
-  EXPECT_LT(norm_err(get(d), want), 1e-6);
+  EXPECT_PARITY(norm_err(get(d), want), 1e-6, "philox normal draws");
 }
 
 // cuDNN with FMA math against im2col + FP32 GEMM: the sums run in other orders, so
@@ -110,9 +128,9 @@ TEST_F(CudaParity, ConvolutionsOnCudnn) {
     gpu->conv2d_forward(s, gx.data(), gw.data(), gy.data());
     gpu->conv2d_backward_data(s, gdy.data(), gw.data(), gdx.data());
     gpu->conv2d_backward_filter(s, gx.data(), gdy.data(), gdw.data());
-    EXPECT_LT(norm_err(get(gy), y), 1e-5) << "forward, c " << s.c << " k " << s.k;
-    EXPECT_LT(norm_err(get(gdx), dx), 1e-5) << "backward data, c " << s.c << " k " << s.k;
-    EXPECT_LT(norm_err(get(gdw), dw), 1e-5) << "backward filter (accumulating), c " << s.c << " k " << s.k;
+    EXPECT_PARITY(norm_err(get(gy), y), 1e-5, "conv fwd, c " << s.c << " k " << s.k);
+    EXPECT_PARITY(norm_err(get(gdx), dx), 1e-5, "conv bwd data, c " << s.c << " k " << s.k);
+    EXPECT_PARITY(norm_err(get(gdw), dw), 1e-5, "conv bwd filter (accum), c " << s.c << " k " << s.k);
   }
 }
 
@@ -127,9 +145,9 @@ TEST_F(CudaParity, ChannelBiasActivationAndGroupNorm) {
     Buffer<float> gp = put(pre), gb = put(bias), gdout = put(dout), gdb = put(db0), gout(*gpu, len), gdpre(*gpu, len);
     gpu->channel_bias_act_forward(act, n, c, hw, gb.data(), gp.data(), gout.data());
     gpu->channel_bias_act_backward(act, n, c, hw, gp.data(), gout.data(), gdout.data(), gdpre.data(), gdb.data());
-    EXPECT_LT(norm_err(get(gout), out), 1e-6) << activation_name(act);
-    EXPECT_LT(norm_err(get(gdpre), dpre), 1e-6) << activation_name(act);
-    EXPECT_LT(norm_err(get(gdb), db), 1e-6) << activation_name(act);
+    EXPECT_PARITY(norm_err(get(gout), out), 1e-6, "channel bias+act fwd " << activation_name(act));
+    EXPECT_PARITY(norm_err(get(gdpre), dpre), 1e-6, "channel act bwd " << activation_name(act));
+    EXPECT_PARITY(norm_err(get(gdb), db), 1e-6, "channel bias grad " << activation_name(act));
   }
   Vec x = random_vec(len, rng, -3, 3), gamma = random_vec(c, rng, 0.5f, 1.5f), beta = random_vec(c, rng),
       dy = random_vec(len, rng), y(len), st(size_t(n) * groups * 2), dx(len), dg(c, 0.0f), dbeta(c, 0.0f);
@@ -141,10 +159,10 @@ TEST_F(CudaParity, ChannelBiasActivationAndGroupNorm) {
   gpu->group_norm_forward(n, c, hw, groups, 1e-5f, gx.data(), gg.data(), gbeta.data(), gy.data(), gst.data());
   gpu->group_norm_backward(n, c, hw, groups, gx.data(), gg.data(), gst.data(), gdy.data(), gdx.data(), gdg.data(),
                            gdbeta.data());
-  EXPECT_LT(norm_err(get(gy), y), 1e-6) << "group norm forward";
-  EXPECT_LT(norm_err(get(gdx), dx), 1e-5) << "group norm dx";
-  EXPECT_LT(norm_err(get(gdg), dg), 1e-5) << "group norm dgamma";
-  EXPECT_LT(norm_err(get(gdbeta), dbeta), 1e-5) << "group norm dbeta";
+  EXPECT_PARITY(norm_err(get(gy), y), 1e-6, "group norm forward");
+  EXPECT_PARITY(norm_err(get(gdx), dx), 1e-5, "group norm dx");
+  EXPECT_PARITY(norm_err(get(gdg), dg), 1e-5, "group norm dgamma");
+  EXPECT_PARITY(norm_err(get(gdbeta), dbeta), 1e-5, "group norm dbeta");
 }
 
 TEST_F(CudaParity, WholeVaeForwardBackwardAndAdam) {
@@ -172,9 +190,9 @@ TEST_F(CudaParity, WholeVaeForwardBackwardAndAdam) {
       gpu->download(rec_g.data(), vg.rec(), rows);
       gpu->download(kl_g.data(), vg.kl(), rows);
       std::string tag = std::string(likelihood_name(lik)) + "/" + activation_name(act);
-      EXPECT_LT(norm_err(rec_g, rec_c), 1e-5) << tag;
-      EXPECT_LT(norm_err(kl_g, kl_c), 1e-5) << tag;
-      EXPECT_LT(norm_err(get(dg), gc), 1e-4) << tag;
+      EXPECT_PARITY(norm_err(rec_g, rec_c), 1e-5, tag << " rec");
+      EXPECT_PARITY(norm_err(kl_g, kl_c), 1e-5, tag << " kl");
+      EXPECT_PARITY(norm_err(get(dg), gc), 1e-4, tag << " all gradients");
 
       // One AdamW step from the same gradients, and the gradient norm.
       AdamArgs args;
@@ -184,7 +202,7 @@ TEST_F(CudaParity, WholeVaeForwardBackwardAndAdam) {
       cpu.adam_step(args, p.size(), pc.data(), gc.data(), m.data(), v.data());
       Buffer<float> dm = put(Vec(p.size(), 0.0f)), dv = put(Vec(p.size(), 0.0f)), dg2 = put(gc);
       gpu->adam_step(args, p.size(), dp.data(), dg2.data(), dm.data(), dv.data());
-      EXPECT_LT(norm_err(get(dp), pc), 1e-6) << tag;
+      EXPECT_PARITY(norm_err(get(dp), pc), 1e-6, tag << " adamw step");
       EXPECT_NEAR(gpu->sum_squares(gc.size(), dg2.data()), cpu.sum_squares(gc.size(), gc.data()),
                   1e-6 * cpu.sum_squares(gc.size(), gc.data()));
     }
@@ -222,6 +240,77 @@ TEST_F(CudaParity, GraphReplayEqualsEagerLaunches) {
   }
 }
 
+// The bias gradients (column sums over the batch) at the batch sizes the benchmarks
+// train with, where a reduction's order matters most.
+TEST_F(CudaParity, BiasGradientsAtLargeBatch) {
+  for (int rows : {128, 4096}) {
+    const int cols = 400;
+    Vec pre = random_vec(size_t(rows) * cols, rng, -2, 2), dout = random_vec(pre.size(), rng), db0 = random_vec(cols, rng);
+    Vec out(pre.size()), dpre(pre.size()), db = db0;
+    for (size_t i = 0; i < pre.size(); ++i) out[i] = pre[i] > 0 ? pre[i] : 0.0f;
+    cpu.bias_act_backward(Activation::Relu, rows, cols, pre.data(), out.data(), dout.data(), dpre.data(), db.data());
+    Buffer<float> gp = put(pre), go = put(out), gd = put(dout), gdb = put(db0), gdpre(*gpu, pre.size());
+    gpu->bias_act_backward(Activation::Relu, rows, cols, gp.data(), go.data(), gd.data(), gdpre.data(), gdb.data());
+    EXPECT_PARITY(norm_err(get(gdb), db), 1e-5, "linear bias grad, " << rows << " rows (accum)");
+  }
+  const int n = 1024, c = 32, hw = 196;
+  Vec pre = random_vec(size_t(n) * c * hw, rng, -2, 2), dout = random_vec(pre.size(), rng), bias = random_vec(c, rng);
+  Vec out(pre.size()), dpre(pre.size()), db(c, 0.0f), p = pre;
+  cpu.channel_bias_act_forward(Activation::Relu, n, c, hw, bias.data(), p.data(), out.data());
+  cpu.channel_bias_act_backward(Activation::Relu, n, c, hw, p.data(), out.data(), dout.data(), dpre.data(), db.data());
+  Buffer<float> gp = put(pre), gb = put(bias), gd = put(dout), gdb = put(Vec(c, 0.0f)), gout(*gpu, pre.size()),
+                gdpre(*gpu, pre.size());
+  gpu->channel_bias_act_forward(Activation::Relu, n, c, hw, gb.data(), gp.data(), gout.data());
+  gpu->channel_bias_act_backward(Activation::Relu, n, c, hw, gp.data(), gout.data(), gd.data(), gdpre.data(),
+                                 gdb.data());
+  EXPECT_PARITY(norm_err(get(gdb), db), 1e-5, "channel bias grad, " << n << " samples");
+}
+
+// A graph recorded at a small batch keeps working after a larger batch (an evaluation
+// batch, an image grid) has grown the cuDNN workspace and the reduction scratch: the
+// recording's buffers stay valid, so its replays still give the eager bits (and
+// compute-sanitizer sees no access to freed memory).
+TEST_F(CudaParity, GraphReplayAfterTheScratchMemoryGrows) {
+#ifdef ELBO_HAVE_CUDA
+  const ExperimentSpec spec = parse_spec(R"(
+data: {train: unused}
+model:
+  type: conv
+  latent: 4
+  encoder: [{type: conv2d, channels: 8, kernel: 4, stride: 2, padding: 1}, {type: group_norm, groups: 4}, relu, flatten]
+  decoder: [{type: linear, features: 512}, relu, {type: reshape, shape: [8, 8, 8]},
+            {type: conv_transpose2d, channels: 1, kernel: 4, stride: 2, padding: 1}]
+)", "graph scratch spec");
+  const VaeLayout layout(spec.model, std::vector<int>{1, 16, 16});
+  const int small = 4, large = 512, D = layout.input_dim(), L = layout.latent();
+  std::vector<double> init = layout.init_params(6);
+  const Vec p(init.begin(), init.end());
+  Buffer<float> dp = put(p), dg(*gpu, p.size());
+  Buffer<float> dx = put(random_vec(size_t(large) * D, rng, 0, 1)), de = put(random_vec(size_t(large) * L, rng));
+  Vae<float> vae_small(layout, *gpu, small), vae_large(layout, *gpu, large);
+  auto step = [&](Vae<float>& vae, int rows) {
+    gpu->fill(dg.data(), 0.0f, p.size());
+    vae.forward(dp.data(), dx.data(), de.data(), rows);
+    vae.backward(dp.data(), dg.data(), dx.data(), de.data(), rows, 1.0f / rows, 1.0f / rows);
+  };
+  step(vae_small, small);  // plans and scratch for the small shapes first, as the trainer does
+  const Vec eager = get(dg);
+  std::unique_ptr<CapturedWork> graph = gpu->capture([&] { step(vae_small, small); });
+  auto& cuda = dynamic_cast<CudaBackend&>(*gpu);
+  const size_t before = cuda.scratch_bytes();
+  step(vae_large, large);
+  const size_t after = cuda.scratch_bytes();
+  std::printf("scratch memory: %zu bytes at %d rows, %zu after a step at %d rows\n", before, small, after, large);
+  EXPECT_GT(after, before) << "the large batch must grow the scratch, or this test checks nothing";
+  for (int round = 0; round < 2; ++round) {
+    graph->launch();
+    EXPECT_EQ(get(dg), eager) << "replay " << round << " after the growth";
+  }
+#else
+  GTEST_SKIP() << "no GPU: built without CUDA";
+#endif
+}
+
 // A conv VAE (conv, GroupNorm + activation, transposed conv) on cuDNN against the CPU.
 TEST_F(CudaParity, WholeConvVaeForwardBackward) {
   const ExperimentSpec spec = parse_spec(R"(
@@ -248,12 +337,12 @@ model:
   vg.backward(dp.data(), dg.data(), dx.data(), de.data(), rows, 1.0f / rows, 1.0f / rows);
   Vec rec_c(vc.rec(), vc.rec() + rows), rec_g(rows);
   gpu->download(rec_g.data(), vg.rec(), rows);
-  EXPECT_LT(norm_err(rec_g, rec_c), 1e-5);
+  EXPECT_PARITY(norm_err(rec_g, rec_c), 1e-5, "conv vae rec");
   const Vec grads_g = get(dg);
   for (const auto& v : layout.views()) {
     Vec a(grads_g.begin() + v.offset, grads_g.begin() + v.offset + v.numel()),
         b(gc.begin() + v.offset, gc.begin() + v.offset + v.numel());
-    EXPECT_LT(norm_err(a, b), 1e-4) << "gradient of " << v.name;
+    EXPECT_PARITY(norm_err(a, b), 1e-4, "gradient of " << v.name);
   }
 }
 

@@ -56,6 +56,18 @@ TEST(Placement, AutoPicksTheGpuWhenOneIsVisibleAndTheCpuOtherwise) {
   EXPECT_EQ(p.communicator, "nccl");
 }
 
+TEST(Placement, AutoWithOneRankSyncsNothingButAnExplicitNcclStillRunsIt) {
+  Placement p = resolve_placement(spec_with("cuda", "auto"), node(0, 1), gpus(1));
+  EXPECT_EQ(p.device, DeviceKind::Cuda);
+  EXPECT_EQ(p.communicator, "none") << "one replica's gradient already is the sum";
+  p = resolve_placement(spec_with("cuda", "nccl"), node(0, 1), gpus(1));
+  EXPECT_EQ(p.communicator, "nccl") << "asked for by name, NCCL runs even with one rank";
+  WorldInfo two_nodes = node(0, 1);
+  two_nodes.size = 2;  // one rank on this node, another elsewhere
+  p = resolve_placement(spec_with("cuda", "auto"), two_nodes, gpus(1));
+  EXPECT_EQ(p.communicator, "nccl");
+}
+
 TEST(Placement, RanksMapToGpusByLocalRankAndShareThemRoundRobin) {
   for (int lr = 0; lr < 6; ++lr) {
     Placement p = resolve_placement(spec_with("cuda", "mpi"), node(lr, 6), gpus(4));

@@ -132,6 +132,10 @@ std::unique_ptr<GradientSync> make_gradient_sync(const std::string& communicator
     throw config_error("dist.communicator: nccl needs the CUDA backend, which this build does not have");
 #endif
   }
+  if (communicator == "none") {
+    if (comm.size() != 1) throw internal_error("no gradient sync requested for " + std::to_string(comm.size()) + " ranks");
+    return std::make_unique<LocalSync>();
+  }
   if (communicator != "mpi") throw internal_error("unknown communicator '" + communicator + "'");
   if (comm.size() == 1) return std::make_unique<LocalSync>();
   auto* mpi = dynamic_cast<MpiCommunicator*>(&comm);

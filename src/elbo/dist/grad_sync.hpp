@@ -62,8 +62,9 @@ class BucketedSync : public GradientSync {
   int64_t m_step = 0;
 };
 
-// `communicator` is "mpi" or "nccl" (dist/placement.hpp decides). grads must stay
-// valid for the lifetime of the result. On one rank with "mpi" nothing is reduced.
+// `communicator` is "mpi", "nccl" or "none" (dist/placement.hpp decides). grads must
+// stay valid for the lifetime of the result. On one rank with "mpi" or "none" nothing
+// is reduced; "nccl" on one rank still runs NCCL (the tests compare it with the rest).
 // With a CUDA backend, "mpi" stages buckets through pinned host memory (Debian's Open
 // MPI is not CUDA-aware); "nccl" reduces in device memory on its own stream.
 std::unique_ptr<GradientSync> make_gradient_sync(const std::string& communicator, Communicator& comm,

@@ -39,7 +39,12 @@ Placement resolve_placement(const ExperimentSpec& spec, const WorldInfo& world, 
   if (spec.dist.communicator == "nccl" && shared)
     throw config_error(src + ": dist.communicator: nccl cannot run several ranks on one GPU (" + sharing +
                        "); start at most one rank per GPU or use dist.communicator: mpi (or auto)");
-  if (spec.dist.communicator == "auto") {
+  if (spec.dist.communicator == "auto" && world.size == 1) {
+    // One replica: its gradient already is the sum. NCCL would cost a communicator's
+    // start-up and an all-reduce launch per bucket per step for a copy.
+    p.communicator = "none";
+    p.why = "dist.communicator: auto and 1 rank: no gradient sync";
+  } else if (spec.dist.communicator == "auto") {
     p.communicator = shared ? "mpi" : "nccl";
     p.why = shared ? "dist.communicator: auto and " + sharing + ": MPI through pinned host memory"
                    : "dist.communicator: auto: one rank per GPU";

@@ -1,5 +1,6 @@
 // CUDA backend kernels. Each kernel mirrors one CPU op (cpu/cpu_backend.cpp) with
 // the same formulas, so the CPU backend is the reference in the parity tests.
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -28,16 +29,6 @@ __global__ void bias_act_fwd_kernel(int act, int rows, int cols, const float* bi
     pre[i] = p;
     out[i] = cuda_detail::activate(act, p);
   }
-}
-
-// db[c] += sum_r d[r, c]: one thread per column; neighbouring threads read
-// neighbouring addresses, so each row is one coalesced load.
-__global__ void column_sum_kernel(int rows, int cols, const float* d, float* db) {
-  int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
-  float acc = 0.0f;
-  for (int r = 0; r < rows; ++r) acc += d[size_t(r) * cols + c];
-  db[c] += acc;
 }
 
 __global__ void normal_kernel(uint64_t seed, uint32_t stream, uint32_t step, uint64_t first_item, int rows, int cols,
@@ -213,6 +204,51 @@ int lik_code(Likelihood l) { return l == Likelihood::Bernoulli ? 0 : l == Likeli
 
 }  // namespace
 
+bool GrowingBuffer::reserve(size_t need) {
+  if (need <= bytes) return false;
+  const size_t grown = std::max(need, 2 * bytes);
+  void* p = nullptr;
+  CHECK_CUDA(cudaMalloc(&p, grown));
+  if (ptr != nullptr) {
+    retired.push_back(ptr);  // a recorded graph may still point into it
+    retired_bytes += bytes;
+  }
+  ptr = p;
+  bytes = grown;
+  return true;
+}
+
+size_t GrowingBuffer::held() const { return bytes + retired_bytes; }
+
+GrowingBuffer::~GrowingBuffer() {
+  // cudaFree waits for the device; failures here are not actionable.
+  for (void* p : retired) cudaFree(p);
+  if (ptr != nullptr) cudaFree(ptr);
+}
+
+namespace cuda_detail {
+
+float* partials(CudaBackend::State& st, size_t floats) {
+  st.partials.reserve(floats * sizeof(float));
+  return static_cast<float*>(st.partials.ptr);
+}
+
+void sum_rows_into(CudaBackend::State& st, int rows, int cols, const float* d, float* out) {
+  if (rows == 0 || cols == 0) return;
+  if (st.ones.reserve(size_t(rows) * sizeof(float))) {
+    const size_t n = st.ones.bytes / sizeof(float);
+    fill_kernel<<<blocks_for(n), kThreads, 0, st.stream>>>(static_cast<float*>(st.ones.ptr), 1.0f, n);
+    CHECK_LAUNCH(fill_kernel);
+  }
+  // Row-major d (rows x cols) is the column-major cols x rows matrix with ld = cols;
+  // times ones(rows) it gives the column sums; beta = 1 accumulates into out.
+  const float one = 1.0f;
+  CHECK_CUBLAS(cublasSgemv(st.blas, CUBLAS_OP_N, cols, rows, &one, d, cols, static_cast<const float*>(st.ones.ptr), 1,
+                           &one, out, 1));
+}
+
+}  // namespace cuda_detail
+
 
 CudaBackend::CudaBackend(int device) : m_state(std::make_unique<State>()) {
   int count = 0;
@@ -277,12 +313,11 @@ std::unique_ptr<CapturedWork> CudaBackend::capture(std::function<void()> work) {
 CudaBackend::~CudaBackend() = default;  // State::~State releases the handles and memory
 
 CudaBackend::State::~State() {
-  // Destructors only release; failures here are not actionable.
+  // Destructors only release; failures here are not actionable. The growing buffers
+  // are members and go after this body.
   plans.reset();
   linear_plans.reset();
   if (lt != nullptr) cublasLtDestroy(lt);
-  if (workspace != nullptr) cudaFree(workspace);
-  if (partials != nullptr) cudaFree(partials);
   if (dnn != nullptr) cudnnDestroy(dnn);
   if (scratch != nullptr) cudaFree(scratch);
   if (blas_workspace != nullptr) cudaFree(blas_workspace);
@@ -337,6 +372,10 @@ void* CudaBackend::stream_handle() const { return m_state->stream; }
 
 int CudaBackend::device_ordinal() const { return m_state->device; }
 
+size_t CudaBackend::scratch_bytes() const {
+  return m_state->workspace.held() + m_state->partials.held() + m_state->ones.held();
+}
+
 void CudaBackend::gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
                        const float* b, int ldb, float beta, float* c, int ldc) {
   if (m == 0 || n == 0) return;
@@ -354,8 +393,7 @@ void CudaBackend::bias_act_forward(Activation act, int rows, int cols, const flo
 void CudaBackend::bias_act_backward(Activation act, int rows, int cols, const float* pre, const float* out,
                                     const float* dout, float* dpre, float* db) {
   activation_backward(act, size_t(rows) * cols, pre, out, dout, dpre);
-  column_sum_kernel<<<(cols + kThreads - 1) / kThreads, kThreads, 0, m_state->stream>>>(rows, cols, dpre, db);
-  CHECK_LAUNCH(column_sum_kernel);
+  cuda_detail::sum_rows_into(*m_state, rows, cols, dpre, db);
 }
 
 void CudaBackend::normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows, int cols,

@@ -38,6 +38,9 @@ class CudaBackend final : public Backend<float> {
 
   void* stream_handle() const;
   int device_ordinal() const;
+  // Device memory held for cuDNN workspaces and reduction scratch, retired allocations
+  // included (kept for recorded graphs; see GrowingBuffer in cuda_internal.hpp).
+  size_t scratch_bytes() const;
 
   void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
             int ldb, float beta, float* c, int ldc) override;

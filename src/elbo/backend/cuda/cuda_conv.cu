@@ -10,7 +10,7 @@
 // cuDNN's heuristics rank first among those that are deterministic (so that a GPU
 // run repeats bit for bit) with FMA math (no TF32, like the cuBLAS GEMMs). The
 // workspace grows to the largest plan's need once; steady-state steps allocate
-// nothing.
+// nothing, and a graph recorded before a growth keeps a valid (retired) workspace.
 #include <algorithm>
 #include <cstring>
 #include <map>
@@ -48,6 +48,8 @@ namespace {
 using cuda_detail::act_code;
 using cuda_detail::blocks_for;
 using cuda_detail::kThreads;
+using cuda_detail::partials;
+using cuda_detail::sum_rows_into;
 
 // The first algorithm in cuDNN's ranking that ran successfully in the heuristic and,
 // when `deterministic`, gives the same bits every run.
@@ -102,15 +104,6 @@ __global__ void plane_sum_kernel(int hw, const float* d, float* partial) {
   for (int i = threadIdx.x; i < hw; i += blockDim.x) acc += p[i];
   const double total = block_sum(acc, shared);
   if (threadIdx.x == 0) partial[blockIdx.x] = float(total);
-}
-
-// out[ch] += sum over samples of partial[b * c + ch], in sample order.
-__global__ void sum_over_samples_kernel(int n, int c, const float* partial, float* out) {
-  const int ch = blockIdx.x * blockDim.x + threadIdx.x;
-  if (ch >= c) return;
-  double acc = 0;
-  for (int b = 0; b < n; ++b) acc += partial[size_t(b) * c + ch];
-  out[ch] += float(acc);
 }
 
 // One block per (sample, group): mean and rstd in double, then y.
@@ -213,26 +206,10 @@ ConvPlan& plan_for(CudaBackend::State& st, const ConvShape& s) {
   p->bwd_data = d.algo;
   p->bwd_filter = w.algo;
   p->workspace = std::max({f.memory, d.memory, w.memory});
-  if (p->workspace > st.workspace_bytes) {
-    // Grown here, once per new shape, never inside a steady-state step.
-    CHECK_CUDA(cudaStreamSynchronize(st.stream));
-    if (st.workspace != nullptr) CHECK_CUDA(cudaFree(st.workspace));
-    st.workspace = nullptr;
-    CHECK_CUDA(cudaMalloc(&st.workspace, p->workspace));
-    st.workspace_bytes = p->workspace;
-  }
+  // Grown here, once per new shape, never inside a steady-state step; the old
+  // allocation stays valid for graphs recorded with it.
+  st.workspace.reserve(p->workspace);
   return *st.plans->by_shape.emplace(key, std::move(p)).first->second;
-}
-
-float* partials(CudaBackend::State& st, size_t floats) {
-  if (floats > st.partials_floats) {
-    CHECK_CUDA(cudaStreamSynchronize(st.stream));
-    if (st.partials != nullptr) CHECK_CUDA(cudaFree(st.partials));
-    st.partials = nullptr;
-    CHECK_CUDA(cudaMalloc(&st.partials, floats * sizeof(float)));
-    st.partials_floats = floats;
-  }
-  return st.partials;
 }
 
 }  // namespace
@@ -240,22 +217,22 @@ float* partials(CudaBackend::State& st, size_t floats) {
 void CudaBackend::conv2d_forward(const ConvShape& s, const float* x, const float* w, float* y) {
   ConvPlan& p = plan_for(*m_state, s);
   const float one = 1.0f, zero = 0.0f;
-  CHECK_CUDNN(cudnnConvolutionForward(m_state->dnn, &one, p.x, x, p.w, w, p.conv, p.fwd, m_state->workspace,
-                                      m_state->workspace_bytes, &zero, p.y, y));
+  CHECK_CUDNN(cudnnConvolutionForward(m_state->dnn, &one, p.x, x, p.w, w, p.conv, p.fwd, m_state->workspace.ptr,
+                                      m_state->workspace.bytes, &zero, p.y, y));
 }
 
 void CudaBackend::conv2d_backward_data(const ConvShape& s, const float* dy, const float* w, float* dx) {
   ConvPlan& p = plan_for(*m_state, s);
   const float one = 1.0f, zero = 0.0f;
   CHECK_CUDNN(cudnnConvolutionBackwardData(m_state->dnn, &one, p.w, w, p.y, dy, p.conv, p.bwd_data,
-                                           m_state->workspace, m_state->workspace_bytes, &zero, p.x, dx));
+                                           m_state->workspace.ptr, m_state->workspace.bytes, &zero, p.x, dx));
 }
 
 void CudaBackend::conv2d_backward_filter(const ConvShape& s, const float* x, const float* dy, float* dw) {
   ConvPlan& p = plan_for(*m_state, s);
   const float one = 1.0f;  // beta = 1: parameter gradients accumulate
   CHECK_CUDNN(cudnnConvolutionBackwardFilter(m_state->dnn, &one, p.x, x, p.y, dy, p.conv, p.bwd_filter,
-                                             m_state->workspace, m_state->workspace_bytes, &one, p.w, dw));
+                                             m_state->workspace.ptr, m_state->workspace.bytes, &one, p.w, dw));
 }
 
 void CudaBackend::channel_bias_act_forward(Activation act, int n, int c, int hw, const float* bias, float* pre,
@@ -272,8 +249,7 @@ void CudaBackend::channel_bias_act_backward(Activation act, int n, int c, int hw
   float* part = partials(*m_state, size_t(n) * c);
   plane_sum_kernel<<<n * c, kThreads, 0, m_state->stream>>>(hw, dpre, part);
   CHECK_LAUNCH(plane_sum_kernel);
-  sum_over_samples_kernel<<<(c + kThreads - 1) / kThreads, kThreads, 0, m_state->stream>>>(n, c, part, db);
-  CHECK_LAUNCH(sum_over_samples_kernel);
+  sum_rows_into(*m_state, n, c, part, db);  // over samples
 }
 
 void CudaBackend::activation_forward(Activation act, size_t n, const float* pre, float* out) {
@@ -301,11 +277,8 @@ void CudaBackend::group_norm_backward(int n, int c, int hw, int groups, const fl
   float* pb = part + size_t(n) * c;
   group_norm_bwd_kernel<<<n * groups, kThreads, 0, m_state->stream>>>(c, hw, groups, x, gamma, stats, dy, dx, pg, pb);
   CHECK_LAUNCH(group_norm_bwd_kernel);
-  const unsigned blocks = (c + kThreads - 1) / kThreads;
-  sum_over_samples_kernel<<<blocks, kThreads, 0, m_state->stream>>>(n, c, pg, dgamma);
-  CHECK_LAUNCH(sum_over_samples_kernel);
-  sum_over_samples_kernel<<<blocks, kThreads, 0, m_state->stream>>>(n, c, pb, dbeta);
-  CHECK_LAUNCH(sum_over_samples_kernel);
+  sum_rows_into(*m_state, n, c, pg, dgamma);  // over samples
+  sum_rows_into(*m_state, n, c, pb, dbeta);
 }
 
 }  // namespace elbo

@@ -9,6 +9,7 @@
 #include <cudnn.h>
 
 #include <string>
+#include <vector>
 
 #include "elbo/backend/cuda/cuda_backend.hpp"
 #include "elbo/util/error.hpp"
@@ -99,6 +100,26 @@ struct PlanDeleter {
   void operator()(P* p) const noexcept { destroy(p); }
 };
 
+// Device memory that grows to the largest need seen. A recorded CUDA graph keeps the
+// addresses it was recorded with and replays them forever, so a buffer this backend
+// hands to kernels is never freed while the backend lives: growing keeps the old
+// allocation in `retired` (released with the State) and at least doubles, so what is
+// retired stays smaller than what is live.
+struct GrowingBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  std::vector<void*> retired;
+  size_t retired_bytes = 0;
+  // At least `need` bytes. Returns true when it allocated (then the contents are
+  // undefined). Allocation happens for a new, larger shape, never in a steady-state step.
+  bool reserve(size_t need);
+  size_t held() const;  // live and retired bytes
+  GrowingBuffer() = default;
+  GrowingBuffer(const GrowingBuffer&) = delete;
+  GrowingBuffer& operator=(const GrowingBuffer&) = delete;
+  ~GrowingBuffer();
+};
+
 struct CudaBackend::State {
   int device = 0;
   cudaStream_t stream = nullptr;
@@ -107,14 +128,23 @@ struct CudaBackend::State {
   void* blas_workspace = nullptr;  // cuBLAS's and cuBLASLt's workspace (one stream: never used at once),
   size_t blas_workspace_bytes = 0;  //   set once so that graph capture allocates nothing
   cudnnHandle_t dnn = nullptr;   // created on the first convolution (MLP runs never load cuDNN)
-  void* workspace = nullptr;     // cuDNN workspace, grown to the largest plan's need, then reused
-  size_t workspace_bytes = 0;
-  float* partials = nullptr;     // per-(sample, channel) partial sums for deterministic reductions
-  size_t partials_floats = 0;
+  GrowingBuffer workspace;       // cuDNN workspace, grown to the largest plan's need, then reused
+  GrowingBuffer partials;        // per-(sample, channel) partial sums for deterministic reductions
+  GrowingBuffer ones;            // 1.0f each: the vector the column-sum GEMVs multiply with
   std::unique_ptr<ConvPlans, PlanDeleter<ConvPlans>> plans;
   cublasLtHandle_t lt = nullptr;  // cuBLASLt, for GEMMs with the bias and ReLU fused in
   std::unique_ptr<LinearPlans, PlanDeleter<LinearPlans>> linear_plans;
   ~State();  // releases everything above (cuda_backend.cu)
 };
+
+namespace cuda_detail {
+// out[j] += sum_i d[i * cols + j] for a row-major rows x cols matrix: one cuBLAS GEMV
+// against a vector of ones. Parallel over rows and columns, and deterministic (cuBLAS
+// gives the same bits every run on one GPU model; no atomics), unlike a thread per
+// column summing thousands of rows one after another.
+void sum_rows_into(CudaBackend::State& st, int rows, int cols, const float* d, float* out);
+// Scratch of at least `floats` floats (st.partials).
+float* partials(CudaBackend::State& st, size_t floats);
+}  // namespace cuda_detail
 
 }  // namespace elbo
