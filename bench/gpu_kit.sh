@@ -65,8 +65,11 @@ cat >"$k"/env.sh <<'ENV'
 # toolkit's, then the CUDA wheels' (cuDNN, NCCL) found through that python.
 kit=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export OPAL_PREFIX=$kit/usr PATH=$kit/bin:$PATH${PATH:+:}/usr/local/cuda/bin
+# PMIx's directories are absolute in Debian's build, so PMIX_PREFIX alone moves
+# nothing: without these it loads the machine's own (other version) PMIx plugins.
 export PMIX_PREFIX=$kit/usr/lib/x86_64-linux-gnu/pmix2
-export PMIX_MCA_mca_base_component_path=$PMIX_PREFIX/lib/pmix
+export PMIX_LIBDIR=$PMIX_PREFIX/lib PMIX_PKGLIBDIR=$PMIX_PREFIX/lib/pmix
+export PMIX_DATADIR=$PMIX_PREFIX/share PMIX_PKGDATADIR=$PMIX_PREFIX/share/pmix
 export OMPI_MCA_plm_rsh_agent=false OMPI_MCA_rmaps_base_oversubscribe=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export ELBO_PY=python3

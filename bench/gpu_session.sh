@@ -12,7 +12,10 @@
 #   memcheck  compute-sanitizer memcheck over the parity tests
 #   bench     bench/gpu.sh (MLP) and bench/gpu_conv.sh (conv) against PyTorch, eager
 #             first, torch.compile while time remains; the all-reduce self-test
-# Each stage has its own time limit and log in $OUT; summary.txt ends with a table.
+#   profile   Nsight Compute's per-kernel time for a few conv steps at batch 1024,
+#             elbo and PyTorch (the one configuration where elbo trailed)
+# Each stage has its own time limit and log in $OUT; summary.txt ends with a table;
+# bench-runs.tar.gz holds the benchmark runs' logs, metrics and profiles.
 # The whole run stays inside BUDGET seconds (default 420), so a second try fits in a
 # 15-minute window. Prepare first, on a CPU machine: bash bench/gpu_kit.sh; then call
 # the device tool with carry [".gpukit.tar.xz"] and `bash bench/gpu_session.sh`.
@@ -22,7 +25,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export ROOT
 export OUT=${OUT:-/tmp/elbo-gpu-out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-smoke parity train graphs memcheck bench}
+STAGES=${STAGES:-smoke parity train graphs memcheck bench profile}
 BUDGET=${BUDGET:-420}
 T0=$SECONDS
 SUMMARY=$OUT/summary.txt
@@ -173,11 +176,55 @@ stage_bench() {
     COMPILE_ONLY=1 bash "$ROOT/bench/gpu.sh" 600
     (( $(date +%s) + 90 < STAGE_DEADLINE )) && COMPILE_ONLY=1 bash "$ROOT/bench/gpu_conv.sh" 600
   fi
+  # The runs' own logs and metrics, for a look afterwards (not the models).
+  tar -C "$W" -czf "$OUT/bench-runs.tar.gz" --exclude='*.h5' --exclude='*.png' bench 2>/dev/null
   echo "RESULT: $(grep -h '^summary:' "$OUT/bench.log" | tr '\n' ' ')"
 }
-export -f stage_smoke stage_parity stage_train stage_graphs stage_memcheck stage_bench gtest_result
 
-declare -A LIMIT=([smoke]=45 [parity]=60 [train]=120 [graphs]=75 [memcheck]=90 [bench]=200)
+stage_profile() {
+  # Per-kernel GPU time of a few steps of the conv VAE at batch 1024, elbo (graphs off,
+  # so each kernel is its own launch) and PyTorch eager, with Nsight Compute's
+  # duration metric only (one replay per kernel; clocks left alone).
+  command -v ncu >/dev/null || { echo "RESULT: no ncu on this machine"; return 0; }
+  local ncu=(ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 4000 --launch-count 300
+             --print-summary per-kernel --csv)
+  "${ncu[@]}" --log-file "$W/bench/ncu-elbo.csv" elbo train "$ROOT/configs/fmnist_conv.yaml" --set device=cuda \
+    --set data.train="$DATA/train" --set data.test= --set eval.every=0 --set train.batch_size=1024 \
+    --set train.drop_last=true --set train.epochs=1000 --set train.max_steps=150 --set train.cuda_graph=off \
+    --set output.dir="$W/profile-elbo" >/dev/null 2>&1
+  "${ncu[@]}" --log-file "$W/bench/ncu-torch.csv" "$ELBO_PY" "$ROOT/bench/pytorch_vae.py" --model conv --device cuda \
+    --train "$DATA/train" --test "$DATA/test" --batch 1024 --drop-last --epochs 1000 --max-steps 150 --no-eval \
+    >/dev/null 2>&1
+  "$ELBO_PY" - "$W/bench" <<'PY'
+import csv, sys, collections
+for tag in ("elbo", "torch"):
+    path = f"{sys.argv[1]}/ncu-{tag}.csv"
+    try:
+        lines = [l for l in open(path) if l.startswith('"')]
+    except OSError:
+        print(f"{tag}: no profile ({path} missing)"); continue
+    rows = list(csv.DictReader(lines))
+    t = collections.defaultdict(float); n = collections.Counter()
+    for r in rows:
+        name = r.get("Kernel Name") or r.get("Function Name") or "?"
+        if "duration" not in (r.get("Metric Name") or ""):
+            continue
+        v = float((r.get("Average") or r.get("Metric Value") or "0").replace(",", ""))
+        c = int(float((r.get("Invocations") or "1").replace(",", "")))
+        t[name[:90]] += v * c; n[name[:90]] += c
+    total = sum(t.values())
+    print(f"--- {tag}: {sum(n.values())} kernels profiled, {total / 1e6:.3f} ms in all")
+    for k, v in sorted(t.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"{100 * v / max(total, 1):5.1f}%  {v / 1e3 / max(n[k], 1):9.1f} us x {n[k]:4d}  {k}")
+PY
+  tar -C "$W" -czf "$OUT/bench-runs.tar.gz" --exclude='*.h5' --exclude='*.png' bench 2>/dev/null
+  echo "RESULT: per-kernel time of the conv VAE at batch 1024 above"
+}
+export -f stage_smoke stage_parity stage_train stage_graphs stage_memcheck stage_bench stage_profile gtest_result
+
+# bench takes what the budget leaves (torch.compile rows only while time remains);
+# profile runs last, on what is left after that.
+declare -A LIMIT=([smoke]=45 [parity]=60 [train]=120 [graphs]=75 [memcheck]=90 [bench]=240 [profile]=90)
 rows=()
 for s in $STAGES; do
   left=$((BUDGET - (SECONDS - T0) - 5))
