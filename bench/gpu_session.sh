@@ -187,7 +187,7 @@ stage_profile() {
   # duration metric only (one replay per kernel; clocks left alone).
   command -v ncu >/dev/null || { echo "RESULT: no ncu on this machine"; return 0; }
   local ncu=(ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 4000 --launch-count 300
-             --print-summary per-kernel --csv)
+             --print-units base --csv)  # one row per launch: "Kernel Name", "Metric Name", "Metric Value" (ns)
   "${ncu[@]}" --log-file "$W/bench/ncu-elbo.csv" elbo train "$ROOT/configs/fmnist_conv.yaml" --set device=cuda \
     --set data.train="$DATA/train" --set data.test= --set eval.every=0 --set train.batch_size=1024 \
     --set train.drop_last=true --set train.epochs=1000 --set train.max_steps=150 --set train.cuda_graph=off \
