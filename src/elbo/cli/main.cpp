@@ -160,6 +160,9 @@ int main(int argc, char** argv) {
   using namespace elbo;
   std::optional<MpiRuntime> mpi;
   std::optional<MpiCommunicator> comm;
+  // A job scheduler may signal a training job at any moment, start-up included: from
+  // here on SIGTERM/SIGUSR1/SIGINT are stop requests (see train/stop_signal.hpp).
+  if (argc > 1 && std::string(argv[1]) == "train") install_stop_handlers();
   try {
     mpi.emplace(&argc, &argv);
     comm.emplace();

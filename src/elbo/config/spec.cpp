@@ -334,8 +334,14 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     t.threads = r.get<int>("threads", t.threads);
     r.check(t.threads >= 0, "threads", "must be >= 0 (0 = automatic)", t.threads);
     t.on_nonfinite = r.choice("on_nonfinite", t.on_nonfinite, {"abort", "skip"});
+    t.max_consecutive_skips = r.get<int64_t>("max_consecutive_skips", t.max_consecutive_skips);
+    r.check(t.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1", t.max_consecutive_skips);
+    t.max_skip_fraction = r.get<double>("max_skip_fraction", t.max_skip_fraction);
+    r.check(t.max_skip_fraction >= 0 && t.max_skip_fraction <= 1, "max_skip_fraction", "must be in [0, 1]",
+            t.max_skip_fraction);
     t.cuda_graph = r.choice("cuda_graph", t.cuda_graph, {"auto", "on", "off"});
-    r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads", "on_nonfinite", "cuda_graph"});
+    r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads", "on_nonfinite",
+              "max_consecutive_skips", "max_skip_fraction", "cuda_graph"});
   }
   {
     MapReader r = top.sub("eval");
@@ -504,6 +510,8 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "log_every" << YAML::Value << s.train.log_every;
   e << YAML::Key << "threads" << YAML::Value << s.train.threads;
   e << YAML::Key << "on_nonfinite" << YAML::Value << s.train.on_nonfinite;
+  e << YAML::Key << "max_consecutive_skips" << YAML::Value << s.train.max_consecutive_skips;
+  e << YAML::Key << "max_skip_fraction" << YAML::Value << s.train.max_skip_fraction;
   e << YAML::Key << "cuda_graph" << YAML::Value << s.train.cuda_graph;
   e << YAML::EndMap;
   e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;

@@ -69,6 +69,11 @@ struct TrainSpec {
   int64_t log_every = 100;       // steps between progress lines
   int threads = 0;               // BLAS threads per rank; 0 = cores / ranks on the node
   std::string on_nonfinite = "abort";  // abort | skip: a NaN/Inf loss or gradient ends the run or drops the step
+  // With skip, how much skipping a run may do before it ends with an error: this many
+  // consecutive skipped steps, or more than this share of all steps (once the skips
+  // also exceed max_consecutive_skips, so that an early burst alone does not count).
+  int64_t max_consecutive_skips = 10;
+  double max_skip_fraction = 0.05;
   std::string cuda_graph = "auto";     // auto | on | off: replay the steady-state forward/backward as one CUDA graph
 };
 

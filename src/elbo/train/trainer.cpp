@@ -3,6 +3,7 @@
 // N ranks reproduce one rank up to float summation order.
 #include "elbo/train/trainer.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -25,6 +26,7 @@
 #include "elbo/train/stop_signal.hpp"
 #include "elbo/util/files.hpp"
 #include "elbo/util/progress.hpp"
+#include "elbo/util/run_lock.hpp"
 #include "elbo/viz/image.hpp"
 
 #include <climits>
@@ -51,17 +53,55 @@ std::string hms(double seconds) {
 
 // Files of a finished or running job; refusing to reuse the directory protects them.
 const char* const kRunFiles[] = {"model.h5", "metrics.csv", "spec.yaml", "eval.yaml", "samples.png", "recon.png"};
+// Directories a run fills; output.overwrite removes them with the files above.
+const char* const kRunDirs[] = {"checkpoints", "images"};
 
-void prepare_output_dir(const OutputSpec& out, bool resuming) {
-  fs::path dir(out.dir);
-  if (fs::exists(dir) && !fs::is_directory(dir))
-    throw config_error("output.dir: '" + out.dir + "' exists and is not a directory");
-  if (!out.overwrite && !resuming) {
-    for (const char* f : kRunFiles)
-      if (fs::exists(dir / f))
-        throw config_error("output.dir: '" + out.dir + "' already holds a run (" + f +
-                           "); choose another output.dir, continue it with --resume auto, or pass "
-                           "--set output.overwrite=true");
+// The first thing in `dir` that belongs to a run, or "" when it holds none.
+std::string run_evidence(const fs::path& dir) {
+  std::error_code ec;
+  for (const char* f : kRunFiles)
+    if (fs::exists(dir / f, ec)) return f;
+  for (const auto& e : fs::directory_iterator(dir / "checkpoints", ec))
+    if (e.path().extension() == ".h5") return "checkpoints/" + e.path().filename().string();
+  return "";
+}
+
+// Whether `file` lies inside `dir` (by file system identity, so links and relative
+// spellings do not fool it).
+bool inside(const fs::path& file, const fs::path& dir) {
+  std::error_code ec;
+  for (fs::path p = fs::absolute(file, ec).parent_path(); !p.empty() && p != p.root_path(); p = p.parent_path())
+    if (fs::equivalent(p, dir, ec)) return true;
+  return false;
+}
+
+// Makes output.dir ready for this job (rank 0, under the run lock). A directory holds
+// one run: a fresh start refuses a directory with a run in it unless output.overwrite,
+// which then removes that run's files first (never a mix of two runs' checkpoints);
+// --resume PATH may only continue the run already there (or start in an empty
+// directory); overwrite and --resume contradict each other.
+void prepare_output_dir(const ExperimentSpec& spec, const std::string& resume) {
+  const OutputSpec& out = spec.output;
+  const fs::path dir(out.dir);
+  if (!resume.empty() && out.overwrite)
+    throw config_error(spec.source + ": output.overwrite: true asks for a fresh run in '" + out.dir +
+                       "', --resume " + resume + " for continuing one; drop one of them (job scripts pass "
+                       "--resume auto: give a new run a new output.dir instead)");
+  const std::string evidence = run_evidence(dir);
+  if (!evidence.empty()) {
+    if (resume.empty() && !out.overwrite)
+      throw config_error("output.dir: '" + out.dir + "' already holds a run (" + evidence +
+                         "); choose another output.dir, continue it with --resume auto, or pass "
+                         "--set output.overwrite=true");
+    if (!resume.empty() && resume != "auto" && !inside(resume, dir / "checkpoints"))
+      throw config_error("output.dir: '" + out.dir + "' holds another run (" + evidence + "); --resume " + resume +
+                         " would replace it: continue from that checkpoint into an empty output.dir");
+    if (out.overwrite) {
+      std::error_code ec;
+      for (const char* f : kRunFiles) fs::remove(dir / f, ec);
+      for (const char* d : kRunDirs) fs::remove_all(dir / d, ec);
+      if (ec) throw io_error("output.overwrite: cannot remove the earlier run in '" + out.dir + "': " + ec.message());
+    }
   }
   std::error_code ec;
   fs::create_directories(dir / "checkpoints", ec);
@@ -103,18 +143,29 @@ class CheckpointWriter {
   std::exception_ptr m_error;
 };
 
+// metrics.csv's columns; new ones go at the end so that column numbers stay valid.
+constexpr const char* kMetricsHeader =
+    "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s,test_neg_elbo,test_rec,test_kl,"
+    "skipped_steps";
+
 // metrics.csv of a resumed run: the rows up to the checkpoint's step stay, later
-// ones (logged after the checkpoint by the interrupted run) are dropped.
+// ones (logged after the checkpoint by the interrupted run) are dropped. A file from
+// an earlier version with fewer columns gets the current header and empty cells.
 void truncate_metrics(const fs::path& csv, int64_t step) {
   std::ifstream in(csv);
   if (!in) return;
   std::ostringstream kept;
-  std::string line;
-  bool header = true;
-  while (std::getline(in, line)) {
-    if (header || std::stoll(line.substr(0, line.find(','))) <= step) kept << line << "\n";
-    header = false;
-  }
+  std::string line, header;
+  std::getline(in, header);
+  const std::string current = kMetricsHeader;
+  const bool older = header != current && current.compare(0, header.size(), header) == 0;
+  const std::string pad(older ? std::count(current.begin(), current.end(), ',') -
+                                    std::count(header.begin(), header.end(), ',')
+                              : 0,
+                        ',');
+  kept << (older ? current : header) << "\n";
+  while (std::getline(in, line))
+    if (!line.empty() && std::stoll(line.substr(0, line.find(','))) <= step) kept << line << pad << "\n";
   write_text_file_atomic(csv.string(), kept.str());
 }
 
@@ -143,6 +194,7 @@ void write_grids(const fs::path& dir, const std::string& tag, const VaeLayout& l
 struct Interval {
   double rec = 0, kl = 0, samples = 0, grad_norm = 0;
   int64_t steps = 0;
+  int64_t skipped = 0;  // steps dropped by train.on_nonfinite: skip
   Clock::time_point start = Clock::now();
 };
 
@@ -237,13 +289,23 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   const bool root = comm.is_root();
   comm.set_timeout(spec.dist.timeout_s);
 
+  // Stop requests count from here (the handlers went in before MPI started): one during
+  // start-up ends the job at the first agreement point with kExitStopped.
+  StopSignals stop(spec.checkpoint.grace_s, "rank " + std::to_string(rank) + " on " + comm.world().host);
+  TrainResult result;
+  // Whether any rank was asked to stop; a collective, so every rank takes the same branch.
+  const auto stop_agreed = [&] { return comm.allreduce_max(stop.requested() ? 1 : 0) > 0; };
+
   // --- setup, each phase agreed by all ranks so a bad input stops the job everywhere ---
+  RunLock run_lock;  // rank 0: this job owns output.dir until it returns
   collectively(comm, [&] {
     if (spec.train.batch_size % world != 0)
       throw config_error(spec.source + ": train.batch_size: " + std::to_string(spec.train.batch_size) +
                          " is not divisible by the number of ranks (" + std::to_string(world) +
                          "); the global batch is split evenly over the ranks");
-    if (root) prepare_output_dir(spec.output, !options.resume.empty());
+    if (!root) return;
+    run_lock = RunLock(spec.output.dir);
+    prepare_output_dir(spec, options.resume);
   });
 
   std::optional<data::ShardSet> train_set, test_set;
@@ -346,7 +408,16 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         const bool found = find_resume_checkpoint(ckpt_dir.string(), &ck, &skipped);
         for (const auto& why : skipped) resume_log << "resume: skipping an unusable checkpoint: " << why << "\n";
         if (!found) {
-          resume_log << "resume: no usable checkpoint in " << ckpt_dir.string() << "; starting from step 0\n";
+          // Starting over is right for a job that died before its first checkpoint,
+          // never over a finished model or over checkpoints that merely fail to verify.
+          if (fs::exists(out_dir / "model.h5") || !skipped.empty())
+            throw config_error(
+                "--resume auto: " + out_dir.string() + " holds " +
+                (fs::exists(out_dir / "model.h5") ? std::string("a finished model (model.h5)") : "checkpoints") +
+                " but no checkpoint that verifies" + (skipped.empty() ? "" : " (" + skipped.front() + ")") +
+                "; nothing was changed. To train anew there pass --set output.overwrite=true without --resume; "
+                "to keep it, give this run another output.dir");
+          resume_log << "resume: no checkpoint in " << ckpt_dir.string() << "; starting from step 0\n";
           return;
         }
       } else {
@@ -411,8 +482,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     } else {
       csv.open(csv_path, std::ios::trunc);
       if (csv)
-        csv << "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s,test_neg_elbo,test_rec,"
-               "test_kl\n";
+        csv << kMetricsHeader << "\n";
     }
     if (!csv) throw io_error("cannot write " + csv_path.string());
   }
@@ -429,7 +499,6 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   }
 
   // --- checkpoints: rank 0 copies the state to host memory, a thread writes it ---
-  TrainResult result;
   CheckpointWriter writer;
   auto save_checkpoint = [&](bool wait) {
     if (!root) return;
@@ -448,12 +517,25 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     if (wait) writer.wait();
   };
 
+  // A stop asked for during start-up (data loading, the self-test): nothing new to
+  // save, so no checkpoint; the next start does the same work again.
+  if (stop_agreed()) {
+    if (root)
+      log << "stop requested before the first step (at step " << st.step << "): no checkpoint needed; continue "
+          << "with --resume auto\n" << std::flush;
+    result.stopped = true;
+    result.stop_signal = stop.signal_number();
+    result.steps = st.step;
+    return result;
+  }
+
   // --- the loop ---
   std::unique_ptr<CapturedWork> graph;  // recorded at the second steady-state step
   bool steady_warm = false;             // a steady-state step has run op by op
-  StopSignals stop(spec.checkpoint.grace_s);
   const auto t0 = Clock::now();
   const int64_t first_step = st.step;
+  const int64_t skipped_before = st.skipped_steps;  // the share counts this job's steps
+  int64_t consecutive_skips = 0;
   Interval iv;
   int64_t step = st.step;
   int64_t epoch = st.epoch;
@@ -551,11 +633,31 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
                                                        "train.on_nonfinite: skip");
         ++st.skipped_steps;
+        ++consecutive_skips;
+        ++iv.skipped;
+        // A run that mostly skips trains nothing: past the limits it ends, saying so.
+        const int64_t done = step - first_step;
+        const bool too_many_in_a_row = consecutive_skips >= spec.train.max_consecutive_skips;
+        const bool too_large_a_share = st.skipped_steps > spec.train.max_consecutive_skips &&
+                                       static_cast<double>(st.skipped_steps - skipped_before) >
+                                           spec.train.max_skip_fraction * static_cast<double>(done);
+        if (too_many_in_a_row || too_large_a_share)
+          throw AgreedError(
+              ErrorKind::Numeric,
+              what + "; " +
+                  (too_many_in_a_row
+                       ? std::to_string(consecutive_skips) + " steps in a row skipped (train.max_consecutive_skips: " +
+                             std::to_string(spec.train.max_consecutive_skips) + ")"
+                       : std::to_string(st.skipped_steps - skipped_before) + " of " + std::to_string(done) +
+                             " steps skipped (train.max_skip_fraction: " +
+                             std::to_string(spec.train.max_skip_fraction) + ")") +
+                  "; the run is not learning: lower optim.lr, set optim.grad_clip, or check the data for NaN/Inf");
         if (root) {
           epoch_bar.clear();
           log << "warning: " << what << "; skipping this step (train.on_nonfinite: skip)\n" << std::flush;
         }
       } else {
+        consecutive_skips = 0;
         st.adam_steps = optim.steps_taken();
         iv.rec += local[0];
         iv.kl += local[1];
@@ -593,6 +695,15 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       }
 
       const bool epoch_end = b + 1 == per_epoch || step == total_steps;
+      if ((step % spec.train.log_every == 0 || epoch_end || eval_now) && iv.steps == 0 && iv.skipped > 0) {
+        // Nothing trained in this interval: a row that says so (no losses to average).
+        if (root)
+          csv << step << "," << epoch + 1 << "," << st.samples_seen << ",,,," << beta << ","
+              << lr << ",,,"
+              << std::chrono::duration<double>(Clock::now() - t0).count() << ",,,," << st.skipped_steps << "\n"
+              << std::flush;
+        iv = Interval{};
+      }
       if ((step % spec.train.log_every == 0 || epoch_end || eval_now) && iv.steps > 0) {
         const double secs = std::chrono::duration<double>(Clock::now() - iv.start).count();
         const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -617,10 +728,11 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
                                   static_cast<long long>(st.samples_seen), r + k, r, k, beta, lr,
                                   iv.grad_norm / static_cast<double>(iv.steps), rate, elapsed);
           if (eval_now)
-            std::snprintf(row + len, sizeof(row) - len, "%.6f,%.6f,%.6f\n", test_now.neg_elbo, test_now.rec,
-                          test_now.kl);
+            len += std::snprintf(row + len, sizeof(row) - len, "%.6f,%.6f,%.6f,", test_now.neg_elbo, test_now.rec,
+                                 test_now.kl);
           else
-            std::snprintf(row + len, sizeof(row) - len, ",,\n");
+            len += std::snprintf(row + len, sizeof(row) - len, ",,,");
+          std::snprintf(row + len, sizeof(row) - len, "%lld\n", static_cast<long long>(st.skipped_steps));
           csv << row << std::flush;
         }
         iv = Interval{};
@@ -641,10 +753,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   }
   result.steps = step;
   result.epochs_completed = epoch;
-  if (result.stopped) {
-    result.steps = step;
-    return result;
-  }
+  if (result.stopped) return result;
   // The final checkpoint: the run can be extended later (more epochs) with --resume.
   collectively(comm, [&] {
     writer.wait();
@@ -662,6 +771,20 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         << std::flush;
   });
 
+  // Everything the run must keep is on disk now. A stop from here on (the final
+  // evaluation can take long) ends the job at once as resumable: --resume auto finds
+  // the final checkpoint, trains no further, and evaluates again.
+  stop.exit_at_once("elbo: rank " + std::to_string(rank) + ": stop requested after training: model.h5 and the final "
+                    "checkpoint are written; the final evaluation did not finish (continue with --resume auto to "
+                    "run it, or run elbo eval)");
+  if (test_set && spec.eval.at_end && stop_agreed()) {
+    if (root)
+      log << "stop requested after training: " << result.model_path << " and the final checkpoint are written; "
+          << "the final evaluation is left for --resume auto\n" << std::flush;
+    result.stopped = true;
+    result.stop_signal = stop.signal_number();
+    return result;
+  }
   if (test_set && spec.eval.at_end) {
     EvalOptions eo;
     eo.iw_samples = spec.eval.iw_samples;
