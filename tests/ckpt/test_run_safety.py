@@ -15,6 +15,8 @@
  11. SIGTERM during start-up (before the first step) exits 75 without a checkpoint;
  12. SIGINT mid-training exits 75 with a checkpoint (not 130), and the resumed run
      ends bit-identical to an uninterrupted one;
+ 13. SIGTERM to mpirun: whatever mpirun's exit status, rank 0 leaves the
+     ELBO_STOP_FILE marker the job scripts requeue on, and the run resumes;
  14. SIGTERM during the final evaluation exits 75 at once (not 76 after grace_s,
      no "without a checkpoint"), and --resume auto then runs the evaluation."""
 import glob, hashlib, os, re, signal, subprocess, sys, time
@@ -153,6 +155,23 @@ check(p.returncode == 75 and "stop requested" in o, f"SIGINT exits 75 after a ch
 rc, out = run(d12, "--resume", "auto", "--set", "train.epochs=100")
 same = rc == 0 and all(np.array_equal(params(d12)[k], v) for k, v in params(ref).items())
 check(same, "SIGINT: the resumed run ends bit-identical to an uninterrupted one", out)
+
+# --- 13. SIGTERM to mpirun: the exit status may say 1, the marker says resumable ---
+d13 = os.path.join(a.work, "mpirun_term")
+marker = os.path.join(a.work, "stopped.marker")
+env = dict(os.environ, ELBO_STOP_FILE=marker)
+ref2 = os.path.join(a.work, "ref_np2")
+run(ref2, "--set", "train.epochs=40", np_=2)
+p = subprocess.Popen(["mpirun", "-np", "2", "-x", "ELBO_STOP_FILE"] + base(d13, "--set", "train.epochs=40"),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+wait_for(lambda: ckpt_steps(d13) and ckpt_steps(d13)[-1] >= 20)
+p.send_signal(signal.SIGTERM)
+o, _ = p.communicate(timeout=120)
+check(os.path.exists(marker) and "stop requested" in o,
+      f"SIGTERM to mpirun: rank 0 leaves the resumable marker (mpirun exit {p.returncode})", o[-1500:])
+rc, out = run(d13, "--resume", "auto", "--set", "train.epochs=40", np_=2)
+same = rc == 0 and all(np.array_equal(params(d13)[k], v) for k, v in params(ref2).items())
+check(same, "SIGTERM to mpirun: the resumed run ends bit-identical to an uninterrupted one", out[-1500:])
 
 # --- 14. a stop during the final evaluation ---
 d14 = os.path.join(a.work, "final_eval")

@@ -47,7 +47,8 @@ finally:
 
 print(f"job ended {took:.1f} s after rank 1 was stopped, exit code {proc.returncode}")
 print(stderr.strip()[:2000])
-pattern = r"rank 0 \([^)]*\): .*(all-reduce|broadcast|barrier).* did not finish within 3 s \(dist\.timeout_s\)"
+pattern = (r"rank 0 \([^)]*\): .*(all-reduce|broadcast|barrier).* did not finish within 3 s \(dist\.timeout_s\): "
+           r"rank\(s\) 1 \([^)]*\) did not answer")
 failures = []
 if not re.search(pattern, stderr):
     failures.append(f"stderr does not match {pattern!r}")

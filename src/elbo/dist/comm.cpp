@@ -93,12 +93,85 @@ MpiCommunicator::MpiCommunicator() {
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   m_world.host = host;
+  // Every rank's host, so a message can say where a silent rank runs.
+  constexpr int kHostLen = 64;
+  char mine_host[kHostLen] = {0};
+  std::snprintf(mine_host, sizeof(mine_host), "%s", host);
+  std::vector<char> all(static_cast<size_t>(kHostLen) * static_cast<size_t>(m_world.size));
+  ELBO_CHECK_MPI(MPI_Allgather(mine_host, kHostLen, MPI_CHAR, all.data(), kHostLen, MPI_CHAR, m_comm));
+  for (int r = 0; r < m_world.size; ++r) m_hosts.emplace_back(all.data() + static_cast<size_t>(r) * kHostLen);
+  ELBO_CHECK_MPI(MPI_Comm_dup(m_comm, &m_ctl));
+  ELBO_CHECK_MPI(MPI_Comm_set_errhandler(m_ctl, MPI_ERRORS_RETURN));
 }
 
 MpiCommunicator::~MpiCommunicator() {
   int finalized = 0;
   MPI_Finalized(&finalized);
+  if (m_ctl != MPI_COMM_NULL && !finalized) MPI_Comm_free(&m_ctl);
   if (m_comm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&m_comm);
+}
+
+namespace {
+constexpr int kRollCallTag = 17, kRollAnswerTag = 18;
+}  // namespace
+
+void MpiCommunicator::answer_roll_calls() {
+  for (;;) {
+    int flag = 0;
+    MPI_Status status;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, kRollCallTag, m_ctl, &flag, &status) != MPI_SUCCESS || !flag) return;
+    int ping = 0;
+    MPI_Recv(&ping, 1, MPI_INT, status.MPI_SOURCE, kRollCallTag, m_ctl, MPI_STATUS_IGNORE);
+    MPI_Send(&ping, 1, MPI_INT, status.MPI_SOURCE, kRollAnswerTag, m_ctl);  // one int: sent eagerly
+  }
+}
+
+std::string MpiCommunicator::silent_ranks(double seconds) {
+  using Clock = std::chrono::steady_clock;
+  const int n = m_world.size;
+  std::vector<int> ping(static_cast<size_t>(n), 1), answer(static_cast<size_t>(n), 0);
+  std::vector<MPI_Request> sends(static_cast<size_t>(n), MPI_REQUEST_NULL), recvs(sends);
+  for (int r = 0; r < n; ++r) {
+    if (r == m_world.rank) continue;
+    MPI_Isend(&ping[static_cast<size_t>(r)], 1, MPI_INT, r, kRollCallTag, m_ctl, &sends[static_cast<size_t>(r)]);
+    MPI_Irecv(&answer[static_cast<size_t>(r)], 1, MPI_INT, r, kRollAnswerTag, m_ctl, &recvs[static_cast<size_t>(r)]);
+  }
+  const auto until = Clock::now() + std::chrono::duration<double>(seconds);
+  std::vector<int> done(static_cast<size_t>(n), 0);
+  done[static_cast<size_t>(m_world.rank)] = 1;
+  while (Clock::now() < until) {
+    answer_roll_calls();  // a peer may be taking the same roll call
+    bool all = true;
+    for (int r = 0; r < n; ++r) {
+      if (done[static_cast<size_t>(r)]) continue;
+      MPI_Test(&recvs[static_cast<size_t>(r)], &done[static_cast<size_t>(r)], MPI_STATUS_IGNORE);
+      all = all && done[static_cast<size_t>(r)];
+    }
+    if (all) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  std::string silent;
+  for (int r = 0; r < n; ++r)
+    if (!done[static_cast<size_t>(r)])
+      silent += (silent.empty() ? "" : ", ") + std::to_string(r) + " (" + m_hosts[static_cast<size_t>(r)] + ")";
+  // The job ends right after this; the requests still pending die with it.
+  return silent;
+}
+
+void MpiCommunicator::give_up(const std::string& operation, bool stop_deadline) {
+  const std::string silent = m_world.size > 1 ? silent_ranks(1.0) : "";
+  const std::string who = silent.empty() ? "every rank answered a roll call, so one is slow rather than stalled"
+                                         : "rank(s) " + silent + " did not answer: stopped, stalled or gone";
+  if (stop_deadline)
+    std::fprintf(stderr,
+                 "elbo: rank %d (%s): a stop was requested, but %s did not finish before checkpoint.grace_s ran "
+                 "out (%s); exiting without a checkpoint\n",
+                 m_world.rank, m_world.host.c_str(), operation.c_str(), who.c_str());
+  else
+    std::fprintf(stderr, "elbo: rank %d (%s): %s did not finish within %.0f s (dist.timeout_s): %s; aborting the job\n",
+                 m_world.rank, m_world.host.c_str(), operation.c_str(), m_timeout_s, who.c_str());
+  std::fflush(stderr);
+  abort(stop_deadline ? m_stop_exit : kExitPeerFailure);
 }
 
 void MpiCommunicator::wait(MPI_Request* requests, int n, const char* operation) {
@@ -112,8 +185,10 @@ void MpiCommunicator::wait(MPI_Request* requests, int n, const char* operation) 
     ELBO_CHECK_MPI(MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE));
     if (done) return;
     if ((polls & 255) == 255) {
+      answer_roll_calls();
       const double waited = std::chrono::duration<double>(Clock::now() - start).count();
-      if (m_timeout_s > 0 && waited > m_timeout_s) abort_on_timeout(*this, operation);
+      if (m_timeout_s > 0 && waited > m_timeout_s) give_up(operation, false);
+      if (m_stop_left && m_stop_left() < kStopDeadlineMargin) give_up(operation, true);
       if (waited > 1e-3) std::this_thread::sleep_for(std::chrono::microseconds(waited > 0.1 ? 2000 : 50));
     }
   }

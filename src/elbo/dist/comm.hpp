@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "elbo/util/error.hpp"
 
@@ -73,9 +74,24 @@ class Communicator {
   // Ends every rank of the job; used when one rank fails where the others may be
   // blocked in a collective and an orderly agreement is impossible.
   [[noreturn]] virtual void abort(int code) = 0;
+  // A second deadline that can come up while a collective waits: the grace period of
+  // a stop request. `seconds_left` is polled (infinity = none); when it falls under
+  // kStopDeadlineMargin the wait gives up, names the ranks that do not answer, and
+  // aborts the job with `exit_code` (so a stop stuck behind a stalled rank says who).
+  void set_stop_deadline(std::function<double()> seconds_left, int exit_code) {
+    m_stop_left = std::move(seconds_left);
+    m_stop_exit = exit_code;
+  }
+  // The ranks that do not answer a roll call within `seconds`, as "1 (host), 3 (host)"
+  // ("" when all answer); every rank waiting in a collective answers.
+  virtual std::string silent_ranks(double seconds) { (void)seconds; return ""; }
+
+  static constexpr double kStopDeadlineMargin = 1.5;
 
  protected:
   double m_timeout_s = 300.0;
+  std::function<double()> m_stop_left;
+  int m_stop_exit = 1;
 };
 
 // Prints "rank R (host): OPERATION did not finish within T s ..." to stderr and
@@ -96,6 +112,8 @@ class MpiCommunicator final : public Communicator {
   void barrier() override;
   [[noreturn]] void abort(int code) override;
 
+  std::string silent_ranks(double seconds) override;
+
   MPI_Comm handle() const { return m_comm; }
   // Completes `n` requests, driving MPI progress; past the timeout, aborts the job
   // naming `operation` (abort_on_timeout). Used for every collective, so no rank
@@ -103,8 +121,13 @@ class MpiCommunicator final : public Communicator {
   void wait(MPI_Request* requests, int n, const char* operation);
 
  private:
+  void answer_roll_calls();  // replies to peers asking who is alive (from wait())
+  [[noreturn]] void give_up(const std::string& operation, bool stop_deadline);
+
   MPI_Comm m_comm = MPI_COMM_NULL;
+  MPI_Comm m_ctl = MPI_COMM_NULL;  // roll calls, apart from the collectives' traffic
   WorldInfo m_world;
+  std::vector<std::string> m_hosts;  // every rank's host name, for messages
 };
 
 // One process, no MPI: for unit tests and tools.

@@ -2,6 +2,7 @@
 // clock_gettime(2), write(2), alarm(2) and _exit(2), and messages formatted beforehand.
 #include "elbo/train/stop_signal.hpp"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,6 +26,18 @@ std::atomic<bool> g_installed{false};
 char g_second_msg[256] = "elbo: a second stop signal arrived before the checkpoint: exiting now without one\n";
 char g_grace_msg[256] = "elbo: checkpoint.grace_s ran out after the stop signal: exiting now without a checkpoint\n";
 char g_at_once_msg[512] = "";
+char g_marker_path[1024] = "";  // ELBO_STOP_FILE on rank 0, empty elsewhere
+constexpr const char kMarkerText[] = "stopped on request; resumable with --resume auto\n";
+
+// open/write/close only: callable from a handler.
+void write_marker_file() {
+  if (g_marker_path[0] == '\0') return;
+  const int fd = ::open(g_marker_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return;
+  const ssize_t rc = ::write(fd, kMarkerText, sizeof(kMarkerText) - 1);
+  (void)rc;
+  ::close(fd);
+}
 
 long long monotonic_ns() {
   timespec ts{};
@@ -43,6 +56,7 @@ extern "C" void on_stop_signal(int sig) {
     g_signal_ns.store(monotonic_ns());
     if (g_exit_at_once.load()) {
       say(g_at_once_msg);
+      write_marker_file();
       _exit(kExitStopped);
     }
     alarm(g_grace_s.load());  // the deadline for the orderly stop
@@ -92,6 +106,7 @@ StopSignals::~StopSignals() {
   g_exit_at_once.store(false);
   g_signal.store(0);
   g_signal_ns.store(0);
+  g_marker_path[0] = '\0';
   alarm(0);
   for (int sig : {SIGTERM, SIGUSR1, SIGINT, SIGALRM}) signal(sig, SIG_DFL);
   g_installed.store(false);
@@ -110,5 +125,11 @@ void StopSignals::exit_at_once(const std::string& message) {
   std::snprintf(g_at_once_msg, sizeof(g_at_once_msg), "%s\n", message.c_str());
   g_exit_at_once.store(true);
 }
+
+void StopSignals::set_marker(const std::string& path) {
+  std::snprintf(g_marker_path, sizeof(g_marker_path), "%s", path.c_str());
+}
+
+void StopSignals::write_marker() const { write_marker_file(); }
 
 }  // namespace elbo

@@ -38,6 +38,13 @@ class StopSignals {
   // a request exits at once with kExitStopped and `message` instead of waiting for a
   // step boundary that will not come (the final evaluation, the image grids).
   void exit_at_once(const std::string& message);
+
+  // The marker file for job scripts (ELBO_STOP_FILE, rank 0 only): written when the run
+  // stops resumably, also from the handler in exit_at_once mode, so a script can
+  // requeue the job whatever exit status its launcher reports (mpirun turns a rank's
+  // 75 into 1 when it was signalled itself). Empty path: no marker.
+  void set_marker(const std::string& path);
+  void write_marker() const;
 };
 
 }  // namespace elbo

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -295,6 +296,14 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   TrainResult result;
   // Whether any rank was asked to stop; a collective, so every rank takes the same branch.
   const auto stop_agreed = [&] { return comm.allreduce_max(stop.requested() ? 1 : 0) > 0; };
+  if (const char* marker = std::getenv("ELBO_STOP_FILE"); marker != nullptr && root) stop.set_marker(marker);
+  // A stop stuck in a collective (a stalled peer) gives up just before the grace
+  // period ends, naming the ranks that do not answer, rather than dying unexplained.
+  comm.set_stop_deadline([&stop] { return stop.grace_left(); }, kExitForced);
+  struct ClearStopDeadline {
+    Communicator& comm;
+    ~ClearStopDeadline() { comm.set_stop_deadline(nullptr, 0); }
+  } clear_stop_deadline{comm};
 
   // --- setup, each phase agreed by all ranks so a bad input stops the job everywhere ---
   RunLock run_lock;  // rank 0: this job owns output.dir until it returns
@@ -526,6 +535,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     result.stopped = true;
     result.stop_signal = stop.signal_number();
     result.steps = st.step;
+    stop.write_marker();
     return result;
   }
 
@@ -753,7 +763,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   }
   result.steps = step;
   result.epochs_completed = epoch;
-  if (result.stopped) return result;
+  if (result.stopped) {
+    stop.write_marker();
+    return result;
+  }
   // The final checkpoint: the run can be extended later (more epochs) with --resume.
   collectively(comm, [&] {
     writer.wait();
@@ -783,6 +796,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           << "the final evaluation is left for --resume auto\n" << std::flush;
     result.stopped = true;
     result.stop_signal = stop.signal_number();
+    stop.write_marker();
     return result;
   }
   if (test_set && spec.eval.at_end) {
