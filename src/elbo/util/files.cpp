@@ -17,7 +17,8 @@ void rename_into_place(const std::string& tmp, const std::string& path) {
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
   if (ec) {
-    std::filesystem::remove(tmp, ec);
+    std::error_code cleanup;  // its result must not replace the reason the rename failed
+    std::filesystem::remove(tmp, cleanup);
     throw io_error("cannot move '" + tmp + "' to '" + path + "': " + ec.message());
   }
 }
