@@ -9,7 +9,6 @@
 #include <cstring>
 #include <initializer_list>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <regex>
 
@@ -176,13 +175,10 @@ void publish_checkpoint(const std::string& dir, const std::string& file_name, in
 }
 
 bool find_resume_checkpoint(const std::string& dir, Checkpoint* out, std::vector<std::string>* skipped) {
-  std::vector<std::string> order;
-  std::ifstream latest(fs::path(dir) / "latest");
-  std::string first;
-  if (latest && std::getline(latest, first) && !first.empty()) order.push_back(first);
-  for (const auto& n : list_checkpoints(dir))
-    if (n != first) order.push_back(n);
-  for (const auto& n : order) {
+  // By step alone: `latest` is a convenience pointer for people and scripts, and a
+  // stale one (an older checkpoint written back, a hand edit) must not win over a
+  // newer checkpoint that verifies.
+  for (const auto& n : list_checkpoints(dir)) {
     const std::string path = (fs::path(dir) / n).string();
     try {
       *out = read_checkpoint(path);
