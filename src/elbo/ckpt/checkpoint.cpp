@@ -71,7 +71,7 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
   const std::string tmp = path + ".tmp";
   try {
     {
-      h5::Id file = h5::create_file(tmp);
+      h5::Id file = h5::create_memory_file();
       h5::write_attr_string(file, "format", kFormat);
       h5::write_attr_int(file, "format_version", kFormatVersion);
       h5::write_attr_string(file, "spec", dump_spec(spec));
@@ -92,9 +92,10 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
       detail::write_param_views(file, "params", layout, params);
       detail::write_param_views(file, "optim/exp_avg", layout, exp_avg);
       detail::write_param_views(file, "optim/exp_avg_sq", layout, exp_avg_sq);
-      ELBO_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
-    }  // closed here, before the fsync
-    fsync_path(tmp);
+      // Built in memory, so a full disk fails our own write, and the temporary file is
+      // removed only after HDF5 has let go of everything.
+      h5::save_memory_file(std::move(file), tmp);
+    }
   } catch (...) {
     std::remove(tmp.c_str());
     throw;
