@@ -7,9 +7,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <initializer_list>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <regex>
 
@@ -25,27 +23,6 @@ namespace {
 
 constexpr const char* kFormat = "elbo-checkpoint";
 constexpr int64_t kFormatVersion = 1;
-
-// FNV-1a over the raw bytes of every named parameter view, array after array: not
-// cryptographic, but any flipped bit changes it. Over the views rather than the flat
-// buffer, so the alignment padding between layers is not part of the format.
-uint64_t fnv1a(std::initializer_list<const float*> arrays, const VaeLayout& layout) {
-  // In buffer order (the views list mu's weight and bias before logvar's), which makes
-  // this the hash of the whole flat buffer for a layout without gaps, as written by
-  // elbo before the alignment padding: those checkpoints still verify.
-  std::vector<ParamView> views = layout.views();
-  std::sort(views.begin(), views.end(), [](const ParamView& a, const ParamView& b) { return a.offset < b.offset; });
-  uint64_t h = 1469598103934665603ull;
-  for (const float* a : arrays)
-    for (const ParamView& v : views) {
-      const auto* p = reinterpret_cast<const unsigned char*>(a + v.offset);
-      for (size_t i = 0, n = v.numel() * sizeof(float); i < n; ++i) {
-        h ^= p[i];
-        h *= 1099511628211ull;
-      }
-    }
-  return h;
-}
 
 // "model.latent" -> "20" for every leaf of the resolved spec.
 void flatten(const YAML::Node& n, const std::string& prefix, std::map<std::string, std::string>* out) {
@@ -72,7 +49,7 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
   const std::string tmp = path + ".tmp";
   try {
     {
-      h5::Id file = h5::create_file(tmp);
+      h5::Id file = h5::create_memory_file();
       h5::write_attr_string(file, "format", kFormat);
       h5::write_attr_int(file, "format_version", kFormatVersion);
       h5::write_attr_string(file, "spec", dump_spec(spec));
@@ -87,15 +64,14 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
       h5::write_attr_int(file, "world_size", st.world_size);
       h5::write_attr_int(file, "train_samples", st.train_samples);
       h5::write_attr_string(file, "seed", std::to_string(st.seed));  // uint64 does not fit int64 attrs
-      char sum[32];
-      std::snprintf(sum, sizeof(sum), "%016llx", static_cast<unsigned long long>(fnv1a({params, exp_avg, exp_avg_sq}, layout)));
-      h5::write_attr_string(file, "checksum_fnv1a64", sum);
+      h5::write_attr_string(file, "checksum_fnv1a64", detail::checksum_views({params, exp_avg, exp_avg_sq}, layout));
       detail::write_param_views(file, "params", layout, params);
       detail::write_param_views(file, "optim/exp_avg", layout, exp_avg);
       detail::write_param_views(file, "optim/exp_avg_sq", layout, exp_avg_sq);
-      ELBO_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
-    }  // closed here, before the fsync
-    fsync_path(tmp);
+      // Built in memory, so a full disk fails our own write, and the temporary file is
+      // removed only after HDF5 has let go of everything.
+      h5::save_memory_file(std::move(file), tmp);
+    }
   } catch (...) {
     std::remove(tmp.c_str());
     throw;
@@ -133,9 +109,7 @@ Checkpoint read_checkpoint(const std::string& path) {
     detail::read_param_views(file, "params", layout, path, &c.params);
     detail::read_param_views(file, "optim/exp_avg", layout, path, &c.exp_avg);
     detail::read_param_views(file, "optim/exp_avg_sq", layout, path, &c.exp_avg_sq);
-    char sum[32];
-    std::snprintf(sum, sizeof(sum), "%016llx",
-                  static_cast<unsigned long long>(fnv1a({c.params.data(), c.exp_avg.data(), c.exp_avg_sq.data()}, layout)));
+    const std::string sum = detail::checksum_views({c.params.data(), c.exp_avg.data(), c.exp_avg_sq.data()}, layout);
     const std::string stored = h5::read_attr_string(file, "checksum_fnv1a64");
     if (stored != sum)
       throw model_error(path + ": checksum mismatch (stored " + stored + ", computed " + sum +
@@ -176,13 +150,10 @@ void publish_checkpoint(const std::string& dir, const std::string& file_name, in
 }
 
 bool find_resume_checkpoint(const std::string& dir, Checkpoint* out, std::vector<std::string>* skipped) {
-  std::vector<std::string> order;
-  std::ifstream latest(fs::path(dir) / "latest");
-  std::string first;
-  if (latest && std::getline(latest, first) && !first.empty()) order.push_back(first);
-  for (const auto& n : list_checkpoints(dir))
-    if (n != first) order.push_back(n);
-  for (const auto& n : order) {
+  // By step alone: `latest` is a convenience pointer for people and scripts, and a
+  // stale one (an older checkpoint written back, a hand edit) must not win over a
+  // newer checkpoint that verifies.
+  for (const auto& n : list_checkpoints(dir)) {
     const std::string path = (fs::path(dir) / n).string();
     try {
       *out = read_checkpoint(path);

@@ -56,8 +56,8 @@ std::vector<std::string> list_checkpoints(const std::string& dir);
 // newest `keep` checkpoints (keep <= 0 keeps all).
 void publish_checkpoint(const std::string& dir, const std::string& file_name, int keep);
 
-// The newest checkpoint in `dir` that reads and verifies: `latest` first, then the
-// others by step. Each one skipped is described in `skipped` (file and reason), so
+// The newest (highest step) checkpoint in `dir` that reads and verifies, whatever
+// `latest` says. Each one skipped is described in `skipped` (file and reason), so
 // the caller can say that it fell back. Returns false when none is usable.
 bool find_resume_checkpoint(const std::string& dir, Checkpoint* out, std::vector<std::string>* skipped);
 

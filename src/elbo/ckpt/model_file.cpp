@@ -1,9 +1,11 @@
 // HDF5 model file write/read with validation against the stored spec.
 #include "elbo/ckpt/model_file.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
+#include "elbo/util/checksum.hpp"
 #include "elbo/util/files.hpp"
 #include "elbo/util/h5.hpp"
 
@@ -11,7 +13,43 @@ namespace elbo {
 
 namespace {
 constexpr const char* kFormat = "elbo-model";
+// Checksums came as attributes without a version change: an older elbo still reads
+// newer files, and files without them are read as unverified.
 constexpr int64_t kFormatVersion = 1;
+// On the root (all parameters, as in checkpoints) and on each /params/<name> dataset
+// (that array alone, so that an error can name it).
+constexpr const char* kChecksumAttr = "checksum_fnv1a64";
+
+std::string view_checksum(const float* flat, const ParamView& v) {
+  Fnv1a64 h;
+  h.update(flat + v.offset, v.numel() * sizeof(float));
+  return h.hex();
+}
+
+std::string attr_on(hid_t file, const std::string& object, const std::string& attr) {
+  h5::Id obj(ELBO_CHECK_H5(H5Oopen(file, object.c_str(), H5P_DEFAULT)), H5Oclose);
+  return h5::has_attr(obj, attr) ? h5::read_attr_string(obj, attr) : std::string();
+}
+
+// Every array against its own checksum first (the error names it), then the whole set.
+void verify_params(hid_t file, const std::string& path, const VaeLayout& layout, const std::vector<float>& flat) {
+  for (const auto& v : layout.views()) {
+    const std::string name = "params/" + v.name;
+    const std::string stored = attr_on(file, name, kChecksumAttr);
+    if (stored.empty())
+      throw model_error(path + ": '" + name + "' has no checksum while the file has one: the model file is damaged");
+    const std::string computed = view_checksum(flat.data(), v);
+    if (stored != computed)
+      throw model_error(path + ": '" + name + "': checksum mismatch (stored " + stored + ", computed " + computed +
+                        "): the model file is corrupted");
+  }
+  const std::string stored = h5::read_attr_string(file, kChecksumAttr);
+  const std::string computed = detail::checksum_views({flat.data()}, layout);
+  if (stored != computed)
+    throw model_error(path + ": checksum mismatch over all parameters (stored " + stored + ", computed " + computed +
+                      "): the model file is corrupted");
+}
+
 }  // namespace
 
 namespace detail {
@@ -46,6 +84,16 @@ void write_input_shape(int64_t file, const std::vector<int>& input_shape) {
   h5::write_attr_int(file, "input_width", input_shape.at(2));
 }
 
+std::string checksum_views(std::initializer_list<const float*> arrays, const VaeLayout& layout) {
+  // In buffer order (the views list mu's weight and bias before logvar's).
+  std::vector<ParamView> views = layout.views();
+  std::sort(views.begin(), views.end(), [](const ParamView& a, const ParamView& b) { return a.offset < b.offset; });
+  Fnv1a64 h;
+  for (const float* a : arrays)
+    for (const ParamView& v : views) h.update(a + v.offset, v.numel() * sizeof(float));
+  return h.hex();
+}
+
 std::vector<int> read_input_shape(int64_t file) {
   return {static_cast<int>(h5::read_attr_int(file, "input_channels")),
           static_cast<int>(h5::read_attr_int(file, "input_height")),
@@ -56,9 +104,9 @@ std::vector<int> read_input_shape(int64_t file) {
 
 void write_model_file(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
                       const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed) {
-  std::string tmp = path + ".tmp";
+  const std::string tmp = path + ".tmp";
   try {
-    h5::Id file = h5::create_file(tmp);
+    h5::Id file = h5::create_memory_file();
     h5::write_attr_string(file, "format", kFormat);
     h5::write_attr_int(file, "format_version", kFormatVersion);
     h5::write_attr_string(file, "spec", dump_spec(spec));
@@ -69,7 +117,13 @@ void write_model_file(const std::string& path, const ExperimentSpec& spec, const
     h5::write_attr_int(file, "step", step);
     h5::write_attr_int(file, "epochs_completed", epochs_completed);
     detail::write_param_views(file, "params", layout, params);
-    ELBO_CHECK_H5(H5Fflush(file, H5F_SCOPE_GLOBAL));
+    h5::write_attr_string(file, kChecksumAttr, detail::checksum_views({params}, layout));
+    for (const auto& v : layout.views()) {
+      h5::Id ds(ELBO_CHECK_H5(H5Dopen2(file, ("params/" + v.name).c_str(), H5P_DEFAULT)), H5Dclose);
+      h5::write_attr_string(ds, kChecksumAttr, view_checksum(params, v));
+    }
+    // Built in memory (see checkpoint.cpp): a full disk fails our write, not HDF5's close.
+    h5::save_memory_file(std::move(file), tmp);
   } catch (...) {
     std::remove(tmp.c_str());
     throw;
@@ -94,6 +148,8 @@ ModelFile read_model_file(const std::string& path) {
     mf.epochs_completed = h5::read_attr_int(file, "epochs_completed");
     VaeLayout layout(mf.spec.model, mf.input_shape);
     detail::read_param_views(file, "params", layout, path, &mf.params);
+    mf.verified = h5::has_attr(file, kChecksumAttr);
+    if (mf.verified) verify_params(file, path, layout, mf.params);
   } catch (const Error& e) {
     if (e.kind() == ErrorKind::Model) throw;
     throw model_error(path + ": cannot read model file: " + e.what());

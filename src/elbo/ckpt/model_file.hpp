@@ -3,6 +3,7 @@
 // the resolved spec, so `elbo eval` and h5py users need nothing else.
 #pragma once
 
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,9 @@ struct ModelFile {
   std::vector<float> params;     // flat, in VaeLayout order
   int64_t step = 0;
   int64_t epochs_completed = 0;
+  // False for a file written before model files carried checksums: it loaded, but
+  // nothing vouches for its parameters.
+  bool verified = false;
 };
 
 // Writes `path` atomically (temporary file, then rename): a crash never leaves a
@@ -24,7 +28,9 @@ struct ModelFile {
 void write_model_file(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
                       const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed);
 
-// Reads and validates a model file; every problem is a Model error naming the file.
+// Reads and validates a model file; every problem is a Model error naming the file
+// (and, for a checksum mismatch, the array). A file without checksums (written by an
+// older elbo) still loads, with `verified` false.
 ModelFile read_model_file(const std::string& path);
 
 // Shared by the model file and checkpoints (ckpt/checkpoint.cpp): one dataset per
@@ -35,6 +41,12 @@ void read_param_views(int64_t file, const std::string& group, const VaeLayout& l
                       std::vector<float>* flat);
 void write_input_shape(int64_t file, const std::vector<int>& input_shape);
 std::vector<int> read_input_shape(int64_t file);
+// FNV-1a (hex) over the raw bytes of every named view of each array, array after
+// array, views in buffer order: over the views rather than the flat buffer, so the
+// alignment padding between layers is not part of the format. For a layout without
+// gaps this is the hash of the whole flat buffers, as checkpoints had it before the
+// padding: those still verify.
+std::string checksum_views(std::initializer_list<const float*> arrays, const VaeLayout& layout);
 }  // namespace detail
 
 }  // namespace elbo

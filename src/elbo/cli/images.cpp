@@ -2,6 +2,7 @@
 // does the work (a few hundred images take milliseconds); under mpirun the other
 // ranks only load the model and wait, so errors stay collective.
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <numeric>
 #include <optional>
@@ -25,6 +26,9 @@ LoadedModel load_model(Communicator& comm, const std::string& command, const std
     if (device != "auto" && device != "cpu" && device != "cuda")
       throw usage_error(command + " --device: '" + device + "' is not one of auto, cpu, cuda");
     m.file = read_model_file(path);
+    if (comm.is_root() && !m.file.verified)
+      std::cerr << "note: " << path << " carries no checksums (written by an older elbo): its parameters are not "
+                   "verified\n";
     const auto& s = m.file.input_shape;
     m.layout = std::make_unique<VaeLayout>(m.file.spec.model, s);
     ExperimentSpec where = m.file.spec;  // inference needs no gradient communicator
@@ -46,12 +50,15 @@ namespace {
 struct ImageOptions {
   std::string model, out, device = "auto";
   int64_t threads = 0, cols = 8;
+  bool force = false;
 };
 
 void add_common(ArgParser& p, ImageOptions* o, const char* default_out) {
   o->out = default_out;
   p.positional("MODEL", &o->model, "model file written by elbo train (model.h5)");
-  p.string("-o", &o->out, "FILE.png", std::string("where to write the grid (default ") + default_out + ")");
+  p.string("-o", &o->out, "FILE.png", std::string("where to write the grid (default ") + default_out +
+                                          "); an existing file is replaced only with --force");
+  p.flag("--force", &o->force, "replace an existing -o file (never the model or the data this command reads)");
   p.integer("--cols", &o->cols, "C", "images per grid row (default 8)", 1);
   p.string("--device", &o->device, "auto|cpu|cuda", "where to run the model (auto: a GPU when one is visible)");
   p.integer("--threads", &o->threads, "T", "BLAS threads (0 = the node's cores / ranks)", 0);
@@ -64,6 +71,36 @@ data::ShardSet open_matching(const std::string& dir, const LoadedModel& m, const
     throw data_error(dir + ": samples have shape " + shape_string(shape, "[]") + " but the model " + model_path +
                      " was trained on " + shape_string(m.file.input_shape, "[]"));
   return set;
+}
+
+// Before writing: the grid must never replace what the command reads, and replaces
+// another existing file only with --force. Inputs are compared by file identity, so
+// "./model.h5", a hard link and a symbolic link to the model are the model; the
+// temporary file the PNG goes through first is checked too.
+void check_output(const ImageOptions& o, const std::string& data_dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  auto same = [&](const fs::path& a, const fs::path& b) { return fs::equivalent(a, b, ec); };
+  auto is_input = [&](const fs::path& f, std::string* what) {
+    if (same(f, o.model)) {
+      *what = "the model file " + o.model;
+      return true;
+    }
+    if (data_dir.empty()) return false;
+    // The split's directory itself, or a file in it (a shard, the manifest).
+    bool in_split = same(f, data_dir);
+    for (const auto& e : fs::directory_iterator(data_dir, ec)) in_split = in_split || same(f, e.path());
+    if (in_split) *what = "a file of the data split " + data_dir;
+    return in_split;
+  };
+  const std::string refused = ", which this command reads; refusing to overwrite it (choose another output file)";
+  std::string what;
+  if (is_input(o.out, &what)) throw usage_error("-o " + o.out + ": is " + what + refused);
+  if (is_input(o.out + ".tmp", &what))
+    throw usage_error("-o " + o.out + ": its temporary file " + o.out + ".tmp is " + what + refused);
+  if (fs::is_directory(o.out, ec)) throw usage_error("-o " + o.out + ": is a directory; name the PNG file to write");
+  if (fs::exists(fs::symlink_status(o.out, ec)) && !o.force)
+    throw usage_error("-o " + o.out + ": the file exists; refusing to overwrite it (pass --force to replace it)");
 }
 
 void write_grid(const LoadedModel& m, const std::vector<float>& images, int n, int cols, const std::string& out) {
@@ -89,6 +126,7 @@ int cmd_sample(const std::vector<std::string>& args, Communicator& comm) {
     if (!comm.is_root()) return;
     const uint64_t s = seed >= 0 ? static_cast<uint64_t>(seed) : m.file.spec.seed;
     const auto images = sample_from_prior(*m.layout, *m.backend, m.params.data(), static_cast<int>(n), s);
+    check_output(o, "");
     write_grid(m, images, static_cast<int>(n), static_cast<int>(o.cols), o.out);
     std::cout << "wrote " << o.out << ": " << n << " samples from " << o.model << " (seed " << s << ")\n";
   });
@@ -117,6 +155,7 @@ int cmd_reconstruct(const std::vector<std::string>& args, Communicator& comm) {
     const std::vector<float> x = gray_inputs(set, items, data_dir);
     const std::vector<float> r = reconstruct(*m.layout, *m.backend, m.params.data(), x.data(), static_cast<int>(n));
     const auto& sh = m.file.input_shape;
+    check_output(o, data_dir);
     viz::write_png(o.out, viz::tile_pairs(x.data(), r.data(), static_cast<int>(n), sh[0], sh[1], sh[2],
                                           static_cast<int>(o.cols)));
     std::cout << "wrote " << o.out << ": " << n << " inputs from " << data_dir << " (from " << first
@@ -153,6 +192,7 @@ int cmd_interpolate(const std::vector<std::string>& args, Communicator& comm) {
     row.insert(row.end(), dec.begin(), dec.end());
     row.insert(row.end(), x.begin() + D, x.end());
     const int tiles = static_cast<int>(steps) + 2;
+    check_output(o, data_dir);
     write_grid(m, row, tiles, tiles, o.out);
     std::cout << "wrote " << o.out << ": " << steps << " points from sample " << from << " to sample " << to << " of "
               << data_dir << "\n";

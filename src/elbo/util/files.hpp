@@ -1,6 +1,7 @@
 // Small shared helpers for writing files safely and for messages about shapes.
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -9,6 +10,11 @@ namespace elbo {
 // Renames `tmp` over `path` (atomic on one file system); removes `tmp` and throws
 // an Io error naming both on failure.
 void rename_into_place(const std::string& tmp, const std::string& path);
+
+// Creates (or truncates) `path`, writes `size` bytes and fsyncs them. On any failure
+// (a full disk, a quota) the partial file is removed and the Io error names `path`
+// with the system's reason ("No space left on device").
+void write_file_durably(const std::string& path, const void* data, size_t size);
 
 // Writes `text` to `path` via a temporary file and rename_into_place.
 void write_text_file_atomic(const std::string& path, const std::string& text);

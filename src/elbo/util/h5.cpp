@@ -3,6 +3,8 @@
 
 #include <cstring>
 
+#include "elbo/util/files.hpp"
+
 namespace elbo::h5 {
 
 namespace {
@@ -75,6 +77,29 @@ Id create_file(const std::string& path) {
     throw io_error("cannot create HDF5 file '" + path + "'" + (why.empty() ? "" : " (" + why + ")"));
   }
   return Id(f, H5Fclose);
+}
+
+Id create_memory_file() {
+  silence_default_errors();
+  Id fapl(ELBO_CHECK_H5(H5Pcreate(H5P_FILE_ACCESS)), H5Pclose);
+  ELBO_CHECK_H5(H5Pset_fapl_core(fapl, size_t{4} << 20, /*backing_store=*/false));  // grows 4 MiB at a time
+  hid_t f = H5Fcreate("elbo-in-memory.h5", H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+  if (f < 0) throw io_error("cannot create an in-memory HDF5 file (" + last_error_message() + ")");
+  return Id(f, H5Fclose);
+}
+
+void save_memory_file(Id file, const std::string& path) {
+  std::vector<unsigned char> image;
+  {
+    const Id owned = std::move(file);  // closed at the end of this scope, also on errors
+    ELBO_CHECK_H5(H5Fflush(owned, H5F_SCOPE_GLOBAL));
+    const ssize_t n = ELBO_CHECK_H5(H5Fget_file_image(owned, nullptr, 0));
+    image.resize(static_cast<size_t>(n));
+    ELBO_CHECK_H5(H5Fget_file_image(owned, image.data(), image.size()));
+    if (ELBO_CHECK_H5(H5Fget_obj_count(owned, H5F_OBJ_ALL | H5F_OBJ_LOCAL)) != 1)
+      throw internal_error("save_memory_file: objects of '" + path + "' are still open");
+  }
+  write_file_durably(path, image.data(), image.size());
 }
 
 bool exists(hid_t loc, const std::string& path) {

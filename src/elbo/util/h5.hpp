@@ -55,6 +55,16 @@ class Id {
 Id open_file(const std::string& path, bool writable = false);
 Id create_file(const std::string& path);
 
+// A file built in memory (HDF5's core driver, no backing store), for files that must
+// never be left half written: HDF5 touches no disk, so a full disk fails our own
+// write(2) in save_memory_file, never an HDF5 flush or close. (In HDF5 1.10 a close
+// whose flush fails leaves a half-closed file behind that crashes the library at exit.)
+Id create_memory_file();
+// Closes `file` (every id opened inside it must be closed already) and writes its
+// bytes to `path` with write_file_durably: on failure `path` is removed and the Io
+// error names it. `file` is closed whatever happens.
+void save_memory_file(Id file, const std::string& path);
+
 // Groups: `ensure_group` creates intermediate groups of "a/b/c" as needed.
 Id ensure_group(hid_t loc, const std::string& path);
 bool exists(hid_t loc, const std::string& path);
