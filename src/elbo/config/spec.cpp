@@ -15,24 +15,27 @@ namespace elbo {
 
 namespace {
 
+// The --set argument that gave `key` its value: the one for the key itself or for the
+// nearest mapping above it (--set model={...} sets model.latent too); "" when the value
+// came from the file.
+std::string override_covering(const std::map<std::string, std::string>& overrides, const std::string& key) {
+  std::string best_path, best;
+  for (const auto& [path, text] : overrides) {
+    const bool covers =
+        key == path || (key.rfind(path, 0) == 0 && (key[path.size()] == '.' || key[path.size()] == '['));
+    if (covers && path.size() >= best_path.size()) {
+      best_path = path;
+      best = text;
+    }
+  }
+  return best;
+}
+
 struct Context {
   std::string source;                           // file name for messages
   std::map<std::string, std::string> overrides;  // key path -> the --set argument that set it
 
-  // The --set argument that gave `key` its value: the one for the key itself or for
-  // the nearest mapping above it (--set model={...} sets model.latent too); "" when
-  // the value came from the file.
-  std::string override_for(const std::string& key) const {
-    std::string best_path, best;
-    for (const auto& [path, text] : overrides) {
-      const bool covers = key == path || (key.rfind(path, 0) == 0 && (key[path.size()] == '.' || key[path.size()] == '['));
-      if (covers && path.size() >= best_path.size()) {
-        best_path = path;
-        best = text;
-      }
-    }
-    return best;
-  }
+  std::string override_for(const std::string& key) const { return override_covering(overrides, key); }
 
   // Where a key's value came from, for messages: "--set key=value" or "file:line"
   // (a node's line means nothing when an override put it there).
@@ -264,6 +267,7 @@ void apply_override(YAML::Node& root, const std::string& text, Context& ctx) {
 ExperimentSpec build(YAML::Node root, Context& ctx) {
   ExperimentSpec s;
   s.source = ctx.source;
+  s.overrides = ctx.overrides;
   MapReader top(root, "", ctx);
   s.name = top.get<std::string>("name", s.name);
   top.check(!s.name.empty(), "name", "must not be empty", "''");
@@ -429,6 +433,11 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
 }
 
 }  // namespace
+
+std::string spec_origin(const ExperimentSpec& spec, const std::string& key) {
+  const std::string o = override_covering(spec.overrides, key);
+  return o.empty() ? spec.source : "--set " + o;
+}
 
 ExperimentSpec parse_spec(const std::string& yaml_text, const std::string& source,
                           const std::vector<std::string>& overrides) {
