@@ -87,7 +87,7 @@ expect_error("eval refuses a bound over --max-hours", 1,
              r"estimated at .* over the limit .*raise --max-hours")
 r = run(1, "eval", model, "--data", TEST, "--iw-samples", "2000", "--batch-size", "100", "--max-samples", "1",
         env=lines)
-prog = [l for l in (r.stderr.splitlines() if r else []) if l.startswith("eval (IWAE k=2000")]
+prog = [l for l in (r.stderr.splitlines() if r else []) if re.match(r"eval: +\d+% \d+/2000 ", l)]
 checks(r is not None and r.returncode == 0 and len(prog) >= 9,
        f"IWAE progress moves within one input's 2000 samples ({len(prog)} lines)", r.stderr if r else "")
 out_yaml = os.path.join(a.work, "e.yaml")

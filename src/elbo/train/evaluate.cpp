@@ -132,11 +132,11 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
   std::vector<double> sums(4 + 2 * static_cast<size_t>(L), 0.0);
   // Rank 0 shows its own share; the ranks' shares differ by at most one sample. With
   // the IWAE bound the unit is a decoded sample (inputs x k), updated after every
-  // pass, so that a large k shows its pace (and an ETA) from the first pass on.
+  // pass, so that a large k shows its pace (and an ETA) from the first pass on (the
+  // label stays "eval": scripts read these lines).
   const int64_t per_input = std::max(K, 1);
-  std::string label = K > 0 ? opt.progress_label + " (IWAE k=" + std::to_string(K) + ", inputs x k)" : opt.progress_label;
-  if (comm.size() > 1) label += " (rank 0's share)";
-  Progress progress(label, mine.count * per_input, opt.progress && comm.is_root());
+  Progress progress(comm.size() > 1 ? opt.progress_label + " (rank 0's share)" : opt.progress_label,
+                    mine.count * per_input, opt.progress && comm.is_root());
   for (int64_t off = 0; off < mine.count; off += xb) {
     const int rows = static_cast<int>(std::min<int64_t>(xb, mine.count - off));
     const int64_t first = mine.begin + off;
