@@ -84,6 +84,52 @@ TEST(Spec, SetOverridesAnyKeyAndIsNamedInErrors) {
   EXPECT_NE(e.find("not a mapping"), std::string::npos) << e;
 }
 
+TEST(Spec, DuplicateKeysNameFileLineAndKey) {
+  // yaml-cpp accepts them and lookups return the first: the second value would be lost.
+  std::string e = error_of("data:\n  train: x\ntrain:\n  epochs: 2\n  batch_size: 64\n  epochs: 30\n");
+  EXPECT_NE(e.find("exp.yaml:6: train.epochs: duplicate key (also on line 4)"), std::string::npos) << e;
+  e = error_of("data:\n  train: x\noptim:\n  lr: 1e-3\ndata:\n  train: y\n");
+  EXPECT_NE(e.find("exp.yaml:5: data: duplicate key (also on line 1)"), std::string::npos) << e;
+  e = error_of("data:\n  train: x\nmodel:\n  likelihood: {type: gaussian, sigma: 1, sigma: 2}\n");
+  EXPECT_NE(e.find("model.likelihood.sigma: duplicate key"), std::string::npos) << e;
+  e = error_of("data:\n  train: x\nmodel:\n  type: conv\n  encoder: [{type: linear, features: 4, features: 8}]\n"
+               "  decoder: [flatten]\n");
+  EXPECT_NE(e.find("model.encoder[0].features: duplicate key"), std::string::npos) << e;
+  // In a --set value, the argument is named instead of a line.
+  e = error_of(kMinimal, {"train={epochs: 2, epochs: 3}"});
+  EXPECT_NE(e.find("--set train={epochs: 2, epochs: 3}: train.epochs: duplicate key"), std::string::npos) << e;
+  // The same key in different mappings is fine.
+  EXPECT_EQ(parse_spec("data:\n  train: x\n  max_samples: 5\neval:\n  max_samples: 7\n", "exp.yaml").eval.max_samples, 7);
+}
+
+TEST(Spec, SetErrorsNameTheArgumentNotTheFilesFirstLine) {
+  // Values under a mapping given by --set have no line in the file.
+  std::string e = error_of(kMinimal, {"train={batch_size: abc}"});
+  EXPECT_NE(e.find("--set train={batch_size: abc}: train.batch_size: must be an integer, got 'abc'"),
+            std::string::npos) << e;
+  EXPECT_EQ(e.find("exp.yaml"), std::string::npos) << e;
+  e = error_of(kMinimal, {"train.batch_size=abc"});
+  EXPECT_NE(e.find("--set train.batch_size=abc: train.batch_size: must be an integer"), std::string::npos) << e;
+  e = error_of(kMinimal, {"model={latent: 0}"});
+  EXPECT_NE(e.find("--set model={latent: 0}: model.latent: must be >= 1"), std::string::npos) << e;
+  e = error_of(kMinimal, {"model.likelihood={type: poisson}"});
+  EXPECT_NE(e.find("--set model.likelihood={type: poisson}: model.likelihood.type"), std::string::npos) << e;
+  e = error_of(kMinimal, {"model={type: conv, encoder: [{type: conv2d, channels: 0}], decoder: [flatten]}"});
+  EXPECT_NE(e.find("--set model={type: conv"), std::string::npos) << e;
+  EXPECT_NE(e.find("model.encoder[0].channels: must be >= 1"), std::string::npos) << e;
+  // The nearest override wins; a later --set of the same key replaces an earlier one.
+  e = error_of(kMinimal, {"model={latent: 4}", "model.latent=-1"});
+  EXPECT_NE(e.find("--set model.latent=-1: model.latent"), std::string::npos) << e;
+  e = error_of(kMinimal, {"optim.lr=abc", "optim.lr=-1"});
+  EXPECT_NE(e.find("--set optim.lr=-1: optim.lr: must be > 0"), std::string::npos) << e;
+  // A file error next to an unrelated --set still names the file's line.
+  e = error_of("data:\n  train: x\nmodel:\n  latent: 0\n", {"model.encoder=[8]"});
+  EXPECT_NE(e.find("exp.yaml:4: model.latent"), std::string::npos) << e;
+  // A key merely sharing a prefix is not covered: "optim.lr" does not set "optim.lr_x".
+  e = error_of("data:\n  train: x\noptim:\n  lrx: 1\n", {"optim.lr=0.1"});
+  EXPECT_NE(e.find("exp.yaml:4: optim.lrx: unknown key"), std::string::npos) << e;
+}
+
 TEST(Spec, DumpRoundTrips) {
   ExperimentSpec s = parse_spec(kMinimal, "exp.yaml",
                                 {"optim.type=adamw", "optim.schedule=cosine", "model.activation=tanh",

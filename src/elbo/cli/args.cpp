@@ -1,8 +1,14 @@
 // Command-line parsing for the elbo subcommands.
 #include "elbo/cli/args.hpp"
 
+#include <unistd.h>
+
 #include <cctype>
+#include <cerrno>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <sstream>
 
 #include "elbo/util/error.hpp"
@@ -22,6 +28,12 @@ void ArgParser::string(const std::string& name, std::string* target, const std::
 void ArgParser::integer(const std::string& name, int64_t* target, const std::string& metavar,
                         const std::string& help, int64_t min_value) {
   m_options.push_back({name, metavar, help, Kind::Integer, target, false, min_value});
+}
+void ArgParser::number(const std::string& name, double* target, const std::string& metavar, const std::string& help,
+                       double min_value) {
+  Option o{name, metavar, help, Kind::Number, target};
+  o.min_number = min_value;
+  m_options.push_back(o);
 }
 void ArgParser::repeated(const std::string& name, std::vector<std::string>* target, const std::string& metavar,
                          const std::string& help) {
@@ -86,6 +98,22 @@ bool ArgParser::parse(const std::vector<std::string>& args) {
           *static_cast<int64_t*>(o->target) = v;
           break;
         }
+        case Kind::Number: {
+          size_t used = 0;
+          double v = 0;
+          try {
+            v = std::stod(value, &used);
+          } catch (const std::exception&) {
+            used = 0;
+          }
+          if (used != value.size() || value.empty() || !std::isfinite(v))
+            throw usage_error(m_program + ": option " + a + " expects a number, got '" + value + "'");
+          if (v < o->min_number)
+            throw usage_error(m_program + ": option " + a + " must be >= " + std::to_string(o->min_number) +
+                              " (got " + value + ")");
+          *static_cast<double*>(o->target) = v;
+          break;
+        }
         case Kind::Flag: break;
       }
       continue;
@@ -99,6 +127,21 @@ bool ArgParser::parse(const std::vector<std::string>& args) {
   for (const auto& o : m_options)
     if (o.required && !o.seen) throw usage_error(m_program + ": option " + o.name + " is required (see --help)");
   return true;
+}
+
+void check_output_file(const std::string& path, const std::string& option) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_directory(path, ec))
+    throw usage_error(option + " " + path + ": is a directory; give a file name");
+  const fs::path parent = fs::path(path).parent_path();
+  const std::string dir = parent.empty() ? "." : parent.string();
+  if (!fs::exists(dir, ec))
+    throw usage_error(option + " " + path + ": directory '" + dir + "' does not exist (create it first)");
+  if (!fs::is_directory(dir, ec)) throw usage_error(option + " " + path + ": '" + dir + "' is not a directory");
+  // The file is written to a temporary name in the directory, then renamed.
+  if (access(dir.c_str(), W_OK | X_OK) != 0)
+    throw usage_error(option + " " + path + ": directory '" + dir + "' is not writable: " + std::strerror(errno));
 }
 
 std::string ArgParser::help() const {

@@ -17,6 +17,8 @@ class ArgParser {
               bool required = false);
   void integer(const std::string& name, int64_t* target, const std::string& metavar, const std::string& help,
                int64_t min_value = INT64_MIN);
+  void number(const std::string& name, double* target, const std::string& metavar, const std::string& help,
+              double min_value = 0.0);
   // An option that may repeat, e.g. --set a=1 --set b=2.
   void repeated(const std::string& name, std::vector<std::string>* target, const std::string& metavar,
                 const std::string& help);
@@ -28,13 +30,14 @@ class ArgParser {
   std::string help() const;
 
  private:
-  enum class Kind { Flag, String, Integer, Repeated };
+  enum class Kind { Flag, String, Integer, Number, Repeated };
   struct Option {
     std::string name, metavar, help;
     Kind kind;
     void* target;
     bool required = false;
     int64_t min_value = INT64_MIN;
+    double min_number = 0.0;
     bool seen = false;
   };
   struct Positional {
@@ -47,5 +50,10 @@ class ArgParser {
   std::vector<Option> m_options;
   std::vector<Positional> m_positionals;
 };
+
+// Refuses an output file that could not be written at the end of a long command: its
+// directory must exist and be writable, and the path must not be a directory. Throws a
+// Usage error naming `option` (e.g. "elbo eval --output").
+void check_output_file(const std::string& path, const std::string& option);
 
 }  // namespace elbo::cli

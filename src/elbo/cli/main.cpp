@@ -2,6 +2,7 @@
 // This is the only place that turns errors into exit codes; in a multi-rank job an
 // error that the ranks did not raise together aborts the whole job so that no rank
 // waits forever.
+#include <climits>
 #include <cstdio>
 #include <iostream>
 #include <optional>
@@ -79,8 +80,20 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
   p.integer("--threads", &threads, "T", "BLAS threads per rank (0 = cores / ranks on the node)", 0);
   p.string("--device", &device, "auto|cpu|cuda", "where to evaluate (auto: a GPU when one is visible)");
   p.string("--output", &out_path, "FILE", "also write the results as YAML to FILE (rank 0)");
+  double max_hours = 24;
+  p.number("--max-hours", &max_hours, "H",
+           "refuse an IWAE bound estimated (from a timed pass) to take longer than H hours (default 24, 0 = no limit)");
   bool go = false;
-  collectively(comm, [&] { go = p.parse(args); });
+  collectively(comm, [&] {
+    go = p.parse(args);
+    if (!go) return;
+    if (iw > INT_MAX)
+      throw usage_error("elbo eval: option --iw-samples must be <= " + std::to_string(INT_MAX) + " (got " +
+                        std::to_string(iw) + ")");
+    // The results are written after the whole evaluation: a path that cannot take them
+    // is refused before any of it.
+    if (!out_path.empty() && comm.is_root()) cli::check_output_file(out_path, "elbo eval --output");
+  });
   if (!go) return 0;
 
   cli::LoadedModel m = cli::load_model(comm, "elbo eval", model_path, device, threads);
@@ -98,6 +111,13 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
   eo.max_samples = max_samples;
   eo.seed = seed >= 0 ? static_cast<uint64_t>(seed) : m.file.spec.seed;
   eo.binarize = m.file.spec.data.binarize;
+  eo.max_seconds = max_hours * 3600;
+  eo.source = "elbo eval";
+  eo.batch_size_name = "--batch-size";
+  eo.iw_samples_name = "--iw-samples";
+  eo.max_samples_name = "--max-samples";
+  eo.max_seconds_hint = "raise --max-hours (0 = no limit)";
+  eo.error_kind = ErrorKind::Usage;
   EvalResult r = evaluate(*m.layout, *m.backend, m.params.data(), *set, comm, eo);
   collectively(comm, [&] {
     if (!comm.is_root()) return;

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -14,9 +15,35 @@ namespace elbo {
 
 namespace {
 
+// The --set argument that gave `key` its value: the one for the key itself or for the
+// nearest mapping above it (--set model={...} sets model.latent too); "" when the value
+// came from the file.
+std::string override_covering(const std::map<std::string, std::string>& overrides, const std::string& key) {
+  std::string best_path, best;
+  for (const auto& [path, text] : overrides) {
+    const bool covers =
+        key == path || (key.rfind(path, 0) == 0 && (key[path.size()] == '.' || key[path.size()] == '['));
+    if (covers && path.size() >= best_path.size()) {
+      best_path = path;
+      best = text;
+    }
+  }
+  return best;
+}
+
 struct Context {
-  std::string source;                 // file name for messages
-  std::set<std::string> overridden;   // keys that came from --set
+  std::string source;                           // file name for messages
+  std::map<std::string, std::string> overrides;  // key path -> the --set argument that set it
+
+  std::string override_for(const std::string& key) const { return override_covering(overrides, key); }
+
+  // Where a key's value came from, for messages: "--set key=value" or "file:line"
+  // (a node's line means nothing when an override put it there).
+  std::string where(const std::string& key, const YAML::Node& at) const {
+    if (std::string o = override_for(key); !o.empty()) return "--set " + o;
+    if (at && at.Mark().line >= 0) return source + ":" + std::to_string(at.Mark().line + 1);
+    return source;
+  }
 };
 
 std::string join(const std::vector<std::string>& v) {
@@ -34,13 +61,11 @@ class MapReader {
     if (m_node && !m_node.IsNull() && !m_node.IsMap())
       fail(m_node, m_prefix.empty() ? "(top level)" : m_prefix.substr(0, m_prefix.size() - 1),
            "must be a mapping of keys to values");
+    reject_duplicate_keys();
   }
 
   [[noreturn]] void fail(const YAML::Node& at, const std::string& key, const std::string& what) const {
-    std::string where = m_ctx.source;
-    if (m_ctx.overridden.count(key)) where = "--set " + key;
-    else if (at && at.Mark().line >= 0) where += ":" + std::to_string(at.Mark().line + 1);
-    throw config_error(where + ": " + key + ": " + what);
+    throw config_error(m_ctx.where(key, at) + ": " + key + ": " + what);
   }
 
   bool has(const std::string& key) {
@@ -148,6 +173,24 @@ class MapReader {
     return out;
   }
 
+  // yaml-cpp keeps every pair of a mapping and lookups return the first, so a key
+  // given twice would silently lose its second value (often the one meant).
+  void reject_duplicate_keys() const {
+    if (!m_node || !m_node.IsMap()) return;
+    std::map<std::string, YAML::Node> first;
+    for (const auto& kv : m_node) {
+      if (!kv.first.IsScalar()) fail(kv.first, m_prefix + "(key)", "keys must be plain names, not lists or mappings");
+      const std::string k = kv.first.Scalar();
+      auto [it, fresh] = first.emplace(k, kv.first);
+      if (fresh) continue;
+      const int line = it->second.Mark().line;
+      const bool from_file = m_ctx.override_for(m_prefix + k).empty() && line >= 0;
+      fail(kv.first, m_prefix + k,
+           "duplicate key" + (from_file ? " (also on line " + std::to_string(line + 1) + ")" : std::string()) +
+               "; YAML would keep only the first value: remove one of them");
+    }
+  }
+
   void finish(const std::vector<std::string>& known) {
     if (!m_node || !m_node.IsMap()) return;
     for (const auto& kv : m_node) {
@@ -196,12 +239,12 @@ void apply_override(YAML::Node& root, const std::string& text, Context& ctx) {
   try {
     parsed = YAML::Load(value);
   } catch (const YAML::Exception& e) {
-    throw config_error("--set " + path + ": cannot parse value '" + value + "': " + e.msg);
+    throw config_error("--set " + text + ": cannot parse value '" + value + "': " + e.msg);
   }
   std::vector<std::string> parts;
   std::stringstream ss(path);
   for (std::string p; std::getline(ss, p, '.');) {
-    if (p.empty()) throw config_error("--set " + path + ": empty key segment");
+    if (p.empty()) throw config_error("--set " + text + ": empty key segment");
     parts.push_back(p);
   }
   YAML::Node cur;
@@ -211,18 +254,20 @@ void apply_override(YAML::Node& root, const std::string& text, Context& ctx) {
     walked += (i ? "." : "") + parts[i];
     YAML::Node next = cur[parts[i]];
     if (next && !next.IsNull() && !next.IsMap())
-      throw config_error("--set " + path + ": '" + walked + "' is not a mapping");
+      throw config_error("--set " + text + ": '" + walked + "' is not a mapping");
     if (!next || next.IsNull()) cur[parts[i]] = YAML::Node(YAML::NodeType::Map);
     YAML::Node child = cur[parts[i]];
     cur.reset(child);
   }
   cur[parts.back()] = parsed;
-  ctx.overridden.insert(path);
+  // A later --set of the same key wins, in the value and in messages.
+  ctx.overrides[path] = text;
 }
 
 ExperimentSpec build(YAML::Node root, Context& ctx) {
   ExperimentSpec s;
   s.source = ctx.source;
+  s.overrides = ctx.overrides;
   MapReader top(root, "", ctx);
   s.name = top.get<std::string>("name", s.name);
   top.check(!s.name.empty(), "name", "must not be empty", "''");
@@ -394,6 +439,11 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
 }
 
 }  // namespace
+
+std::string spec_origin(const ExperimentSpec& spec, const std::string& key) {
+  const std::string o = override_covering(spec.overrides, key);
+  return o.empty() ? spec.source : "--set " + o;
+}
 
 ExperimentSpec parse_spec(const std::string& yaml_text, const std::string& source,
                           const std::vector<std::string>& overrides) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -119,7 +120,12 @@ struct ExperimentSpec {
   DistSpec dist;
   CheckpointSpec checkpoint;
   std::string source;  // the file it came from, for messages
+  std::map<std::string, std::string> overrides;  // key path -> the --set argument that set it, for messages
 };
+
+// Where `key`'s value came from, for messages checked after parsing: "--set key=value"
+// when an override set it (or a mapping above it), else the spec file.
+std::string spec_origin(const ExperimentSpec& spec, const std::string& key);
 
 // Parses `path`, applying each "key.path=value" override first. Throws a Config error.
 ExperimentSpec load_spec(const std::string& path, const std::vector<std::string>& overrides = {});

@@ -4,16 +4,62 @@
 #include "elbo/train/evaluate.hpp"
 
 #include <algorithm>
+#include <chrono>
+#include <climits>
 #include <cmath>
+#include <limits>
 #include <span>
 #include <cstdio>
 #include <numeric>
 #include <vector>
 
 #include "elbo/data/sampler.hpp"
+#include "elbo/train/footprint.hpp"
 #include "elbo/util/progress.hpp"
 
 namespace elbo {
+
+EvalChunks eval_chunks(int K, int64_t batch_size, int64_t rank_samples) {
+  // Work per pass is bounded by batch_size rows through the network. The IWAE bound
+  // needs K decoder passes per input; the encoder runs once per input and its
+  // posterior is repeated for a chunk of kc samples, so K = 5000 costs K/kc passes of
+  // xb * kc rows, never K copies of the activations.
+  const int64_t W = std::max<int64_t>(1, batch_size);
+  EvalChunks c;
+  c.kc = K > 0 ? static_cast<int>(std::min<int64_t>(K, W)) : 1;
+  c.xb = static_cast<int>(std::clamp<int64_t>(std::min<int64_t>(W / c.kc, rank_samples), 1, INT_MAX));
+  c.cap = static_cast<int64_t>(c.xb) * c.kc;
+  return c;
+}
+
+namespace {
+
+// Refuses evaluation buffers that cannot fit in this rank's share of the machine's memory
+// (CPU backend; a GPU's own limit shows as a failed allocation).
+void check_eval_memory(const VaeLayout& layout, Backend<float>& be, Communicator& comm, int64_t rank_samples,
+                       const EvalOptions& opt) {
+  collectively(comm, [&] {
+    MemoryEstimate need;
+    add_eval_memory(need, layout, rank_samples, opt.iw_samples, opt.batch_size,
+                    opt.batch_size_name + (opt.iw_samples > 0 ? " or " + opt.iw_samples_name : std::string()));
+    check_memory(need, be.device(), host_memory_per_rank(comm.world().local_size), opt.source);
+    const EvalChunks c = eval_chunks(opt.iw_samples, opt.batch_size, rank_samples);
+    if (c.cap > INT_MAX)
+      throw config_error(opt.source + ": " + opt.batch_size_name + ": " + std::to_string(c.cap) +
+                         " rows per pass exceed the 2^31 a pass can hold");
+  });
+}
+
+std::string duration_words(double s) {
+  char buf[64];
+  if (s >= 2 * 86400.0 * 365) std::snprintf(buf, sizeof(buf), "%.3g years", s / (86400.0 * 365));
+  else if (s >= 2 * 86400.0) std::snprintf(buf, sizeof(buf), "%.3g days", s / 86400.0);
+  else if (s >= 2 * 3600.0) std::snprintf(buf, sizeof(buf), "%.3g hours", s / 3600.0);
+  else std::snprintf(buf, sizeof(buf), "%.3g minutes", s / 60.0);
+  return buf;
+}
+
+}  // namespace
 
 EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* params,
                     const data::ShardSet& set, Communicator& comm, const EvalOptions& opt) {
@@ -21,14 +67,9 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
   const int D = layout.input_dim(), L = layout.latent();
   const int K = opt.iw_samples;
   const data::Slice mine = data::rank_slice(n, comm.rank(), comm.size());
-  // Work per pass is bounded by batch_size rows through the network. The IWAE bound
-  // needs K decoder passes per input; the encoder runs once per input and its
-  // posterior is repeated for a chunk of kc samples, so K = 5000 costs K/kc passes of
-  // xb * kc rows, never K copies of the activations.
-  const int64_t W = std::max<int64_t>(1, opt.batch_size);
-  const int kc = K > 0 ? static_cast<int>(std::min<int64_t>(K, W)) : 1;
-  const int xb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(W / kc, std::max<int64_t>(1, mine.count))));
-  const int cap = xb * kc;
+  check_eval_memory(layout, be, comm, mine.count, opt);
+  const EvalChunks chunks = eval_chunks(K, opt.batch_size, mine.count);
+  const int kc = chunks.kc, xb = chunks.xb, cap = static_cast<int>(chunks.cap);
 
   Vae<float> model(layout, be, cap);
   Buffer<float> x(be, static_cast<size_t>(xb) * D), eps(be, static_cast<size_t>(cap) * L);
@@ -46,14 +87,56 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
   std::vector<float> xh(static_cast<size_t>(xb) * D), rep(static_cast<size_t>(cap) * std::max(D, 2 * L));
   std::vector<float> rec(cap), kl(xb), lr(cap), mulv(static_cast<size_t>(xb) * 2 * L);
   std::vector<int64_t> idx(xb);
-  std::vector<double> logw(static_cast<size_t>(xb) * std::max(K, 1));
+  // Each input's log-sum-exp of its K log-weights, accumulated chunk by chunk (running
+  // max and the sum scaled to it): memory does not grow with K.
+  std::vector<double> lse_max(xb), lse_sum(xb);
   const auto& spec = layout.spec();
+
+  if (K > 1 && opt.max_seconds > 0) {
+    // Time the IWAE bound's unit of work, one pass of cap decoder rows (the faster of
+    // two: the first may pay for lazy set-up), and refuse a bound that would run for
+    // longer than the limit before any of it is spent. Every rank measures; the
+    // slowest decides, the same on all ranks.
+    double best = 0;
+    if (mine.count > 0) {
+      be.fill(z.data(), 0.0f, static_cast<size_t>(cap) * L);
+      be.fill(x_rep.data(), 0.0f, static_cast<size_t>(cap) * D);
+      best = std::numeric_limits<double>::infinity();
+      for (int t = 0; t < 2; ++t) {
+        const auto t0 = std::chrono::steady_clock::now();
+        model.decode(params, z.data(), cap);
+        be.likelihood_forward(spec.likelihood, static_cast<float>(spec.sigma), cap, D, model.output(), x_rep.data(),
+                              rec_buf.data());
+        be.synchronize();
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      }
+    }
+    const double passes = static_cast<double>(mine.count) * (K - 1) / static_cast<double>(cap);
+    const double secs = comm.allreduce_max(static_cast<int>(std::min(best * passes, 2e9)));
+    if (secs > opt.max_seconds) {
+      const double rows = static_cast<double>(n) * K;
+      char work[64];
+      std::snprintf(work, sizeof(work), "%.3g", rows);
+      throw AgreedError(opt.error_kind,
+                        opt.source + ": " + opt.iw_samples_name + ": the IWAE bound with k = " + std::to_string(K) +
+                            " on " + std::to_string(n) + " samples decodes " + work + " samples, estimated at " +
+                            duration_words(secs) + " (from a timed pass of " + std::to_string(cap) +
+                            " rows), over the limit of " + duration_words(opt.max_seconds) + "; lower " +
+                            opt.iw_samples_name +
+                            (opt.max_samples_name.empty() ? "" : " or " + opt.max_samples_name) +
+                            (opt.max_seconds_hint.empty() ? "" : ", or " + opt.max_seconds_hint));
+    }
+  }
 
   // sums: samples, rec, kl, iwae, then per latent unit sum mu_j and sum mu_j^2
   std::vector<double> sums(4 + 2 * static_cast<size_t>(L), 0.0);
-  // Rank 0 shows its own share; the ranks' shares differ by at most one sample.
-  Progress progress(comm.size() > 1 ? opt.progress_label + " (rank 0's share)" : opt.progress_label, mine.count,
-                    opt.progress && comm.is_root());
+  // Rank 0 shows its own share; the ranks' shares differ by at most one sample. With
+  // the IWAE bound the unit is a decoded sample (inputs x k), updated after every
+  // pass, so that a large k shows its pace (and an ETA) from the first pass on (the
+  // label stays "eval": scripts read these lines).
+  const int64_t per_input = std::max(K, 1);
+  Progress progress(comm.size() > 1 ? opt.progress_label + " (rank 0's share)" : opt.progress_label,
+                    mine.count * per_input, opt.progress && comm.is_root());
   for (int64_t off = 0; off < mine.count; off += xb) {
     const int rows = static_cast<int>(std::min<int64_t>(xb, mine.count - off));
     const int64_t first = mine.begin + off;
@@ -82,12 +165,16 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
       // Sample 0 is the forward pass above; the chunks decode samples 1..K-1.
       be.posterior_log_ratio(rows, L, model.mulv(), eps.data(), model.z(), ratio.data());
       be.download(lr.data(), ratio.data(), rows);
-      for (int r = 0; r < rows; ++r) logw[static_cast<size_t>(r) * K] = -double(rec[r]) - double(lr[r]);
+      for (int r = 0; r < rows; ++r) {
+        lse_max[r] = -double(rec[r]) - double(lr[r]);
+        lse_sum[r] = 1.0;
+      }
       const size_t n_rep = static_cast<size_t>(rows) * kc;
-      for (int j = 0; j < kc; ++j) std::copy_n(xh.data(), static_cast<size_t>(rows) * D, rep.data() + j * rows * D);
+      for (int j = 0; j < kc; ++j)
+        std::copy_n(xh.data(), static_cast<size_t>(rows) * D, rep.data() + static_cast<size_t>(j) * rows * D);
       be.upload(x_rep.data(), rep.data(), n_rep * D);
       for (int j = 0; j < kc; ++j)
-        std::copy_n(mulv.data(), static_cast<size_t>(rows) * 2 * L, rep.data() + j * rows * 2 * L);
+        std::copy_n(mulv.data(), static_cast<size_t>(rows) * 2 * L, rep.data() + static_cast<size_t>(j) * rows * 2 * L);
       be.upload(mulv_rep.data(), rep.data(), n_rep * 2 * L);
       for (int k0 = 1; k0 < K; k0 += kc) {
         const int kn = std::min(kc, K - k0);
@@ -104,21 +191,24 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
         be.posterior_log_ratio(nr, L, mulv_rep.data(), eps.data(), z.data(), ratio.data());
         be.download(rec.data(), rec_buf.data(), nr);
         be.download(lr.data(), ratio.data(), nr);
-        for (int j = 0; j < kn; ++j)
-          for (int r = 0; r < rows; ++r)
-            logw[static_cast<size_t>(r) * K + k0 + j] =
-                -double(rec[static_cast<size_t>(j) * rows + r]) - double(lr[static_cast<size_t>(j) * rows + r]);
+        for (int r = 0; r < rows; ++r) {
+          auto logw = [&](int j) {
+            return -double(rec[static_cast<size_t>(j) * rows + r]) - double(lr[static_cast<size_t>(j) * rows + r]);
+          };
+          double m = lse_max[r];
+          for (int j = 0; j < kn; ++j) m = std::max(m, logw(j));
+          double acc = lse_sum[r] * std::exp(lse_max[r] - m);
+          for (int j = 0; j < kn; ++j) acc += std::exp(logw(j) - m);
+          lse_max[r] = m;
+          lse_sum[r] = acc;
+        }
+        progress.update(off * per_input + static_cast<int64_t>(rows) * (k0 + kn));
       }
-      for (int r = 0; r < rows; ++r) {
-        const double* w = &logw[static_cast<size_t>(r) * K];
-        double m = *std::max_element(w, w + K);
-        double acc = 0;
-        for (int k = 0; k < K; ++k) acc += std::exp(w[k] - m);
-        sums[3] += -(m + std::log(acc) - std::log(static_cast<double>(K)));
-      }
+      for (int r = 0; r < rows; ++r)
+        sums[3] += -(lse_max[r] + std::log(lse_sum[r]) - std::log(static_cast<double>(K)));
     }
     sums[0] += rows;
-    progress.update(off + rows);
+    progress.update((off + rows) * per_input);
   }
   progress.finish();
   comm.allreduce_sum(sums.data(), sums.size());

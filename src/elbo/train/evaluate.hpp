@@ -10,6 +10,7 @@
 #include "elbo/data/shards.hpp"
 #include "elbo/dist/comm.hpp"
 #include "elbo/model/vae.hpp"
+#include "elbo/util/error.hpp"
 
 namespace elbo {
 
@@ -19,9 +20,26 @@ struct EvalOptions {
   uint64_t seed = 1;         // keys eps (and binarization): results do not depend on the world size
   bool binarize = false;
   int64_t max_samples = 0;  // evaluate the split's first max_samples only (0 = all)
-  bool progress = true;  // a progress bar (rank 0, stderr) over the rank's samples
+  bool progress = true;  // a progress bar (rank 0, stderr) over the rank's samples (x k with the IWAE bound)
   std::string progress_label = "eval";
+  // An IWAE bound estimated (from a timed pass) to take longer than this is refused
+  // before the work starts; 0 = no limit.
+  double max_seconds = 24 * 3600.0;
+  // For messages: where the options came from and what they are called there.
+  std::string source = "eval";
+  std::string batch_size_name = "eval.batch_size", iw_samples_name = "eval.iw_samples", max_samples_name = "";
+  std::string max_seconds_hint = "";  // how to raise the time limit, when there is a way
+  ErrorKind error_kind = ErrorKind::Config;
 };
+
+// How evaluate() cuts its work: the IWAE samples of each input go kc at a time, for xb
+// inputs per pass, so a pass holds cap = xb * kc rows (at most max(batch_size, 1 input)).
+struct EvalChunks {
+  int kc = 1;        // IW samples per pass
+  int xb = 1;        // inputs per pass
+  int64_t cap = 1;   // rows per pass
+};
+EvalChunks eval_chunks(int iw_samples, int64_t batch_size, int64_t rank_samples);
 
 // Burda et al. (2016): unit j is active when Var_x(E_q[z_j | x]) exceeds 0.01.
 constexpr double kActiveUnitThreshold = 0.01;

@@ -24,6 +24,7 @@
 #include "elbo/model/generate.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/optim/adam.hpp"
+#include "elbo/train/footprint.hpp"
 #include "elbo/train/stop_signal.hpp"
 #include "elbo/util/files.hpp"
 #include "elbo/util/progress.hpp"
@@ -361,9 +362,24 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   bool use_graph = spec.train.cuda_graph == "on" ||
                          (spec.train.cuda_graph == "auto" && place.device == DeviceKind::Cuda && world == 1);
 
+  // Refuse what cannot run (more steps than int64 holds, buffers beyond the memory)
+  // before allocating any of it.
+  StepPlan plan;
+  MemoryEstimate need;
+  collectively(comm, [&] {
+    plan = plan_steps(spec, n, world);
+    need = estimate_train_memory(layout, B / world, place.device);
+    if (test_set)
+      add_eval_memory(need, layout, data::rank_slice(test_set->size(), rank, world).count, spec.eval.iw_samples,
+                      spec.eval.batch_size, "eval.batch_size or eval.iw_samples");
+    check_memory(need, place.device, host_memory_per_rank(comm.world().local_size), spec.source);
+  });
+
   // --- the replica: one flat parameter buffer, one flat gradient buffer ---
   const size_t P = layout.num_params();
-  Buffer<float> params(be, P), grads(be, P);
+  const MemoryItem& state_mem = need.items[MemoryEstimate::kModelState];  // a failed allocation names its buffer
+  Buffer<float> params = allocating(state_mem, spec.source, [&] { return Buffer<float>(be, P); });
+  Buffer<float> grads = allocating(state_mem, spec.source, [&] { return Buffer<float>(be, P); });
   const auto bucket_elems = static_cast<size_t>(spec.dist.bucket_mb * 1e6 / sizeof(float));
   std::unique_ptr<GradientSync> sync;
   collectively(comm, [&] { sync = make_gradient_sync(place.communicator, comm, be, grads.data(), P, bucket_elems); });
@@ -376,8 +392,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     comm.broadcast(host.data(), host.size() * sizeof(float), 0);
     be.upload(params.data(), host.data(), P);
   }
-  Vae<float> model(layout, be, local_rows);
-  Adam<float> optim(spec.optim, be, P);
+  Vae<float> model = allocating(need.items[MemoryEstimate::kActivations], spec.source,
+                                [&] { return Vae<float>(layout, be, local_rows); });
+  Adam<float> optim = allocating(state_mem, spec.source, [&] { return Adam<float>(spec.optim, be, P); });
   Buffer<float> x(be, static_cast<size_t>(local_rows) * D), eps(be, static_cast<size_t>(local_rows) * L);
   // The batch on the host, in pinned memory on a GPU so that its upload need not wait:
   // every step that uploads also downloads its losses (a synchronization) before the
@@ -393,9 +410,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   HostBuffer<double, float> norm_buf(be, 1);
   double* const squared_norm = norm_buf.data();
 
-  const int64_t per_epoch = data::batches_per_epoch(n, B, spec.train.drop_last);
-  int64_t total_steps = per_epoch * spec.train.epochs;
-  if (spec.train.max_steps > 0) total_steps = std::min(total_steps, spec.train.max_steps);
+  const int64_t per_epoch = plan.per_epoch;
+  int64_t total_steps = plan.total;
 
   fs::path out_dir(spec.output.dir);
   const fs::path ckpt_dir = out_dir / "checkpoints";
@@ -802,6 +818,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   if (test_set && spec.eval.at_end) {
     EvalOptions eo;
     eo.iw_samples = spec.eval.iw_samples;
+    eo.source = spec.source;
     eo.batch_size = spec.eval.batch_size;
     eo.seed = spec.seed;
     eo.binarize = spec.data.binarize;
