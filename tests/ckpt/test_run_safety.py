@@ -98,6 +98,13 @@ rc, out = run(d2b, "--set", "output.overwrite=true", "--resume", "auto")
 check(rc == 2 and "output.overwrite" in out and files_of(d2b) == before,
       "overwrite with --resume is refused, nothing changed", out)
 
+# output.dir naming a file: refused, the file untouched
+not_dir = os.path.join(a.work, "a_file")
+open(not_dir, "w").write("keep me")
+rc, out = run(not_dir)
+check(rc == 2 and "is not a directory" in out and open(not_dir).read() == "keep me",
+      "output.dir that is a file is refused and left alone", out)
+
 # --- 3. a finished model is never trained over silently ---
 model_digest = digest(os.path.join(d2b, "model.h5"))
 for f in glob.glob(os.path.join(d2b, "checkpoints", "*.h5")):

@@ -314,6 +314,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
                          " is not divisible by the number of ranks (" + std::to_string(world) +
                          "); the global batch is split evenly over the ranks");
     if (!root) return;
+    if (fs::exists(spec.output.dir) && !fs::is_directory(spec.output.dir))
+      throw config_error("output.dir: '" + spec.output.dir + "' exists and is not a directory");
     run_lock = RunLock(spec.output.dir);
     prepare_output_dir(spec, options.resume);
   });
