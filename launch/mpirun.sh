@@ -2,6 +2,16 @@
 # Train with mpirun on one or more nodes. Copy and edit: NP ranks, HOSTFILE (one
 # line per node: "node01 slots=8"), the spec and overrides.
 # Usage: NP=4 HOSTFILE=hosts.txt bash launch/mpirun.sh configs/fmnist_mlp.yaml [--set k=v ...]
+#
+# Across nodes, mpirun starts its daemon on each node through ssh (or RSH_AGENT, any
+# command that runs "AGENT HOST COMMAND..." on HOST), and ssh forwards no environment:
+#   RSH_AGENT  the remote shell instead of ssh (e.g. a site wrapper, or the tests'
+#              network-namespace agent)
+#   IFACE      the network interface(s) between the nodes, e.g. eth0 or ib0 (TCP for
+#              MPI and for mpirun's own traffic); unset = Open MPI picks
+#   FORWARD    more environment variables for the ranks, space-separated
+# OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are forwarded when set: nodes that pick other
+# OpenBLAS kernels give results that differ in the last bits.
 set -euo pipefail
 NP=${NP:-2}
 ELBO=${ELBO:-build/src/elbo}
@@ -10,6 +20,11 @@ shift
 
 args=(-np "$NP" --bind-to core --map-by slot)
 [[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
+[[ -n "${RSH_AGENT:-}" ]] && args+=(--mca plm_rsh_agent "$RSH_AGENT")
+[[ -n "${IFACE:-}" ]] && args+=(--mca btl_tcp_if_include "$IFACE" --mca oob_tcp_if_include "$IFACE")
+for v in OPENBLAS_CORETYPE OPENBLAS_L2_SIZE ${FORWARD:-}; do
+  [[ -n "${!v:-}" ]] && args+=(-x "$v")
+done
 if [[ $(id -u) -eq 0 ]]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Multi-node over TCP on one machine (network namespaces as nodes, see
+netns_nodes.py), started with the project's launch/mpirun.sh as a user would
+(HOSTFILE, RSH_AGENT, IFACE=eth0):
+  1. 2 nodes x 2 ranks train to parameters bitwise equal to `mpirun -np 4` on one
+     host, and the log says 4 ranks on 2 nodes;
+  2. `elbo info` across the nodes: 2 nodes, 2 local ranks on rank 0's node n1;
+  3. 3 nodes x 1 rank equal `mpirun -np 3` on one host, bit for bit;
+  4. a checkpoint written by 2 nodes x 2 ranks resumes on 1 node x 4 ranks and on 4
+     nodes x 1 rank: the same sample sequence, parameters within float tolerance of
+     the uninterrupted run.
+Skips (77) with the reason where network namespaces cannot be made (not root)."""
+import os, re, subprocess, sys
+import h5py, numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import harness  # noqa: E402
+from netns_nodes import Nodes, NodesUnavailable  # noqa: E402
+
+a = harness.parse_args(__doc__)
+check = harness.Checks()
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MPIRUN_SH = os.path.join(ROOT, "launch", "mpirun.sh")
+
+
+def sets(out, *extra):
+    s = ["--set", "device=cpu", "--set", f"data.train={a.data}/train", "--set", "data.test=",
+         "--set", "data.max_samples=2400", "--set", "train.batch_size=48", "--set", "train.epochs=1",
+         "--set", "train.threads=1", "--set", "train.log_every=10", "--set", f"output.dir={out}", *extra]
+    return s
+
+
+def params(out):
+    with h5py.File(os.path.join(out, "model.h5"), "r") as f:
+        return {k: f["params"][k][...] for k in f["params"]}
+
+
+def on_host(np_, out, *extra):
+    r = subprocess.run(["mpirun", "-np", str(np_), "--oversubscribe", a.elbo, "train", a.spec, *sets(out, *extra)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        sys.exit(f"host run {out} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def on_nodes(nodes, np_, out, *extra):
+    env = dict(os.environ, NP=str(np_), HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0", ELBO=a.elbo)
+    r = nodes.run(["bash", MPIRUN_SH, a.spec, *sets(out, *extra)], capture_output=True, text=True, timeout=600,
+                  env=env)
+    return r.returncode, r.stdout + r.stderr
+
+
+def same(p, q):
+    return all(np.array_equal(p[k], q[k]) for k in q)
+
+
+def worst_rel(p, q):
+    return max(float(np.linalg.norm(p[k] - q[k]) / max(np.linalg.norm(q[k]), 1e-30)) for k in q)
+
+
+try:
+    with Nodes(4, os.path.join(a.work, "nodes"), slots=2) as nodes:
+        # 1. 2 nodes x 2 ranks against 4 ranks on one host.
+        on_host(4, os.path.join(a.work, "host4"))
+        with open(nodes.hostfile, "w") as f:
+            f.write("n1 slots=2\nn2 slots=2\n")
+        rc, text = on_nodes(nodes, 4, os.path.join(a.work, "nodes2x2"))
+        check(rc == 0, f"2 nodes x 2 ranks: mpirun.sh exits 0 ({rc})", text[-3000:])
+        check("4 rank(s) on 2 node(s) via mpirun" in text, "the log says 4 ranks on 2 nodes", text[:2000])
+        if rc == 0:
+            check(same(params(os.path.join(a.work, "nodes2x2")), params(os.path.join(a.work, "host4"))),
+                  "2 nodes x 2 ranks over TCP: parameters bitwise equal to 4 ranks on one host")
+
+        # 2. elbo info across the nodes.
+        r = nodes.run(["mpirun", "--hostfile", nodes.hostfile, "--mca", "plm_rsh_agent", nodes.agent,
+                       "--mca", "btl_tcp_if_include", "eth0", "--mca", "oob_tcp_if_include", "eth0",
+                       "-np", "4", a.elbo, "info"], capture_output=True, text=True, timeout=120)
+        check(r.returncode == 0 and "4 rank(s) on 2 node(s)" in r.stdout and "rank 0 on n1 with 2 local rank(s)"
+              in r.stdout, "elbo info: 4 ranks on 2 nodes, rank 0 on n1 with 2 local ranks", r.stdout + r.stderr)
+
+        # 3. 3 nodes x 1 rank against 3 ranks on one host.
+        on_host(3, os.path.join(a.work, "host3"))
+        with open(nodes.hostfile, "w") as f:
+            f.write("n1 slots=1\nn2 slots=1\nn3 slots=1\n")
+        rc, text = on_nodes(nodes, 3, os.path.join(a.work, "nodes3x1"))
+        check(rc == 0 and "3 rank(s) on 3 node(s)" in text, f"3 nodes x 1 rank: runs on 3 nodes ({rc})",
+              text[-3000:])
+        if rc == 0:
+            check(same(params(os.path.join(a.work, "nodes3x1")), params(os.path.join(a.work, "host3"))),
+                  "3 nodes x 1 rank: parameters bitwise equal to 3 ranks on one host")
+
+        # 4. Checkpoint on 2 x 2, resume on 1 x 4 and on 4 x 1.
+        full = os.path.join(a.work, "full")
+        on_host(4, full, "--set", "train.epochs=2")
+        with open(nodes.hostfile, "w") as f:
+            f.write("n1 slots=2\nn2 slots=2\n")
+        for name, np_, hosts in (("on_1x4", 4, None), ("on_4x1", 4, "n1 slots=1\nn2 slots=1\nn3 slots=1\nn4 slots=1\n")):
+            out = os.path.join(a.work, "resume_" + name)
+            with open(nodes.hostfile, "w") as f:
+                f.write("n1 slots=2\nn2 slots=2\n")
+            rc, text = on_nodes(nodes, 4, out)  # epoch 1 of 2 on 2 nodes x 2 ranks
+            check(rc == 0, f"{name}: the first half ran on 2 nodes x 2 ranks ({rc})", text[-2000:])
+            if hosts is None:
+                text = on_host(4, out, "--set", "train.epochs=2", "--resume", "auto")
+                rc = 0
+            else:
+                with open(nodes.hostfile, "w") as f:
+                    f.write(hosts)
+                rc, text = on_nodes(nodes, 4, out, "--set", "train.epochs=2", "--resume", "auto")
+            m = re.search(r"continuing from \S+ at step (\d+)", text)
+            check(rc == 0 and m is not None and int(m.group(1)) == 50,
+                  f"{name}: resumed from the step-50 checkpoint written on 2 nodes", text[-2000:])
+            if rc == 0:
+                err = worst_rel(params(out), params(full))
+                check(err < 1e-5, f"{name}: parameters within float tolerance of the uninterrupted run ({err:.2e})")
+except NodesUnavailable as e:
+    print(f"skipped: cannot make network namespaces as nodes: {e}")
+    sys.exit(77)
+
+check.finish()
