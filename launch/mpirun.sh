@@ -22,6 +22,14 @@ args=(-np "$NP" --bind-to core --map-by slot)
 [[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
 [[ -n "${RSH_AGENT:-}" ]] && args+=(--mca plm_rsh_agent "$RSH_AGENT")
 [[ -n "${IFACE:-}" ]] && args+=(--mca btl_tcp_if_include "$IFACE" --mca oob_tcp_if_include "$IFACE")
+# A node that drops off the network (link down, power loss) leaves mpirun's TCP link to
+# its daemon silent; Open MPI's default keepalive (300 s + 9 x 20 s) and the kernel's
+# retransmissions (~15 min) keep the job hanging. Probe an idle link after 10 s, every
+# 5 s, give up after 4 misses: a lost node ends the job in about 30 s. KEEPALIVE=off
+# keeps Open MPI's defaults.
+if [[ "${KEEPALIVE:-on}" != off ]]; then
+  args+=(--mca oob_tcp_keepalive_time 10 --mca oob_tcp_keepalive_intvl 5 --mca oob_tcp_keepalive_probes 4)
+fi
 for v in OPENBLAS_CORETYPE OPENBLAS_L2_SIZE ${FORWARD:-}; do
   [[ -n "${!v:-}" ]] && args+=(-x "$v")
 done

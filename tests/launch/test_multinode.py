@@ -8,9 +8,11 @@ netns_nodes.py), started with the project's launch/mpirun.sh as a user would
   3. 3 nodes x 1 rank equal `mpirun -np 3` on one host, bit for bit;
   4. a checkpoint written by 2 nodes x 2 ranks resumes on 1 node x 4 ranks and on 4
      nodes x 1 rank: the same sample sequence, parameters within float tolerance of
-     the uninterrupted run.
+     the uninterrupted run;
+  5. node loss never hangs (launch/mpirun.sh's keepalive settings): n2's link going
+     down, or its orted killed, ends the whole job within 60 s naming node n2.
 Skips (77) with the reason where network namespaces cannot be made (not root)."""
-import os, re, subprocess, sys
+import os, re, signal, subprocess, sys, time
 import h5py, numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -113,6 +115,44 @@ try:
             if rc == 0:
                 err = worst_rel(params(out), params(full))
                 check(err < 1e-5, f"{name}: parameters within float tolerance of the uninterrupted run ({err:.2e})")
+        # 5. Node loss never hangs: the link of n2 going down, and n2's orted killed,
+        #    each end the whole job well within 60 s, naming the lost node.
+        with open(nodes.hostfile, "w") as f:
+            f.write("n1 slots=1\nn2 slots=1\n")
+        for how in ("link_down", "orted_killed"):
+            out = os.path.join(a.work, "loss_" + how)
+            env = dict(os.environ, NP="2", HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0",
+                       ELBO=a.elbo)
+            p = subprocess.Popen(nodes.command(["bash", MPIRUN_SH, a.spec, *sets(out, "--set", "train.epochs=100000")]),
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+            metrics = os.path.join(out, "metrics.csv")
+            deadline = time.time() + 60
+            while time.time() < deadline and p.poll() is None and not (
+                    os.path.exists(metrics) and len(open(metrics).read().splitlines()) > 2):
+                time.sleep(0.05)
+            t0 = time.time()
+            if how == "link_down":
+                nodes.link("n2", False)
+            else:
+                pids = subprocess.run(["ip", "netns", "pids", f"{nodes.prefix}-n2"], capture_output=True,
+                                      text=True).stdout.split()
+                for pid in pids:
+                    try:
+                        if open(f"/proc/{pid}/comm").read().strip() == "orted":
+                            os.kill(int(pid), signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
+            try:
+                text, _ = p.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                text, _ = p.communicate()
+            took = time.time() - t0
+            check(p.returncode not in (0, 75) and took < 60 and "on node n2" in text,
+                  f"{how}: the job ends in {took:.0f} s (exit {p.returncode}), naming node n2", text[-2000:])
+            if how == "link_down":
+                nodes.link("n2", True)
 except NodesUnavailable as e:
     print(f"skipped: cannot make network namespaces as nodes: {e}")
     sys.exit(77)
