@@ -10,7 +10,8 @@ netns_nodes.py), started with the project's launch/mpirun.sh as a user would
      nodes x 1 rank: the same sample sequence, parameters within float tolerance of
      the uninterrupted run;
   5. node loss never hangs (launch/mpirun.sh's keepalive settings): n2's link going
-     down, or its orted killed, ends the whole job within 60 s naming node n2.
+     down, or its orted killed, ends the whole job within 60 s naming node n2;
+  6. a 5-second link flap is survived.
 Skips (77) with the reason where network namespaces cannot be made (not root)."""
 import os, re, signal, subprocess, sys, time
 import h5py, numpy as np
@@ -153,6 +154,35 @@ try:
                   f"{how}: the job ends in {took:.0f} s (exit {p.returncode}), naming node n2", text[-2000:])
             if how == "link_down":
                 nodes.link("n2", True)
+        # 6. A 5-second link flap is survived: training goes on after it, and the job
+        #    still stops cleanly on request.
+        out = os.path.join(a.work, "flap")
+        env = dict(os.environ, NP="2", HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0", ELBO=a.elbo)
+        p = subprocess.Popen(nodes.command(["bash", MPIRUN_SH, a.spec, *sets(out, "--set", "train.epochs=100000")]),
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+        metrics = os.path.join(out, "metrics.csv")
+        rows = lambda: len(open(metrics).read().splitlines()) if os.path.exists(metrics) else 0  # noqa: E731
+        deadline = time.time() + 60
+        while time.time() < deadline and p.poll() is None and rows() < 3:
+            time.sleep(0.05)
+        nodes.link("n2", False)
+        time.sleep(5)
+        nodes.link("n2", True)
+        before = rows()
+        deadline = time.time() + 45
+        while time.time() < deadline and p.poll() is None and rows() < before + 5:
+            time.sleep(0.1)
+        alive = p.poll() is None and rows() >= before + 5
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGUSR1)  # mpirun forwards it: checkpoint and stop
+        try:
+            text, _ = p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            text, _ = p.communicate()
+        check(alive and "stop requested" in text, f"a 5 s link flap: training went on after it (exit {p.returncode})",
+              text[-2000:])
 except NodesUnavailable as e:
     print(f"skipped: cannot make network namespaces as nodes: {e}")
     sys.exit(77)
