@@ -3,7 +3,9 @@
 # cuDNN, NCHW) against configs/fmnist_conv.yaml's model in PyTorch, default (NCHW)
 # and channels-last (NHWC), eager (torch.compile with COMPILE_ONLY=1, a second call
 # that adds those rows at batch 128), at global batch 128 and 1024, FP32 with TF32
-# off everywhere (cuDNN FMA math in elbo).
+# off everywhere (cuDNN FMA math in elbo). elbo runs twice: with its default
+# train.deterministic (deterministic cuDNN algorithms only) and with
+# train.deterministic=false (cuDNN's first-ranked ones, as PyTorch's default allows).
 # Usage: bash bench/gpu_conv.sh [STEPS=600]   (PY, ELBO, DATA, BENCH_KEEP: see gpu.sh)
 # FLOPs per sample: 6 x the multiply-adds of the convolutions, transposed
 # convolutions and linear layers of the forward pass (5.03 M), as for the MLP.
@@ -14,9 +16,9 @@ WARM=100
 RATES=$WORK/rates-conv.txt
 FLOPS_PER_SAMPLE=$(( 6 * (32*16*196 + 64*32*16*49 + 3136*256 + 256*40 + 20*256 + 256*3136 + 64*32*16*49 + 32*16*196) ))
 
-elbo_rate() {  # mean samples/s over the metrics rows after the first (warm-up) interval
-  local b=$1 out=$WORK/elbo-conv-b$1
-  "$ELBO" train "$ROOT/configs/fmnist_conv.yaml" --set device=cuda \
+elbo_rate() {  # batch, extra --set flags: mean samples/s over the metrics rows after the first (warm-up) interval
+  local b=$1 out=$WORK/elbo-conv-b$1${2:+-any}; shift
+  "$ELBO" train "$ROOT/configs/fmnist_conv.yaml" --set device=cuda "$@" \
     --set data.train="$DATA/train" --set data.test= --set eval.every=0 --set train.batch_size="$b" \
     --set train.drop_last=true --set train.epochs=100000 --set train.max_steps="$STEPS" \
     --set train.log_every="$WARM" --set output.dir="$out" --set output.overwrite=true >"$out.log" 2>&1 || return 1
@@ -38,6 +40,8 @@ if [[ -z ${COMPILE_ONLY:-} ]]; then
   : >"$RATES"
   for b in 128 1024; do
     record "elbo-cudnn-nchw" "$b" elbo_rate "$b"
+    # cuDNN's first-ranked algorithms, deterministic or not (PyTorch's default allows both)
+    record "elbo-cudnn-any-algo" "$b" elbo_rate "$b" --set train.deterministic=false
     record "pytorch-eager" "$b" torch_rate "$b"
     record "pytorch-eager-nhwc" "$b" torch_rate "$b" --channels-last
   done

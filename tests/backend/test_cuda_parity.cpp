@@ -134,6 +134,27 @@ TEST_F(CudaParity, ConvolutionsOnCudnn) {
   }
 }
 
+// train.deterministic: false lets cuDNN take its first-ranked algorithms even where
+// they reduce in a varying order: still the same convolution, to float rounding.
+TEST_F(CudaParity, ConvolutionsWithAnyCudnnAlgorithm) {
+  gpu->set_deterministic(false);
+  const ConvShape s{128, 32, 14, 14, 64, 4, 4, 2, 1};
+  const size_t nx = size_t(s.n) * s.c * s.h * s.w, ny = size_t(s.n) * s.k * s.out_h() * s.out_w(),
+               nw = size_t(s.k) * s.c * s.r * s.s;
+  Vec x = random_vec(nx, rng), w = random_vec(nw, rng), dy = random_vec(ny, rng);
+  Vec y(ny), dx(nx), dw(nw, 0.0f);
+  cpu.conv2d_forward(s, x.data(), w.data(), y.data());
+  cpu.conv2d_backward_data(s, dy.data(), w.data(), dx.data());
+  cpu.conv2d_backward_filter(s, x.data(), dy.data(), dw.data());
+  Buffer<float> gx = put(x), gw = put(w), gdy = put(dy), gdw = put(Vec(nw, 0.0f)), gy(*gpu, ny), gdx(*gpu, nx);
+  gpu->conv2d_forward(s, gx.data(), gw.data(), gy.data());
+  gpu->conv2d_backward_data(s, gdy.data(), gw.data(), gdx.data());
+  gpu->conv2d_backward_filter(s, gx.data(), gdy.data(), gdw.data());
+  EXPECT_PARITY(norm_err(get(gy), y), 1e-5, "conv fwd, any algorithm");
+  EXPECT_PARITY(norm_err(get(gdx), dx), 1e-5, "conv bwd data, any algorithm");
+  EXPECT_PARITY(norm_err(get(gdw), dw), 1e-5, "conv bwd filter, any algorithm");
+}
+
 TEST_F(CudaParity, ChannelBiasActivationAndGroupNorm) {
   const int n = 6, c = 8, hw = 49, groups = 4;
   const size_t len = size_t(n) * c * hw;

@@ -33,6 +33,27 @@ TEST(Spec, DefaultsMatchThePyTorchExampleVae) {
   EXPECT_EQ(s.seed, 1u);
 }
 
+TEST(Spec, TrainingSafetyKeysHaveDefaultsAndRanges) {
+  ExperimentSpec s = parse_spec(kMinimal, "exp.yaml");
+  EXPECT_TRUE(s.train.deterministic);
+  EXPECT_EQ(s.train.max_consecutive_skips, 10);
+  EXPECT_DOUBLE_EQ(s.train.max_skip_fraction, 0.05);
+  s = parse_spec(std::string(kMinimal) + "train: {deterministic: false, max_consecutive_skips: 3, "
+                                         "max_skip_fraction: 0.5}\n", "exp.yaml");
+  EXPECT_FALSE(s.train.deterministic);
+  EXPECT_EQ(s.train.max_consecutive_skips, 3);
+  EXPECT_DOUBLE_EQ(s.train.max_skip_fraction, 0.5);
+  EXPECT_NE(dump_spec(s).find("deterministic: false"), std::string::npos);
+  for (const char* bad : {"train: {max_consecutive_skips: 0}\n", "train: {max_skip_fraction: 1.5}\n"}) {
+    try {
+      parse_spec(std::string(kMinimal) + bad, "exp.yaml");
+      ADD_FAILURE() << "accepted " << bad;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Config) << e.what();
+    }
+  }
+}
+
 TEST(Spec, UnknownKeyNamesFileLineKeyAndValidKeys) {
   std::string e = error_of("data:\n  train: x\nmodel:\n  latnet: 3\n");
   EXPECT_NE(e.find("exp.yaml:4"), std::string::npos) << e;

@@ -84,6 +84,12 @@ class Backend {
   // to locals).
   virtual std::unique_ptr<CapturedWork> capture(std::function<void()> work);
 
+  // Whether library kernels must give the same bits every run (train.deterministic).
+  // With false a backend may pick faster algorithms that reduce in a varying order
+  // (cuDNN's atomics-based ones). The CPU backend is deterministic either way. Set
+  // before the first op: plans made earlier keep their algorithms.
+  virtual void set_deterministic(bool deterministic) { (void)deterministic; }
+
   // --- dense layers (all matrices row-major) ---
   // C (m x n) = alpha * op(A) * op(B) + beta * C, op(A) is m x k, op(B) is k x n.
   virtual void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda,

@@ -385,8 +385,9 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     r.check(t.max_skip_fraction >= 0 && t.max_skip_fraction <= 1, "max_skip_fraction", "must be in [0, 1]",
             t.max_skip_fraction);
     t.cuda_graph = r.choice("cuda_graph", t.cuda_graph, {"auto", "on", "off"});
+    t.deterministic = r.get<bool>("deterministic", t.deterministic);
     r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads", "on_nonfinite",
-              "max_consecutive_skips", "max_skip_fraction", "cuda_graph"});
+              "max_consecutive_skips", "max_skip_fraction", "cuda_graph", "deterministic"});
   }
   {
     MapReader r = top.sub("eval");
@@ -563,6 +564,7 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "max_consecutive_skips" << YAML::Value << s.train.max_consecutive_skips;
   e << YAML::Key << "max_skip_fraction" << YAML::Value << s.train.max_skip_fraction;
   e << YAML::Key << "cuda_graph" << YAML::Value << s.train.cuda_graph;
+  e << YAML::Key << "deterministic" << YAML::Value << s.train.deterministic;
   e << YAML::EndMap;
   e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "at_end" << YAML::Value << s.eval.at_end;

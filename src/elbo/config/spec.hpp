@@ -76,6 +76,7 @@ struct TrainSpec {
   int64_t max_consecutive_skips = 10;
   double max_skip_fraction = 0.05;
   std::string cuda_graph = "auto";     // auto | on | off: replay the steady-state forward/backward as one CUDA graph
+  bool deterministic = true;           // false: cuDNN may pick faster, non-deterministic algorithms
 };
 
 struct CheckpointSpec {

@@ -356,6 +356,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   collectively(comm, [&] {
     place = resolve_placement(spec, comm.world(), probe_backends());
     backend = make_backend<float>(place.device, threads, place.gpu);
+    backend->set_deterministic(spec.train.deterministic);
   });
   Backend<float>& be = *backend;
   // auto: on for one GPU replica, where nothing overlaps with the backward pass and

@@ -372,6 +372,8 @@ void* CudaBackend::stream_handle() const { return m_state->stream; }
 
 int CudaBackend::device_ordinal() const { return m_state->device; }
 
+void CudaBackend::set_deterministic(bool deterministic) { m_state->deterministic = deterministic; }
+
 size_t CudaBackend::scratch_bytes() const {
   return m_state->workspace.held() + m_state->partials.held() + m_state->ones.held();
 }

@@ -35,6 +35,8 @@ class CudaBackend final : public Backend<float> {
   // reducer orders its work against it with events.
   // A CUDA graph of `work`, captured from this backend's stream.
   std::unique_ptr<CapturedWork> capture(std::function<void()> work) override;
+  // false: cuDNN's first-ranked algorithm even where it is not deterministic.
+  void set_deterministic(bool deterministic) override;
 
   void* stream_handle() const;
   int device_ordinal() const;

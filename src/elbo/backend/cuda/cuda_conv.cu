@@ -8,7 +8,8 @@
 //
 // Per convolution shape, a plan is made once: descriptors, and the algorithms that
 // cuDNN's heuristics rank first among those that are deterministic (so that a GPU
-// run repeats bit for bit) with FMA math (no TF32, like the cuBLAS GEMMs). The
+// run repeats bit for bit; train.deterministic: false drops that condition) with FMA
+// math (no TF32, like the cuBLAS GEMMs). The
 // workspace grows to the largest plan's need once; steady-state steps allocate
 // nothing, and a graph recorded before a growth keeps a valid (retired) workspace.
 #include <algorithm>
@@ -54,10 +55,12 @@ using cuda_detail::sum_rows_into;
 // The first algorithm in cuDNN's ranking that ran successfully in the heuristic and,
 // when `deterministic`, gives the same bits every run.
 template <class Perf>
-Perf pick(const Perf* perf, int n, const char* what, const ConvShape& s) {
+Perf pick(const Perf* perf, int n, bool deterministic, const char* what, const ConvShape& s) {
   for (int i = 0; i < n; ++i)
-    if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].determinism == CUDNN_DETERMINISTIC) return perf[i];
-  throw internal_error(std::string("cuDNN offers no deterministic ") + what + " algorithm for the convolution n " +
+    if (perf[i].status == CUDNN_STATUS_SUCCESS && (!deterministic || perf[i].determinism == CUDNN_DETERMINISTIC))
+      return perf[i];
+  throw internal_error(std::string("cuDNN offers no ") + (deterministic ? "deterministic " : "") + what +
+                       " algorithm for the convolution n " +
                        std::to_string(s.n) + ", c " + std::to_string(s.c) + ", " + std::to_string(s.h) + "x" +
                        std::to_string(s.w) + ", k " + std::to_string(s.k) + ", kernel " + std::to_string(s.r) + "x" +
                        std::to_string(s.s));
@@ -193,15 +196,15 @@ ConvPlan& plan_for(CudaBackend::State& st, const ConvShape& s) {
   cudnnConvolutionFwdAlgoPerf_t fwd[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
   CHECK_CUDNN(cudnnGetConvolutionForwardAlgorithm_v7(st.dnn, p->x, p->w, p->conv, p->y,
                                                      CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &n, fwd));
-  const auto f = pick(fwd, n, "forward", s);
+  const auto f = pick(fwd, n, st.deterministic, "forward", s);
   cudnnConvolutionBwdDataAlgoPerf_t bd[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
   CHECK_CUDNN(cudnnGetConvolutionBackwardDataAlgorithm_v7(st.dnn, p->w, p->y, p->conv, p->x,
                                                           CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n, bd));
-  const auto d = pick(bd, n, "backward-data", s);
+  const auto d = pick(bd, n, st.deterministic, "backward-data", s);
   cudnnConvolutionBwdFilterAlgoPerf_t bf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
   CHECK_CUDNN(cudnnGetConvolutionBackwardFilterAlgorithm_v7(st.dnn, p->x, p->y, p->conv, p->w,
                                                             CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &n, bf));
-  const auto w = pick(bf, n, "backward-filter", s);
+  const auto w = pick(bf, n, st.deterministic, "backward-filter", s);
   p->fwd = f.algo;
   p->bwd_data = d.algo;
   p->bwd_filter = w.algo;

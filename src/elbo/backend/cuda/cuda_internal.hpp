@@ -128,6 +128,7 @@ struct CudaBackend::State {
   void* blas_workspace = nullptr;  // cuBLAS's and cuBLASLt's workspace (one stream: never used at once),
   size_t blas_workspace_bytes = 0;  //   set once so that graph capture allocates nothing
   cudnnHandle_t dnn = nullptr;   // created on the first convolution (MLP runs never load cuDNN)
+  bool deterministic = true;     // cuDNN algorithms: deterministic ones only (train.deterministic)
   GrowingBuffer workspace;       // cuDNN workspace, grown to the largest plan's need, then reused
   GrowingBuffer partials;        // per-(sample, channel) partial sums for deterministic reductions
   GrowingBuffer ones;            // 1.0f each: the vector the column-sum GEMVs multiply with
