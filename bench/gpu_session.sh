@@ -9,13 +9,15 @@
 #   graphs    the conv VAE with CUDA graphs on and off and evaluations and image grids
 #             between (larger shapes that grow the scratch memory): bit for bit; and
 #             `elbo eval` of the result on the GPU against the CPU
+#   nccl      with several GPUs: NCCL across them against one GPU (skipped with one)
 #   memcheck  compute-sanitizer memcheck over the parity tests
 #   bench     bench/gpu.sh (MLP) and bench/gpu_conv.sh (conv) against PyTorch, eager
 #             first, torch.compile while time remains; the all-reduce self-test
 #   profile   Nsight Compute's per-kernel time for a few conv steps at batch 1024,
 #             elbo and PyTorch (the one configuration where elbo trailed)
-# Each stage has its own time limit and log in $OUT; summary.txt ends with a table;
-# bench-runs.tar.gz holds the benchmark runs' logs, metrics and profiles.
+# Each stage has its own time limit; $OUT gets stages.log (every stage's output, in
+# order), summary.txt (ends with a table) and bench-runs.tar.gz (the benchmark runs'
+# logs, metrics and profiles).
 # The whole run stays inside BUDGET seconds (default 420), so a second try fits in a
 # 15-minute window. Prepare first, on a CPU machine: bash bench/gpu_kit.sh; then call
 # the device tool with carry [".gpukit.tar.xz"] and `bash bench/gpu_session.sh`.
@@ -25,7 +27,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export ROOT
 export OUT=${OUT:-/tmp/elbo-gpu-out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-smoke parity train graphs memcheck bench profile}
+STAGES=${STAGES:-smoke parity train graphs nccl memcheck bench profile}
 BUDGET=${BUDGET:-420}
 T0=$SECONDS
 SUMMARY=$OUT/summary.txt
@@ -108,7 +110,7 @@ stage_train() {
   PYTHONUNBUFFERED=1 "$ELBO_PY" "$ROOT/tests/dist/test_gpu_train.py" --elbo "$KIT/bin/elbo" --data "$DATA" \
     --spec "$ROOT/configs/smoke.yaml" --work "$W/train"
   local rc=$?
-  echo "RESULT: exit $rc$([[ $rc == 77 ]] && echo ' (skipped: the GPU was not seen)'); $(grep -c '^FAIL\|failed' "$OUT/train.log" 2>/dev/null || true) failure lines"
+  echo "RESULT: exit $rc$([[ $rc == 77 ]] && echo ' (skipped: the GPU was not seen)'); $(grep -c '^FAIL\|failed' "$STAGE_LOG" 2>/dev/null || true) failure lines"
   return $rc
 }
 
@@ -155,11 +157,32 @@ sys.exit(0 if worst < 1e-4 else 1)
 PY
 }
 
+stage_nccl() {
+  # NCCL between GPUs (a machine with several): G ranks, one per GPU, against 1 rank at
+  # the same global batch, and the all-reduce self-test's busbw.
+  local g
+  g=$(nvidia-smi -L | grep -c '^GPU')
+  if (( g < 2 )); then echo "RESULT: $g GPU: NCCL between GPUs needs a machine with several (skipped)"; return 0; fi
+  local common=(train "$ROOT/configs/smoke.yaml" --set device=cuda --set data.train="$DATA/train" --set data.test=
+    --set train.batch_size=96 --set train.max_steps=50 --set output.overwrite=true)
+  elbo "${common[@]}" --set output.dir="$W/nccl_np1" || return 1
+  mpirun -np "$g" elbo "${common[@]}" --set dist.communicator=nccl --set output.dir="$W/nccl_np$g" || return 1
+  "$ELBO_PY" - "$W" "$g" <<'PY'
+import sys, h5py, numpy as np
+w, g = sys.argv[1], sys.argv[2]
+load = lambda d: {k: f["params"][k][...] for f in [h5py.File(f"{w}/{d}/model.h5")] for k in f["params"]}
+a, b = load("nccl_np1"), load(f"nccl_np{g}")
+err = max(float(np.linalg.norm(b[k] - a[k]) / max(np.linalg.norm(a[k]), 1e-30)) for k in a)
+print(f"RESULT: NCCL {g} GPUs vs 1 GPU, 50 steps: parameters within {err:.2e}")
+sys.exit(0 if err < 1e-5 else 1)
+PY
+}
+
 stage_memcheck() {
   compute-sanitizer --tool memcheck --target-processes all --leak-check no --error-exitcode 9 \
     "$KIT/bin/test_cuda_parity" --gtest_color=no
   local rc=$?
-  echo "RESULT: exit $rc; $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log" || echo 'no ERROR SUMMARY line')"
+  echo "RESULT: exit $rc; $(grep -m1 'ERROR SUMMARY' "$STAGE_LOG" || echo 'no ERROR SUMMARY line')"
   return $rc
 }
 
@@ -178,7 +201,7 @@ stage_bench() {
   fi
   # The runs' own logs and metrics, for a look afterwards (not the models).
   tar -C "$W" -czf "$OUT/bench-runs.tar.gz" --exclude='*.h5' --exclude='*.png' bench 2>/dev/null
-  echo "RESULT: $(grep -h '^summary:' "$OUT/bench.log" | tr '\n' ' ')"
+  echo "RESULT: $(grep -h '^summary:' "$STAGE_LOG" | tr '\n' ' ')"
 }
 
 stage_profile() {
@@ -220,11 +243,11 @@ PY
   tar -C "$W" -czf "$OUT/bench-runs.tar.gz" --exclude='*.h5' --exclude='*.png' bench 2>/dev/null
   echo "RESULT: per-kernel time of the conv VAE at batch 1024 above"
 }
-export -f stage_smoke stage_parity stage_train stage_graphs stage_memcheck stage_bench stage_profile gtest_result
+export -f stage_smoke stage_parity stage_train stage_graphs stage_nccl stage_memcheck stage_bench stage_profile gtest_result
 
 # bench takes what the budget leaves (torch.compile rows only while time remains);
 # profile runs last, on what is left after that.
-declare -A LIMIT=([smoke]=45 [parity]=60 [train]=120 [graphs]=75 [memcheck]=90 [bench]=240 [profile]=90)
+declare -A LIMIT=([smoke]=45 [parity]=60 [train]=120 [graphs]=75 [nccl]=60 [memcheck]=90 [bench]=240 [profile]=90)
 rows=()
 for s in $STAGES; do
   left=$((BUDGET - (SECONDS - T0) - 5))
@@ -232,11 +255,16 @@ for s in $STAGES; do
   (( lim > left )) && lim=$left
   if (( lim < 10 )); then rows+=("$(printf '%-9s %-8s %5s  %s' "$s" "no time" 0 "the budget of $BUDGET s ran out")"); continue; fi
   t=$SECONDS
-  STAGE_DEADLINE=$(( $(date +%s) + lim )) timeout -k 5 "$lim" bash -c "stage_$s" >"$OUT/$s.log" 2>&1
+  # The device tool brings back 8 files at most: each stage logs to current-STAGE.log,
+  # which joins stages.log when the stage ends (a run cut short keeps its last log).
+  export STAGE_LOG=$OUT/current-$s.log
+  STAGE_DEADLINE=$(( $(date +%s) + lim )) timeout -k 5 "$lim" bash -c "stage_$s" >"$STAGE_LOG" 2>&1
   rc=$?
   status=$([[ $rc == 0 ]] && echo pass || { [[ $rc == 124 || $rc == 137 ]] && echo timeout || echo "FAIL($rc)"; })
-  result=$(grep -h '^RESULT: ' "$OUT/$s.log" | tail -1 | cut -c9-)
-  rows+=("$(printf '%-9s %-8s %5d  %s' "$s" "$status" $((SECONDS - t)) "${result:-see $s.log}")")
+  result=$(grep -h '^RESULT: ' "$STAGE_LOG" | tail -1 | cut -c9-)
+  rows+=("$(printf '%-9s %-8s %5d  %s' "$s" "$status" $((SECONDS - t)) "${result:-see stages.log}")")
+  { echo "===== stage $s: $status, $((SECONDS - t)) s"; cat "$STAGE_LOG"; } >>"$OUT/stages.log"
+  rm -f "$STAGE_LOG"
   echo "${rows[-1]}"
 done
 {
