@@ -80,6 +80,9 @@ try:
                        "-np", "4", a.elbo, "info"], capture_output=True, text=True, timeout=120)
         check(r.returncode == 0 and "4 rank(s) on 2 node(s)" in r.stdout and "rank 0 on n1 with 2 local rank(s)"
               in r.stdout, "elbo info: 4 ranks on 2 nodes, rank 0 on n1 with 2 local ranks", r.stdout + r.stderr)
+        check("  n1: rank 0 (local 0, CPU), rank 1 (local 1, CPU)\n" in r.stdout and
+              "  n2: rank 2 (local 0, CPU), rank 3 (local 1, CPU)\n" in r.stdout,
+              "elbo info: each node numbers its own ranks 0, 1 (the local rank a GPU is chosen by)", r.stdout)
 
         # 3. 3 nodes x 1 rank against 3 ranks on one host.
         on_host(3, os.path.join(a.work, "host3"))

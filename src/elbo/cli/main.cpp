@@ -145,6 +145,33 @@ int cmd_info(const std::vector<std::string>& args, Communicator& comm) {
       std::cout << "gpu mapping: local rank i uses GPU i % " << r.cuda_devices << " (rank 0 -> GPU "
                 << comm.world().local_rank % r.cuda_devices << ")\n";
   }
+  // Where every rank runs, node by node, as each rank sees itself: its local rank and
+  // the GPU that local rank maps to on its node (what a multi-node launch must get right).
+  const int n = comm.size();
+  std::vector<double> local(static_cast<size_t>(2 * n), 0.0);
+  local[static_cast<size_t>(comm.rank())] = comm.world().local_rank;
+  local[static_cast<size_t>(n + comm.rank())] = r.cuda_devices;
+  comm.allreduce_sum(local.data(), local.size());
+  const std::vector<std::string> hosts = comm.rank_hosts();
+  if (comm.is_root()) {
+    std::cout << "ranks by node:\n";
+    std::vector<bool> shown(static_cast<size_t>(n), false);
+    for (int first = 0; first < n; ++first) {
+      if (shown[static_cast<size_t>(first)]) continue;
+      std::cout << "  " << hosts[static_cast<size_t>(first)] << ":";
+      const char* sep = " ";
+      for (int q = first; q < n; ++q) {
+        if (hosts[static_cast<size_t>(q)] != hosts[static_cast<size_t>(first)]) continue;
+        shown[static_cast<size_t>(q)] = true;
+        const int lr = static_cast<int>(local[static_cast<size_t>(q)]);
+        const int gpus = static_cast<int>(local[static_cast<size_t>(n + q)]);
+        std::cout << sep << "rank " << q << " (local " << lr
+                  << (gpus > 0 ? ", GPU " + std::to_string(lr % gpus) : std::string(", CPU")) << ")";
+        sep = ", ";
+      }
+      std::cout << "\n";
+    }
+  }
   return 0;
 }
 

@@ -82,6 +82,8 @@ class Communicator {
     m_stop_left = std::move(seconds_left);
     m_stop_exit = exit_code;
   }
+  // Every rank's host name, by rank.
+  virtual std::vector<std::string> rank_hosts() const { return {world().host}; }
   // The ranks that do not answer a roll call within `seconds`, as "1 (host), 3 (host)"
   // ("" when all answer); every rank waiting in a collective answers.
   virtual std::string silent_ranks(double seconds) { (void)seconds; return ""; }
@@ -113,6 +115,7 @@ class MpiCommunicator final : public Communicator {
   [[noreturn]] void abort(int code) override;
 
   std::string silent_ranks(double seconds) override;
+  std::vector<std::string> rank_hosts() const override { return m_hosts; }
 
   MPI_Comm handle() const { return m_comm; }
   // Completes `n` requests, driving MPI progress; past the timeout, aborts the job
