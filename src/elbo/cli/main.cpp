@@ -42,7 +42,6 @@ const char* kUsage =
     "  info                                          build, backends and MPI world\n\n"
     "Run 'elbo <command> --help' for the options of a command.\n";
 
-int exit_code(ErrorKind k) { return (k == ErrorKind::Usage || k == ErrorKind::Config) ? 2 : 1; }
 
 int cmd_train(const std::vector<std::string>& args, Communicator& comm) {
   std::string spec_path;
@@ -63,7 +62,7 @@ int cmd_train(const std::vector<std::string>& args, Communicator& comm) {
   TrainResult r = train(spec, comm, std::cout, opts);
   // Exit codes for job scripts: 75 = stopped on a signal with a checkpoint (requeue and
   // --resume auto), 76 = forced stop without one, 3 = a peer rank failed, 2 = bad input.
-  return r.stopped ? kExitStopped : 0;
+  return r.stopped ? kExitStopped : kExitOk;
 }
 
 int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
@@ -197,7 +196,7 @@ int run(int argc, char** argv, Communicator& comm) {
     throw usage_error("unknown command '" + cmd + "'; valid commands: train, eval, sample, reconstruct, interpolate, "
                       "info (see elbo --help)");
   });
-  return 2;
+  return kExitBadInput;
 }
 
 }  // namespace
@@ -215,7 +214,7 @@ int main(int argc, char** argv) {
     comm.emplace();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "elbo: cannot start MPI: %s\n", e.what());
-    return 1;
+    return kExitFailure;
   }
   try {
     int rc = run(argc, argv, *comm);
@@ -234,7 +233,7 @@ int main(int argc, char** argv) {
     return exit_code(e.kind());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "elbo: rank %d: unexpected error: %s\n", comm->rank(), e.what());
-    if (comm->size() > 1) comm->abort(1);
-    return 1;
+    if (comm->size() > 1) comm->abort(kExitFailure);
+    return kExitFailure;
   }
 }

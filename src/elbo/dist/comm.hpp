@@ -32,10 +32,9 @@ class MpiRuntime {
   MpiRuntime& operator=(const MpiRuntime&) = delete;
 };
 
-// Exit status of a rank that ends the job because a peer is stalled or gone (a
-// collective past dist.timeout_s, an NCCL error): distinct from input errors (2) and
-// runtime errors (1) so that job scripts can tell them apart.
-constexpr int kExitPeerFailure = 3;
+// A rank that ends the job because a peer is stalled or gone (a collective past
+// dist.timeout_s, an NCCL error) exits with kExitPeerFailure (util/error.hpp),
+// distinct from input errors and runtime errors so that job scripts can tell them apart.
 
 struct WorldInfo {
   int rank = 0;

@@ -11,10 +11,11 @@
 
 #include <string>
 
+#include "elbo/util/error.hpp"
+
 namespace elbo {
 
-constexpr int kExitStopped = 75;  // stopped on request, resumable: requeue and --resume auto
-constexpr int kExitForced = 76;   // stopped without a checkpoint (second signal or grace period over)
+// kExitStopped and kExitForced: util/error.hpp.
 
 // Installs the handlers (idempotent). Requests are recorded from then on.
 void install_stop_handlers();

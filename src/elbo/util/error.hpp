@@ -11,6 +11,20 @@ enum class ErrorKind { Usage, Config, Data, Io, Model, Dist, Numeric, Internal }
 
 const char* error_kind_name(ErrorKind kind);
 
+// Exit codes, one table for every command and job script (the SLURM scripts requeue
+// on kExitStopped; README "Exit codes" lists them).
+constexpr int kExitOk = 0;
+constexpr int kExitFailure = 1;      // data, I/O, model, numeric or internal errors
+constexpr int kExitBadInput = 2;     // usage or config errors: nothing was run
+constexpr int kExitPeerFailure = 3;  // another rank failed, stalled or vanished
+constexpr int kExitStopped = 75;     // stopped on request, resumable: requeue and --resume auto
+constexpr int kExitForced = 76;      // stopped without a checkpoint (second signal or grace period over)
+
+// The exit code for an error of `kind`.
+constexpr int exit_code(ErrorKind kind) {
+  return kind == ErrorKind::Usage || kind == ErrorKind::Config ? kExitBadInput : kExitFailure;
+}
+
 class Error : public std::runtime_error {
  public:
   Error(ErrorKind kind, const std::string& message) : std::runtime_error(message), m_kind(kind) {}
