@@ -14,19 +14,13 @@
 #include <vector>
 
 #include "elbo/backend/cuda/cuda_backend.hpp"
+#include "elbo/backend/cuda/cuda_check.hpp"
 #include "elbo/dist/nccl_sync.hpp"
 #include "elbo/util/error.hpp"
 
 namespace elbo {
 
 namespace {
-
-#define CHECK_CUDA(call)                                                                                     \
-  do {                                                                                                       \
-    cudaError_t elbo_rc_ = (call);                                                                           \
-    if (elbo_rc_ != cudaSuccess)                                                                             \
-      ::elbo::detail::throw_call_failed(ErrorKind::Dist, #call, __FILE__, __LINE__, cudaGetErrorString(elbo_rc_)); \
-  } while (0)
 
 using Clock = std::chrono::steady_clock;
 

@@ -1,6 +1,6 @@
-// Shared by the CUDA backend's .cu files only (never by host code): the checked-call
-// macros, launch geometry, and the backend's state (stream, cuBLAS and cuDNN
-// handles, scratch memory).
+// Shared by the CUDA backend's .cu files only (never by host code): launch geometry,
+// the activation formulas, and the backend's state (stream, cuBLAS and cuDNN handles,
+// scratch memory); the checked-call macros come from cuda_check.hpp.
 #pragma once
 
 #include <cublasLt.h>
@@ -12,36 +12,10 @@
 #include <vector>
 
 #include "elbo/backend/cuda/cuda_backend.hpp"
+#include "elbo/backend/cuda/cuda_check.hpp"
 #include "elbo/util/error.hpp"
 
 namespace elbo {
-
-[[noreturn]] inline void cuda_failed(const char* call, const char* file, int line, const std::string& why) {
-  ::elbo::detail::throw_call_failed(ErrorKind::Internal, call, file, line, why);
-}
-
-#define CHECK_CUDA(call)                                                                               \
-  do {                                                                                                 \
-    cudaError_t elbo_rc_ = (call);                                                                     \
-    if (elbo_rc_ != cudaSuccess) ::elbo::cuda_failed(#call, __FILE__, __LINE__, cudaGetErrorString(elbo_rc_)); \
-  } while (0)
-
-#define CHECK_CUBLAS(call)                                                                             \
-  do {                                                                                                 \
-    cublasStatus_t elbo_rc_ = (call);                                                                  \
-    if (elbo_rc_ != CUBLAS_STATUS_SUCCESS)                                                             \
-      ::elbo::cuda_failed(#call, __FILE__, __LINE__, cublasGetStatusString(elbo_rc_));                 \
-  } while (0)
-
-#define CHECK_CUDNN(call)                                                                              \
-  do {                                                                                                 \
-    cudnnStatus_t elbo_rc_ = (call);                                                                   \
-    if (elbo_rc_ != CUDNN_STATUS_SUCCESS)                                                              \
-      ::elbo::cuda_failed(#call, __FILE__, __LINE__, cudnnGetErrorString(elbo_rc_));                   \
-  } while (0)
-
-// Kernel launches report errors only through cudaGetLastError.
-#define CHECK_LAUNCH(name) CHECK_CUDA(cudaGetLastError())
 
 namespace cuda_detail {
 
