@@ -497,7 +497,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         << "step graph: " << (use_graph ? "on (steady-state forward/backward replayed as one recorded graph)" : "off")
         << "\n"
         << "data: " << n << " training samples of shape " << shape_string(input_shape, "[]") << " from " << spec.data.train
-        << "\nmodel: " << layout.num_values() << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
+        << "\n";
+    for (const auto* set : {&*train_set, test_set ? &*test_set : nullptr})
+      if (set != nullptr && !set->verification_note().empty()) log << "data: " << set->verification_note() << "\n";
+    log << "model: " << layout.num_values() << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
         << resume_log.str() << "resolved spec:\n" << resolved << std::flush;
     write_text_file_atomic((out_dir / "spec.yaml").string(), resolved);
     const fs::path csv_path = out_dir / "metrics.csv";
