@@ -159,6 +159,18 @@ bool valid_checksum(const std::string& c) {
 
 }  // namespace
 
+int64_t split_bytes(const std::string& dir_or_manifest) {
+  try {
+    fs::path p(dir_or_manifest);
+    YAML::Node root = YAML::LoadFile((fs::is_directory(p) ? p / "manifest.yaml" : p).string());
+    int64_t bytes = root["num_samples"].as<int64_t>();
+    for (int v : root["shape"].as<std::vector<int>>()) bytes *= v;
+    return bytes;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
 ShardSet ShardSet::open(const std::string& dir_or_manifest, const OpenOptions& options) {
   fs::path p(dir_or_manifest);
   fs::path manifest = fs::is_directory(p) ? p / "manifest.yaml" : p;

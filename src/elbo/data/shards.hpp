@@ -30,6 +30,10 @@ struct OpenOptions {
   int rank = 0, world = 1;
 };
 
+// The pixel bytes of a split (num_samples x C x H x W from its manifest), or -1 when the
+// manifest cannot be read (ShardSet::open then says why).
+int64_t split_bytes(const std::string& dir_or_manifest);
+
 class ShardSet {
  public:
   // Opens a split directory (or its manifest.yaml), validates every shard against
