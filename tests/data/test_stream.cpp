@@ -7,7 +7,9 @@
 #include <numeric>
 #include <set>
 
+#include "elbo/config/spec.hpp"
 #include "elbo/data/stream.hpp"
+#include "elbo/util/error.hpp"
 #include "shard_test_util.hpp"
 
 namespace elbo::data {
@@ -187,6 +189,39 @@ TEST(Stream, ResolveLoader) {
   EXPECT_EQ(resolve_loader("auto", 1.0, (1 << 20) + 1), "stream");
   EXPECT_EQ(resolve_loader("memory", 1.0, int64_t{1} << 40), "memory");
   EXPECT_EQ(resolve_loader("stream", 1e6, 10), "stream");
+}
+
+TEST(Stream, SpecKeysParseValidateAndDump) {
+  const std::string base = "data: {train: d, ";
+  ExperimentSpec s = parse_spec(base + "shuffle: blocks, loader: stream, cache_mb: 64}\n", "t.yaml");
+  EXPECT_TRUE(s.data.shuffle && s.data.shuffle_blocks);
+  EXPECT_EQ(s.data.loader, "stream");
+  EXPECT_EQ(s.data.cache_mb, 64.0);
+  const std::string dumped = dump_spec(s);
+  EXPECT_NE(dumped.find("shuffle: blocks"), std::string::npos) << dumped;
+  ExperimentSpec again = parse_spec(dumped, "dump");
+  EXPECT_TRUE(again.data.shuffle_blocks);
+  EXPECT_EQ(again.data.loader, "stream");
+  EXPECT_EQ(again.data.cache_mb, 64.0);
+  ExperimentSpec d = parse_spec(base + "}\n", "t.yaml");
+  EXPECT_EQ(d.data.loader, "auto");
+  EXPECT_TRUE(d.data.shuffle && !d.data.shuffle_blocks);
+  EXPECT_FALSE(parse_spec(base + "shuffle: false}\n", "t.yaml").data.shuffle);
+  const auto error_of = [&](const std::string& yaml) {
+    try {
+      parse_spec(yaml, "t.yaml");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  std::string e = error_of(base + "loader: disk}\n");
+  EXPECT_NE(e.find("data.loader"), std::string::npos) << e;
+  EXPECT_NE(e.find("auto, memory, stream"), std::string::npos) << e;
+  e = error_of(base + "cache_mb: 0}\n");
+  EXPECT_NE(e.find("data.cache_mb"), std::string::npos) << e;
+  e = error_of(base + "shuffle: sometimes}\n");
+  EXPECT_NE(e.find("data.shuffle"), std::string::npos) << e;
 }
 
 }  // namespace

@@ -552,6 +552,14 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
                                                                      : "sequential"))
                                       : std::string())
         << "\n";
+    if (train_loader == "stream" && spec.data.shuffle_blocks) {
+      // A rank's working set: the current windows of its canonical streams (sampler.hpp).
+      const int64_t streams = (data::kCanonicalStreams + world - 1) / world + (data::kCanonicalStreams % world ? 2 : 0);
+      const double need = static_cast<double>(streams * (data::kShuffleWindow + 1) * order_spec.block) * D;
+      if (spec.data.cache_mb * 1048576.0 < need)
+        log << "warning: data.cache_mb: " << spec.data.cache_mb << " is below a rank's working set of about "
+            << need / 1048576.0 << " MiB: blocks will be read more than once per epoch\n";
+    }
     for (const auto* set : {&*train_set, test_set ? &*test_set : nullptr})
       if (set != nullptr && !set->verification_note().empty()) log << "data: " << set->verification_note() << "\n";
     log << "model: " << layout.num_values() << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
