@@ -74,6 +74,11 @@ check(e2 < 1e-5, f"stream np=2 vs np=1: worst per-tensor relative error {e2:.2e}
 m = re.search(r"stream read at most ([\d.]+)% of the split per rank per epoch", log_st2)
 check(m is not None and float(m.group(1)) <= 60.0,
       f"each of 2 ranks reads at most 60% of the split per epoch ({m.group(1) if m else '?'}%)", log_st2)
+m = re.search(r"\(([\d.]+) MB in (\d+) reads over [\d.]+ epoch\(s\)\); block cache peak ([\d.]+) MB", log_st2)
+check(m is not None and int(m.group(2)) <= 100,
+      f"whole blocks read, not single samples ({m.group(2) if m else '?'} reads for 2400 samples of 784 B)")
+check(m is not None and float(m.group(3)) <= 1.0486,
+      f"the block cache stays within data.cache_mb: 1 ({m.group(3) if m else '?'} MB)")
 st3, _ = run(3, "stream_np3", *STREAM, test=False)
 e3 = worst(params(st3), ref)
 check(e3 < 1e-5, f"stream np=3 vs np=1: worst per-tensor relative error {e3:.2e} < 1e-5")
