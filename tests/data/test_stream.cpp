@@ -119,6 +119,30 @@ INSTANTIATE_TEST_SUITE_P(Orders, StreamVsMemory,
                          ::testing::Values(Case{"blocks", 1}, Case{"blocks", 2}, Case{"blocks", 3}, Case{"true", 1},
                                            Case{"true", 2}, Case{"true", 3}, Case{"false", 2}));
 
+TEST(Stream, DropLastEndsTheEpochBeforeTheShortBatch) {
+  Split s(300, 2);
+  OrderSpec o = order_of(300, 64, "blocks");
+  ShardSet mem = ShardSet::open(s.path());
+  ShardSet set = ShardSet::open(s.path(), OpenOptions{false, 1, 2});
+  StreamOptions so;
+  so.order = o;
+  so.rank = 1;
+  so.world = 2;
+  so.drop_last = true;
+  so.end_epoch = 2;
+  StreamReader reader(set, so);
+  std::vector<uint8_t> px(32 * 1024), want(32 * 1024);
+  std::vector<int64_t> idx(32);
+  for (int64_t e = 0; e < 2; ++e)
+    for (int64_t k = 0; k < 4; ++k) {  // 4 full batches; the 44 samples left over are dropped
+      ASSERT_EQ(reader.fetch(e, k, px.data(), idx.data()), 32);
+      const std::vector<int64_t> order = epoch_order(o, e);
+      ASSERT_TRUE(std::equal(idx.begin(), idx.end(), order.begin() + k * 64 + 32));
+      mem.gather(idx, want.data());
+      ASSERT_EQ(px, want);
+    }
+}
+
 TEST(Stream, RestartsMidEpochAsIfUninterrupted) {
   Split s(700, 2);
   const OrderSpec o = order_of(700, 40, "blocks");

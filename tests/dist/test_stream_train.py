@@ -66,7 +66,7 @@ check(eval_lines(st1) == eval_lines(mem1), "evaluation of a streamed test split 
 check(all("data wait" in l for l in log_st1.splitlines() if "samples/s" in l) and "samples/s" in log_st1,
       "progress lines show the data wait share")
 
-mem2, _ = run(2, "mem_np2", "--set", "data.loader=memory", test=False)
+mem2, _ = run(2, "mem_np2", "--set", "data.loader=memory", "--set", "checkpoint.every=25", test=False)
 st2, log_st2 = run(2, "stream_np2", *STREAM, "--set", "checkpoint.every=25", test=False)
 check(identical(params(st2), params(mem2)), "stream np=2 == memory np=2, bit for bit")
 e2 = worst(params(st2), ref)
@@ -88,6 +88,14 @@ mid, log_mid = run(2, "stream_mid", *STREAM, "--resume", os.path.join(st2, "chec
                    test=False)
 check("continuing from" in log_mid and identical(params(mid), params(st2)),
       "stream run resumed mid-epoch == uninterrupted, bit for bit")
+
+# The loader may change on resume (the sequence does not depend on it); the order may not.
+swap, _ = run(2, "mem_to_stream", *STREAM, "--resume", os.path.join(mem2, "checkpoints", "ckpt-000000025.h5"),
+              test=False)
+check(identical(params(swap), params(mem2)), "a memory run resumed mid-epoch with the stream loader == uninterrupted")
+_, log = run(2, "reorder", *STREAM, "--set", "data.shuffle=true",
+             "--resume", os.path.join(st2, "checkpoints", "ckpt-000000025.h5"), test=False, expect=2)
+check("data.shuffle: cannot change on resume" in log, "changing data.shuffle on resume is refused", log[-1500:])
 
 glob, _ = run(1, "global_np1", "--set", "data.loader=memory", "--set", "data.shuffle=true", test=False)
 check(worst(params(glob), ref) > 1e-3, "the global order differs from the block order (the comparison bites)")
