@@ -167,5 +167,20 @@ TEST(ShardChecks, OnDemandReadsCountBytesAndRuns) {
   EXPECT_EQ(s.reads(), 5u);  // [5,8), [32,33) + [33,35) (two shards), [99], [0]
 }
 
+TEST(ShardChecks, OnDemandReadsReopenFilesPastTheOpenFileCap) {
+  Tmp t;
+  IdxArray img = random_images(300, 1, 2, 2, 5);
+  write_split(t / "s", "train", img, nullptr, 150, "synthetic", false);  // more shards than files kept open
+  ShardSet s = ShardSet::open(t / "s", OpenOptions{false, 0, 1});
+  for (int pass = 0; pass < 2; ++pass) {
+    std::vector<int64_t> idx(300);
+    std::iota(idx.rbegin(), idx.rend(), 0);  // backwards: every file closed and opened again
+    std::vector<uint8_t> out(300 * 4);
+    s.gather(idx, out.data());
+    for (size_t i = 0; i < idx.size(); ++i)
+      ASSERT_TRUE(std::equal(out.begin() + i * 4, out.begin() + (i + 1) * 4, img.data.begin() + idx[i] * 4)) << i;
+  }
+}
+
 }  // namespace
 }  // namespace elbo::data

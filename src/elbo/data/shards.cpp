@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <mutex>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 
 #include "elbo/util/checksum.hpp"
@@ -94,8 +95,9 @@ void write_split(const std::string& dir, const std::string& split, const IdxArra
 }
 
 struct ShardSet::Io {
-  std::mutex mutex;
+  std::mutex mutex;           // held for each read (the HDF5 library serializes its calls anyway)
   std::vector<h5::Id> files;  // opened on first use, per shard
+  std::deque<size_t> open;    // shards with an open file, oldest first: at most kMaxOpenFiles
   std::atomic<uint64_t> bytes{0}, reads{0};
 };
 
@@ -283,14 +285,19 @@ void ShardSet::read_range(int64_t begin, int64_t count, uint8_t* out) const {
     if (rows > 0) {
       const std::string file = (fs::path(m_dir) / sh.file).string();
       try {
-        hid_t f;
-        {
-          std::lock_guard<std::mutex> lock(m_io->mutex);
-          if (m_io->files.empty()) m_io->files.resize(m_shards.size());
-          if (!m_io->files[k].valid()) m_io->files[k] = h5::open_file(file);
-          f = m_io->files[k].get();
+        std::lock_guard<std::mutex> lock(m_io->mutex);
+        if (m_io->files.empty()) m_io->files.resize(m_shards.size());
+        if (!m_io->files[k].valid()) {
+          // A split of thousands of shards must not run into the descriptor limit.
+          constexpr size_t kMaxOpenFiles = 64;
+          if (m_io->open.size() >= kMaxOpenFiles) {
+            m_io->files[m_io->open.front()] = h5::Id();
+            m_io->open.pop_front();
+          }
+          m_io->files[k] = h5::open_file(file);
+          m_io->open.push_back(k);
         }
-        h5::read_rows<uint8_t>(f, "images", hsize_t(row), hsize_t(rows), out);
+        h5::read_rows<uint8_t>(m_io->files[k].get(), "images", hsize_t(row), hsize_t(rows), out);
       } catch (const Error& e) {
         if (std::string(e.what()).find(file) != std::string::npos) throw;
         throw data_error(file + ": reading samples " + std::to_string(begin) + ".." + std::to_string(begin + rows - 1) +
