@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """data.loader: stream against memory, through mpirun. With data.shuffle: blocks the
 streamed runs must give the same parameters as the memory loader bit for bit at the
-same world size (np 1, 2) and the same as np 1 within 1e-5 on 2 and 3 ranks; evaluation
+same world size (np 1, 2, 3) and the same as np 1 within 1e-5 on 2 and 3 ranks; evaluation
 reads a streamed test split to the same figures; a stream run resumed from a
 mid-epoch checkpoint equals the uninterrupted one bit for bit; each of 2 ranks reads
 at most ~60% of the split per epoch; the log shows the share of step time spent
@@ -80,6 +80,8 @@ check(m is not None and int(m.group(2)) <= 100,
 check(m is not None and float(m.group(3)) <= 1.0486,
       f"the block cache stays within data.cache_mb: 1 ({m.group(3) if m else '?'} MB)")
 st3, _ = run(3, "stream_np3", *STREAM, test=False)
+mem3, _ = run(3, "mem_np3", "--set", "data.loader=memory", test=False)
+check(identical(params(st3), params(mem3)), "stream np=3 == memory np=3, bit for bit")
 e3 = worst(params(st3), ref)
 check(e3 < 1e-5, f"stream np=3 vs np=1: worst per-tensor relative error {e3:.2e} < 1e-5")
 
