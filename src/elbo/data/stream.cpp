@@ -12,6 +12,7 @@
 #include <unordered_map>
 
 #include "elbo/util/error.hpp"
+#include "elbo/util/h5.hpp"
 
 namespace elbo::data {
 
@@ -22,6 +23,12 @@ std::string resolve_loader(const std::string& loader, double cache_mb, int64_t s
 
 StreamReader::StreamReader(const ShardSet& set, const StreamOptions& options)
     : m_set(set), m_opt(options), m_dim(set.sample_dim()) {
+  // The reader thread calls HDF5 while the main thread (evaluation) and rank 0's
+  // checkpoint writer may too: only a thread-safe build serializes them.
+  hbool_t threadsafe = 0;
+  if (H5is_library_threadsafe(&threadsafe) < 0 || !threadsafe)
+    throw config_error(set.path() + ": data.loader: stream reads on a background thread, and this HDF5 library is "
+                       "not built thread-safe; use data.loader: memory (or an HDF5 built with --enable-threadsafe)");
   if (m_opt.order.n > set.size())
     throw internal_error("StreamReader: " + std::to_string(m_opt.order.n) + " samples asked of a split of " +
                          std::to_string(set.size()));
