@@ -245,7 +245,9 @@ TEST(Stream, SpecKeysParseValidateAndDump) {
   e = error_of(base + "cache_mb: 0}\n");
   EXPECT_NE(e.find("data.cache_mb"), std::string::npos) << e;
   e = error_of(base + "shuffle: sometimes}\n");
-  EXPECT_NE(e.find("data.shuffle"), std::string::npos) << e;
+  EXPECT_NE(e.find("data.shuffle: must be true (a global permutation), false or blocks"), std::string::npos) << e;
+  EXPECT_NE(e.find("got 'sometimes'"), std::string::npos) << e;
+  EXPECT_FALSE(parse_spec(base + "shuffle: no}\n", "t.yaml").data.shuffle);
 }
 
 }  // namespace

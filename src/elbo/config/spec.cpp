@@ -287,11 +287,13 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
       r.check(ok, "shape", "must be [channels, height, width] with positive entries", d.shape.size());
     }
     d.binarize = r.get<bool>("binarize", d.binarize);
-    if (r.get<std::string>("shuffle", "true") == "blocks") {
-      d.shuffle = d.shuffle_blocks = true;
-    } else {
-      d.shuffle = r.get<bool>("shuffle", d.shuffle);
-    }
+    const std::string shuffle = r.get<std::string>("shuffle", "true");
+    bool flag = true;
+    r.check(shuffle == "blocks" || YAML::convert<bool>::decode(YAML::Node(shuffle), flag), "shuffle",
+            "must be true (a global permutation), false or blocks (the locality-aware order for streaming)",
+            "'" + shuffle + "'");
+    d.shuffle = flag;
+    d.shuffle_blocks = shuffle == "blocks";
     d.max_samples = r.get<int64_t>("max_samples", d.max_samples);
     r.check(d.max_samples >= 0, "max_samples", "must be >= 0 (0 = all)", d.max_samples);
     d.loader = r.choice("loader", d.loader, {"auto", "memory", "stream"});
