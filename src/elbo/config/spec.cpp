@@ -287,10 +287,19 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
       r.check(ok, "shape", "must be [channels, height, width] with positive entries", d.shape.size());
     }
     d.binarize = r.get<bool>("binarize", d.binarize);
-    d.shuffle = r.get<bool>("shuffle", d.shuffle);
+    const std::string shuffle = r.get<std::string>("shuffle", "true");
+    bool flag = true;
+    r.check(shuffle == "blocks" || YAML::convert<bool>::decode(YAML::Node(shuffle), flag), "shuffle",
+            "must be true (a global permutation), false or blocks (the locality-aware order for streaming)",
+            "'" + shuffle + "'");
+    d.shuffle = flag;
+    d.shuffle_blocks = shuffle == "blocks";
     d.max_samples = r.get<int64_t>("max_samples", d.max_samples);
     r.check(d.max_samples >= 0, "max_samples", "must be >= 0 (0 = all)", d.max_samples);
-    r.finish({"train", "test", "shape", "binarize", "shuffle", "max_samples"});
+    d.loader = r.choice("loader", d.loader, {"auto", "memory", "stream"});
+    d.cache_mb = r.get<double>("cache_mb", d.cache_mb);
+    r.check(d.cache_mb > 0 && d.cache_mb <= 1e9, "cache_mb", "must be > 0 (MiB per rank)", d.cache_mb);
+    r.finish({"train", "test", "shape", "binarize", "shuffle", "max_samples", "loader", "cache_mb"});
   }
   {
     MapReader r = top.sub("model");
@@ -489,8 +498,13 @@ std::string dump_spec(const ExperimentSpec& s) {
     ints(s.data.shape);
   }
   e << YAML::Key << "binarize" << YAML::Value << s.data.binarize;
-  e << YAML::Key << "shuffle" << YAML::Value << s.data.shuffle;
+  if (s.data.shuffle_blocks)
+    e << YAML::Key << "shuffle" << YAML::Value << "blocks";
+  else
+    e << YAML::Key << "shuffle" << YAML::Value << s.data.shuffle;
   e << YAML::Key << "max_samples" << YAML::Value << s.data.max_samples;
+  e << YAML::Key << "loader" << YAML::Value << s.data.loader;
+  e << YAML::Key << "cache_mb" << YAML::Value << s.data.cache_mb;
   e << YAML::EndMap;
   e << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "type" << YAML::Value << s.model.type;

@@ -12,6 +12,41 @@ namespace elbo::data {
 // driven by Philox keyed by (seed, epoch, position).
 std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch, bool shuffle);
 
+// data.shuffle: blocks, the locality-aware order a streaming reader can serve reading
+// about 1/N of the split per rank with a bounded cache (in the spirit of MosaicML
+// StreamingDataset's canonical nodes and shuffle blocks):
+//   1. the split is cut into blocks of `block` consecutive samples, whose order is
+//      permuted per (seed, epoch);
+//   2. the samples, in that block order, are cut into kCanonicalStreams contiguous runs,
+//      one per canonical stream, sized by the stream's share of a batch; inside each
+//      run, samples are shuffled within windows of kShuffleWindow blocks' worth;
+//   3. position p of a global batch of g rows draws the next sample of stream
+//      floor(p * kCanonicalStreams / g) (an exhausted stream hands over to the next,
+//      which happens only in the epoch's last batch or two).
+// So the contiguous slice of rank r of N (N dividing kCanonicalStreams) draws only from
+// its own streams, hence from its own blocks (plus at most the few blocks cut between
+// two streams). A rank's working set is its streams' current windows: about
+// (kCanonicalStreams / N) x (kShuffleWindow + 1) blocks. The order depends on
+// (seed, epoch, n, batch_size, block) alone: never on the world size or the loader.
+constexpr int kCanonicalStreams = 12;  // serves N = 1, 2, 3, 4, 6, 12 with disjoint blocks
+constexpr int kShuffleWindow = 4;
+// Samples per block: about 64 KiB of pixels (a fixed function of the sample shape, so
+// that a resumed run computes the same blocks).
+int64_t shuffle_block_samples(int64_t sample_bytes);
+std::vector<int64_t> epoch_order_blocks(int64_t n, int64_t batch_size, int64_t block, uint64_t seed, int64_t epoch);
+
+// How an epoch's order is made, from the spec and the split: global permutation,
+// identity, or blocks.
+struct OrderSpec {
+  int64_t n = 0;
+  int64_t batch_size = 1;
+  uint64_t seed = 0;
+  bool shuffle = true;
+  bool blocks = false;  // data.shuffle: blocks
+  int64_t block = 1;    // samples per block (blocks only)
+};
+std::vector<int64_t> epoch_order(const OrderSpec& o, int64_t epoch);
+
 int64_t batches_per_epoch(int64_t n, int64_t batch_size, bool drop_last);
 
 // Rows [begin, begin + count) of a global batch of `rows` owned by `rank` of `world`.

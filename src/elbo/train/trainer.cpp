@@ -19,6 +19,7 @@
 #include "elbo/ckpt/model_file.hpp"
 #include "elbo/data/sampler.hpp"
 #include "elbo/data/shards.hpp"
+#include "elbo/data/stream.hpp"
 #include "elbo/dist/grad_sync.hpp"
 #include "elbo/dist/placement.hpp"
 #include "elbo/model/generate.hpp"
@@ -197,6 +198,7 @@ struct Interval {
   double rec = 0, kl = 0, samples = 0, grad_norm = 0;
   int64_t steps = 0;
   int64_t skipped = 0;  // steps dropped by train.on_nonfinite: skip
+  double data_s = 0;    // rank 0's time spent getting batches ready (the step waits for it)
   Clock::time_point start = Clock::now();
 };
 
@@ -205,10 +207,12 @@ struct Interval {
 // the device still runs the current one (its upload reads the other buffer).
 class BatchPrep {
  public:
-  BatchPrep(Backend<float>& be, const data::ShardSet& set, const ExperimentSpec& spec, int64_t n, int rank, int world,
-            int local_rows, int dim)
-      : m_set(set), m_spec(spec), m_n(n), m_rank(rank), m_world(world), m_dim(dim),
-        m_pixels(static_cast<size_t>(local_rows) * dim) {
+  // `stream`: the streaming reader that hands over this rank's rows (nullptr: gather
+  // them from the set held in memory).
+  BatchPrep(Backend<float>& be, const data::ShardSet& set, const ExperimentSpec& spec, const data::OrderSpec& order,
+            data::StreamReader* stream, int rank, int world, int local_rows, int dim)
+      : m_set(set), m_spec(spec), m_order(order), m_stream(stream), m_n(order.n), m_rank(rank), m_world(world),
+        m_dim(dim), m_pixels(static_cast<size_t>(local_rows) * dim), m_idx(static_cast<size_t>(local_rows)) {
     for (auto& b : m_bufs) b.host = std::make_unique<HostBuffer<float, float>>(be, static_cast<size_t>(local_rows) * dim);
   }
 
@@ -244,7 +248,7 @@ class BatchPrep {
       if (e == epoch) return o;
     // Two epochs at most are in play: the current one and the next.
     auto& slot = m_orders[m_orders[0].first <= m_orders[1].first ? 0 : 1];
-    slot = {epoch, data::epoch_order(m_n, m_spec.seed, epoch, m_spec.data.shuffle)};
+    slot = {epoch, data::epoch_order(m_order, epoch)};
     return slot.second;
   }
 
@@ -254,9 +258,14 @@ class BatchPrep {
     buf.epoch = epoch;
     buf.batch = b;
     buf.batch_info = Batch{buf.host->data(), static_cast<int>(sl.count), g_rows, sl.begin};
-    if (sl.count > 0) {
-      const int64_t* idx = order(epoch).data() + g_begin + sl.begin;
+    const int64_t* idx = m_idx.data();
+    if (m_stream != nullptr) {
+      m_stream->fetch(epoch, b, m_pixels.data(), m_idx.data());  // also for no rows: it keeps the reader in step
+    } else if (sl.count > 0) {
+      idx = order(epoch).data() + g_begin + sl.begin;
       m_set.gather(std::span<const int64_t>(idx, sl.count), m_pixels.data());
+    }
+    if (sl.count > 0) {
       data::pixels_to_input<float>(m_pixels.data(), idx, sl.count, m_dim, m_spec.data.binarize, m_spec.seed,
                                    static_cast<uint32_t>(epoch), buf.host->data());
     }
@@ -265,9 +274,12 @@ class BatchPrep {
 
   const data::ShardSet& m_set;
   const ExperimentSpec& m_spec;
+  data::OrderSpec m_order;
+  data::StreamReader* m_stream;
   int64_t m_n;
   int m_rank, m_world, m_dim;
   std::vector<uint8_t> m_pixels;
+  std::vector<int64_t> m_idx;
   Buf m_bufs[2];
   Buf* m_last = nullptr;
   std::pair<int64_t, std::vector<int64_t>> m_orders[2] = {{-1, {}}, {-2, {}}};
@@ -321,14 +333,23 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   });
 
   std::optional<data::ShardSet> train_set, test_set;
+  // data.loader per split: memory (every rank loads and verifies all of it) or stream
+  // (metadata only; the ranks share the checksum verification, each reads its part).
+  const std::string train_loader =
+      data::resolve_loader(spec.data.loader, spec.data.cache_mb, data::split_bytes(spec.data.train));
+  const std::string test_loader = spec.data.test.empty() ? "memory"
+      : data::resolve_loader(spec.data.loader, spec.data.cache_mb, data::split_bytes(spec.data.test));
+  const auto open_options = [&](const std::string& loader) {
+    return data::OpenOptions{loader == "memory", rank, world};
+  };
   collectively(comm, [&] {
-    train_set.emplace(data::ShardSet::open(spec.data.train));
+    train_set.emplace(data::ShardSet::open(spec.data.train, open_options(train_loader)));
     std::vector<int> shape = {train_set->channels(), train_set->height(), train_set->width()};
     if (!spec.data.shape.empty() && spec.data.shape != shape)
       throw data_error(spec.data.train + ": shards hold samples of shape " + shape_string(shape, "[]") +
                        " but the spec (" + spec.source + ", data.shape) says " + shape_string(spec.data.shape, "[]"));
     if (!spec.data.test.empty() && (spec.eval.at_end || spec.eval.every > 0)) {
-      test_set.emplace(data::ShardSet::open(spec.data.test));
+      test_set.emplace(data::ShardSet::open(spec.data.test, open_options(test_loader)));
       std::vector<int> tshape = {test_set->channels(), test_set->height(), test_set->width()};
       if (tshape != shape)
         throw data_error(spec.data.test + ": test shards hold samples of shape " + shape_string(tshape, "[]") +
@@ -402,7 +423,25 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   // The batch on the host, in pinned memory on a GPU so that its upload need not wait:
   // every step that uploads also downloads its losses (a synchronization) before the
   // next step writes here again.
-  BatchPrep batches(be, *train_set, spec, n, rank, world, local_rows, D);
+  data::OrderSpec order_spec;
+  order_spec.n = n;
+  order_spec.batch_size = B;
+  order_spec.seed = spec.seed;
+  order_spec.shuffle = spec.data.shuffle;
+  order_spec.blocks = spec.data.shuffle_blocks;
+  order_spec.block = data::shuffle_block_samples(D);
+  std::unique_ptr<data::StreamReader> stream;
+  if (train_loader == "stream") {
+    data::StreamOptions so;
+    so.order = order_spec;
+    so.rank = rank;
+    so.world = world;
+    so.drop_last = spec.train.drop_last;
+    so.end_epoch = spec.train.epochs;
+    so.cache_bytes = static_cast<uint64_t>(spec.data.cache_mb * 1048576.0);
+    stream = std::make_unique<data::StreamReader>(*train_set, so);
+  }
+  BatchPrep batches(be, *train_set, spec, order_spec, stream.get(), rank, world, local_rows, D);
   // The per-sample losses come back the same way: two copies, one wait.
   HostBuffer<float, float> loss_buf(be, 2 * static_cast<size_t>(local_rows));
   float* const rec = loss_buf.data();
@@ -500,7 +539,33 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         << "step graph: " << (use_graph ? "on (steady-state forward/backward replayed as one recorded graph)" : "off")
         << "\n"
         << "data: " << n << " training samples of shape " << shape_string(input_shape, "[]") << " from " << spec.data.train
-        << "\nmodel: " << layout.num_values() << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
+        << "\n";
+    char mb[64];
+    std::snprintf(mb, sizeof(mb), "%.1f MB", static_cast<double>(train_set->bytes()) / 1e6);
+    log << "data: loader " << train_loader << " (data.loader: " << spec.data.loader << ", split " << mb
+        << ", data.cache_mb: " << spec.data.cache_mb << ")"
+        << (train_loader == "stream" ? (spec.data.shuffle_blocks
+                                            ? " | order: shuffled blocks of " + std::to_string(order_spec.block) +
+                                                  " samples, each rank reads about 1/" + std::to_string(world) +
+                                                  " of the split per epoch"
+                                            : std::string(" | order: ") +
+                                                  (spec.data.shuffle ? "a global permutation: each rank reads its "
+                                                                       "samples one by one (data.shuffle: blocks "
+                                                                       "reads runs)"
+                                                                     : "sequential"))
+                                      : std::string())
+        << "\n";
+    if (train_loader == "stream" && spec.data.shuffle_blocks) {
+      // A rank's working set: the current windows of its canonical streams (sampler.hpp).
+      const int64_t streams = (data::kCanonicalStreams + world - 1) / world + (data::kCanonicalStreams % world ? 2 : 0);
+      const double need = static_cast<double>(streams * (data::kShuffleWindow + 1) * order_spec.block) * D;
+      if (spec.data.cache_mb * 1048576.0 < need)
+        log << "warning: data.cache_mb: " << spec.data.cache_mb << " is below a rank's working set of about "
+            << need / 1048576.0 << " MiB: blocks will be read more than once per epoch\n";
+    }
+    for (const auto* set : {&*train_set, test_set ? &*test_set : nullptr})
+      if (set != nullptr && !set->verification_note().empty()) log << "data: " << set->verification_note() << "\n";
+    log << "model: " << layout.num_values() << " parameters | " << total_steps << " steps (" << per_epoch << " per epoch)\n"
         << resume_log.str() << "resolved spec:\n" << resolved << std::flush;
     write_text_file_atomic((out_dir / "spec.yaml").string(), resolved);
     const fs::path csv_path = out_dir / "metrics.csv";
@@ -574,7 +639,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     Progress epoch_bar("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(spec.train.epochs), per_epoch,
                        root, false);
     for (int64_t b = first_batch; b < per_epoch && step < total_steps; ++b) {
+      const auto data_t0 = Clock::now();
       const BatchPrep::Batch batch = batches.get(epoch, b);
+      iv.data_s += std::chrono::duration<double>(Clock::now() - data_t0).count();
       const int rows = batch.rows;
       const int64_t g_rows = batch.global_rows;
       const double beta = kl_weight(spec.loss, step);
@@ -627,8 +694,11 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         if (norm_with_losses) be.sum_squares_async(P, grads.data(), squared_norm);
         // While the device works: the next batch on the host.
         const bool last_in_epoch = b + 1 == per_epoch;
-        if (step + 1 < total_steps && !(last_in_epoch && epoch + 1 >= spec.train.epochs))
+        if (step + 1 < total_steps && !(last_in_epoch && epoch + 1 >= spec.train.epochs)) {
+          const auto prefetch_t0 = Clock::now();
           batches.prefetch(last_in_epoch ? epoch + 1 : epoch, last_in_epoch ? 0 : b + 1);
+          iv.data_s += std::chrono::duration<double>(Clock::now() - prefetch_t0).count();
+        }
         be.synchronize();
         for (int r = 0; r < rows; ++r) {
           local[0] += rec[r];
@@ -745,10 +815,11 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           char line[320];
           std::snprintf(line, sizeof(line),
                         "epoch %lld/%lld step %lld/%lld | -elbo %.3f (rec %.3f, kl %.3f) | beta %.3g | lr %.3e | "
-                        "|g| %.3g | %.0f samples/s | eta %s\n",
+                        "|g| %.3g | %.0f samples/s | eta %s | data wait %.0f%%\n",
                         static_cast<long long>(epoch + 1), static_cast<long long>(spec.train.epochs),
                         static_cast<long long>(step), static_cast<long long>(total_steps), r + k, r, k, beta, lr,
-                        iv.grad_norm / static_cast<double>(iv.steps), rate, hms(eta).c_str());
+                        iv.grad_norm / static_cast<double>(iv.steps), rate, hms(eta).c_str(),
+                        100.0 * std::min(1.0, iv.data_s / std::max(secs, 1e-9)));
           epoch_bar.clear();
           log << line << std::flush;
           char row[400];
@@ -782,6 +853,26 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   }
   result.steps = step;
   result.epochs_completed = epoch;
+  if (stream && step > first_step) {
+    // What streaming cost each rank: the most any rank read, per epoch, against the split.
+    const data::StreamStats ss = stream->stats();
+    double mine[3] = {static_cast<double>(ss.bytes_read), static_cast<double>(ss.cache_peak_bytes),
+                      static_cast<double>(ss.reads)};
+    double most[3];
+    for (int k = 0; k < 3; ++k)  // KiB for the byte counts: allreduce_max takes an int
+      most[k] = comm.allreduce_max(static_cast<int>(std::min(mine[k] / (k < 2 ? 1024.0 : 1.0), 2e9)));
+    const double epochs_run = static_cast<double>(step - first_step) / static_cast<double>(per_epoch);
+    const double split = static_cast<double>(n) * D;
+    if (root) {
+      char line[320];
+      std::snprintf(line, sizeof(line),
+                    "data: stream read at most %.1f%% of the split per rank per epoch (%.2f MB in %.0f reads over "
+                    "%.2f epoch(s)); block cache peak %.2f MB (data.cache_mb: %g)\n",
+                    100.0 * most[0] * 1024.0 / split / std::max(epochs_run, 1e-9), most[0] * 1024.0 / 1e6,
+                    most[2], epochs_run, most[1] * 1024.0 / 1e6, spec.data.cache_mb);
+      log << line << std::flush;
+    }
+  }
   if (result.stopped) {
     stop.write_marker();
     return result;
