@@ -95,6 +95,34 @@ TEST(Idx, MalformedFilesNameTheFile) {
   EXPECT_NE(error_of([&] { read_idx(t / "none.idx"); }).find("none.idx: file does not exist"), std::string::npos);
 }
 
+std::vector<uint8_t> read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
+}
+
+// A gzip file whose trailer (CRC-32, then the length) does not match its data: the
+// inflated bytes are all there, only zlib's final check can tell. Regression: it was
+// accepted because gzread's -1 at the trailer and gzclose's result went unchecked.
+TEST(Idx, GzipTrailerDamageIsAnErrorNamingTheFile) {
+  Tmp t;
+  IdxArray a = synthetic(6, 4, 4, 7);
+  write_file(t / "ok.idx.gz", idx_bytes(a.dims, a.data), true);
+  const std::vector<uint8_t> good = read_bytes(t / "ok.idx.gz");
+  ASSERT_GT(good.size(), 8u);
+  for (size_t from_end : {8u, 5u, 4u, 1u}) {  // CRC bytes, then length bytes
+    std::vector<uint8_t> bad = good;
+    bad[bad.size() - from_end] ^= 0x01;
+    const std::string name = "crc" + std::to_string(from_end) + ".idx.gz";
+    write_file(t / name, bad);
+    const std::string e = error_of([&] { read_idx(t / name); });
+    EXPECT_NE(e.find(name + ": corrupt gzip data"), std::string::npos) << e;
+  }
+  // A gzip stream cut inside its trailer.
+  write_file(t / "cut.idx.gz", std::vector<uint8_t>(good.begin(), good.end() - 3));
+  EXPECT_NE(error_of([&] { read_idx(t / "cut.idx.gz"); }).find("cut.idx.gz: "), std::string::npos);
+  EXPECT_EQ(read_idx(t / "ok.idx.gz").data, a.data);
+}
+
 class RoundTrip : public ::testing::TestWithParam<int> {};
 
 TEST_P(RoundTrip, GatherReturnsExactlyTheInputForAnyShardCount) {
