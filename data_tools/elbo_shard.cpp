@@ -1,12 +1,14 @@
-// elbo-shard: IDX / IDX.gz files (MNIST, Fashion-MNIST) -> HDF5 shards + manifest.
+// elbo-shard: datasets (IDX / IDX.gz files, ...) -> HDF5 shards + manifest, and the
+// verification of a written split (--verify).
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "elbo/cli/args.hpp"
 #include "elbo/data/idx.hpp"
-#include "elbo/data/shards.hpp"
+#include "elbo/data/shard_writer.hpp"
 #include "elbo/util/error.hpp"
 
 namespace fs = std::filesystem;
@@ -23,49 +25,115 @@ std::string find_idx(const std::string& dir, const std::string& name) {
   throw data_error(dir + ": neither " + name + " nor " + name + ".gz exists (MNIST-style IDX naming expected)");
 }
 
-void shard_one(const std::string& images_path, const std::string& labels_path, const std::string& split, int shards,
-               const std::string& out, bool overwrite) {
+std::unique_ptr<data::SampleSource> idx_source(const std::string& images_path, const std::string& labels_path) {
   data::IdxArray images = data::read_idx(images_path);
   data::IdxArray labels;
   if (!labels_path.empty()) labels = data::read_idx(labels_path);
   std::string source = images_path + (labels_path.empty() ? "" : ", " + labels_path);
-  data::write_split(out, split, images, labels_path.empty() ? nullptr : &labels, shards, source, overwrite);
-  std::printf("%s: %zu samples -> %d shard(s) in %s\n", split.c_str(), images.rows(), shards, out.c_str());
+  return std::make_unique<data::ArraySource>(
+      data::ArraySource::from_idx(images, labels_path.empty() ? nullptr : &labels, source));
+}
+
+void write_one(data::SampleSource& src, const std::string& dir, data::WriteOptions opt, const std::string& split) {
+  opt.split = split;
+  data::write_split(dir, src, opt);
+  std::printf("%s: %lld samples -> %s\n", split.c_str(), static_cast<long long>(src.size()), dir.c_str());
+}
+
+// "deflate" or "deflate=L" -> L (default 4); "none" -> -1.
+int parse_compress(const std::string& s) {
+  if (s.empty() || s == "none") return -1;
+  if (s == "deflate") return 4;
+  if (s.rfind("deflate=", 0) == 0) {
+    const std::string level = s.substr(8);
+    if (level.size() == 1 && level[0] >= '0' && level[0] <= '9') return level[0] - '0';
+  }
+  throw usage_error("--compress expects none, deflate or deflate=0..9, got '" + s + "'");
+}
+
+int verify(const std::string& dir) {
+  data::VerifyResult r = data::verify_split(dir);
+  for (const std::string& p : r.problems) std::fprintf(stderr, "elbo-shard --verify: %s\n", p.c_str());
+  if (!r.problems.empty()) {
+    std::fprintf(stderr, "elbo-shard --verify: %s: %zu problem(s) in %lld shard(s)\n", dir.c_str(), r.problems.size(),
+                 static_cast<long long>(r.shards));
+    return 1;
+  }
+  std::printf("%s: %lld shard(s), %lld samples verified", dir.c_str(), static_cast<long long>(r.shards),
+              static_cast<long long>(r.samples));
+  if (r.without_checksum > 0)
+    std::printf(" (%lld without a checksum in the manifest, an older split: shapes and counts checked only)",
+                static_cast<long long>(r.without_checksum));
+  std::printf("\n");
+  return 0;
 }
 
 int run(int argc, char** argv) {
-  std::string images, labels, split = "train", out, dataset_dir;
-  int64_t shards = 1, test_shards = 1;
+  std::string images, labels, split = "train", out, dataset_dir, verify_dir, compress;
+  int64_t shards = 0, test_shards = 0, seed = 0;
+  double shard_mb = 256.0, test_fraction = 0.0;
   bool overwrite = false;
   cli::ArgParser p("elbo-shard",
-                   "Convert IDX / IDX.gz files (MNIST format) into HDF5 shards plus manifest.yaml.\n"
-                   "  one split:   elbo-shard --images F [--labels F] --split train --num-shards N --out DIR\n"
-                   "  a dataset:   elbo-shard --dataset-dir DIR --num-shards N [--test-shards M] --out OUT\n"
-                   "               (writes OUT/train and OUT/test from train-* and t10k-* files)");
+                   "Convert datasets into HDF5 shards plus manifest.yaml (see data_tools/README.md).\n"
+                   "  one split:   elbo-shard --images F [--labels F] --split train --out DIR\n"
+                   "  a dataset:   elbo-shard --dataset-dir DIR --out OUT\n"
+                   "               (writes OUT/train and OUT/test from train-* and t10k-* files)\n"
+                   "  any input with --test-fraction F writes OUT/train and OUT/test\n"
+                   "  check:       elbo-shard --verify DIR");
   p.string("--images", &images, "FILE", "IDX images file (.gz or plain)");
   p.string("--labels", &labels, "FILE", "IDX labels file (optional)");
   p.string("--split", &split, "NAME", "split name stored in the shards (train | test | ...)");
   p.string("--dataset-dir", &dataset_dir, "DIR", "directory with train-*/t10k-* IDX files, e.g. /usr/share/datasets/fashion-mnist");
-  p.integer("--num-shards", &shards, "N", "number of shards (of the train split with --dataset-dir)", 1);
-  p.integer("--test-shards", &test_shards, "M", "number of test shards with --dataset-dir", 1);
-  p.string("--out", &out, "DIR", "output directory", true);
+  p.integer("--num-shards", &shards, "N", "number of shards (of the train split with --dataset-dir); default: by --shard-mb", 1);
+  p.integer("--test-shards", &test_shards, "M", "number of test shards with --dataset-dir / --test-fraction; default: by --shard-mb", 1);
+  p.number("--shard-mb", &shard_mb, "MB", "target pixel megabytes per shard when no shard count is given (default 256)", 1e-6);
+  p.string("--compress", &compress, "KIND", "none (default), deflate or deflate=LEVEL (0..9; deflate = 4)");
+  p.number("--test-fraction", &test_fraction, "F", "split the input: a seeded random F of it goes to OUT/test, the rest to OUT/train");
+  p.integer("--seed", &seed, "S", "seed of --test-fraction (default 0)", 0);
+  p.string("--out", &out, "DIR", "output directory");
   p.flag("--overwrite", &overwrite, "replace a split already in the output directory");
+  p.string("--verify", &verify_dir, "DIR", "recompute every shard's checksum and check it against DIR/manifest.yaml");
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!p.parse(args)) return 0;
+  if (!verify_dir.empty()) {
+    if (!images.empty() || !dataset_dir.empty() || !out.empty())
+      throw usage_error("elbo-shard: --verify DIR checks a split and takes no input or --out");
+    return verify(verify_dir);
+  }
+  if (out.empty()) throw usage_error("elbo-shard: option --out is required");
   if (dataset_dir.empty() == images.empty())
-    throw usage_error("elbo-shard: give either --images (one split) or --dataset-dir (train and test), not both");
+    throw usage_error("elbo-shard: give one input: --images (one split) or --dataset-dir (train and test)");
+  if (!dataset_dir.empty() && test_fraction > 0)
+    throw usage_error("elbo-shard: --dataset-dir has its own test split; --test-fraction is for single inputs");
+
+  data::WriteOptions opt;
+  opt.num_shards = static_cast<int>(shards);
+  opt.shard_mb = shard_mb;
+  opt.deflate_level = parse_compress(compress);
+  opt.overwrite = overwrite;
+  data::WriteOptions test_opt = opt;
+  test_opt.num_shards = static_cast<int>(test_shards);
+
   if (!dataset_dir.empty()) {
     // Look up all four files before writing anything, in a fixed order for the messages.
     const std::string train_images = find_idx(dataset_dir, "train-images-idx3-ubyte");
     const std::string train_labels = find_idx(dataset_dir, "train-labels-idx1-ubyte");
     const std::string test_images = find_idx(dataset_dir, "t10k-images-idx3-ubyte");
     const std::string test_labels = find_idx(dataset_dir, "t10k-labels-idx1-ubyte");
-    shard_one(train_images, train_labels, "train", static_cast<int>(shards), (fs::path(out) / "train").string(),
-              overwrite);
-    shard_one(test_images, test_labels, "test", static_cast<int>(test_shards), (fs::path(out) / "test").string(),
-              overwrite);
+    auto train = idx_source(train_images, train_labels);
+    auto test = idx_source(test_images, test_labels);
+    write_one(*train, (fs::path(out) / "train").string(), opt, "train");
+    write_one(*test, (fs::path(out) / "test").string(), test_opt, "test");
+    return 0;
+  }
+  std::unique_ptr<data::SampleSource> src = idx_source(images, labels);
+  if (test_fraction > 0) {
+    auto parts = data::split_indices(src->size(), test_fraction, static_cast<uint64_t>(seed));
+    data::SubsetSource train(*src, std::move(parts[0])), test(*src, std::move(parts[1]));
+    write_one(train, (fs::path(out) / "train").string(), opt, "train");
+    write_one(test, (fs::path(out) / "test").string(), test_opt, "test");
   } else {
-    shard_one(images, labels, split, static_cast<int>(shards), out, overwrite);
+    write_one(*src, out, opt, split);
   }
   return 0;
 }
