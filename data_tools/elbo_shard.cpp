@@ -4,10 +4,12 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "elbo/cli/args.hpp"
 #include "elbo/data/idx.hpp"
+#include "elbo/data/image_folder.hpp"
 #include "elbo/data/shard_writer.hpp"
 #include "elbo/util/error.hpp"
 
@@ -68,9 +70,37 @@ int verify(const std::string& dir) {
   return 0;
 }
 
+// --size takes two numbers ("--size 64 64"); the parser takes one value per option, so
+// the pair is joined first ("--size 64x64" is accepted as well).
+std::vector<std::string> join_size_args(std::vector<std::string> args) {
+  auto number = [](const std::string& s) {
+    return !s.empty() && s.find_first_not_of("0123456789") == std::string::npos;
+  };
+  for (size_t i = 0; i + 2 < args.size(); ++i)
+    if (args[i] == "--size" && number(args[i + 1]) && number(args[i + 2])) {
+      args[i + 1] += "x" + args[i + 2];
+      args.erase(args.begin() + static_cast<std::ptrdiff_t>(i) + 2);
+    }
+  return args;
+}
+
+// "HxW" -> (H, W); anything else is a usage error.
+std::pair<int, int> parse_size(const std::string& s) {
+  const size_t x = s.find('x');
+  try {
+    size_t used_h = 0, used_w = 0;
+    if (x != std::string::npos) {
+      const int h = std::stoi(s.substr(0, x), &used_h), w = std::stoi(s.substr(x + 1), &used_w);
+      if (used_h == x && used_w == s.size() - x - 1 && h > 0 && w > 0 && h <= 65535 && w <= 65535) return {h, w};
+    }
+  } catch (const std::exception&) {
+  }
+  throw usage_error("--size expects a height and a width (--size 64 64), got '" + s + "'");
+}
+
 int run(int argc, char** argv) {
-  std::string images, labels, split = "train", out, dataset_dir, verify_dir, compress;
-  int64_t shards = 0, test_shards = 0, seed = 0;
+  std::string images, labels, split = "train", out, dataset_dir, verify_dir, compress, image_dir, size;
+  int64_t shards = 0, test_shards = 0, seed = 0, center_crop = 0, channels = 0, threads = 0;
   double shard_mb = 256.0, test_fraction = 0.0;
   bool overwrite = false;
   cli::ArgParser p("elbo-shard",
@@ -84,6 +114,12 @@ int run(int argc, char** argv) {
   p.string("--labels", &labels, "FILE", "IDX labels file (optional)");
   p.string("--split", &split, "NAME", "split name stored in the shards (train | test | ...)");
   p.string("--dataset-dir", &dataset_dir, "DIR", "directory with train-*/t10k-* IDX files, e.g. /usr/share/datasets/fashion-mnist");
+  p.string("--image-dir", &image_dir, "DIR",
+           "folder of PNG / JPEG images: flat (no labels) or one subfolder per class (labels 0..K-1 by sorted name)");
+  p.string("--size", &size, "H W", "--image-dir: resize to cover H x W keeping the aspect ratio, then centre-crop");
+  p.integer("--center-crop", &center_crop, "S", "--image-dir: take the centred S x S square first (before --size)", 1);
+  p.integer("--channels", &channels, "C", "--image-dir: convert every image to 1 (gray) or 3 (RGB) channels", 1);
+  p.integer("--threads", &threads, "N", "--image-dir: decoding threads (default: all cores)", 1);
   p.integer("--num-shards", &shards, "N", "number of shards (of the train split with --dataset-dir); default: by --shard-mb", 1);
   p.integer("--test-shards", &test_shards, "M", "number of test shards with --dataset-dir / --test-fraction; default: by --shard-mb", 1);
   p.number("--shard-mb", &shard_mb, "MB", "target pixel megabytes per shard when no shard count is given (default 256)", 1e-6);
@@ -93,16 +129,20 @@ int run(int argc, char** argv) {
   p.string("--out", &out, "DIR", "output directory");
   p.flag("--overwrite", &overwrite, "replace a split already in the output directory");
   p.string("--verify", &verify_dir, "DIR", "recompute every shard's checksum and check it against DIR/manifest.yaml");
-  std::vector<std::string> args(argv + 1, argv + argc);
+  std::vector<std::string> args = join_size_args(std::vector<std::string>(argv + 1, argv + argc));
   if (!p.parse(args)) return 0;
   if (!verify_dir.empty()) {
-    if (!images.empty() || !dataset_dir.empty() || !out.empty())
+    if (!images.empty() || !dataset_dir.empty() || !image_dir.empty() || !out.empty())
       throw usage_error("elbo-shard: --verify DIR checks a split and takes no input or --out");
     return verify(verify_dir);
   }
   if (out.empty()) throw usage_error("elbo-shard: option --out is required");
-  if (dataset_dir.empty() == images.empty())
-    throw usage_error("elbo-shard: give one input: --images (one split) or --dataset-dir (train and test)");
+  const int inputs = !images.empty() + !dataset_dir.empty() + !image_dir.empty();
+  if (inputs != 1)
+    throw usage_error("elbo-shard: give one input: --images (IDX, one split), --dataset-dir (IDX train and test) "
+                      "or --image-dir (a folder of images)");
+  if (image_dir.empty() && (!size.empty() || center_crop > 0 || channels > 0 || threads > 0))
+    throw usage_error("elbo-shard: --size, --center-crop, --channels and --threads apply to --image-dir only");
   if (!dataset_dir.empty() && test_fraction > 0)
     throw usage_error("elbo-shard: --dataset-dir has its own test split; --test-fraction is for single inputs");
 
@@ -126,7 +166,17 @@ int run(int argc, char** argv) {
     write_one(*test, (fs::path(out) / "test").string(), test_opt, "test");
     return 0;
   }
-  std::unique_ptr<data::SampleSource> src = idx_source(images, labels);
+  std::unique_ptr<data::SampleSource> src;
+  if (!image_dir.empty()) {
+    data::ImageFolderOptions io;
+    if (!size.empty()) std::tie(io.height, io.width) = parse_size(size);
+    io.center_crop = static_cast<int>(center_crop);
+    io.channels = static_cast<int>(channels);
+    io.threads = static_cast<int>(threads);
+    src = std::make_unique<data::ImageFolderSource>(image_dir, io);
+  } else {
+    src = idx_source(images, labels);
+  }
   if (test_fraction > 0) {
     auto parts = data::split_indices(src->size(), test_fraction, static_cast<uint64_t>(seed));
     data::SubsetSource train(*src, std::move(parts[0])), test(*src, std::move(parts[1]));
