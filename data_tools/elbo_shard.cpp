@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "elbo/cli/args.hpp"
+#include "elbo/data/array_sources.hpp"
 #include "elbo/data/idx.hpp"
 #include "elbo/data/image_folder.hpp"
 #include "elbo/data/shard_writer.hpp"
@@ -100,6 +101,7 @@ std::pair<int, int> parse_size(const std::string& s) {
 
 int run(int argc, char** argv) {
   std::string images, labels, split = "train", out, dataset_dir, verify_dir, compress, image_dir, size;
+  std::string npy, npz_key, npy_labels, npz_labels_key, layout, hdf5, hdf5_labels;
   int64_t shards = 0, test_shards = 0, seed = 0, center_crop = 0, channels = 0, threads = 0;
   double shard_mb = 256.0, test_fraction = 0.0;
   bool overwrite = false;
@@ -120,6 +122,13 @@ int run(int argc, char** argv) {
   p.integer("--center-crop", &center_crop, "S", "--image-dir: take the centred S x S square first (before --size)", 1);
   p.integer("--channels", &channels, "C", "--image-dir: convert every image to 1 (gray) or 3 (RGB) channels", 1);
   p.integer("--threads", &threads, "N", "--image-dir: decoding threads (default: all cores)", 1);
+  p.string("--npy", &npy, "FILE", "NumPy .npy (or .npz with --npz-key) of uint8 0..255 or floats in [0, 1]");
+  p.string("--npz-key", &npz_key, "NAME", "--npy: the array of a .npz archive");
+  p.string("--npy-labels", &npy_labels, "FILE", "--npy: labels, a 1-D integer .npy (or the .npz with --npz-labels-key)");
+  p.string("--npz-labels-key", &npz_labels_key, "NAME", "--npy: the labels array of the .npz (or of --npy-labels)");
+  p.string("--hdf5", &hdf5, "FILE:/PATH", "an HDF5 dataset of uint8 0..255 or floats in [0, 1], read in blocks");
+  p.string("--hdf5-labels", &hdf5_labels, "/PATH", "--hdf5: an integer dataset of labels in the same file");
+  p.string("--layout", &layout, "L", "--npy / --hdf5 with 4 dimensions: nhwc, nchw or auto (inferred from a 1 or 3)");
   p.integer("--num-shards", &shards, "N", "number of shards (of the train split with --dataset-dir); default: by --shard-mb", 1);
   p.integer("--test-shards", &test_shards, "M", "number of test shards with --dataset-dir / --test-fraction; default: by --shard-mb", 1);
   p.number("--shard-mb", &shard_mb, "MB", "target pixel megabytes per shard when no shard count is given (default 256)", 1e-6);
@@ -132,15 +141,20 @@ int run(int argc, char** argv) {
   std::vector<std::string> args = join_size_args(std::vector<std::string>(argv + 1, argv + argc));
   if (!p.parse(args)) return 0;
   if (!verify_dir.empty()) {
-    if (!images.empty() || !dataset_dir.empty() || !image_dir.empty() || !out.empty())
+    if (!images.empty() || !dataset_dir.empty() || !image_dir.empty() || !npy.empty() || !hdf5.empty() || !out.empty())
       throw usage_error("elbo-shard: --verify DIR checks a split and takes no input or --out");
     return verify(verify_dir);
   }
   if (out.empty()) throw usage_error("elbo-shard: option --out is required");
-  const int inputs = !images.empty() + !dataset_dir.empty() + !image_dir.empty();
+  const int inputs = !images.empty() + !dataset_dir.empty() + !image_dir.empty() + !npy.empty() + !hdf5.empty();
   if (inputs != 1)
-    throw usage_error("elbo-shard: give one input: --images (IDX, one split), --dataset-dir (IDX train and test) "
-                      "or --image-dir (a folder of images)");
+    throw usage_error("elbo-shard: give one input: --images (IDX, one split), --dataset-dir (IDX train and test), "
+                      "--image-dir (a folder of images), --npy (NumPy) or --hdf5 (an HDF5 dataset)");
+  if (npy.empty() && (!npz_key.empty() || !npy_labels.empty() || !npz_labels_key.empty()))
+    throw usage_error("elbo-shard: --npz-key, --npy-labels and --npz-labels-key apply to --npy only");
+  if (hdf5.empty() && !hdf5_labels.empty()) throw usage_error("elbo-shard: --hdf5-labels applies to --hdf5 only");
+  if (npy.empty() && hdf5.empty() && !layout.empty())
+    throw usage_error("elbo-shard: --layout applies to --npy and --hdf5 only");
   if (image_dir.empty() && (!size.empty() || center_crop > 0 || channels > 0 || threads > 0))
     throw usage_error("elbo-shard: --size, --center-crop, --channels and --threads apply to --image-dir only");
   if (!dataset_dir.empty() && test_fraction > 0)
@@ -174,6 +188,10 @@ int run(int argc, char** argv) {
     io.channels = static_cast<int>(channels);
     io.threads = static_cast<int>(threads);
     src = std::make_unique<data::ImageFolderSource>(image_dir, io);
+  } else if (!npy.empty()) {
+    src = data::ArraySampleSource::numpy(npy, npz_key, npy_labels, npz_labels_key, data::parse_layout(layout));
+  } else if (!hdf5.empty()) {
+    src = data::ArraySampleSource::hdf5(hdf5, hdf5_labels, data::parse_layout(layout));
   } else {
     src = idx_source(images, labels);
   }
