@@ -214,5 +214,8 @@ int main(int argc, char** argv) {
   } catch (const Error& e) {
     std::fprintf(stderr, "elbo-shard: %s\n", e.what());
     return e.kind() == ErrorKind::Usage ? 2 : 1;
+  } catch (const std::exception& e) {  // std::filesystem and allocation failures
+    std::fprintf(stderr, "elbo-shard: %s\n", e.what());
+    return 1;
   }
 }
