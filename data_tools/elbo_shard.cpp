@@ -107,7 +107,8 @@ int run(int argc, char** argv) {
   bool overwrite = false;
   cli::ArgParser p("elbo-shard",
                    "Convert datasets into HDF5 shards plus manifest.yaml (see data_tools/README.md).\n"
-                   "  one split:   elbo-shard --images F [--labels F] --split train --out DIR\n"
+                   "  one split:   elbo-shard INPUT [--split NAME] --out DIR, INPUT one of\n"
+                   "               --images F [--labels F] (IDX), --image-dir DIR, --npy F, --hdf5 F:/path\n"
                    "  a dataset:   elbo-shard --dataset-dir DIR --out OUT\n"
                    "               (writes OUT/train and OUT/test from train-* and t10k-* files)\n"
                    "  any input with --test-fraction F writes OUT/train and OUT/test\n"
