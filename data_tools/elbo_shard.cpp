@@ -43,6 +43,18 @@ void write_one(data::SampleSource& src, const std::string& dir, data::WriteOptio
   std::printf("%s: %lld samples -> %s\n", split.c_str(), static_cast<long long>(src.size()), dir.c_str());
 }
 
+// Two splits (train, test) are refused together, before either is written, when one
+// already exists and --overwrite is not given: never a new train beside an old test.
+void check_free(const std::string& out, bool overwrite) {
+  if (overwrite) return;
+  for (const char* split : {"train", "test"}) {
+    const fs::path m = fs::path(out) / split / "manifest.yaml";
+    if (fs::exists(m))
+      throw data_error((fs::path(out) / split).string() +
+                       ": already holds a split (manifest.yaml); pass --overwrite to replace it");
+  }
+}
+
 // "deflate" or "deflate=L" -> L (default 4); "none" -> -1.
 int parse_compress(const std::string& s) {
   if (s.empty() || s == "none") return -1;
@@ -175,6 +187,7 @@ int run(int argc, char** argv) {
     const std::string train_labels = find_idx(dataset_dir, "train-labels-idx1-ubyte");
     const std::string test_images = find_idx(dataset_dir, "t10k-images-idx3-ubyte");
     const std::string test_labels = find_idx(dataset_dir, "t10k-labels-idx1-ubyte");
+    check_free(out, overwrite);
     auto train = idx_source(train_images, train_labels);
     auto test = idx_source(test_images, test_labels);
     write_one(*train, (fs::path(out) / "train").string(), opt, "train");
@@ -197,6 +210,7 @@ int run(int argc, char** argv) {
     src = idx_source(images, labels);
   }
   if (test_fraction > 0) {
+    check_free(out, overwrite);
     auto parts = data::split_indices(src->size(), test_fraction, static_cast<uint64_t>(seed));
     data::SubsetSource train(*src, std::move(parts[0])), test(*src, std::move(parts[1]));
     write_one(train, (fs::path(out) / "train").string(), opt, "train");

@@ -145,6 +145,11 @@ te2, _ = read_split(f"{W}/tf2/test")
 if np.array_equal(te, te2):
     bad.append("--test-fraction: seeds 1 and 2 give the same test part")
 expect(["--images", f"{W}/img.gz", "--test-fraction", "1.5", "--out", f"{W}/tfx"], 2, "--test-fraction")
+# An existing test part refuses the pair before the train part is written.
+shutil.rmtree(f"{W}/tf2/train")
+expect(["--images", f"{W}/img.gz", "--test-fraction", "0.25", "--out", f"{W}/tf2"], 1, "tf2/test: already holds a split")
+if os.path.exists(f"{W}/tf2/train"):
+    bad.append("--test-fraction wrote the train part although the test part was refused")
 
 # --shard-mb (N * 30 bytes = 9000 bytes; 0.002 MB per shard -> 5 shards) and --compress.
 r = shard("--images", f"{W}/img.gz", "--shard-mb", "0.002", "--compress", "deflate=6", "--out", f"{W}/mb")
