@@ -43,6 +43,21 @@ void write_one(data::SampleSource& src, const std::string& dir, data::WriteOptio
   std::printf("%s: %lld samples -> %s\n", split.c_str(), static_cast<long long>(src.size()), dir.c_str());
 }
 
+// OUT/train and OUT/test together: both are read and written to temporaries before
+// either replaces what is there.
+void write_pair(data::SampleSource& train, data::SampleSource& test, const std::string& out,
+                data::WriteOptions opt, data::WriteOptions test_opt) {
+  const std::string train_dir = (fs::path(out) / "train").string(), test_dir = (fs::path(out) / "test").string();
+  opt.split = "train";
+  test_opt.split = "test";
+  data::PreparedSplit a = data::prepare_split(train_dir, train, opt);
+  data::PreparedSplit b = data::prepare_split(test_dir, test, test_opt);
+  a.commit();
+  b.commit();
+  std::printf("train: %lld samples -> %s\ntest: %lld samples -> %s\n", static_cast<long long>(train.size()),
+              train_dir.c_str(), static_cast<long long>(test.size()), test_dir.c_str());
+}
+
 // Two splits (train, test) are refused together, before either is written, when one
 // already exists and --overwrite is not given: never a new train beside an old test.
 void check_free(const std::string& out, bool overwrite) {
@@ -190,8 +205,7 @@ int run(int argc, char** argv) {
     check_free(out, overwrite);
     auto train = idx_source(train_images, train_labels);
     auto test = idx_source(test_images, test_labels);
-    write_one(*train, (fs::path(out) / "train").string(), opt, "train");
-    write_one(*test, (fs::path(out) / "test").string(), test_opt, "test");
+    write_pair(*train, *test, out, opt, test_opt);
     return 0;
   }
   std::unique_ptr<data::SampleSource> src;
@@ -213,8 +227,7 @@ int run(int argc, char** argv) {
     check_free(out, overwrite);
     auto parts = data::split_indices(src->size(), test_fraction, static_cast<uint64_t>(seed));
     data::SubsetSource train(*src, std::move(parts[0])), test(*src, std::move(parts[1]));
-    write_one(train, (fs::path(out) / "train").string(), opt, "train");
-    write_one(test, (fs::path(out) / "test").string(), test_opt, "test");
+    write_pair(train, test, out, opt, test_opt);
   } else {
     write_one(*src, out, opt, split);
   }

@@ -278,6 +278,38 @@ TEST(Shards, InputFailureLeavesTheExistingSplitUntouched) {
   EXPECT_TRUE(verify_split(t / "s").problems.empty());
 }
 
+// Train and test change together: a test part that fails to read leaves the old train
+// split in place too, and no temporaries anywhere.
+TEST(Shards, PreparedPairsCommitTogetherOrNotAtAll) {
+  Tmp t;
+  IdxArray a = synthetic(20, 2, 2, 15), b = synthetic(20, 2, 2, 16);
+  write_split(t / "train", "train", a, nullptr, 2, "a", false);
+  write_split(t / "test", "test", a, nullptr, 2, "a", false);
+  const std::set<std::string> train_before = listing(t / "train"), test_before = listing(t / "test");
+  ArraySource good = ArraySource::from_idx(b, nullptr, "b");
+  FailingSource bad(b, 3);
+  WriteOptions opt;
+  opt.num_shards = 1;
+  opt.overwrite = true;
+  EXPECT_THROW(
+      {
+        PreparedSplit p = prepare_split(t / "train", good, opt);
+        PreparedSplit q = prepare_split(t / "test", bad, opt);
+        p.commit();
+        q.commit();
+      },
+      Error);
+  EXPECT_EQ(listing(t / "train"), train_before);
+  EXPECT_EQ(listing(t / "test"), test_before);
+  {
+    PreparedSplit p = prepare_split(t / "train", good, opt);
+    EXPECT_EQ(listing(t / "train").count("shard-00000-of-00001.h5.tmp"), 1u);
+    p.commit();
+  }
+  EXPECT_EQ(listing(t / "train"), (std::set<std::string>{"manifest.yaml", "shard-00000-of-00001.h5"}));
+  EXPECT_EQ(ShardSet::open(t / "train").size(), 20);
+}
+
 std::vector<std::string> manifest_checksums(const std::string& dir) {
   std::ifstream in(dir + "/manifest.yaml");
   std::string text(std::istreambuf_iterator<char>(in), {});

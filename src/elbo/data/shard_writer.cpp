@@ -10,7 +10,6 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
-#include <regex>
 #include <set>
 
 #include "elbo/data/shards.hpp"
@@ -36,9 +35,23 @@ std::string shard_name(int i, int n) {
 }
 
 // The names write_split produces (and their temporaries): the only files it removes.
+// shard-NNNNN-of-NNNNN.h5 or .h5.tmp, at least five digits each (a hand matcher:
+// std::regex draws GCC 12 maybe-uninitialized warnings in sanitizer builds).
 bool is_shard_file_name(const std::string& name) {
-  static const std::regex pattern(R"(shard-[0-9]{5,}-of-[0-9]{5,}\.h5(\.tmp)?)");
-  return std::regex_match(name, pattern);
+  size_t p = 0;
+  auto literal = [&](const char* s) {
+    const size_t n = std::strlen(s);
+    if (name.compare(p, n, s) != 0) return false;
+    p += n;
+    return true;
+  };
+  auto digits = [&] {
+    const size_t start = p;
+    while (p < name.size() && name[p] >= '0' && name[p] <= '9') ++p;
+    return p - start >= 5;
+  };
+  if (!literal("shard-") || !digits() || !literal("-of-") || !digits() || !literal(".h5")) return false;
+  return p == name.size() || (literal(".tmp") && p == name.size());
 }
 
 // A uint8 dataset of `shape`, chunked by `chunk_rows` whole rows, optionally deflated.
@@ -151,7 +164,7 @@ std::string shard_checksum(const uint8_t* images, size_t image_bytes, const uint
 
 // --- writer ---
 
-void write_split(const std::string& dir, SampleSource& source, const WriteOptions& opt) {
+PreparedSplit prepare_split(const std::string& dir, SampleSource& source, const WriteOptions& opt) {
   const std::array<uint32_t, 3> shape = source.shape();
   const auto [C, H, W] = shape;
   const int64_t n = source.size();
@@ -250,7 +263,30 @@ void write_split(const std::string& dir, SampleSource& source, const WriteOption
   }
   progress.finish();
   m << YAML::EndSeq << YAML::EndMap;
+  PreparedSplit out;
+  out.m_dir = dir;
+  out.m_manifest = std::string(m.c_str()) + "\n";
+  out.m_names = std::move(names);
+  return out;
+}
 
+PreparedSplit::PreparedSplit(PreparedSplit&& o) noexcept
+    : m_dir(std::move(o.m_dir)), m_manifest(std::move(o.m_manifest)), m_names(std::move(o.m_names)) {
+  o.m_names.clear();
+}
+
+PreparedSplit::~PreparedSplit() {
+  std::error_code ec;  // destructors only clean up
+  for (const std::string& name : m_names) fs::remove(fs::path(m_dir) / (name + ".tmp"), ec);
+}
+
+void PreparedSplit::commit() {
+  ELBO_ASSERT(!m_names.empty(), "PreparedSplit::commit: nothing prepared, or committed already");
+  const fs::path d(m_dir);
+  const std::string& dir = m_dir;
+  const std::vector<std::string> names = std::move(m_names);
+  m_names.clear();
+  std::error_code ec;
   // Phase 2: from here the old split stops being readable until the new one is.
   if (fs::exists(d / "manifest.yaml")) {
     if (!fs::remove(d / "manifest.yaml", ec) || ec)
@@ -258,7 +294,7 @@ void write_split(const std::string& dir, SampleSource& source, const WriteOption
     fsync_directory(dir);
   }
   for (const std::string& name : names) rename_into_place((d / (name + ".tmp")).string(), (d / name).string());
-  write_text_file_atomic((d / "manifest.yaml").string(), std::string(m.c_str()) + "\n");
+  write_text_file_atomic((d / "manifest.yaml").string(), m_manifest);
   fsync_directory(dir);
 
   // Phase 3: shard files the new manifest does not list (an older split with another
@@ -273,6 +309,10 @@ void write_split(const std::string& dir, SampleSource& source, const WriteOption
   for (const fs::path& p : stale)
     if (!fs::remove(p, ec) && ec) throw io_error(p.string() + ": cannot remove a stale shard file: " + ec.message());
   if (!stale.empty()) fsync_directory(dir);
+}
+
+void write_split(const std::string& dir, SampleSource& source, const WriteOptions& opt) {
+  prepare_split(dir, source, opt).commit();
 }
 
 // The interface the IDX path has always used: in-memory arrays, a fixed shard count.

@@ -95,6 +95,27 @@ int64_t chunk_samples(int64_t sample_bytes, int64_t n);
 // shard's `images` bytes ((n, C, H, W) uint8, row-major) followed by its `labels` bytes.
 void write_split(const std::string& dir, SampleSource& source, const WriteOptions& options);
 
+// write_split in two steps, for several splits that must change together (train and
+// test): prepare_split reads the source and writes every shard to its temporary name;
+// commit() puts them in place. Prepare all, then commit all: a failing input leaves
+// every existing split untouched. A PreparedSplit dropped uncommitted removes its
+// temporaries.
+class PreparedSplit {
+ public:
+  PreparedSplit(PreparedSplit&& o) noexcept;
+  PreparedSplit& operator=(PreparedSplit&&) = delete;
+  PreparedSplit(const PreparedSplit&) = delete;
+  ~PreparedSplit();
+  void commit();
+
+ private:
+  PreparedSplit() = default;
+  friend PreparedSplit prepare_split(const std::string&, SampleSource&, const WriteOptions&);
+  std::string m_dir, m_manifest;
+  std::vector<std::string> m_names;  // shard files waiting as NAME.tmp
+};
+PreparedSplit prepare_split(const std::string& dir, SampleSource& source, const WriteOptions& options);
+
 // The checksum of one shard's contents, as recorded in the manifest.
 std::string shard_checksum(const uint8_t* images, size_t image_bytes, const uint8_t* labels, size_t label_bytes);
 
