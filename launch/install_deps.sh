@@ -4,13 +4,15 @@
 set -euo pipefail
 
 pkgs=(build-essential cmake pkg-config libopenmpi-dev openmpi-bin libhdf5-dev libyaml-cpp-dev
-      libopenblas-dev zlib1g-dev libpng-dev dataset-fashion-mnist)
+      libopenblas-dev zlib1g-dev libpng-dev libjpeg62-turbo-dev dataset-fashion-mnist)
 if [[ "${1:-}" == "--with-tests" ]]; then
   # SLURM and munge for the localhost-cluster test (tests/launch/test_slurm.py), which
   # runs its own daemons from a temporary directory. Debian's slurmd/slurmctld units
   # start only where /etc/slurm/slurm.conf exists; on a systemd machine the munge
   # service does start, with its own key, and is not used by the test.
-  pkgs+=(libgtest-dev python3-torch python3-h5py python3-numpy python3-pil python3-matplotlib slurmctld slurmd slurm-client munge)
+  # iproute2 for the multi-node test (network namespaces as nodes, tests/launch/netns_nodes.py).
+  pkgs+=(libgtest-dev python3-torch python3-h5py python3-numpy python3-pil python3-matplotlib slurmctld slurmd slurm-client munge
+         iproute2)
 fi
 
 missing=()

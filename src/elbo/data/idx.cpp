@@ -14,10 +14,18 @@ IdxArray read_idx(const std::string& path) {
   if (!std::filesystem::exists(path)) throw data_error(path + ": file does not exist");
   std::unique_ptr<gzFile_s, int (*)(gzFile)> f(gzopen(path.c_str(), "rb"), gzclose);
   if (!f) throw data_error(path + ": cannot open");
+  // zlib reports a damaged stream (bad CRC or length in the trailer, corrupt deflate
+  // data) as gzread() < 0 with the reason in gzerror(); it is never a short read.
+  auto gz_failure = [&](const char* what) {
+    int code = Z_OK;
+    const char* msg = gzerror(f.get(), &code);
+    return data_error(path + ": corrupt gzip data while reading " + what + " (zlib: " +
+                      (msg != nullptr && *msg ? msg : "error " + std::to_string(code)) + ")");
+  };
   auto read_exact = [&](void* buf, size_t n, const char* what) {
     int got = gzread(f.get(), buf, static_cast<unsigned>(n));
-    if (got < 0 || static_cast<size_t>(got) != n)
-      throw data_error(path + ": truncated IDX file (while reading " + what + ")");
+    if (got < 0) throw gz_failure(what);
+    if (static_cast<size_t>(got) != n) throw data_error(path + ": truncated IDX file (while reading " + what + ")");
   };
   unsigned char magic[4];
   read_exact(magic, 4, "the magic number");
@@ -45,9 +53,14 @@ IdxArray read_idx(const std::string& path) {
     read_exact(out.data.data() + off, n, "the data");
     off += n;
   }
+  // Reading past the data makes zlib check the gzip trailer (CRC-32 and length).
   unsigned char extra;
-  if (gzread(f.get(), &extra, 1) > 0)
-    throw data_error(path + ": IDX file is longer than its dimensions say (corrupt header?)");
+  const int more = gzread(f.get(), &extra, 1);
+  if (more < 0) throw gz_failure("the gzip trailer");
+  if (more > 0) throw data_error(path + ": IDX file is longer than its dimensions say (corrupt header?)");
+  // gzclose reports a stream that ended inside a gzip member (Z_BUF_ERROR).
+  if (const int rc = gzclose(f.release()); rc != Z_OK)
+    throw data_error(path + ": gzip stream ends early or cannot be closed (zlib error " + std::to_string(rc) + ")");
   return out;
 }
 

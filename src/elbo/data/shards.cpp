@@ -1,5 +1,5 @@
-// Shard writer and reader (HDF5 + a YAML manifest): validation, checksums, whole-split
-// loading or on-demand hyperslab reads.
+// Shard reader (HDF5 + a YAML manifest): validation, checksums, whole-split loading or
+// on-demand hyperslab reads; the writer is in shard_writer.cpp.
 #include "elbo/data/shards.hpp"
 
 #include <yaml-cpp/yaml.h>
@@ -26,73 +26,7 @@ namespace {
 
 constexpr int64_t kFormatVersion = 1;
 
-std::string shard_name(int i, int n) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "shard-%05d-of-%05d.h5", i, n);
-  return buf;
-}
-
 }  // namespace
-
-void write_split(const std::string& dir, const std::string& split, const IdxArray& images, const IdxArray* labels,
-                 int num_shards, const std::string& source, bool overwrite) {
-  if (images.dims.size() != 3 && images.dims.size() != 4)
-    throw data_error("images must be (n, H, W) or (n, C, H, W); got " + std::to_string(images.dims.size()) + " dimensions");
-  const int64_t n = images.dims[0];
-  const uint32_t C = images.dims.size() == 4 ? images.dims[1] : 1;
-  const uint32_t H = images.dims[images.dims.size() - 2], W = images.dims.back();
-  if (n < 1) throw data_error("the " + split + " split has no samples");
-  if (num_shards < 1 || num_shards > n)
-    throw data_error("--num-shards " + std::to_string(num_shards) + " must be between 1 and the " + std::to_string(n) +
-                     " samples of the " + split + " split");
-  if (labels != nullptr && labels->rows() != static_cast<size_t>(n))
-    throw data_error("the " + split + " split has " + std::to_string(n) + " images but " +
-                     std::to_string(labels->rows()) + " labels");
-  fs::path d(dir);
-  if (fs::exists(d / "manifest.yaml") && !overwrite)
-    throw data_error(dir + ": already holds a split (manifest.yaml); pass --overwrite to replace it");
-  std::error_code ec;
-  fs::create_directories(d, ec);
-  if (ec) throw io_error("cannot create '" + dir + "': " + ec.message());
-
-  const size_t dim = size_t(C) * H * W;
-  YAML::Emitter m;
-  m << YAML::BeginMap << YAML::Key << "format_version" << YAML::Value << kFormatVersion;
-  m << YAML::Key << "split" << YAML::Value << split;
-  m << YAML::Key << "num_samples" << YAML::Value << n;
-  m << YAML::Key << "shape" << YAML::Value << YAML::Flow << YAML::BeginSeq << C << H << W << YAML::EndSeq;
-  m << YAML::Key << "dtype" << YAML::Value << "uint8";
-  m << YAML::Key << "has_labels" << YAML::Value << (labels != nullptr);
-  m << YAML::Key << "num_shards" << YAML::Value << num_shards;
-  m << YAML::Key << "source" << YAML::Value << source;
-  m << YAML::Key << "shards" << YAML::Value << YAML::BeginSeq;
-  Progress progress("elbo-shard " + split, num_shards);
-  for (int i = 0; i < num_shards; ++i) {
-    const int64_t begin = n * i / num_shards, end = n * (i + 1) / num_shards, rows = end - begin;
-    const std::string name = shard_name(i, num_shards);
-    const fs::path tmp = d / (name + ".tmp");
-    {
-      h5::Id f = h5::create_file(tmp.string());
-      h5::write_dataset<uint8_t>(f, "images", {hsize_t(rows), C, H, W}, images.data.data() + begin * dim, true);
-      if (labels != nullptr) h5::write_dataset<uint8_t>(f, "labels", {hsize_t(rows)}, labels->data.data() + begin);
-      h5::write_attr_int(f, "format_version", kFormatVersion);
-      h5::write_attr_string(f, "split", split);
-      h5::write_attr_int(f, "shard_index", i);
-      h5::write_attr_int(f, "num_shards", num_shards);
-      h5::write_attr_int(f, "global_offset", begin);
-      h5::write_attr_int(f, "num_samples_total", n);
-      h5::write_attr_string(f, "description",
-                            "elbo shard: images[k] (uint8, C x H x W, 0..255) is sample global_offset + k of the " +
-                                split + " split; labels[k] is its class");
-    }
-    rename_into_place(tmp.string(), (d / name).string());
-    m << YAML::BeginMap << YAML::Key << "file" << YAML::Value << name << YAML::Key << "offset" << YAML::Value << begin
-      << YAML::Key << "num_samples" << YAML::Value << rows << YAML::EndMap;
-    progress.update(i + 1);
-  }
-  m << YAML::EndSeq << YAML::EndMap;
-  write_text_file_atomic((d / "manifest.yaml").string(), std::string(m.c_str()) + "\n");
-}
 
 struct ShardSet::Io {
   std::mutex mutex;           // held for each read (the HDF5 library serializes its calls anyway)

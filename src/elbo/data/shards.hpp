@@ -85,6 +85,7 @@ class ShardSet {
 // Writes `images` (n, H, W) or (n, C, H, W) [and labels (n)] as `num_shards` shards
 // plus manifest.yaml into `dir`. Each file is written under a temporary name and
 // renamed; the manifest goes last, so a crash never leaves a readable partial split.
+// Defined in shard_writer.cpp, which has the general writer (any SampleSource).
 void write_split(const std::string& dir, const std::string& split, const IdxArray& images, const IdxArray* labels,
                  int num_shards, const std::string& source, bool overwrite);
 
