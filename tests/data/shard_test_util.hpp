@@ -52,6 +52,23 @@ inline void add_checksums(const std::string& dir) {
   std::ofstream(path) << out.c_str() << "\n";
 }
 
+// Drops every shard's checksum from a manifest (a split as elbo-shard wrote it before
+// checksums), returning them in shard order.
+inline std::vector<std::string> remove_checksums(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const std::string path = (fs::path(dir) / "manifest.yaml").string();
+  YAML::Node m = YAML::LoadFile(path);
+  std::vector<std::string> removed;
+  for (auto e : m["shards"]) {
+    removed.push_back(e["checksum"] ? e["checksum"].as<std::string>() : "");
+    e.remove("checksum");
+  }
+  YAML::Emitter out;
+  out << m;
+  std::ofstream(path) << out.c_str() << "\n";
+  return removed;
+}
+
 // Overwrites `bytes` bytes of a shard's images, from row `row` on, with random bytes
 // (the file stays valid HDF5; only the pixel values change).
 inline void damage_images(const std::string& file, hsize_t row, size_t bytes, unsigned seed = 7) {

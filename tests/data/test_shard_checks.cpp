@@ -92,6 +92,11 @@ TEST(ShardChecks, ChecksumsVerifyAndUnverifiedSplitsSaySo) {
   lab.data.resize(300);
   std::iota(lab.data.begin(), lab.data.end(), 0);
   write_split(t / "s", "train", img, &lab, 3, "synthetic", false);
+  // The writer's checksums are the reader's definition (images, then labels).
+  const std::vector<std::string> written = remove_checksums(t / "s");
+  for (int i = 0; i < 3; ++i)
+    EXPECT_EQ(written[i], shard_checksum(t / ("s/shard-0000" + std::to_string(i) + "-of-00003.h5")))
+        << "shard " << i;
   {
     ShardSet s = ShardSet::open(t / "s");
     EXPECT_NE(s.verification_note().find("unverified: 3 of 3 shard(s)"), std::string::npos) << s.verification_note();
