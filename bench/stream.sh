@@ -76,7 +76,8 @@ if [[ $SIZE == 64 ]]; then
   out=$WORK/conv
   mpirun -np "$RANKS" "$ELBO" train "$ROOT/configs/celeba64_conv.yaml" --set device=cpu \
     --set data.train="$WORK/split" --set data.test= --set data.loader=stream --set data.shuffle=blocks \
-    --set data.cache_mb="$CACHE" --set train.batch_size=64 --set train.max_steps=30 --set train.log_every=10 \
+    --set data.cache_mb="$CACHE" --set eval.every=0 --set train.batch_size=64 --set train.max_steps=30 \
+    --set train.log_every=10 \
     --set output.dir="$out" >"$out.log" 2>&1
   echo "celeba64_conv training: $(awk -F, 'NR>2 {s+=$10; n++} END {if (n) printf "%.0f", s/n; else print "?"}' \
     "$out/metrics.csv") samples/s (batch 64, steps 11..30)"

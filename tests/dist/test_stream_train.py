@@ -157,6 +157,17 @@ for loader, np_ in (("memory", 1), ("stream", 2)):
                  "--set", f"data.loader={loader}", test=False, expect=1)
     check("shard-00001-of-00002.h5: checksum mismatch" in log, f"{loader}: 64 KiB of garbage found, naming the file",
           log[-2000:])
+# `elbo eval` reading the test split on demand (each rank its rows) == holding it in memory.
+model_dir, _ = run(1, "for_eval", "--set", "data.loader=memory", test=False)
+evals = {}
+for how in ("memory", "stream"):
+    r = subprocess.run(["mpirun", "-np", "2", a.elbo, "eval", os.path.join(model_dir, "model.h5"), "--data",
+                        f"{a.data}/test", "--iw-samples", "3", "--max-samples", "1000", "--loader", how],
+                       capture_output=True, text=True, timeout=300)
+    evals[how] = [l for l in r.stdout.splitlines() if l.startswith("test -ELBO")]
+check(evals["memory"] and evals["memory"] == evals["stream"],
+      "elbo eval --loader stream (2 ranks, rows on demand) == --loader memory", str(evals))
+
 write_split(os.path.join(bad, "plain"), imgs, labs, checksums=False)  # as elbo-shard wrote before checksums
 _, log = run(1, "plain_memory", "--set", f"data.train={bad}/plain", *SMALL, test=False)
 check("unverified: 2 of 2 shard(s)" in log, "a manifest without checksums is read and said to be unverified",

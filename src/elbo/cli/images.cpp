@@ -65,7 +65,8 @@ void add_common(ArgParser& p, ImageOptions* o, const char* default_out) {
 }
 
 data::ShardSet open_matching(const std::string& dir, const LoadedModel& m, const std::string& model_path) {
-  data::ShardSet set = data::ShardSet::open(dir);
+  // These commands read a few dozen samples: on demand, whatever the split's size.
+  data::ShardSet set = data::ShardSet::open(dir, data::OpenOptions{false, 0, 1});
   const std::vector<int> shape = {set.channels(), set.height(), set.width()};
   if (shape != m.file.input_shape)
     throw data_error(dir + ": samples have shape " + shape_string(shape, "[]") + " but the model " + model_path +

@@ -15,6 +15,7 @@
 #include "elbo/cli/commands.hpp"
 #include "elbo/config/spec.hpp"
 #include "elbo/data/shards.hpp"
+#include "elbo/data/stream.hpp"
 #include "elbo/dist/comm.hpp"
 #include "elbo/dist/placement.hpp"
 #include "elbo/train/evaluate.hpp"
@@ -79,6 +80,12 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
   p.integer("--threads", &threads, "T", "BLAS threads per rank (0 = cores / ranks on the node)", 0);
   p.string("--device", &device, "auto|cpu|cuda", "where to evaluate (auto: a GPU when one is visible)");
   p.string("--output", &out_path, "FILE", "also write the results as YAML to FILE (rank 0)");
+  std::string loader = "auto";
+  double cache_mb = 1024;
+  p.string("--loader", &loader, "auto|memory|stream",
+           "hold the split in every rank's memory, or read each rank's rows from the files on demand (auto: memory "
+           "when the split fits --cache-mb)");
+  p.number("--cache-mb", &cache_mb, "MB", "the split size up to which --loader auto holds it in memory (default 1024)");
   double max_hours = 24;
   p.number("--max-hours", &max_hours, "H",
            "refuse an IWAE bound estimated (from a timed pass) to take longer than H hours (default 24, 0 = no limit)");
@@ -92,13 +99,17 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
     // The results are written after the whole evaluation: a path that cannot take them
     // is refused before any of it.
     if (!out_path.empty() && comm.is_root()) cli::check_output_file(out_path, "elbo eval --output");
+    if (loader != "auto" && loader != "memory" && loader != "stream")
+      throw usage_error("elbo eval: option --loader must be auto, memory or stream (got '" + loader + "')");
   });
   if (!go) return 0;
 
   cli::LoadedModel m = cli::load_model(comm, "elbo eval", model_path, device, threads);
   std::optional<data::ShardSet> set;
   collectively(comm, [&] {
-    set.emplace(data::ShardSet::open(data_dir));
+    // A test split larger than memory is read on demand, each rank its own rows.
+    const std::string how = data::resolve_loader(loader, cache_mb, data::split_bytes(data_dir));
+    set.emplace(data::ShardSet::open(data_dir, data::OpenOptions{how == "memory", comm.rank(), comm.size()}));
     std::vector<int> shape = {set->channels(), set->height(), set->width()};
     if (shape != m.file.input_shape)
       throw data_error(data_dir + ": samples have shape " + shape_string(shape, "[]") + " but the model " + model_path +
