@@ -2,6 +2,8 @@
 // on-demand hyperslab reads; the writer is in shard_writer.cpp.
 #include "elbo/data/shards.hpp"
 
+#include <new>
+
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -147,7 +149,15 @@ ShardSet ShardSet::open(const std::string& dir_or_manifest, const OpenOptions& o
   if (s.m_shards.empty() || s.m_size < 1) throw data_error(mpath + ": the manifest lists no samples");
 
   const size_t dim = static_cast<size_t>(s.sample_dim());
-  if (options.load) s.m_pixels.resize(static_cast<size_t>(s.m_size) * dim);
+  if (options.load) {
+    const size_t bytes = static_cast<size_t>(s.m_size) * dim;
+    try {
+      s.m_pixels.resize(bytes);
+    } catch (const std::bad_alloc&) {
+      throw data_error(mpath + ": cannot hold the split's " + std::to_string(bytes >> 20) +
+                       " MiB in this rank's memory; read it on demand instead (data.loader: stream, or auto)");
+    }
+  }
   bool labels = true;
   int64_t expect_offset = 0, unverified = 0;
   for (size_t i = 0; i < s.m_shards.size(); ++i) {
