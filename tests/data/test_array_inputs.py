@@ -4,39 +4,14 @@ NCHW and (N, H, W), .npy and .npz (stored and compressed), labels, --test-fracti
 on an NHWC array; and the bad inputs: unsupported dtype and rank, floats outside
 [0, 1], Fortran order, big-endian, an ambiguous layout, a truncated .npy, a missing
 .npz key, a missing or non-dataset HDF5 path. Small arrays generated here."""
-import argparse, os, re, shutil, subprocess, sys
+import os, sys
 import h5py, numpy as np
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--elbo-shard", required=True)
-ap.add_argument("--work", required=True)
-a = ap.parse_args()
-shutil.rmtree(a.work, ignore_errors=True)
-os.makedirs(a.work)
-W = a.work
-bad = []
-ENV = dict(os.environ, ELBO_PROGRESS="off")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shard_cli import read_split, setup  # noqa: E402
+
+a, W, bad, ENV, shard, expect = setup(__doc__)
 rng = np.random.default_rng(11)
-
-
-def shard(*args):
-    return subprocess.run([a.elbo_shard, *args], capture_output=True, text=True, env=ENV)
-
-
-def expect(args, code, text):
-    r = shard(*args)
-    if r.returncode != code or text not in r.stderr:
-        bad.append(f"elbo-shard {' '.join(args)}: exit {r.returncode}, stderr {r.stderr!r}; wanted {code} and {text!r}")
-
-
-def read_split(d):
-    text = open(f"{d}/manifest.yaml").read()
-    xs, ys = [], []
-    for name in re.findall(r"- file: (\S+)", text):
-        with h5py.File(f"{d}/{name}", "r") as f:
-            xs.append(f["images"][...])
-            ys.append(f["labels"][...] if "labels" in f else None)
-    return np.concatenate(xs), (np.concatenate(ys) if ys[0] is not None else None)
 
 
 def check(args, want_x, want_y, label):

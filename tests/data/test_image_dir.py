@@ -6,40 +6,21 @@ independence, --test-fraction; and every bad folder: corrupt and truncated JPEG,
 a non-image with an image name, another size or channel count without --size, an
 empty folder, an empty class folder, images beside class folders. Images are
 generated here, a few pixels each."""
-import argparse, math, os, re, shutil, subprocess, sys
+import math, os, re, sys
 import h5py, numpy as np
 from PIL import Image
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--elbo-shard", required=True)
-ap.add_argument("--work", required=True)
-a = ap.parse_args()
-shutil.rmtree(a.work, ignore_errors=True)
-os.makedirs(a.work)
-W = a.work
-bad = []
-ENV = dict(os.environ, ELBO_PROGRESS="off")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shard_cli import read_split as read_pixels, setup  # noqa: E402
+
+a, W, bad, ENV, shard, expect = setup(__doc__)
 rng = np.random.default_rng(5)
 
 
-def shard(*args):
-    return subprocess.run([a.elbo_shard, *args], capture_output=True, text=True, env=ENV)
-
-
-def expect(args, code, text):
-    r = shard(*args)
-    if r.returncode != code or text not in r.stderr:
-        bad.append(f"elbo-shard {' '.join(args)}: exit {r.returncode}, stderr {r.stderr!r}; wanted {code} and {text!r}")
-
-
 def read_split(d):
-    text = open(f"{d}/manifest.yaml").read()
-    xs, ys = [], []
-    for name in re.findall(r"- file: (\S+)", text):
-        with h5py.File(f"{d}/{name}", "r") as f:
-            xs.append(f["images"][...])
-            ys.append(f["labels"][...] if "labels" in f else None)
-    return np.concatenate(xs), (np.concatenate(ys) if ys[0] is not None else None), text
+    """(images, labels or None, manifest text) of the split in d."""
+    x, y = read_pixels(d)
+    return x, y, open(f"{d}/manifest.yaml").read()
 
 
 def noise(h, w, c):

@@ -5,22 +5,15 @@ grids written in colour: recon.png's input tiles are the test images exactly,
 its reconstructions keep each input's dominant colour, and `elbo sample` writes
 an RGB PNG. Then configs/celeba64_conv.yaml takes a few steps on 64 x 64 RGB
 shards made from larger JPEGs with --center-crop and --size."""
-import argparse, csv, os, re, shutil, subprocess, sys
+import csv, os, re, subprocess, sys
 import h5py, numpy as np
 from PIL import Image
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--elbo-shard", required=True)
-ap.add_argument("--elbo", required=True)
-ap.add_argument("--spec", required=True, help="configs/smoke.yaml")
-ap.add_argument("--celeba-spec", required=True, help="configs/celeba64_conv.yaml")
-ap.add_argument("--work", required=True)
-a = ap.parse_args()
-shutil.rmtree(a.work, ignore_errors=True)
-os.makedirs(a.work)
-W = a.work
-bad = []
-ENV = dict(os.environ, ELBO_PROGRESS="off")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shard_cli import setup  # noqa: E402
+
+a, W, bad, ENV, shard, _ = setup(__doc__, extra=[("--elbo", "the elbo binary"), ("--spec", "configs/smoke.yaml"),
+                                                 ("--celeba-spec", "configs/celeba64_conv.yaml")])
 rng = np.random.default_rng(2)
 
 

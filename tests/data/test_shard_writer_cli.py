@@ -3,18 +3,13 @@
 h5py and a Python FNV-1a, --verify on a good split and on one with a flipped byte,
 --overwrite with fewer shards, a gzip file with a bad CRC, --test-fraction, --shard-mb
 and --compress. Small synthetic IDX files, generated here."""
-import argparse, gzip, os, re, shutil, struct, subprocess, sys
+import gzip, os, shutil, struct, sys
 import h5py, numpy as np
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--elbo-shard", required=True)
-ap.add_argument("--work", required=True)
-a = ap.parse_args()
-shutil.rmtree(a.work, ignore_errors=True)
-os.makedirs(a.work)
-W = a.work
-bad = []
-ENV = dict(os.environ, ELBO_PROGRESS="off")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shard_cli import setup  # noqa: E402
+
+a, W, bad, ENV, shard, expect = setup(__doc__)
 
 FNV_BASIS = 1469598103934665603  # util/checksum.hpp's offset basis (see test_shards.cpp)
 FNV_PRIME = 1099511628211
@@ -32,23 +27,6 @@ def write_idx(path, arr, gz=True):
     raw = bytes([0, 0, 8, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.astype(np.uint8).tobytes()
     with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
         f.write(raw)
-
-
-def shard(*args):
-    return subprocess.run([a.elbo_shard, *args], capture_output=True, text=True, env=ENV)
-
-
-def expect(args, code, text):
-    r = shard(*args)
-    if r.returncode != code or text not in r.stderr:
-        bad.append(f"elbo-shard {' '.join(args)}: exit {r.returncode}, stderr {r.stderr!r}; wanted {code} and {text!r}")
-    return r
-
-
-def manifest(d):
-    """The shard entries of a manifest: (file, offset, num_samples, checksum)."""
-    text = open(f"{d}/manifest.yaml").read()
-    return re.findall(r"- file: (\S+)\n\s+offset: (\d+)\n\s+num_samples: (\d+)\n\s+checksum: (\S+)", text)
 
 
 def read_split(d):
