@@ -3,7 +3,7 @@
 h5py and a Python FNV-1a, --verify on a good split and on one with a flipped byte,
 --overwrite with fewer shards, a gzip file with a bad CRC, --test-fraction, --shard-mb
 and --compress. Small synthetic IDX files, generated here."""
-import gzip, os, shutil, struct, sys
+import gzip, os, re, shutil, struct, sys
 import h5py, numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +27,12 @@ def write_idx(path, arr, gz=True):
     raw = bytes([0, 0, 8, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.astype(np.uint8).tobytes()
     with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
         f.write(raw)
+
+
+def manifest(d):
+    """The shard entries of a manifest: (file, offset, num_samples, checksum)."""
+    text = open(f"{d}/manifest.yaml").read()
+    return re.findall(r"- file: (\S+)\n\s+offset: (\d+)\n\s+num_samples: (\d+)\n\s+checksum: (\S+)", text)
 
 
 def read_split(d):
