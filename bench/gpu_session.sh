@@ -247,7 +247,7 @@ export -f stage_smoke stage_parity stage_train stage_graphs stage_nccl stage_mem
 
 # bench takes what the budget leaves (torch.compile rows only while time remains);
 # profile runs last, on what is left after that.
-declare -A LIMIT=([smoke]=45 [parity]=60 [train]=120 [graphs]=75 [nccl]=60 [memcheck]=90 [bench]=240 [profile]=90)
+declare -A LIMIT=([smoke]=45 [parity]=60 [train]=120 [graphs]=75 [nccl]=60 [memcheck]=90 [bench]=330 [profile]=90)
 rows=()
 for s in $STAGES; do
   left=$((BUDGET - (SECONDS - T0) - 5))
