@@ -10,6 +10,7 @@
 #             between (larger shapes that grow the scratch memory): bit for bit; and
 #             `elbo eval` of the result on the GPU against the CPU
 #   nccl      with several GPUs: NCCL across them against one GPU (skipped with one)
+#   stream    the streaming loader feeding a GPU rank: the memory loader's bits
 #   memcheck  compute-sanitizer memcheck over the parity tests
 #   bench     bench/gpu.sh (MLP) and bench/gpu_conv.sh (conv) against PyTorch, eager
 #             first, torch.compile while time remains; the all-reduce self-test
@@ -27,7 +28,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export ROOT
 export OUT=${OUT:-/tmp/elbo-gpu-out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-smoke parity train graphs nccl memcheck bench profile}
+STAGES=${STAGES:-smoke parity train graphs nccl stream memcheck bench profile}
 BUDGET=${BUDGET:-420}
 T0=$SECONDS
 SUMMARY=$OUT/summary.txt
@@ -178,6 +179,25 @@ sys.exit(0 if err < 1e-5 else 1)
 PY
 }
 
+stage_stream() {
+  # The streaming loader feeding a GPU rank (pinned buffers, the reader thread) gives
+  # the bits of the memory loader, with data.shuffle: blocks on both.
+  local common=(train "$ROOT/configs/fmnist_mlp.yaml" --set device=cuda --set data.train="$DATA/train"
+    --set data.test= --set eval.every=0 --set data.shuffle=blocks --set train.max_steps=200 --set output.overwrite=true)
+  elbo "${common[@]}" --set data.loader=memory --set output.dir="$W/loader_memory" || return 1
+  elbo "${common[@]}" --set data.loader=stream --set data.cache_mb=4 --set output.dir="$W/loader_stream" || return 1
+  grep -h "data wait\|read at most" "$STAGE_LOG" | tail -3
+  "$ELBO_PY" - "$W" <<'PY'
+import sys, h5py, numpy as np
+w = sys.argv[1]
+load = lambda d: {k: f["params"][k][...] for f in [h5py.File(f"{w}/{d}/model.h5")] for k in f["params"]}
+a, b = load("loader_memory"), load("loader_stream")
+same = all(np.array_equal(a[k], b[k]) for k in a)
+print(f"RESULT: GPU training, data.loader stream (cache 4 MB) vs memory, 200 steps: bit-identical = {same}")
+sys.exit(0 if same else 1)
+PY
+}
+
 stage_memcheck() {
   compute-sanitizer --tool memcheck --target-processes all --leak-check no --error-exitcode 9 \
     "$KIT/bin/test_cuda_parity" --gtest_color=no
@@ -209,14 +229,14 @@ stage_profile() {
   # so each kernel is its own launch) and PyTorch eager, with Nsight Compute's
   # duration metric only (one replay per kernel; clocks left alone).
   command -v ncu >/dev/null || { echo "RESULT: no ncu on this machine"; return 0; }
-  local ncu=(ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 4000 --launch-count 300
+  local ncu=(ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 1000 --launch-count 80
              --print-units base --csv)  # one row per launch: "Kernel Name", "Metric Name", "Metric Value" (ns)
   "${ncu[@]}" --log-file "$W/bench/ncu-elbo.csv" elbo train "$ROOT/configs/fmnist_conv.yaml" --set device=cuda \
     --set data.train="$DATA/train" --set data.test= --set eval.every=0 --set train.batch_size=1024 \
-    --set train.drop_last=true --set train.epochs=1000 --set train.max_steps=150 --set train.cuda_graph=off \
+    --set train.drop_last=true --set train.epochs=1000 --set train.max_steps=40 --set train.cuda_graph=off \
     --set output.dir="$W/profile-elbo" >/dev/null 2>&1
   "${ncu[@]}" --log-file "$W/bench/ncu-torch.csv" "$ELBO_PY" "$ROOT/bench/pytorch_vae.py" --model conv --device cuda \
-    --train "$DATA/train" --test "$DATA/test" --batch 1024 --drop-last --epochs 1000 --max-steps 150 --no-eval \
+    --train "$DATA/train" --test "$DATA/test" --batch 1024 --drop-last --epochs 1000 --max-steps 40 --warmup-steps 10 --no-eval \
     >/dev/null 2>&1
   "$ELBO_PY" - "$W/bench" <<'PY'
 import csv, sys, collections
@@ -243,11 +263,11 @@ PY
   tar -C "$W" -czf "$OUT/bench-runs.tar.gz" --exclude='*.h5' --exclude='*.png' bench 2>/dev/null
   echo "RESULT: per-kernel time of the conv VAE at batch 1024 above"
 }
-export -f stage_smoke stage_parity stage_train stage_graphs stage_nccl stage_memcheck stage_bench stage_profile gtest_result
+export -f stage_smoke stage_parity stage_train stage_graphs stage_nccl stage_stream stage_memcheck stage_bench stage_profile gtest_result
 
 # bench takes what the budget leaves (torch.compile rows only while time remains);
 # profile runs last, on what is left after that.
-declare -A LIMIT=([smoke]=45 [parity]=60 [train]=120 [graphs]=75 [nccl]=60 [memcheck]=90 [bench]=330 [profile]=90)
+declare -A LIMIT=([smoke]=45 [parity]=60 [train]=120 [graphs]=75 [nccl]=60 [stream]=60 [memcheck]=90 [bench]=330 [profile]=90)
 rows=()
 for s in $STAGES; do
   left=$((BUDGET - (SECONDS - T0) - 5))
