@@ -229,15 +229,16 @@ stage_profile() {
   # so each kernel is its own launch) and PyTorch eager, with Nsight Compute's
   # duration metric only (one replay per kernel; clocks left alone).
   command -v ncu >/dev/null || { echo "RESULT: no ncu on this machine"; return 0; }
+  mkdir -p "$W/bench"
   local ncu=(ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 1000 --launch-count 80
              --print-units base --csv)  # one row per launch: "Kernel Name", "Metric Name", "Metric Value" (ns)
   "${ncu[@]}" --log-file "$W/bench/ncu-elbo.csv" elbo train "$ROOT/configs/fmnist_conv.yaml" --set device=cuda \
     --set data.train="$DATA/train" --set data.test= --set eval.every=0 --set train.batch_size=1024 \
     --set train.drop_last=true --set train.epochs=1000 --set train.max_steps=40 --set train.cuda_graph=off \
-    --set output.dir="$W/profile-elbo" >/dev/null 2>&1
+    --set output.dir="$W/profile-elbo" --set output.overwrite=true 2>&1 | grep -E "^==(PROF|ERROR|WARNING)==" | head -5
   "${ncu[@]}" --log-file "$W/bench/ncu-torch.csv" "$ELBO_PY" "$ROOT/bench/pytorch_vae.py" --model conv --device cuda \
     --train "$DATA/train" --test "$DATA/test" --batch 1024 --drop-last --epochs 1000 --max-steps 40 --warmup-steps 10 --no-eval \
-    >/dev/null 2>&1
+    2>&1 | grep -E "^==(PROF|ERROR|WARNING)==" | head -5
   "$ELBO_PY" - "$W/bench" <<'PY'
 import csv, sys, collections
 for tag in ("elbo", "torch"):
