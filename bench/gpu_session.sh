@@ -230,7 +230,10 @@ stage_profile() {
   # duration metric only (one replay per kernel; clocks left alone).
   command -v ncu >/dev/null || { echo "RESULT: no ncu on this machine"; return 0; }
   mkdir -p "$W/bench"
-  local ncu=(ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 1000 --launch-count 80
+  # application-only: elbo started without mpirun forks Open MPI's singleton daemon, which
+  # ncu would otherwise follow too (two windows timed out on this).
+  local ncu=(ncu --target-processes application-only --clock-control none --metrics gpu__time_duration.sum
+             --launch-skip 1000 --launch-count 80
              --print-units base --csv)  # one row per launch: "Kernel Name", "Metric Name", "Metric Value" (ns)
   "${ncu[@]}" --log-file "$W/bench/ncu-elbo.csv" elbo train "$ROOT/configs/fmnist_conv.yaml" --set device=cuda \
     --set data.train="$DATA/train" --set data.test= --set eval.every=0 --set train.batch_size=1024 \
