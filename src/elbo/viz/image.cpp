@@ -106,39 +106,6 @@ bool encode(FILE* f, const Image& img, PngError* err) {
   return true;
 }
 
-bool decode(FILE* f, Image* img, PngError* err) {
-  png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, err, on_png_error, on_png_warning);
-  png_infop info = png != nullptr ? png_create_info_struct(png) : nullptr;
-  if (info == nullptr) {
-    png_destroy_read_struct(&png, nullptr, nullptr);
-    std::snprintf(err->message, sizeof(err->message), "libpng could not allocate its state");
-    return false;
-  }
-  if (setjmp(png_jmpbuf(png))) {
-    png_destroy_read_struct(&png, &info, nullptr);
-    return false;
-  }
-  png_init_io(png, f);
-  png_set_sig_bytes(png, 8);
-  png_read_info(png, info);
-  const int bits = png_get_bit_depth(png, info), type = png_get_color_type(png, info);
-  if (bits != 8 || (type != PNG_COLOR_TYPE_GRAY && type != PNG_COLOR_TYPE_RGB)) {
-    std::snprintf(err->message, sizeof(err->message),
-                  "only 8-bit gray or RGB images are read (bit depth %d, color type %d)", bits, type);
-    png_destroy_read_struct(&png, &info, nullptr);
-    return false;
-  }
-  img->width = static_cast<int>(png_get_image_width(png, info));
-  img->height = static_cast<int>(png_get_image_height(png, info));
-  img->channels = type == PNG_COLOR_TYPE_GRAY ? 1 : 3;
-  img->pixels.resize(static_cast<size_t>(img->width) * img->height * img->channels);
-  const size_t stride = static_cast<size_t>(img->width) * img->channels;
-  for (int y = 0; y < img->height; ++y) png_read_row(png, img->pixels.data() + y * stride, nullptr);
-  png_read_end(png, nullptr);
-  png_destroy_read_struct(&png, &info, nullptr);
-  return true;
-}
-
 }  // namespace
 
 void write_png(const std::string& path, const Image& img) {
@@ -162,18 +129,6 @@ void write_png(const std::string& path, const Image& img) {
     }
   }
   rename_into_place(tmp, path);
-}
-
-Image read_png(const std::string& path) {
-  File in;
-  in.f = std::fopen(path.c_str(), "rb");
-  if (in.f == nullptr) throw io_error("cannot read " + path + ": " + std::strerror(errno));
-  unsigned char sig[8] = {};
-  if (std::fread(sig, 1, 8, in.f) != 8 || png_sig_cmp(sig, 0, 8) != 0) throw data_error(path + ": not a PNG file");
-  Image img;
-  PngError err;
-  if (!decode(in.f, &img, &err)) throw data_error(path + ": libpng: " + err.message);
-  return img;
 }
 
 }  // namespace elbo::viz

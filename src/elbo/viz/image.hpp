@@ -27,7 +27,7 @@ Image tile_pairs(const float* inputs, const float* reconstructions, int n, int c
 // leaves half a PNG; Io errors name the file.
 void write_png(const std::string& path, const Image& img);
 
-// Reads an 8-bit gray or RGB PNG (for tests and tools); Io/Data errors name the file.
-Image read_png(const std::string& path);
+// Reading images back (PNG and JPEG, every colour model): data::decode_image
+// (data/image_decode.hpp).
 
 }  // namespace elbo::viz
