@@ -10,7 +10,7 @@ own namespace.
     with Nodes(3, workdir) as nodes:
         nodes.run(["mpirun", "--mca", "plm_rsh_agent", nodes.agent, ...])  # on n1
 """
-import glob, os, shutil, subprocess
+import glob, os, shutil, signal, subprocess, sys
 
 
 class NodesUnavailable(Exception):
@@ -33,6 +33,9 @@ class Nodes:
 
     def __enter__(self):
         os.makedirs(self.workdir, exist_ok=True)
+        # A test killed by ctest's timeout (SIGTERM) still tears the namespaces down:
+        # the signal becomes SystemExit, which runs __exit__.
+        self._old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         if shutil.which("ip") is None or shutil.which("unshare") is None:
             raise NodesUnavailable("ip (iproute2) or unshare is missing")
         try:
@@ -83,6 +86,9 @@ exec env -i PATH="$PATH" HOME="${{HOME:-/root}}" ip netns exec {self.prefix}-$ho
         self._ip("-n", f"{self.prefix}-{node}", "link", "set", "eth0", "up" if up else "down")
 
     def __exit__(self, *exc):
+        if getattr(self, "_old_term", None) is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
+            self._old_term = None
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._made = []
