@@ -85,6 +85,18 @@ exec env -i PATH="$PATH" HOME="${{HOME:-/root}}" ip netns exec {self.prefix}-$ho
     def link(self, node, up):
         self._ip("-n", f"{self.prefix}-{node}", "link", "set", "eth0", "up" if up else "down")
 
+    def throttle(self, node, rate):
+        """Limits `node`'s link to `rate` (tc syntax, e.g. "1mbit") both ways: on its
+        eth0 and on the bridge's end of its veth; rate None lifts the limit."""
+        i = self.names.index(node)
+        for ns, dev in ((f"{self.prefix}-{node}", "eth0"), (f"{self.prefix}-br", f"b{self.prefix}{i}")):
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+            if rate is not None:
+                r = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                                    rate, "burst", "32kbit", "latency", "400ms"], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise NodesUnavailable(f"tc tbf on {dev} in {ns}: {r.stderr.strip()}")
+
     def __exit__(self, *exc):
         if getattr(self, "_old_term", None) is not None:
             signal.signal(signal.SIGTERM, self._old_term)

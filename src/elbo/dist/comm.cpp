@@ -184,9 +184,10 @@ void MpiCommunicator::wait(MPI_Request* requests, int n, const char* operation) 
     int done = 0;
     ELBO_CHECK_MPI(MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE));
     if (done) return;
+    if (polls == 0) service(0.0);  // a peer's roll call or link probe waits for no spin
     if ((polls & 255) == 255) {
-      answer_roll_calls();
       const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+      service(waited);
       if (m_timeout_s > 0 && waited > m_timeout_s) give_up(operation, false);
       if (m_stop_left && m_stop_left() < kStopDeadlineMargin) give_up(operation, true);
       if (waited > 1e-3) std::this_thread::sleep_for(std::chrono::microseconds(waited > 0.1 ? 2000 : 50));
