@@ -74,10 +74,13 @@ exec env -i PATH="$PATH" HOME="${{HOME:-/root}}" ip netns exec {self.prefix}-$ho
             f.writelines(f"{n} slots={self.slots}\n" for n in self.names)
         return self
 
-    def command(self, argv, node="n1"):
-        """argv run on `node` (its namespace and hostname), environment kept."""
-        return ["ip", "netns", "exec", f"{self.prefix}-{node}", "unshare", "--uts", "sh", "-c",
-                'hostname "$0"; exec "$@"', node, *argv]
+    def command(self, argv, node="n1", host_sys=False):
+        """argv run on `node` (its namespace and hostname), environment kept. With
+        host_sys, the host's /sys stays in view (nsenter instead of `ip netns exec`,
+        which mounts a /sys of its own without /sys/fs/cgroup, where slurmd fails)."""
+        enter = (["nsenter", f"--net=/run/netns/{self.prefix}-{node}"] if host_sys
+                 else ["ip", "netns", "exec", f"{self.prefix}-{node}"])
+        return [*enter, "unshare", "--uts", "sh", "-c", 'hostname "$0"; exec "$@"', node, *argv]
 
     def run(self, argv, node="n1", **kw):
         return subprocess.run(self.command(argv, node), **kw)
