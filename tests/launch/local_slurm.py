@@ -196,10 +196,10 @@ JobCompLoc={r}/jobcomp.txt
         raise SystemExit(f"job {jobid}: not in {states} (restarts {restarts}) within {timeout} s: {self.job(jobid)}\n"
                          f"--- slurmctld.log:\n{self.tail('slurmctld.log')}{logs}")
 
-    def release(self, jobid):
+    def release(self, jobid, timeout=60):
         """A requeued job waits ~120 s (BeginTime); start it now. The update only sticks
-        once the job is PENDING, so wait for that and repeat until it runs."""
-        self.wait_state(jobid, {"PENDING"}, 60, restarts=1)
+        once the job is PENDING, so wait for that (up to `timeout` s) and repeat until it runs."""
+        self.wait_state(jobid, {"PENDING"}, timeout, restarts=1)
         # The hold exists for a reason: the previous start's step daemons may still be
         # finalizing (PMIx keeps its socket for a second or two after the tasks end) and
         # a new step with the same id cannot bind it. Their sockets in the spool

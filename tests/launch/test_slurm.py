@@ -15,7 +15,11 @@ uninterrupted 2-node run must also equal `mpirun -np 2` on one host bit for bit.
        the batch shell mid-run (what --signal=B:USR1@T does): the shell forwards it
        through mpirun, then the same checkpoint/requeue/resume;
   3.   launch/slurm.sbatch, `scontrol requeue` mid-run (SIGTERM to every process of
-       the job): checkpoint, requeue, resume.
+       the job): checkpoint, requeue, resume;
+  4.   (2 nodes) n2's link goes down mid-run: elbo's reachability check ends the
+       job within 60 s (status 3, naming n2), the script requeues it as a node
+       failure, the link comes back, and the job resumes from its last periodic
+       checkpoint.
 Each must end with parameters bit-identical to the uninterrupted run.
 
 Skips (exit 77) with the reason when SLURM or munge is not installed
@@ -87,7 +91,7 @@ def run_jobs(a, cluster, check):
         s = {"device": "cpu", "data.train": f"{a.data}/train", "data.test": "", "data.max_samples": "960",
              "data.binarize": "true", "train.batch_size": "48", "train.epochs": "60", "optim.schedule": "cosine",
              "optim.warmup_steps": "10", "loss.kl_warmup_steps": "30", "train.log_every": "5",
-             "checkpoint.every": "0", "output.dir": out}
+             "checkpoint.every": "100", "output.dir": out}
         return [x for k, v in s.items() for x in ("--set", f"{k}={v}")]
 
     env = {"ELBO": a.elbo}
@@ -150,6 +154,31 @@ def run_jobs(a, cluster, check):
     def preempted(name, script, how, extra_env=None):
         jobid, out = submit(name, script, extra_env)
         mid_run(jobid, out)
+        if how == "link_down":
+            # n2's link goes down: elbo's reachability check ends the job (status 3), the
+            # script requeues it as a node failure; the link comes back, the job resumes.
+            t0 = time.time()
+            cluster.nodes.link("n2", False)
+            while time.time() < t0 + 120 and "requeueing job" not in log(jobid):
+                time.sleep(0.2)
+            took = time.time() - t0
+            cluster.nodes.link("n2", True)
+            time.sleep(1)
+            text = log(jobid)
+            check(took < 60 and "launcher status 3" in text and "node failure 1 of" in text and "on node n2" in text,
+                  f"{name}: n2's link down ends the job in {took:.0f} s with status 3 naming node n2; the script "
+                  "requeues it as a node failure", text[-3000:])
+            # SLURM completes the first start once n2's slurmd answers again.
+            cluster.release(jobid, timeout=150)
+            finished(jobid, f"{name}: requeued and resumed")
+            text = log(jobid)
+            m = re.search(r"continuing from \S+ at step (\d+)", text)
+            step, p = params(out)
+            check("(restart 1)" in text and m is not None and step == 1200 and
+                  all(np.array_equal(p[key], ref[key]) for key in ref),
+                  f"{name}: the requeued start resumed from its last checkpoint "
+                  f"(step {m.group(1) if m else '?'}) and ended bit-identical to the uninterrupted run", text[-3000:])
+            return text
         if how == "steps":
             cluster.run(["scancel", "-s", "USR1", str(jobid)], check=True)
         elif how == "batch":
@@ -184,6 +213,8 @@ def run_jobs(a, cluster, check):
     check(f"2 rank(s) on {nodes} node(s) via mpirun" in t, f"usr1_batch_mpirun: mpirun placed the ranks on {nodes} "
           "node(s)", t[:3000])
     preempted("scontrol_requeue", script, "requeue")
+    if nodes > 1:
+        preempted("link_down_srun", script, "link_down")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ MpiCommunicator::MpiCommunicator() {
   for (int r = 0; r < m_world.size; ++r) m_hosts.emplace_back(all.data() + static_cast<size_t>(r) * kHostLen);
   ELBO_CHECK_MPI(MPI_Comm_dup(m_comm, &m_ctl));
   ELBO_CHECK_MPI(MPI_Comm_set_errhandler(m_ctl, MPI_ERRORS_RETURN));
+  setup_link_checks();
 }
 
 MpiCommunicator::~MpiCommunicator() {

@@ -4,8 +4,8 @@
 
 #include <mpi.h>
 
-#include <chrono>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -138,15 +138,16 @@ class MpiCommunicator final : public Communicator {
  private:
   void answer_roll_calls();  // replies to peers asking who is alive (from wait())
   [[noreturn]] void give_up(const std::string& operation, bool stop_deadline);
-  // Link probes (dist/link_check.cpp): rank 0 times a transfer each way with the first
-  // rank of every other node; those ranks answer from their wait loops.
+  // Link checks (dist/link_check.cpp): the first rank of every other node listens on a
+  // TCP port, which rank 0 connects to while it waits long (a node the network no longer
+  // reaches ends the job in ~20 s), and times a transfer each way with (a degraded link
+  // ends it too); those ranks answer from their wait loops.
+  struct LinkWatch;
+  void setup_link_checks();  // collective, from the constructor
   void answer_link_probe();
+  void check_reachable();
   void probe_links();
-
-  using Clock = std::chrono::steady_clock;
-  Clock::time_point m_last_probe{};
-  bool m_probed = false;
-  int m_probe_round = 0;
+  std::shared_ptr<LinkWatch> m_links;
   MPI_Comm m_comm = MPI_COMM_NULL;
   MPI_Comm m_ctl = MPI_COMM_NULL;  // roll calls, apart from the collectives' traffic
   WorldInfo m_world;
