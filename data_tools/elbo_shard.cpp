@@ -142,8 +142,8 @@ int run(int argc, char** argv) {
   p.add_option("--size", size, "--image-dir: resize to cover H x W keeping the aspect ratio, then centre-crop")
       ->type_name("H W")
       ->expected(1, 2);
-  cli::add_integer(p, "--center-crop", &center_crop, "S", "--image-dir: take the centred S x S square first (before --size)",
-                   1);
+  cli::add_integer(p, "--center-crop", &center_crop, "S",
+                   "--image-dir: take the centred S x S square first (before --size)", 1);
   cli::add_integer(p, "--channels", &channels, "C", "--image-dir: convert every image to 1 (gray) or 3 (RGB) channels",
                    1);
   cli::add_integer(p, "--threads", &threads, "N", "--image-dir: decoding threads (default: all cores)", 1);
@@ -153,7 +153,8 @@ int run(int argc, char** argv) {
                 "--npy: labels, a 1-D integer .npy (or the .npz with --npz-labels-key)");
   cli::add_text(p, "--npz-labels-key", &npz_labels_key, "NAME",
                 "--npy: the labels array of the .npz (or of --npy-labels)");
-  cli::add_text(p, "--hdf5", &hdf5, "FILE:/PATH", "an HDF5 dataset of uint8 0..255 or floats in [0, 1], read in blocks");
+  cli::add_text(p, "--hdf5", &hdf5, "FILE:/PATH",
+                "an HDF5 dataset of uint8 0..255 or floats in [0, 1], read in blocks");
   cli::add_text(p, "--hdf5-labels", &hdf5_labels, "/PATH", "--hdf5: an integer dataset of labels in the same file");
   cli::add_text(p, "--layout", &layout, "L",
                 "--npy / --hdf5 with 4 dimensions: nhwc, nchw or auto (inferred from a 1 or 3)");
@@ -183,13 +184,13 @@ int run(int argc, char** argv) {
   if (out.empty()) throw usage_error("option --out is required (see --help)");
   const int inputs = !images.empty() + !dataset_dir.empty() + !image_dir.empty() + !npy.empty() + !hdf5.empty();
   if (inputs != 1)
-    throw usage_error("give one input: --images (IDX, one split), --dataset-dir (IDX train and test), "
-                      "--image-dir (a folder of images), --npy (NumPy) or --hdf5 (an HDF5 dataset)");
+    throw usage_error(
+        "give one input: --images (IDX, one split), --dataset-dir (IDX train and test), "
+        "--image-dir (a folder of images), --npy (NumPy) or --hdf5 (an HDF5 dataset)");
   if (npy.empty() && (!npz_key.empty() || !npy_labels.empty() || !npz_labels_key.empty()))
     throw usage_error("--npz-key, --npy-labels and --npz-labels-key apply to --npy only");
   if (hdf5.empty() && !hdf5_labels.empty()) throw usage_error("--hdf5-labels applies to --hdf5 only");
-  if (npy.empty() && hdf5.empty() && !layout.empty())
-    throw usage_error("--layout applies to --npy and --hdf5 only");
+  if (npy.empty() && hdf5.empty() && !layout.empty()) throw usage_error("--layout applies to --npy and --hdf5 only");
   if (image_dir.empty() && (!size.empty() || center_crop > 0 || channels > 0 || threads > 0))
     throw usage_error("--size, --center-crop, --channels and --threads apply to --image-dir only");
   if (!dataset_dir.empty() && test_fraction > 0)

@@ -53,8 +53,8 @@ std::string usage_message(const std::vector<std::string>& args) {
 
 TEST(CommandLine, ValuesArriveAsWritten) {
   Tool t;
-  EXPECT_FALSE(t.parse({"run", "--set", "a=1", "s.yaml", "--set", "model.encoder=[32, 16]", "--set", "data.test=",
-                        "-n", "010", "--device", "cpu", "--out", "o.png"}));
+  EXPECT_FALSE(t.parse({"run", "--set", "a=1", "s.yaml", "--set", "model.encoder=[32, 16]", "--set", "data.test=", "-n",
+                        "010", "--device", "cpu", "--out", "o.png"}));
   EXPECT_EQ(t.line.chosen(), t.run);
   EXPECT_EQ(t.spec, "s.yaml");  // --set takes one value, never the spec after it
   EXPECT_EQ(t.sets, (std::vector<std::string>{"a=1", "model.encoder=[32, 16]", "data.test="}));
@@ -84,13 +84,16 @@ TEST(CommandLine, NumbersArriveBitForBit) {
 }
 
 TEST(CommandLine, RefusedValuesNameTheCommandAndTheOption) {
-  EXPECT_EQ(usage_message({"run", "s", "--out", "o", "-n", "ten"}), "tool run: option -n expects an integer, got 'ten'");
-  EXPECT_EQ(usage_message({"run", "s", "--out", "o", "-n", "0x10"}), "tool run: option -n expects an integer, got '0x10'");
+  EXPECT_EQ(usage_message({"run", "s", "--out", "o", "-n", "ten"}),
+            "tool run: option -n expects an integer, got 'ten'");
+  EXPECT_EQ(usage_message({"run", "s", "--out", "o", "-n", "0x10"}),
+            "tool run: option -n expects an integer, got '0x10'");
   EXPECT_EQ(usage_message({"run", "s", "--out", "o", "-n", "0"}), "tool run: option -n must be >= 1 (got 0)");
   EXPECT_EQ(usage_message({"run", "s", "--out", "o", "-n", "1001"}), "tool run: option -n must be <= 1000 (got 1001)");
   EXPECT_EQ(usage_message({"run", "s", "--out", "o", "--rate", "inf"}),
             "tool run: option --rate expects a number, got 'inf'");
-  EXPECT_EQ(usage_message({"run", "s", "--out", "o", "--rate", "-0.5"}), "tool run: option --rate must be >= 0 (got -0.5)");
+  EXPECT_EQ(usage_message({"run", "s", "--out", "o", "--rate", "-0.5"}),
+            "tool run: option --rate must be >= 0 (got -0.5)");
   EXPECT_EQ(usage_message({"run", "s", "--out", "o", "--device", "gpu"}),
             "tool run: option --device must be one of auto, cpu, cuda (got 'gpu')");
 }

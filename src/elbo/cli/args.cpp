@@ -63,8 +63,8 @@ std::optional<std::string> CommandLine::parse_args(const std::vector<std::string
     const CLI::App* command = chosen() != nullptr ? chosen() : this;
     for (const CLI::Option* o : command->get_options()) {
       if (!o->get_required() || o->count() > 0) continue;
-      throw usage_error(prefix(command) + (o->nonpositional() ? "option " + o->get_name() + " is required"
-                                                              : "missing " + o->get_name()) +
+      throw usage_error(prefix(command) +
+                        (o->nonpositional() ? "option " + o->get_name() + " is required" : "missing " + o->get_name()) +
                         " (see --help)");
     }
     throw usage_error(prefix(command) + e.what());
@@ -77,14 +77,15 @@ std::optional<std::string> CommandLine::parse_args(const std::vector<std::string
   for (const CLI::App* s : get_subcommands([](const CLI::App*) { return true; })) subcommands.push_back(s->get_name());
   const std::vector<std::string> left = remaining();
   if (!left.empty() && left.front().rfind('-', 0) != 0 && !subcommands.empty())
-    throw usage_error("unknown command '" + left.front() + "'; valid commands: " + join(subcommands, ", ") +
-                      " (see " + get_name() + " --help)");
+    throw usage_error("unknown command '" + left.front() + "'; valid commands: " + join(subcommands, ", ") + " (see " +
+                      get_name() + " --help)");
   for (const CLI::App* command : {static_cast<const CLI::App*>(this), chosen()}) {
     if (command == nullptr || command->remaining().empty()) continue;
     const std::string a = command->remaining().front();
-    throw usage_error(prefix(command) + (a.rfind('-', 0) == 0 ? "unknown option '" + option_name(a) + "'"
-                                                              : "unexpected argument '" + a + "'") +
-                      " (see --help)");
+    throw usage_error(
+        prefix(command) +
+        (a.rfind('-', 0) == 0 ? "unknown option '" + option_name(a) + "'" : "unexpected argument '" + a + "'") +
+        " (see --help)");
   }
   if (!subcommands.empty() && chosen() == nullptr)
     throw usage_error("no command given; valid commands: " + join(subcommands, ", ") + " (see " + get_name() +
@@ -169,8 +170,7 @@ CLI::Option* add_positional(CLI::App& app, const std::string& name, std::string*
 void check_output_file(const std::string& path, const std::string& option) {
   namespace fs = std::filesystem;
   std::error_code ec;
-  if (fs::is_directory(path, ec))
-    throw usage_error(option + " " + path + ": is a directory; give a file name");
+  if (fs::is_directory(path, ec)) throw usage_error(option + " " + path + ": is a directory; give a file name");
   const fs::path parent = fs::path(path).parent_path();
   const std::string dir = parent.empty() ? "." : parent.string();
   if (!fs::exists(dir, ec))

@@ -204,8 +204,9 @@ Command add_sample(CLI::App& elbo) {
 Command add_reconstruct(CLI::App& elbo) {
   auto a = std::make_shared<ReconstructArgs>();
   CLI::App* c = elbo.add_subcommand("reconstruct", "inputs beside their reconstructions");
-  c->footer("Inputs beside their reconstructions E[x | z = mu(x)]: each row of inputs is followed by a row of their "
-            "reconstructions.");
+  c->footer(
+      "Inputs beside their reconstructions E[x | z = mu(x)]: each row of inputs is followed by a row of their "
+      "reconstructions.");
   add_common(*c, &a->o, "recon.png");
   add_text(*c, "--data", &a->data, "DIR", "split directory written by elbo-shard (e.g. data/fmnist/test)")->required();
   add_integer(*c, "-n", &a->n, "N", "number of inputs (default 32)", 1);
@@ -216,8 +217,9 @@ Command add_reconstruct(CLI::App& elbo) {
 Command add_interpolate(CLI::App& elbo) {
   auto a = std::make_shared<InterpolateArgs>();
   CLI::App* c = elbo.add_subcommand("interpolate", "decode the line between two inputs' latents");
-  c->footer("Decodes the straight line between the posterior means of two inputs: one row [input A, steps decoded "
-            "points from mu(A) to mu(B), input B].");
+  c->footer(
+      "Decodes the straight line between the posterior means of two inputs: one row [input A, steps decoded "
+      "points from mu(A) to mu(B), input B].");
   add_common(*c, &a->o, "interpolation.png");
   add_text(*c, "--data", &a->data, "DIR", "split directory written by elbo-shard (e.g. data/fmnist/test)")->required();
   add_integer(*c, "--from", &a->from, "I", "index of input A in the split (default 0)", 0);

@@ -38,9 +38,10 @@ cli::Command add_train(CLI::App& elbo) {
   };
   auto a = std::make_shared<Args>();
   CLI::App* c = elbo.add_subcommand("train", "train a VAE from an experiment spec");
-  c->footer("Rank 0 writes OUTPUT_DIR/{spec.yaml,metrics.csv,model.h5,eval.yaml}. Exit codes for job scripts: 75 = "
-            "stopped on a signal with a checkpoint (requeue and --resume auto), 76 = forced stop without one, 3 = a "
-            "peer rank failed, 2 = bad input.");
+  c->footer(
+      "Rank 0 writes OUTPUT_DIR/{spec.yaml,metrics.csv,model.h5,eval.yaml}. Exit codes for job scripts: 75 = "
+      "stopped on a signal with a checkpoint (requeue and --resume auto), 76 = forced stop without one, 3 = a "
+      "peer rank failed, 2 = bad input.");
   cli::add_positional(*c, "SPEC", &a->spec, "experiment spec (YAML)");
   cli::add_repeated(*c, "--set", &a->overrides, "KEY=VALUE",
                     "override a spec key, e.g. --set optim.lr=3e-4 (repeatable)");
@@ -101,8 +102,9 @@ int run_eval(const EvalArgs& a, Communicator& comm) {
 cli::Command add_eval(CLI::App& elbo) {
   auto a = std::make_shared<EvalArgs>();
   CLI::App* c = elbo.add_subcommand("eval", "test negative ELBO, IWAE bound, active units");
-  c->footer("Evaluates a trained model on a test split: negative ELBO per sample (nats), its reconstruction and KL "
-            "parts, and the k-sample importance-weighted bound.");
+  c->footer(
+      "Evaluates a trained model on a test split: negative ELBO per sample (nats), its reconstruction and KL "
+      "parts, and the k-sample importance-weighted bound.");
   cli::add_positional(*c, "MODEL", &a->model, "model file written by elbo train (model.h5)");
   cli::add_text(*c, "--data", &a->data, "DIR", "test split directory written by elbo-shard")->required();
   cli::add_integer(*c, "--iw-samples", &a->iw, "K", "importance samples for the IWAE bound (0 = skip)", 0, INT_MAX);
@@ -179,8 +181,9 @@ cli::Command add_info(CLI::App& elbo) {
 int run(int argc, char** argv, Communicator& comm) {
   cli::CommandLine line("elbo", "Data-parallel VAE training (run under mpirun -np N or srun for N replicas).");
   line.set_version_flag("--version", std::string("elbo ") + kVersion);
-  const std::vector<cli::Command> commands = {add_train(line),       add_eval(line),        cli::add_sample(line),
-                                              cli::add_reconstruct(line), cli::add_interpolate(line), add_info(line)};
+  const std::vector<cli::Command> commands = {
+      add_train(line), add_eval(line), cli::add_sample(line), cli::add_reconstruct(line), cli::add_interpolate(line),
+      add_info(line)};
   line.footer("Run 'elbo <command> --help' for the options of a command.");  // after the commands: not theirs
   const std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty()) {
