@@ -30,9 +30,10 @@ struct LoadedModel {
   Buffer<float> params;  // in the backend's memory
 };
 
-// Reads MODEL.h5 and places it on `device` (auto|cpu|cuda) with `threads` BLAS
-// threads per rank (0 = the node's cores / local ranks). Collective; errors name the
-// file or the option (`command` is the command's name for messages).
+// Reads MODEL.h5 and places it on `device` (auto|cpu|cuda, checked by the command
+// line) with `threads` BLAS threads per rank (0 = the node's cores / local ranks).
+// Collective; errors name the file or the option (`command` is the command's name
+// for messages).
 LoadedModel load_model(Communicator& comm, const std::string& command, const std::string& path,
                        const std::string& device, int64_t threads);
 
