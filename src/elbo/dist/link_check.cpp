@@ -245,6 +245,19 @@ void MpiCommunicator::setup_link_checks() {
     for (int r : leaders) m_links->nodes.push_back(node_of(r));
   else
     m_links->nodes.push_back(node_of(0));
+  // A port that cannot be reached now (a host firewall that only lets MPI's ports
+  // through) would later look like a lost node: check once, and drop what fails.
+  for (LinkWatch::Node& n : m_links->nodes) {
+    if (n.port <= 0) continue;
+    const std::string error = try_connect(n.addrs, n.port);
+    if (error.empty()) continue;
+    std::fprintf(stderr,
+                 "elbo: rank %d (%s): warning: cannot reach the link-check port %d of rank %d on node %s (%s): a "
+                 "loss of that node is left to dist.timeout_s and the launcher\n",
+                 m_world.rank, m_world.host.c_str(), n.port, n.rank, m_hosts[static_cast<size_t>(n.rank)].c_str(),
+                 error.c_str());
+    n.port = 0;
+  }
 }
 
 void MpiCommunicator::service(double waited_s) {
