@@ -1,6 +1,7 @@
 // One data-parallel replica and its training step (see replica.hpp).
 #include "elbo/train/replica.hpp"
 
+#include <climits>
 #include <vector>
 
 namespace elbo {
@@ -149,6 +150,38 @@ void Replica::load_state(const float* params, const float* exp_avg, const float*
 
 AllreduceRate Replica::measure_allreduce(int iters) {
   return elbo::measure_allreduce(*m_sync, m_be, m_grads.data(), m_n, m_comm.size(), iters);
+}
+
+std::string SkipPolicy::skip(Communicator& comm, const StepResult& r, TrainState& st) {
+  const int top = comm.allreduce_max(r.nonfinite_here ? -comm.rank() : INT_MIN);
+  std::string what = "step " + std::to_string(st.step) + ": ";
+  what += top == INT_MIN ? "the gradient is not finite (every rank's loss is finite)"
+                         : "the loss is not finite on rank " + std::to_string(-top) +
+                               (r.nonfinite_ranks > 1
+                                    ? " (and " + std::to_string(r.nonfinite_ranks - 1) + " other rank(s))"
+                                    : "");
+  if (m_train.on_nonfinite == "abort")
+    throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
+                                                 "train.on_nonfinite: skip");
+  ++st.skipped_steps;
+  ++m_in_a_row;
+  const int64_t done = st.step - m_first_step;
+  const int64_t skipped = st.skipped_steps - m_skipped_before;  // the share counts this job's steps
+  const bool too_many_in_a_row = m_in_a_row >= m_train.max_consecutive_skips;
+  const bool too_large_a_share = st.skipped_steps > m_train.max_consecutive_skips &&
+                                 static_cast<double>(skipped) > m_train.max_skip_fraction * static_cast<double>(done);
+  if (too_many_in_a_row || too_large_a_share)
+    throw AgreedError(
+        ErrorKind::Numeric,
+        what + "; " +
+            (too_many_in_a_row
+                 ? std::to_string(m_in_a_row) + " steps in a row skipped (train.max_consecutive_skips: " +
+                       std::to_string(m_train.max_consecutive_skips) + ")"
+                 : std::to_string(skipped) + " of " + std::to_string(done) +
+                       " steps skipped (train.max_skip_fraction: " + std::to_string(m_train.max_skip_fraction) +
+                       ")") +
+            "; the run is not learning: lower optim.lr, set optim.grad_clip, or check the data for NaN/Inf");
+  return what + "; skipping this step (train.on_nonfinite: skip)";
 }
 
 }  // namespace elbo

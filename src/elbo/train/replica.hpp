@@ -2,7 +2,8 @@
 // optimizer, the gradient sync, the host staging buffers and the recorded step graph.
 // step() is one training step of this rank; all ranks call it in lockstep. Kept apart
 // from the loop (issue 14) so that the loop reads as the algorithm and the update has
-// one seam (sync_and_update) where a sharded optimizer fits.
+// one seam (sync_and_update) where a sharded optimizer fits. The skip policy for
+// steps that were not applied lives here too.
 #pragma once
 
 #include <cmath>
@@ -13,6 +14,7 @@
 #include <string>
 
 #include "elbo/backend/backend.hpp"
+#include "elbo/ckpt/checkpoint.hpp"
 #include "elbo/config/spec.hpp"
 #include "elbo/dist/comm.hpp"
 #include "elbo/dist/grad_sync.hpp"
@@ -95,6 +97,28 @@ class Replica {
   bool m_steady_warm = false;             // a steady-state step has run op by op
   std::unique_ptr<CapturedWork> m_graph;  // recorded at the second steady-state step
   std::function<void(const std::string&)> m_warn;
+};
+
+// train.on_nonfinite for a step whose update was not applied (a loss or the gradient
+// not finite): abort ends the run; skip goes on until the skips show that the run is
+// not learning (train.max_consecutive_skips in a row, or more than
+// train.max_skip_fraction of this job's steps). Next to the step because it is the
+// meaning of a StepResult that was not applied; the loop only asks.
+class SkipPolicy {
+ public:
+  SkipPolicy(const TrainSpec& train, int64_t first_step, int64_t skipped_before)
+      : m_train(train), m_first_step(first_step), m_skipped_before(skipped_before) {}
+
+  void applied() { m_in_a_row = 0; }
+  // Every rank calls it for the same steps (all see the same sums and the same reduced
+  // gradient). Counts the skip in `st` (at the step just taken) and returns the
+  // warning, or throws an AgreedError naming the first rank with a non-finite loss.
+  std::string skip(Communicator& comm, const StepResult& r, TrainState& st);
+
+ private:
+  const TrainSpec& m_train;
+  const int64_t m_first_step, m_skipped_before;
+  int64_t m_in_a_row = 0;  // skipped steps since the last applied one
 };
 
 }  // namespace elbo

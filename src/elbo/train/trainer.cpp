@@ -6,11 +6,14 @@
 #include "elbo/train/trainer.hpp"
 
 #include <algorithm>
-#include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
 #include <optional>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "elbo/train/batch_prep.hpp"
 #include "elbo/train/footprint.hpp"
@@ -23,58 +26,6 @@
 namespace elbo {
 
 namespace {
-
-// train.on_nonfinite for a step whose update was not applied (a loss or the gradient
-// not finite): abort ends the run; skip goes on until the skips show that the run is
-// not learning (train.max_consecutive_skips in a row, or more than
-// train.max_skip_fraction of this job's steps).
-class SkipPolicy {
- public:
-  SkipPolicy(const TrainSpec& train, int64_t first_step, int64_t skipped_before)
-      : m_train(train), m_first_step(first_step), m_skipped_before(skipped_before) {}
-
-  void applied() { m_in_a_row = 0; }
-
-  // Every rank calls it for the same steps (all see the same sums and the same reduced
-  // gradient). Counts the skip in `st` (at the step just taken) and returns the
-  // warning, or throws an AgreedError.
-  std::string skip(Communicator& comm, const StepResult& r, TrainState& st) {
-    const int top = comm.allreduce_max(r.nonfinite_here ? -comm.rank() : INT_MIN);
-    std::string what = "step " + std::to_string(st.step) + ": ";
-    what += top == INT_MIN ? "the gradient is not finite (every rank's loss is finite)"
-                           : "the loss is not finite on rank " + std::to_string(-top) +
-                                 (r.nonfinite_ranks > 1
-                                      ? " (and " + std::to_string(r.nonfinite_ranks - 1) + " other rank(s))"
-                                      : "");
-    if (m_train.on_nonfinite == "abort")
-      throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
-                                                   "train.on_nonfinite: skip");
-    ++st.skipped_steps;
-    ++m_in_a_row;
-    const int64_t done = st.step - m_first_step;
-    const int64_t skipped = st.skipped_steps - m_skipped_before;  // the share counts this job's steps
-    const bool too_many_in_a_row = m_in_a_row >= m_train.max_consecutive_skips;
-    const bool too_large_a_share = st.skipped_steps > m_train.max_consecutive_skips &&
-                                   static_cast<double>(skipped) > m_train.max_skip_fraction * static_cast<double>(done);
-    if (too_many_in_a_row || too_large_a_share)
-      throw AgreedError(
-          ErrorKind::Numeric,
-          what + "; " +
-              (too_many_in_a_row
-                   ? std::to_string(m_in_a_row) + " steps in a row skipped (train.max_consecutive_skips: " +
-                         std::to_string(m_train.max_consecutive_skips) + ")"
-                   : std::to_string(skipped) + " of " + std::to_string(done) +
-                         " steps skipped (train.max_skip_fraction: " + std::to_string(m_train.max_skip_fraction) +
-                         ")") +
-              "; the run is not learning: lower optim.lr, set optim.grad_clip, or check the data for NaN/Inf");
-    return what + "; skipping this step (train.on_nonfinite: skip)";
-  }
-
- private:
-  const TrainSpec& m_train;
-  const int64_t m_first_step, m_skipped_before;
-  int64_t m_in_a_row = 0;
-};
 
 // Held-out evaluation: during training quietly on the first eval.max_samples test
 // samples; at the end on all of them, with the IWAE bound.
