@@ -21,6 +21,14 @@ enum class DeviceKind { Cpu, Cuda };
 const char* activation_name(Activation a);
 const char* likelihood_name(Likelihood l);
 
+// Elements [begin, end) of a flat buffer: a gradient bucket, a rank's slice of the
+// optimizer state.
+struct FlatRange {
+  size_t begin = 0, end = 0;
+  size_t size() const { return end - begin; }
+  bool operator==(const FlatRange&) const = default;
+};
+
 // Everything one Adam/AdamW update needs; `step` is 1-based (bias correction).
 struct AdamArgs {
   double lr = 1e-3;

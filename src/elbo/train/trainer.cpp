@@ -406,7 +406,11 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   Buffer<float> grads = allocating(state_mem, spec.source, [&] { return Buffer<float>(be, P); });
   const auto bucket_elems = static_cast<size_t>(spec.dist.bucket_mb * 1e6 / sizeof(float));
   std::unique_ptr<GradientSync> sync;
-  collectively(comm, [&] { sync = make_gradient_sync(place.communicator, comm, be, grads.data(), P, bucket_elems); });
+  collectively(comm, [&] {
+    sync = spec.dist.shard_optimizer
+               ? make_sharded_sync(place.communicator, comm, be, grads.data(), params.data(), P, bucket_elems)
+               : make_gradient_sync(place.communicator, comm, be, grads.data(), P, bucket_elems);
+  });
   const auto grads_ready = [&](size_t offset) { sync->ready_from(offset); };
   {
     std::vector<double> init = layout.init_params(spec.seed);
@@ -418,7 +422,14 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   }
   Vae<float> model = allocating(need.items[MemoryEstimate::kActivations], spec.source,
                                 [&] { return Vae<float>(layout, be, local_rows); });
-  Adam<float> optim = allocating(state_mem, spec.source, [&] { return Adam<float>(spec.optim, be, P); });
+  Adam<float> optim = allocating(state_mem, spec.source, [&] {
+    const ShardPlan* shards = sync->shard_plan();  // sharded: moments for this rank's slice, the global norm
+    return shards == nullptr ? Adam<float>(spec.optim, be, P)
+                             : Adam<float>(spec.optim, be, P, shards->owned(rank), [&comm](double s) {
+                                 comm.allreduce_sum(&s, 1);
+                                 return s;
+                               });
+  });
   Buffer<float> x(be, static_cast<size_t>(local_rows) * D), eps(be, static_cast<size_t>(local_rows) * L);
   // The batch on the host, in pinned memory on a GPU so that its upload need not wait:
   // every step that uploads also downloads its losses (a synchronization) before the
@@ -518,8 +529,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       comm.broadcast(host_m.data(), P * sizeof(float), 0);
       comm.broadcast(host_v.data(), P * sizeof(float), 0);
       be.upload(params.data(), host_p.data(), P);
-      be.upload(optim.first_moment().data(), host_m.data(), P);
-      be.upload(optim.second_moment().data(), host_v.data(), P);
+      optim.load_moments(host_m.data(), host_v.data());  // this rank's slice when sharded
       optim.set_steps_taken(st.adam_steps);
       // The LR schedule's horizon follows the current spec (train.epochs/max_steps may grow).
       st.total_steps = total_steps;
@@ -536,6 +546,13 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
                                             : " (GPU " + std::to_string(place.gpu) + " on rank 0)")
         << " (" << place.why << ")\n"
         << "gradients: " << sync->describe() << "\n"
+        << "optimizer: " << spec.optim.type << ", moments " << format_bytes(2.0 * optim.owned_elems() * sizeof(float))
+        << " per rank ("
+        << (sync->shard_plan() != nullptr
+                ? "sharded over " + std::to_string(world) + " rank(s), dist.shard_optimizer: true; whole: " +
+                      format_bytes(2.0 * static_cast<double>(P) * sizeof(float))
+                : std::string("whole on every rank"))
+        << ")\n"
         << "step graph: " << (use_graph ? "on (steady-state forward/backward replayed as one recorded graph)" : "off")
         << "\n"
         << "data: " << n << " training samples of shape " << shape_string(input_shape, "[]") << " from " << spec.data.train
@@ -594,12 +611,20 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   // --- checkpoints: rank 0 copies the state to host memory, a thread writes it ---
   CheckpointWriter writer;
   auto save_checkpoint = [&](bool wait) {
+    // Every rank: the parameters whole again, and a sharded optimizer's moments gathered
+    // to rank 0 (the file holds them whole, so any world size resumes, sharded or not).
+    sync->params_ready();
+    auto hm = std::make_shared<std::vector<float>>(root ? P : 0), hv = std::make_shared<std::vector<float>>(root ? P : 0);
+    if (const ShardPlan* shards = sync->shard_plan()) {
+      std::vector<float> m(optim.owned_elems()), v(optim.owned_elems());
+      optim.download_moments(m.data(), v.data());
+      gather_slices_to_root(comm, *shards, m.data(), v.data(), hm->data(), hv->data());
+    } else if (root) {
+      optim.download_moments(hm->data(), hv->data());
+    }
     if (!root) return;
-    auto hp = std::make_shared<std::vector<float>>(P), hm = std::make_shared<std::vector<float>>(P),
-         hv = std::make_shared<std::vector<float>>(P);
+    auto hp = std::make_shared<std::vector<float>>(P);
     be.download(hp->data(), params.data(), P);
-    be.download(hm->data(), optim.first_moment().data(), P);
-    be.download(hv->data(), optim.second_moment().data(), P);
     const TrainState snap = st;
     const std::string name = checkpoint_file_name(snap.step);
     result.checkpoint_path = (ckpt_dir / name).string();
@@ -654,6 +679,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       const bool graph_step = steady && steady_warm;
       steady_warm = steady_warm || steady;
       if (!graph_step) be.fill(grads.data(), 0.0f, P);
+      sync->params_ready();  // a sharded optimizer's all-gather from the last step, overlapped until here
       sync->begin(step);
       // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
       double local[4] = {0, 0, 0, stop.requested() ? 1.0 : 0.0};
@@ -714,6 +740,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       if (local[2] == 0)  // not applied if non-finite
         gnorm = norm_with_losses ? optim.step(params.data(), grads.data(), lr, *squared_norm)
                                  : optim.step(params.data(), grads.data(), lr);
+      if (local[2] == 0) sync->gather_params();  // sharded: every rank's updated slice to every rank
       ++step;
       st.step = step;
       st.samples_seen += g_rows;
@@ -780,6 +807,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         eo.binarize = spec.data.binarize;
         eo.max_samples = spec.eval.max_samples;
         eo.progress = false;
+        sync->params_ready();
         test_now = evaluate(layout, be, params.data(), *test_set, comm, eo);
         collectively(comm, [&] {
           if (!root) return;
@@ -878,10 +906,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     return result;
   }
   // The final checkpoint: the run can be extended later (more epochs) with --resume.
-  collectively(comm, [&] {
-    writer.wait();
-    save_checkpoint(true);
-  });
+  // (submit() waits for the previous write, and its failure surfaces there; every rank
+  // reaches the moments gather inside save_checkpoint first.)
+  collectively(comm, [&] { save_checkpoint(true); });
 
   // --- outputs: rank 0 writes, everyone agrees it worked ---
   result.model_path = (out_dir / "model.h5").string();
