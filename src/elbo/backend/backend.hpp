@@ -26,7 +26,8 @@ const char* likelihood_name(Likelihood l);
 struct FlatRange {
   size_t begin = 0, end = 0;
   size_t size() const { return end - begin; }
-  bool operator==(const FlatRange&) const = default;
+  // Spelled out: the .cu files are compiled as C++17, where `= default` is not allowed.
+  bool operator==(const FlatRange& o) const { return begin == o.begin && end == o.end; }
 };
 
 // Everything one Adam/AdamW update needs; `step` is 1-based (bias correction).
