@@ -374,6 +374,11 @@ AllreduceRate measure_allreduce(GradientSync& sync, Backend<float>& be, float* g
   auto round = [&] {
     sync.begin(-1);
     sync.finish();
+    // Sharded: the parameters' all-gather too, so that one round moves what an
+    // all-reduce moves (and busbw keeps its meaning). At start-up every rank holds the
+    // same parameters, so gathering them changes no value.
+    sync.gather_params();
+    sync.params_ready();
   };
   round();
   round();

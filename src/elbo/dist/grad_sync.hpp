@@ -131,7 +131,8 @@ struct AllreduceRate {
   double algbw_gbs = 0;   // GB/s (1e9 bytes)
   double busbw_gbs = 0;
 };
-// Zeroes grads, then times `iters` synchronised all-reduces after 2 warm-up rounds.
+// Zeroes grads, then times `iters` synchronised all-reduces after 2 warm-up rounds (a
+// sharded sync: reduce-scatter + parameter all-gather, the same bytes).
 AllreduceRate measure_allreduce(GradientSync& sync, Backend<float>& be, float* grads, size_t n, int ranks,
                                 int iters);
 

@@ -392,7 +392,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   MemoryEstimate need;
   collectively(comm, [&] {
     plan = plan_steps(spec, n, world);
-    need = estimate_train_memory(layout, B / world, place.device);
+    need = estimate_train_memory(layout, B / world, place.device, spec.dist.shard_optimizer ? world : 1);
     if (test_set)
       add_eval_memory(need, layout, data::rank_slice(test_set->size(), rank, world).count, spec.eval.iw_samples,
                       spec.eval.batch_size, "eval.batch_size or eval.iw_samples");
@@ -601,9 +601,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     const AllreduceRate r = measure_allreduce(*sync, be, grads.data(), P, world, 20);
     if (root) {
       char line[200];
-      std::snprintf(line, sizeof(line), "all-reduce self-test: %.2f MB gradient buffer in %.3f ms | algbw %.2f GB/s | "
-                    "busbw %.2f GB/s\n", static_cast<double>(P) * sizeof(float) / 1e6, r.seconds * 1e3, r.algbw_gbs,
-                    r.busbw_gbs);
+      std::snprintf(line, sizeof(line), "%s self-test: %.2f MB gradient buffer in %.3f ms | algbw %.2f GB/s | "
+                    "busbw %.2f GB/s\n", sync->shard_plan() ? "reduce-scatter + all-gather" : "all-reduce",
+                    static_cast<double>(P) * sizeof(float) / 1e6, r.seconds * 1e3, r.algbw_gbs, r.busbw_gbs);
       log << line << std::flush;
     }
   }
