@@ -90,6 +90,11 @@ TEST(ShardedSync, ReduceScatterThenAllGatherForEveryBucketSize) {
       for (size_t i = 0; i < n; ++i)
         p.data()[i] = owner[i] == me ? static_cast<float>(1000 * me + step) + static_cast<float>(i % 13) : -7.0f;
       sync->gather_params();
+      // The forward pass's first layers: params[0, n/2) final before the rest is waited for.
+      sync->params_ready_until(n / 2);
+      for (size_t i = 0; i < n / 2; ++i)
+        ASSERT_EQ(p.data()[i], static_cast<float>(1000 * owner[i] + step) + static_cast<float>(i % 13))
+            << "element " << i << " after params_ready_until(" << n / 2 << "), bucket " << bucket << ", rank " << me;
       sync->params_ready();
       for (size_t i = 0; i < n; ++i)
         ASSERT_EQ(p.data()[i], static_cast<float>(1000 * owner[i] + step) + static_cast<float>(i % 13))

@@ -216,7 +216,8 @@ class MpiShardedSync final : public BucketedSync {
     if (!m_gathers.empty()) {
       try {
         params_ready();
-      } catch (...) {
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "elbo: rank %d: the parameters' all-gather did not complete: %s\n", m_rank, e.what());
       }
     }
   }
@@ -225,11 +226,6 @@ class MpiShardedSync final : public BucketedSync {
            " ranks), " + (m_staged ? "staged through pinned host memory, " : "") + bucket_summary();
   }
   const ShardPlan* shard_plan() const override { return &m_plan; }
-
-  void begin(int64_t step) override {
-    params_ready();
-    BucketedSync::begin(step);
-  }
 
   void gather_params() override {
     params_ready();
@@ -247,15 +243,37 @@ class MpiShardedSync final : public BucketedSync {
       ELBO_CHECK_MPI(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, p, m_counts[k].data(), m_displs[k].data(),
                                      MPI_FLOAT, m_comm.handle(), &req));
       m_gathers.push_back(req);
+      m_gather_bucket.push_back(k);
     }
   }
 
-  void params_ready() override {
+  void params_ready() override { params_ready_until(m_n); }
+
+  void params_ready_until(size_t end) override {
     if (m_gathers.empty()) return;
-    const std::string what = "all-gather of the parameters after step " + std::to_string(m_step + 1);
-    m_comm.wait(m_gathers.data(), static_cast<int>(m_gathers.size()), what.c_str());
-    m_gathers.clear();
-    if (m_staged) m_be.upload(m_params, m_host, m_n);
+    // Gathers were started in buffer order: the ones params[0, end) needs are a prefix.
+    size_t j = m_gathered;
+    while (j < m_gathers.size() && m_buckets[m_gather_bucket[j]].begin < end) ++j;
+    if (j > m_gathered) {
+      const std::string what = "all-gather of the parameters after step " + std::to_string(m_step + 1);
+      m_comm.wait(m_gathers.data() + m_gathered, static_cast<int>(j - m_gathered), what.c_str());
+      for (size_t i = m_gathered; m_staged && i < j; ++i) {
+        const BucketRange& b = m_buckets[m_gather_bucket[i]];
+        m_be.upload(m_params + b.begin, m_host + b.begin, b.size());
+      }
+      m_gathered = j;
+    }
+    if (m_gathered == m_gathers.size()) {
+      m_gathers.clear();
+      m_gather_bucket.clear();
+      m_gathered = 0;
+      return;
+    }
+    // The rest moves on while the caller computes: Open MPI progresses non-blocking
+    // collectives only inside MPI calls.
+    int done = 0;
+    ELBO_CHECK_MPI(MPI_Testall(static_cast<int>(m_gathers.size() - m_gathered), m_gathers.data() + m_gathered, &done,
+                               MPI_STATUSES_IGNORE));
   }
 
  protected:
@@ -263,6 +281,9 @@ class MpiShardedSync final : public BucketedSync {
 
   void launch(const BucketRange& b) override {
     const size_t k = m_next - 1;  // BucketedSync advanced m_next before calling us
+    // A rank without rows this step ran no forward pass to complete the last gather; the
+    // staging buffer must be free of it too.
+    if (k == 0) params_ready();
     float* p = m_grads + b.begin;
     if (m_staged) {
       m_be.download(m_host + b.begin, m_grads + b.begin, b.size());
@@ -304,6 +325,8 @@ class MpiShardedSync final : public BucketedSync {
   std::unique_ptr<HostBuffer<float, float>> m_staging;
   float* m_host = nullptr;
   std::vector<MPI_Request> m_requests, m_gathers;
+  std::vector<size_t> m_gather_bucket;  // the bucket of each gather, in launch (buffer) order
+  size_t m_gathered = 0;                // gathers [0, m_gathered) are complete (and uploaded)
 };
 
 }  // namespace

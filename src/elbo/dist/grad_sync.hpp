@@ -76,6 +76,12 @@ class GradientSync {
   // before later work on the compute stream); a no-op when no gather is in flight. Call
   // before anything reads params: the next forward pass, evaluation, a checkpoint.
   virtual void params_ready() {}
+  // The same for params[0, end) only (a forward pass about to run the layers there); the
+  // rest of the gather keeps moving. Syncs that cannot wait in parts wait for all.
+  virtual void params_ready_until(size_t end) {
+    (void)end;
+    params_ready();
+  }
 };
 
 // The reducer bookkeeping shared by the MPI and NCCL implementations.

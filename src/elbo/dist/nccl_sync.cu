@@ -115,11 +115,10 @@ class NcclGradientSync final : public BucketedSync {
     CHECK_CUDA(cudaStreamWaitEvent(m_compute, m_gathered, 0));  // the next forward reads params
     watch(m_gathered, "all-gather of the parameters after step " + std::to_string(m_step + 1));
   }
+  // (params_ready_until waits for the whole gather: the first layer's kernels would
+  // wait on the stream anyway. The reduce-scatter of the next step queues behind the
+  // gather on m_stream, so a rank without rows needs no wait of its own.)
 
-  void begin(int64_t step) override {
-    params_ready();
-    BucketedSync::begin(step);
-  }
 
  protected:
   void launch(const BucketRange& b) override {

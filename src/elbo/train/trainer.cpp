@@ -679,7 +679,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       const bool graph_step = steady && steady_warm;
       steady_warm = steady_warm || steady;
       if (!graph_step) be.fill(grads.data(), 0.0f, P);
-      sync->params_ready();  // a sharded optimizer's all-gather from the last step, overlapped until here
+      // A sharded optimizer's all-gather from the last step: the op-by-op forward pass waits
+      // for each layer's parameters (the rest of the gather overlaps the earlier layers);
+      // a recorded step has no per-layer hook.
+      if (graph_step) sync->params_ready();
       sync->begin(step);
       // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
       double local[4] = {0, 0, 0, stop.requested() ? 1.0 : 0.0};
@@ -712,7 +715,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           sync->ready_from(0);  // all buckets at once: a graph gives no per-layer hook for the overlap
         } else {
           if (graph_step) be.fill(grads.data(), 0.0f, P);  // the recording would have zeroed them
-          model.forward(params.data(), x.data(), eps.data(), rows);
+          model.forward(params.data(), x.data(), eps.data(), rows,
+                        [&](size_t end) { sync->params_ready_until(end); });
           model.backward(params.data(), grads.data(), x.data(), eps.data(), rows, w, kw, grads_ready);
         }
         be.download_async(rec, model.rec(), rows);
