@@ -24,7 +24,8 @@ common_sets() {  # output dir, steps
 rate() { awk -F, 'NR>2 {s+=$10; n++} END {if (n) printf "%.0f", s/n; else print "?"}' "$1/metrics.csv"; }
 moments() { grep '^optimizer: ' "$1" | sed 's/^optimizer: //'; }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u '+%F %H:%M') UTC"
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine slows both modes alike)"
 echo "== 2 ranks on this machine, $STEPS steps (first $LOG_EVERY untimed) =="
 printf "%-6s %-11s %10s  %s\n" try optimizer samples/s "optimizer memory (log)"
 declare -A sum=([replicated]=0 [sharded]=0)
@@ -95,3 +96,4 @@ try:
 except NodesUnavailable as e:
     print(f"skipped: cannot make network namespaces: {e}")
 PY
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
