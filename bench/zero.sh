@@ -6,7 +6,7 @@
 #      1 rank per node over a veth link throttled to 1 Gbit/s inside each node
 #      (tc tbf rate 1gbit burst 256kb latency 50ms): replicated and sharded, with the
 #      default 1 MB buckets (communication overlapped with backward) and with
-#      dist.bucket_mb 0 (one collective after backward: no overlap).
+#      dist.bucket_mb 0 (one collective after backward: no overlap); REPEAT times, alternating.
 # Model: configs/fmnist_mlp.yaml (784-400-20, 652 824 parameters = 2.6 MB), batch 128;
 # samples/s is the mean of the metrics rows after the first (warm-up) row.
 # Usage: [REPEAT=2] bash bench/zero.sh [STEPS=600] [LINK_STEPS=300]
@@ -49,9 +49,10 @@ if [[ $(id -u) -ne 0 ]]; then
   echo "skipped: network namespaces need root"
   exit 0
 fi
-"$PY" - "$ROOT" "$ELBO" "$SPEC" "$WORK" "$LINK_STEPS" "$LOG_EVERY" "$DATA" <<'PY'
+"$PY" - "$ROOT" "$ELBO" "$SPEC" "$WORK" "$LINK_STEPS" "$LOG_EVERY" "$DATA" "$REPEAT" <<'PY'
 import os, re, subprocess, sys
-root, elbo, spec, work, steps, log_every, data = sys.argv[1:]
+root, elbo, spec, work, steps, log_every, data, repeat = sys.argv[1:]
+repeat = int(repeat)
 sys.path.insert(0, os.path.join(root, "tests", "launch"))
 from netns_nodes import Nodes, NodesUnavailable
 
@@ -68,31 +69,34 @@ try:
         qdisc = subprocess.run(["ip", "netns", "exec", f"{nodes.prefix}-n1", "tc", "qdisc", "show", "dev", "eth0"],
                                capture_output=True, text=True).stdout.strip()
         print(f"link: n1 eth0 <-> n2 eth0 (veth over a bridge), each side: {qdisc}")
-        print(f"{'optimizer':<11} {'buckets':<24} {'samples/s':>10}  gradients (log)")
+        print(f"{'try':<4} {'optimizer':<11} {'buckets':<24} {'samples/s':>10}  gradients (log)")
         res = {}
-        for mode in ("replicated", "sharded"):
-            for buckets, mb in (("1 MB (overlap)", "1"), ("one, after backward", "0")):
-                out = os.path.join(work, f"link-{mode}-{mb}")
-                # launch/mpirun.sh's arguments, but unbound: each "node" would pin its one
-                # rank to core 0, and both nodes are this machine's cores.
-                r = nodes.run(["mpirun", "--hostfile", nodes.hostfile, "--mca", "plm_rsh_agent", nodes.agent,
-                               "--mca", "btl_tcp_if_include", "eth0", "--mca", "oob_tcp_if_include", "eth0",
-                               "-np", "2", "--bind-to", "none", "-x", "OPENBLAS_NUM_THREADS=1", elbo, "train", spec,
-                               "--set", f"data.train={data}/train", "--set", "data.test=", "--set", "eval.every=0",
-                               "--set", f"train.max_steps={steps}", "--set", "train.threads=1",
-                               "--set", f"train.log_every={log_every}", "--set", "dist.self_test=false",
-                               "--set", f"dist.bucket_mb={mb}",
-                               "--set", f"dist.shard_optimizer={'true' if mode == 'sharded' else 'false'}",
-                               "--set", f"output.dir={out}"], capture_output=True, text=True, timeout=900)
-                if r.returncode != 0:
-                    sys.exit(f"{mode}, {buckets}: failed ({r.returncode})\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-                res[mode, mb] = rate(out)
-                grads = re.search(r"gradients: (.*)", r.stdout).group(1)
-                print(f"{mode:<11} {buckets:<24} {res[mode, mb]:>10.0f}  {grads}")
+        for attempt in range(1, repeat + 1):
+            for mode in ("replicated", "sharded"):
+                for buckets, mb in (("1 MB (overlap)", "1"), ("one, after backward", "0")):
+                    out = os.path.join(work, f"link-{mode}-{mb}-{attempt}")
+                    # launch/mpirun.sh's arguments, but unbound: each "node" would pin its one
+                    # rank to core 0, and both nodes are this machine's cores.
+                    r = nodes.run(["mpirun", "--hostfile", nodes.hostfile, "--mca", "plm_rsh_agent", nodes.agent,
+                                   "--mca", "btl_tcp_if_include", "eth0", "--mca", "oob_tcp_if_include", "eth0",
+                                   "-np", "2", "--bind-to", "none", "-x", "OPENBLAS_NUM_THREADS=1", elbo, "train", spec,
+                                   "--set", f"data.train={data}/train", "--set", "data.test=", "--set", "eval.every=0",
+                                   "--set", f"train.max_steps={steps}", "--set", "train.threads=1",
+                                   "--set", f"train.log_every={log_every}", "--set", "dist.self_test=false",
+                                   "--set", f"dist.bucket_mb={mb}",
+                                   "--set", f"dist.shard_optimizer={'true' if mode == 'sharded' else 'false'}",
+                                   "--set", f"output.dir={out}"], capture_output=True, text=True, timeout=900)
+                    if r.returncode != 0:
+                        sys.exit(f"{mode}, {buckets}: failed ({r.returncode})\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+                    res.setdefault((mode, mb), []).append(rate(out))
+                    grads = re.search(r"gradients: (.*)", r.stdout).group(1)
+                    print(f"{attempt:<4} {mode:<11} {buckets:<24} {res[mode, mb][-1]:>10.0f}  {grads}", flush=True)
+        mean = {k: sum(v) / len(v) for k, v in res.items()}
+        print(f"means of {repeat}: " + ", ".join(f"{m} bucket_mb={b}: {mean[m, b]:.0f}" for m, b in mean))
         for mb, what in (("1", "1 MB buckets"), ("0", "one bucket")):
-            print(f"sharded / replicated, {what}: {res['sharded', mb] / res['replicated', mb]:.3f}x")
+            print(f"sharded / replicated, {what}: {mean['sharded', mb] / mean['replicated', mb]:.3f}x")
         for mode in ("replicated", "sharded"):
-            print(f"{mode}: overlapped (1 MB buckets) / one bucket: {res[mode, '1'] / res[mode, '0']:.3f}x")
+            print(f"{mode}: overlapped (1 MB buckets) / one bucket: {mean[mode, '1'] / mean[mode, '0']:.3f}x")
 except NodesUnavailable as e:
     print(f"skipped: cannot make network namespaces: {e}")
 PY
