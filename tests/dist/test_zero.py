@@ -53,8 +53,9 @@ def bitwise(p, q):
 
 def worst(p, q):
     assert set(p) == set(q)
-    errs = {k: float(np.linalg.norm(p[k].astype(np.float64) - q[k]) / max(np.linalg.norm(q[k].astype(np.float64)), 1e-30))
-            for k in q}
+    def rel(k):
+        return np.linalg.norm(p[k].astype(np.float64) - q[k]) / max(np.linalg.norm(q[k].astype(np.float64)), 1e-30)
+    errs = {k: float(rel(k)) for k in q}
     k = max(errs, key=errs.get)
     return errs[k], k
 

@@ -92,7 +92,8 @@ void BucketedSync::finish() {
 }
 
 std::string BucketedSync::operation() const {
-  std::string what = std::string(collective()) + " of the gradient buffer (" + std::to_string(m_buckets.size()) + " bucket(s))";
+  std::string what =
+      std::string(collective()) + " of the gradient buffer (" + std::to_string(m_buckets.size()) + " bucket(s))";
   return m_step < 0 ? what + " in the startup self-test" : what + " at step " + std::to_string(m_step + 1);
 }
 
@@ -344,7 +345,8 @@ std::unique_ptr<GradientSync> make_sharded_sync(const std::string& communicator,
   if (communicator != "mpi" && communicator != "none")
     throw internal_error("unknown communicator '" + communicator + "'");
   if (comm.size() == 1) return std::make_unique<LocalShardedSync>(n, bucket_elems);
-  if (communicator == "none") throw internal_error("no gradient sync requested for " + std::to_string(comm.size()) + " ranks");
+  if (communicator == "none")
+    throw internal_error("no gradient sync requested for " + std::to_string(comm.size()) + " ranks");
   auto* mpi = dynamic_cast<MpiCommunicator*>(&comm);
   if (mpi == nullptr) throw internal_error("a sharded MPI gradient sync needs an MpiCommunicator");
   return std::make_unique<MpiShardedSync>(*mpi, be, grads, params, n, bucket_elems);

@@ -66,7 +66,8 @@ double Adam<T>::step(T* params, T* grads, double lr, double squared_norm) {
   const double norm = std::sqrt(squared_norm);
   if (!std::isfinite(norm)) return norm;
   if (m_spec.grad_clip > 0 && norm > m_spec.grad_clip)
-    for (const auto& r : m_owned) m_be.scale(r.size(), static_cast<T>(m_spec.grad_clip / (norm + 1e-6)), grads + r.begin);
+    for (const auto& r : m_owned)
+      m_be.scale(r.size(), static_cast<T>(m_spec.grad_clip / (norm + 1e-6)), grads + r.begin);
   ++m_steps;
   AdamArgs a;
   a.lr = lr;

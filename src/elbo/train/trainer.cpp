@@ -614,7 +614,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     // Every rank: the parameters whole again, and a sharded optimizer's moments gathered
     // to rank 0 (the file holds them whole, so any world size resumes, sharded or not).
     sync->params_ready();
-    auto hm = std::make_shared<std::vector<float>>(root ? P : 0), hv = std::make_shared<std::vector<float>>(root ? P : 0);
+    auto hm = std::make_shared<std::vector<float>>(root ? P : 0);
+    auto hv = std::make_shared<std::vector<float>>(root ? P : 0);
     if (const ShardPlan* shards = sync->shard_plan()) {
       std::vector<float> m(optim.owned_elems()), v(optim.owned_elems());
       optim.download_moments(m.data(), v.data());
