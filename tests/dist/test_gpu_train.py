@@ -12,6 +12,9 @@ with ctest's skip code 77 and the reason otherwise):
   4. the steady-state step replayed as a CUDA graph vs launched op by op (KL
      warm-up first, so the run switches from eager steps to replays mid-way, and
      a short last batch, which runs eagerly): bit-identical parameters.
+  5. dist.shard_optimizer: NCCL with 1 rank sharded vs replicated, bit-identical (the
+     one-rank reduce-scatter and all-gather are copies; the step graph is on); 2 ranks
+     sharing the GPU (mpi, staged) sharded vs replicated within 1e-5.
 A reseeded GPU run must differ, so the comparisons can fail."""
 import csv, os, re, subprocess, sys
 import h5py, numpy as np
@@ -80,6 +83,19 @@ same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
 print(f"CUDA graph replay vs eager launches, 50 steps: bit-identical = {same}")
 if not same:
     failures.append("the graph-replayed steps differ from eagerly launched ones")
+
+shard = ("--set", "dist.shard_optimizer=true")
+nccl_sharded, _ = train(1, "gpu_nccl_sharded", "--set", "device=cuda", "--set", "dist.communicator=nccl", *shard)
+same = all(np.array_equal(nccl_sharded[k], nccl[k]) for k in nccl)
+print(f"NCCL 1 rank, sharded optimizer vs replicated: bit-identical = {same}")
+if not same:
+    failures.append("the sharded optimizer on 1 NCCL rank differs from the replicated one")
+shared_sharded, _ = train(2, "gpu_shared_np2_sharded", "--set", "device=cuda", "--set", "dist.communicator=mpi",
+                          *shard)
+err, name = worst(shared_sharded, shared)
+print(f"2 ranks sharing the GPU (mpi, staged), sharded optimizer vs replicated: {err:.2e} ({name})")
+if err > 1e-5:
+    failures.append("the sharded optimizer on 2 ranks sharing a GPU differs from the replicated one")
 
 reseeded, _ = train(1, "gpu_seed9", "--set", "device=cuda", "--set", "seed=9")
 err, _ = worst(reseeded, gpu)
