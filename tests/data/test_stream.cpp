@@ -209,26 +209,26 @@ TEST(Stream, ACacheSmallerThanABlockStillServesExactRows) {
 }
 
 TEST(Stream, ResolveLoader) {
-  EXPECT_EQ(resolve_loader("auto", 1.0, 1 << 20), "memory");
-  EXPECT_EQ(resolve_loader("auto", 1.0, (1 << 20) + 1), "stream");
-  EXPECT_EQ(resolve_loader("memory", 1.0, int64_t{1} << 40), "memory");
-  EXPECT_EQ(resolve_loader("stream", 1e6, 10), "stream");
+  EXPECT_EQ(resolve_loader(Loader::Auto, 1.0, 1 << 20), Loader::Memory);
+  EXPECT_EQ(resolve_loader(Loader::Auto, 1.0, (1 << 20) + 1), Loader::Stream);
+  EXPECT_EQ(resolve_loader(Loader::Memory, 1.0, int64_t{1} << 40), Loader::Memory);
+  EXPECT_EQ(resolve_loader(Loader::Stream, 1e6, 10), Loader::Stream);
 }
 
 TEST(Stream, SpecKeysParseValidateAndDump) {
   const std::string base = "data: {train: d, ";
   ExperimentSpec s = parse_spec(base + "shuffle: blocks, loader: stream, cache_mb: 64}\n", "t.yaml");
   EXPECT_TRUE(s.data.shuffle && s.data.shuffle_blocks);
-  EXPECT_EQ(s.data.loader, "stream");
+  EXPECT_EQ(s.data.loader, Loader::Stream);
   EXPECT_EQ(s.data.cache_mb, 64.0);
   const std::string dumped = dump_spec(s);
   EXPECT_NE(dumped.find("shuffle: blocks"), std::string::npos) << dumped;
   ExperimentSpec again = parse_spec(dumped, "dump");
   EXPECT_TRUE(again.data.shuffle_blocks);
-  EXPECT_EQ(again.data.loader, "stream");
+  EXPECT_EQ(again.data.loader, Loader::Stream);
   EXPECT_EQ(again.data.cache_mb, 64.0);
   ExperimentSpec d = parse_spec(base + "}\n", "t.yaml");
-  EXPECT_EQ(d.data.loader, "auto");
+  EXPECT_EQ(d.data.loader, Loader::Auto);
   EXPECT_TRUE(d.data.shuffle && !d.data.shuffle_blocks);
   EXPECT_FALSE(parse_spec(base + "shuffle: false}\n", "t.yaml").data.shuffle);
   const auto error_of = [&](const std::string& yaml) {

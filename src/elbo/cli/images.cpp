@@ -23,8 +23,8 @@ LoadedModel load_model(Communicator& comm, const std::string& command, const std
                        const std::string& device, int64_t threads) {
   LoadedModel m;
   collectively(comm, [&] {
-    if (device != "auto" && device != "cpu" && device != "cuda")
-      throw usage_error(command + " --device: '" + device + "' is not one of auto, cpu, cuda");
+    const std::optional<Device> wanted = parse_choice<Device>(device);
+    if (!wanted) throw usage_error(command + " --device: '" + device + "' is not one of " + choice_list<Device>());
     m.file = read_model_file(path);
     if (comm.is_root() && !m.file.verified)
       std::cerr << "note: " << path << " carries no checksums (written by an older elbo): its parameters are not "
@@ -33,8 +33,8 @@ LoadedModel load_model(Communicator& comm, const std::string& command, const std
     m.layout = std::make_unique<VaeLayout>(m.file.spec.model, s);
     ExperimentSpec where = m.file.spec;  // inference needs no gradient communicator
     where.source = command + " --device";
-    where.device = device;
-    where.dist.communicator = "auto";
+    where.device = *wanted;
+    where.dist.communicator = CommKind::Auto;
     const Placement place = resolve_placement(where, comm.world(), probe_backends());
     m.backend = make_backend<float>(place.device, threads_per_rank(static_cast<int>(threads), comm.world().local_size),
                                     place.gpu);

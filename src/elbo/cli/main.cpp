@@ -99,7 +99,7 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
     // The results are written after the whole evaluation: a path that cannot take them
     // is refused before any of it.
     if (!out_path.empty() && comm.is_root()) cli::check_output_file(out_path, "elbo eval --output");
-    if (loader != "auto" && loader != "memory" && loader != "stream")
+    if (!parse_choice<Loader>(loader))
       throw usage_error("elbo eval: option --loader must be auto, memory or stream (got '" + loader + "')");
   });
   if (!go) return 0;
@@ -108,8 +108,8 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
   std::optional<data::ShardSet> set;
   collectively(comm, [&] {
     // A test split larger than memory is read on demand, each rank its own rows.
-    const std::string how = data::resolve_loader(loader, cache_mb, data::split_bytes(data_dir));
-    set.emplace(data::ShardSet::open(data_dir, data::OpenOptions{how == "memory", comm.rank(), comm.size()}));
+    const Loader how = data::resolve_loader(*parse_choice<Loader>(loader), cache_mb, data::split_bytes(data_dir));
+    set.emplace(data::ShardSet::open(data_dir, data::OpenOptions{how == Loader::Memory, comm.rank(), comm.size()}));
     std::vector<int> shape = {set->channels(), set->height(), set->width()};
     if (shape != m.file.input_shape)
       throw data_error(data_dir + ": samples have shape " + shape_string(shape, "[]") + " but the model " + model_path +

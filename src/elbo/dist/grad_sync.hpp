@@ -62,12 +62,12 @@ class BucketedSync : public GradientSync {
   int64_t m_step = 0;
 };
 
-// `communicator` is "mpi", "nccl" or "none" (dist/placement.hpp decides). grads must
-// stay valid for the lifetime of the result. On one rank with "mpi" or "none" nothing
-// is reduced; "nccl" on one rank still runs NCCL (the tests compare it with the rest).
-// With a CUDA backend, "mpi" stages buckets through pinned host memory (Debian's Open
-// MPI is not CUDA-aware); "nccl" reduces in device memory on its own stream.
-std::unique_ptr<GradientSync> make_gradient_sync(const std::string& communicator, Communicator& comm,
+// `communicator` is Mpi, Nccl or None (dist/placement.hpp decides). grads must
+// stay valid for the lifetime of the result. On one rank with Mpi or None nothing
+// is reduced; Nccl on one rank still runs NCCL (the tests compare it with the rest).
+// With a CUDA backend, Mpi stages buckets through pinned host memory (Debian's Open
+// MPI is not CUDA-aware); Nccl reduces in device memory on its own stream.
+std::unique_ptr<GradientSync> make_gradient_sync(CommKind communicator, Communicator& comm,
                                                  Backend<float>& be, float* grads, size_t n, size_t bucket_elems);
 
 // All-reduce bandwidth of the gradient buffer, measured as nccl-tests does:

@@ -335,12 +335,12 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   std::optional<data::ShardSet> train_set, test_set;
   // data.loader per split: memory (every rank loads and verifies all of it) or stream
   // (metadata only; the ranks share the checksum verification, each reads its part).
-  const std::string train_loader =
+  const Loader train_loader =
       data::resolve_loader(spec.data.loader, spec.data.cache_mb, data::split_bytes(spec.data.train));
-  const std::string test_loader = spec.data.test.empty() ? "memory"
+  const Loader test_loader = spec.data.test.empty() ? Loader::Memory
       : data::resolve_loader(spec.data.loader, spec.data.cache_mb, data::split_bytes(spec.data.test));
-  const auto open_options = [&](const std::string& loader) {
-    return data::OpenOptions{loader == "memory", rank, world};
+  const auto open_options = [&](Loader loader) {
+    return data::OpenOptions{loader == Loader::Memory, rank, world};
   };
   collectively(comm, [&] {
     train_set.emplace(data::ShardSet::open(spec.data.train, open_options(train_loader)));
@@ -383,8 +383,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   // auto: on for one GPU replica, where nothing overlaps with the backward pass and
   // launch overhead is what a small batch pays for; with several ranks the per-layer
   // bucketed all-reduce is worth more than the saved launches.
-  bool use_graph = spec.train.cuda_graph == "on" ||
-                         (spec.train.cuda_graph == "auto" && place.device == DeviceKind::Cuda && world == 1);
+  bool use_graph = spec.train.cuda_graph == GraphMode::On ||
+                         (spec.train.cuda_graph == GraphMode::Auto && place.device == DeviceKind::Cuda && world == 1);
 
   // Refuse what cannot run (more steps than int64 holds, buffers beyond the memory)
   // before allocating any of it.
@@ -431,7 +431,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   order_spec.blocks = spec.data.shuffle_blocks;
   order_spec.block = data::shuffle_block_samples(D);
   std::unique_ptr<data::StreamReader> stream;
-  if (train_loader == "stream") {
+  if (train_loader == Loader::Stream) {
     data::StreamOptions so;
     so.order = order_spec;
     so.rank = rank;
@@ -544,7 +544,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     std::snprintf(mb, sizeof(mb), "%.1f MB", static_cast<double>(train_set->bytes()) / 1e6);
     log << "data: loader " << train_loader << " (data.loader: " << spec.data.loader << ", split " << mb
         << ", data.cache_mb: " << spec.data.cache_mb << ")"
-        << (train_loader == "stream" ? (spec.data.shuffle_blocks
+        << (train_loader == Loader::Stream ? (spec.data.shuffle_blocks
                                             ? " | order: shuffled blocks of " + std::to_string(order_spec.block) +
                                                   " samples, each rank reads about 1/" + std::to_string(world) +
                                                   " of the split per epoch"
@@ -555,7 +555,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
                                                                      : "sequential"))
                                       : std::string())
         << "\n";
-    if (train_loader == "stream" && spec.data.shuffle_blocks) {
+    if (train_loader == Loader::Stream && spec.data.shuffle_blocks) {
       // A rank's working set: the current windows of its canonical streams (sampler.hpp).
       const int64_t streams = (data::kCanonicalStreams + world - 1) / world + (data::kCanonicalStreams % world ? 2 : 0);
       const double need = static_cast<double>(streams * (data::kShuffleWindow + 1) * order_spec.block) * D;
@@ -728,7 +728,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
                                      (local[2] > 1 ? " (and " + std::to_string(static_cast<int>(local[2]) - 1) +
                                                          " other rank(s))"
                                                    : "");
-        if (spec.train.on_nonfinite == "abort")
+        if (spec.train.on_nonfinite == NonfinitePolicy::Abort)
           throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
                                                        "train.on_nonfinite: skip");
         ++st.skipped_steps;
