@@ -174,9 +174,9 @@ TEST(Resume, FixedKeysComeFromTheTable) {
                           "train.drop_last", "model.type", "model.encoder", "model.decoder", "model.latent",
                           "model.activation", "model.likelihood.sigma", "model.likelihood.type"})
     EXPECT_TRUE(fixed_on_resume(key)) << key;
-  for (const char* key : {"name", "device", "data.train", "data.loader", "data.cache_mb", "train.epochs",
-                          "train.max_steps", "optim.lr", "dist.communicator", "checkpoint.every", "eval.every",
-                          "output.dir", "no.such.key", "shuffle", "train"})
+  for (const char* key :
+       {"name", "device", "data.train", "data.loader", "data.cache_mb", "train.epochs", "train.max_steps", "optim.lr",
+        "dist.communicator", "checkpoint.every", "eval.every", "output.dir", "no.such.key", "shuffle", "train"})
     EXPECT_FALSE(fixed_on_resume(key)) << key;
 }
 

@@ -37,10 +37,15 @@ constexpr const auto& choices_of(ModelType) { return kModelTypeNames; }
 
 // An entry of a conv model's encoder or decoder list (LayerSpec).
 enum class LayerType { Linear, Conv2d, ConvTranspose2d, GroupNorm, Relu, Tanh, Softplus, Flatten, Reshape };
-inline constexpr Named<LayerType> kLayerTypeNames[] = {
-    {LayerType::Linear, "linear"}, {LayerType::Conv2d, "conv2d"},   {LayerType::ConvTranspose2d, "conv_transpose2d"},
-    {LayerType::GroupNorm, "group_norm"}, {LayerType::Relu, "relu"}, {LayerType::Tanh, "tanh"},
-    {LayerType::Softplus, "softplus"}, {LayerType::Flatten, "flatten"}, {LayerType::Reshape, "reshape"}};
+inline constexpr Named<LayerType> kLayerTypeNames[] = {{LayerType::Linear, "linear"},
+                                                       {LayerType::Conv2d, "conv2d"},
+                                                       {LayerType::ConvTranspose2d, "conv_transpose2d"},
+                                                       {LayerType::GroupNorm, "group_norm"},
+                                                       {LayerType::Relu, "relu"},
+                                                       {LayerType::Tanh, "tanh"},
+                                                       {LayerType::Softplus, "softplus"},
+                                                       {LayerType::Flatten, "flatten"},
+                                                       {LayerType::Reshape, "reshape"}};
 constexpr const auto& choices_of(LayerType) { return kLayerTypeNames; }
 
 // The op set's activations; a spec's model.activation offers all but Identity.

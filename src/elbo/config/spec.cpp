@@ -36,7 +36,7 @@ std::string override_covering(const std::map<std::string, std::string>& override
 }
 
 struct Context {
-  std::string source;                           // file name for messages
+  std::string source;                            // file name for messages
   std::map<std::string, std::string> overrides;  // key path -> the --set argument that set it
 
   std::string override_for(const std::string& key) const { return override_covering(overrides, key); }
@@ -76,9 +76,7 @@ class MapReader {
     throw config_error(m_ctx.where(key, at) + ": " + key + ": " + what);
   }
 
-  bool has(const std::string& key) {
-    return m_node && m_node.IsMap() && m_node[key] && !m_node[key].IsNull();
-  }
+  bool has(const std::string& key) { return m_node && m_node.IsMap() && m_node[key] && !m_node[key].IsNull(); }
 
   YAML::Node raw(const std::string& key) {
     m_seen.insert(key);
@@ -144,8 +142,7 @@ class MapReader {
     if (!m_node || !m_node.IsMap()) return;
     for (const auto& kv : m_node) {
       std::string k = kv.first.as<std::string>();
-      if (!m_seen.count(k))
-        fail(kv.first, m_prefix + k, "unknown key; valid keys here: " + join(known));
+      if (!m_seen.count(k)) fail(kv.first, m_prefix + k, "unknown key; valid keys here: " + join(known));
     }
   }
 
@@ -160,10 +157,10 @@ class MapReader {
  private:
   template <class T>
   T convert(const YAML::Node& n, const std::string& key) const {
-    const char* expected = std::is_same_v<T, bool>          ? "true or false"
-                           : std::is_integral_v<T>          ? "an integer"
-                           : std::is_floating_point_v<T>    ? "a number"
-                                                            : "a string";
+    const char* expected = std::is_same_v<T, bool>       ? "true or false"
+                           : std::is_integral_v<T>       ? "an integer"
+                           : std::is_floating_point_v<T> ? "a number"
+                                                         : "a string";
     if (!n.IsScalar()) fail(n, key, std::string("must be ") + expected);
     try {
       return n.as<T>();
@@ -232,9 +229,9 @@ enum class Resume { Free, Fixed };
 template <class Target>
 struct KeyOf {
   std::string name;
-  std::function<void(Field&, Target&)> read;        // with the checks; may leave the default
-  std::function<void(Out&, const Target&)> dump;    // may write nothing (an optional key left out)
-  Resume resume = Resume::Free;                     // Fixed: a resumed run must keep the checkpoint's value
+  std::function<void(Field&, Target&)> read;      // with the checks; may leave the default
+  std::function<void(Out&, const Target&)> dump;  // may write nothing (an optional key left out)
+  Resume resume = Resume::Free;                   // Fixed: a resumed run must keep the checkpoint's value
 };
 using Key = KeyOf<ExperimentSpec>;
 
@@ -347,8 +344,8 @@ const std::vector<Key>& likelihood_keys() {
          l = likelihood_of(type_of(l), v);
        },
        [](Out& o, const ExperimentSpec& s) { o.put(variance_of(s.model.likelihood)); }},
-      SectionKeys<ModelSpec>{&ExperimentSpec::model}.field("sigma", &ModelSpec::sigma, [](double v) { return v > 0; },
-                                                           "must be > 0"),
+      SectionKeys<ModelSpec>{&ExperimentSpec::model}.field(
+          "sigma", &ModelSpec::sigma, [](double v) { return v > 0; }, "must be > 0"),
   };
   return keys;
 }
@@ -387,9 +384,10 @@ const std::vector<LayerKey>& layer_keys() {
       {layer_int("kernel", &LayerSpec::kernel, false, positive, "must be >= 1"), {L::Conv2d, L::ConvTranspose2d}},
       {layer_int("stride", &LayerSpec::stride, false, positive, "must be >= 1"), {L::Conv2d, L::ConvTranspose2d}},
       {layer_int("padding", &LayerSpec::padding, false, non_negative, "must be >= 0"), {L::Conv2d, L::ConvTranspose2d}},
-      {layer_int("output_padding", &LayerSpec::output_padding, false,
-                 [](const LayerSpec& l, int v) { return v >= 0 && v < l.stride; },
-                 "must be >= 0 and smaller than the stride"),
+      {layer_int(
+           "output_padding", &LayerSpec::output_padding, false,
+           [](const LayerSpec& l, int v) { return v >= 0 && v < l.stride; },
+           "must be >= 0 and smaller than the stride"),
        {L::ConvTranspose2d}},
       {layer_int("groups", &LayerSpec::groups, true, positive, "must be >= 1"), {L::GroupNorm}},
       {{"shape",
@@ -404,9 +402,7 @@ const std::vector<LayerKey>& layer_keys() {
   return keys;
 }
 
-bool applies(const LayerKey& k, LayerType t) {
-  return std::find(k.types.begin(), k.types.end(), t) != k.types.end();
-}
+bool applies(const LayerKey& k, LayerType t) { return std::find(k.types.begin(), k.types.end(), t) != k.types.end(); }
 
 // Maps such as {type: conv2d, channels: 32, kernel: 4, stride: 2, padding: 1}, or bare
 // names for entries without settings (relu, flatten).
@@ -447,7 +443,8 @@ std::vector<LayerSpec> read_layer_list(Field& f) {
       }
       r.finish(known);
     }
-    if (l.type == LayerType::Reshape && !settings) f.r.fail(e, at, "reshape needs a shape: {type: reshape, shape: [C, H, W]}");
+    if (l.type == LayerType::Reshape && !settings)
+      f.r.fail(e, at, "reshape needs a shape: {type: reshape, shape: [C, H, W]}");
     if (!settings && (l.type == LayerType::Linear || l.type == LayerType::Conv2d ||
                       l.type == LayerType::ConvTranspose2d || l.type == LayerType::GroupNorm)) {
       const std::string name = choice_name(l.type);
@@ -538,7 +535,6 @@ void apply_override(YAML::Node& root, const std::string& text, Context& ctx) {
   ctx.overrides[path] = text;
 }
 
-
 // The spec's keys: the top level's own keys, then one section per mapping.
 const std::vector<Section>& spec_sections() {
   const SectionKeys<DataSpec> data{&ExperimentSpec::data};
@@ -613,8 +609,9 @@ const std::vector<Section>& spec_sections() {
                   }}),
            fixed(data.field("max_samples", &DataSpec::max_samples, at_least_0, "must be >= 0 (0 = all)")),
            data.field("loader", &DataSpec::loader),
-           data.field("cache_mb", &DataSpec::cache_mb, [](double v) { return v > 0 && v <= 1e9; },
-                      "must be > 0 (MiB per rank)"),
+           data.field(
+               "cache_mb", &DataSpec::cache_mb, [](double v) { return v > 0 && v <= 1e9; },
+               "must be > 0 (MiB per rank)"),
        }},
       {"model",
        {
@@ -630,8 +627,9 @@ const std::vector<Section>& spec_sections() {
                       m.activation =
                           f.r.choice(f.key, m.activation, {Activation::Relu, Activation::Tanh, Activation::Softplus});
                     } else if (f.r.has(f.key)) {
-                      f.fail("conv models take activations as entries of the encoder and decoder lists (e.g. "
-                             "{type: relu})");
+                      f.fail(
+                          "conv models take activations as entries of the encoder and decoder lists (e.g. "
+                          "{type: relu})");
                     }
                   },
                   [](Out& o, const ExperimentSpec& s) {
@@ -659,8 +657,10 @@ const std::vector<Section>& spec_sections() {
        {
            optim.field("type", &OptimSpec::type),
            optim.field("lr", &OptimSpec::lr, positive, "must be > 0"),
-           optim.field("beta1", &OptimSpec::beta1, [](double v) { return v >= 0 && v < 1; }, "must be in [0, 1)"),
-           optim.field("beta2", &OptimSpec::beta2, [](double v) { return v >= 0 && v < 1; }, "must be in [0, 1)"),
+           optim.field(
+               "beta1", &OptimSpec::beta1, [](double v) { return v >= 0 && v < 1; }, "must be in [0, 1)"),
+           optim.field(
+               "beta2", &OptimSpec::beta2, [](double v) { return v >= 0 && v < 1; }, "must be in [0, 1)"),
            optim.field("eps", &OptimSpec::eps, positive, "must be > 0"),
            {"weight_decay",
             [](Field& f, ExperimentSpec& s) {
@@ -691,8 +691,9 @@ const std::vector<Section>& spec_sections() {
            train.field("threads", &TrainSpec::threads, at_least_0, "must be >= 0 (0 = automatic)"),
            train.field("on_nonfinite", &TrainSpec::on_nonfinite),
            train.field("max_consecutive_skips", &TrainSpec::max_consecutive_skips, at_least_1, "must be >= 1"),
-           train.field("max_skip_fraction", &TrainSpec::max_skip_fraction, [](double v) { return v >= 0 && v <= 1; },
-                       "must be in [0, 1]"),
+           train.field(
+               "max_skip_fraction", &TrainSpec::max_skip_fraction, [](double v) { return v >= 0 && v <= 1; },
+               "must be in [0, 1]"),
            train.field("cuda_graph", &TrainSpec::cuda_graph),
            train.field("deterministic", &TrainSpec::deterministic),
        }},
@@ -730,7 +731,8 @@ const std::vector<Section>& spec_sections() {
                   f.r.choice(f.key, s.dist.communicator, {CommKind::Auto, CommKind::Nccl, CommKind::Mpi});
             },
             [](Out& o, const ExperimentSpec& s) { o.put(s.dist.communicator); }},
-           dist.field("bucket_mb", &DistSpec::bucket_mb, at_least_0, "must be >= 0 (0 = one all-reduce after backward)"),
+           dist.field("bucket_mb", &DistSpec::bucket_mb, at_least_0,
+                      "must be >= 0 (0 = one all-reduce after backward)"),
            dist.field("timeout_s", &DistSpec::timeout_s, at_least_0, "must be >= 0 (0 = wait forever)"),
            dist.field("self_test", &DistSpec::self_test),
        }},
