@@ -54,6 +54,7 @@ void expect_table_round_trips(size_t expected_size) {
 TEST(Choices, EveryNameRoundTrips) {
   expect_table_round_trips<Device>(3);
   expect_table_round_trips<Loader>(3);
+  expect_table_round_trips<Shuffle>(3);
   expect_table_round_trips<ModelType>(2);
   expect_table_round_trips<LayerType>(9);
   expect_table_round_trips<Activation>(4);
@@ -136,7 +137,8 @@ TEST(SpecFixtures, TheStoredDumpParsesToTheSameValues) {
   EXPECT_EQ(s.name, "every choice: quoted");
   EXPECT_EQ(s.seed, 123456789012u);
   EXPECT_EQ(s.device, Device::Cuda);
-  EXPECT_TRUE(s.data.binarize && s.data.shuffle && s.data.shuffle_blocks);
+  EXPECT_TRUE(s.data.binarize);
+  EXPECT_EQ(s.data.shuffle, Shuffle::Blocks);
   EXPECT_EQ(s.data.loader, Loader::Stream);
   EXPECT_EQ(s.data.shape, (std::vector<int>{3, 16, 16}));
   EXPECT_EQ(s.model.type, ModelType::Conv);
@@ -162,7 +164,7 @@ TEST(SpecFixtures, TheStoredDumpParsesToTheSameValues) {
 
   const ExperimentSpec o = parse_spec(read_file(kFixtures + "other_choices.dump.yaml"), "other_choices.dump.yaml");
   EXPECT_EQ(o.device, Device::Cpu);
-  EXPECT_FALSE(o.data.shuffle);
+  EXPECT_EQ(o.data.shuffle, Shuffle::Off);
   EXPECT_EQ(o.model.activation, Activation::Tanh);
   EXPECT_EQ(o.model.likelihood, Likelihood::GaussianFixed);
   EXPECT_EQ(o.train.cuda_graph, GraphMode::On);

@@ -31,6 +31,13 @@ inline constexpr Named<Loader> kLoaderNames[] = {
     {Loader::Auto, "auto"}, {Loader::Memory, "memory"}, {Loader::Stream, "stream"}};
 constexpr const auto& choices_of(Loader) { return kLoaderNames; }
 
+// data.shuffle: the sample order of each epoch. The spec spells Global and Off as any
+// YAML boolean; the dump writes true and false.
+enum class Shuffle { Global, Off, Blocks };
+inline constexpr Named<Shuffle> kShuffleNames[] = {
+    {Shuffle::Global, "true"}, {Shuffle::Off, "false"}, {Shuffle::Blocks, "blocks"}};
+constexpr const auto& choices_of(Shuffle) { return kShuffleNames; }
+
 enum class ModelType { Mlp, Conv };
 inline constexpr Named<ModelType> kModelTypeNames[] = {{ModelType::Mlp, "mlp"}, {ModelType::Conv, "conv"}};
 constexpr const auto& choices_of(ModelType) { return kModelTypeNames; }

@@ -589,23 +589,23 @@ const std::vector<Section>& spec_sections() {
               if (!s.data.shape.empty()) o.put(s.data.shape);  // optional: absent = taken from the shards
             }},
            fixed(data.field("binarize", &DataSpec::binarize)),
-           // true | false | blocks: any YAML boolean spelling, or the block order.
+           // Any YAML boolean spelling (yes, off, ...) for Global and Off.
            fixed({"shuffle",
                   [](Field& f, ExperimentSpec& s) {
-                    const std::string shuffle = f.r.get<std::string>(f.key, "true");
+                    const std::string text = f.r.get<std::string>(f.key, choice_name(s.data.shuffle));
                     bool flag = true;
-                    f.check(shuffle == "blocks" || YAML::convert<bool>::decode(YAML::Node(shuffle), flag),
+                    const std::optional<Shuffle> named = parse_choice<Shuffle>(text);
+                    f.check(named || YAML::convert<bool>::decode(YAML::Node(text), flag),
                             "must be true (a global permutation), false or blocks (the locality-aware order for "
                             "streaming)",
-                            "'" + shuffle + "'");
-                    s.data.shuffle = flag;
-                    s.data.shuffle_blocks = shuffle == "blocks";
+                            "'" + text + "'");
+                    s.data.shuffle = named ? *named : flag ? Shuffle::Global : Shuffle::Off;
                   },
                   [](Out& o, const ExperimentSpec& s) {
-                    if (s.data.shuffle_blocks)
-                      o.put("blocks");
+                    if (s.data.shuffle == Shuffle::Blocks)
+                      o.put(choice_name(s.data.shuffle));
                     else
-                      o.put(s.data.shuffle);
+                      o.put(s.data.shuffle == Shuffle::Global);  // a YAML boolean, as earlier versions wrote
                   }}),
            fixed(data.field("max_samples", &DataSpec::max_samples, at_least_0, "must be >= 0 (0 = all)")),
            data.field("loader", &DataSpec::loader),

@@ -19,8 +19,7 @@ struct DataSpec {
   std::string test;              // optional: evaluated at the end of training
   std::vector<int> shape;        // optional [C, H, W]; checked against the shards when given
   bool binarize = false;         // dynamic binarization: x ~ Bernoulli(pixel) per step
-  bool shuffle = true;            // data.shuffle: true | false | blocks
-  bool shuffle_blocks = false;   // blocks: the locality-aware order (shuffled blocks, windows; data/sampler.hpp)
+  Shuffle shuffle = Shuffle::Global;  // blocks: the locality-aware order (shuffled blocks, windows; data/sampler.hpp)
   int64_t max_samples = 0;       // 0 = all; otherwise the first N samples of the split
   Loader loader = Loader::Auto;  // auto = memory when a split fits in cache_mb
   double cache_mb = 1024.0;      // stream: pixels cached per rank; auto: the largest split held in memory

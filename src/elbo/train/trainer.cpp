@@ -427,8 +427,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   order_spec.n = n;
   order_spec.batch_size = B;
   order_spec.seed = spec.seed;
-  order_spec.shuffle = spec.data.shuffle;
-  order_spec.blocks = spec.data.shuffle_blocks;
+  order_spec.shuffle = spec.data.shuffle != Shuffle::Off;
+  order_spec.blocks = spec.data.shuffle == Shuffle::Blocks;
   order_spec.block = data::shuffle_block_samples(D);
   std::unique_ptr<data::StreamReader> stream;
   if (train_loader == Loader::Stream) {
@@ -544,18 +544,18 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     std::snprintf(mb, sizeof(mb), "%.1f MB", static_cast<double>(train_set->bytes()) / 1e6);
     log << "data: loader " << train_loader << " (data.loader: " << spec.data.loader << ", split " << mb
         << ", data.cache_mb: " << spec.data.cache_mb << ")"
-        << (train_loader == Loader::Stream ? (spec.data.shuffle_blocks
+        << (train_loader == Loader::Stream ? (spec.data.shuffle == Shuffle::Blocks
                                             ? " | order: shuffled blocks of " + std::to_string(order_spec.block) +
                                                   " samples, each rank reads about 1/" + std::to_string(world) +
                                                   " of the split per epoch"
                                             : std::string(" | order: ") +
-                                                  (spec.data.shuffle ? "a global permutation: each rank reads its "
+                                                  (spec.data.shuffle == Shuffle::Global ? "a global permutation: each rank reads its "
                                                                        "samples one by one (data.shuffle: blocks "
                                                                        "reads runs)"
                                                                      : "sequential"))
                                       : std::string())
         << "\n";
-    if (train_loader == Loader::Stream && spec.data.shuffle_blocks) {
+    if (train_loader == Loader::Stream && spec.data.shuffle == Shuffle::Blocks) {
       // A rank's working set: the current windows of its canonical streams (sampler.hpp).
       const int64_t streams = (data::kCanonicalStreams + world - 1) / world + (data::kCanonicalStreams % world ? 2 : 0);
       const double need = static_cast<double>(streams * (data::kShuffleWindow + 1) * order_spec.block) * D;
