@@ -98,22 +98,9 @@ int verify(const std::string& dir) {
   return 0;
 }
 
-// --size takes two numbers ("--size 64 64"); the parser takes one value per option, so
-// the pair is joined first ("--size 64x64" is accepted as well).
-std::vector<std::string> join_size_args(std::vector<std::string> args) {
-  auto number = [](const std::string& s) {
-    return !s.empty() && s.find_first_not_of("0123456789") == std::string::npos;
-  };
-  for (size_t i = 0; i + 2 < args.size(); ++i)
-    if (args[i] == "--size" && number(args[i + 1]) && number(args[i + 2])) {
-      args[i + 1] += "x" + args[i + 2];
-      args.erase(args.begin() + static_cast<std::ptrdiff_t>(i) + 2);
-    }
-  return args;
-}
-
-// "HxW" -> (H, W); anything else is a usage error.
-std::pair<int, int> parse_size(const std::string& s) {
+// --size H W (or HxW) -> (H, W); anything else is a usage error.
+std::pair<int, int> parse_size(const std::vector<std::string>& values) {
+  const std::string s = values.size() == 2 ? values[0] + "x" + values[1] : values.size() == 1 ? values[0] : "";
   const size_t x = s.find('x');
   try {
     size_t used_h = 0, used_w = 0;
@@ -123,70 +110,91 @@ std::pair<int, int> parse_size(const std::string& s) {
     }
   } catch (const std::exception&) {
   }
-  throw usage_error("--size expects a height and a width (--size 64 64), got '" + s + "'");
+  std::string given;
+  for (const auto& v : values) given += (given.empty() ? "" : " ") + v;
+  throw usage_error("--size expects a height and a width (--size 64 64), got '" + given + "'");
 }
 
 int run(int argc, char** argv) {
-  std::string images, labels, split = "train", out, dataset_dir, verify_dir, compress, image_dir, size;
+  std::string images, labels, split = "train", out, dataset_dir, verify_dir, compress, image_dir;
   std::string npy, npz_key, npy_labels, npz_labels_key, layout, hdf5, hdf5_labels;
   int64_t shards = 0, test_shards = 0, seed = 0, center_crop = 0, channels = 0, threads = 0;
   double shard_mb = 256.0, test_fraction = 0.0;
   bool overwrite = false;
-  cli::ArgParser p("elbo-shard",
-                   "Convert datasets into HDF5 shards plus manifest.yaml (see data_tools/README.md).\n"
-                   "  one split:   elbo-shard INPUT [--split NAME] --out DIR, INPUT one of\n"
-                   "               --images F [--labels F] (IDX), --image-dir DIR, --npy F, --hdf5 F:/path\n"
-                   "  a dataset:   elbo-shard --dataset-dir DIR --out OUT\n"
-                   "               (writes OUT/train and OUT/test from train-* and t10k-* files)\n"
-                   "  any input with --test-fraction F writes OUT/train and OUT/test\n"
-                   "  check:       elbo-shard --verify DIR");
-  p.string("--images", &images, "FILE", "IDX images file (.gz or plain)");
-  p.string("--labels", &labels, "FILE", "IDX labels file (optional)");
-  p.string("--split", &split, "NAME", "split name stored in the shards (train | test | ...)");
-  p.string("--dataset-dir", &dataset_dir, "DIR", "directory with train-*/t10k-* IDX files, e.g. /usr/share/datasets/fashion-mnist");
-  p.string("--image-dir", &image_dir, "DIR",
-           "folder of PNG / JPEG images: flat (no labels) or one subfolder per class (labels 0..K-1 by sorted name)");
-  p.string("--size", &size, "H W", "--image-dir: resize to cover H x W keeping the aspect ratio, then centre-crop");
-  p.integer("--center-crop", &center_crop, "S", "--image-dir: take the centred S x S square first (before --size)", 1);
-  p.integer("--channels", &channels, "C", "--image-dir: convert every image to 1 (gray) or 3 (RGB) channels", 1);
-  p.integer("--threads", &threads, "N", "--image-dir: decoding threads (default: all cores)", 1);
-  p.string("--npy", &npy, "FILE", "NumPy .npy (or .npz with --npz-key) of uint8 0..255 or floats in [0, 1]");
-  p.string("--npz-key", &npz_key, "NAME", "--npy: the array of a .npz archive");
-  p.string("--npy-labels", &npy_labels, "FILE", "--npy: labels, a 1-D integer .npy (or the .npz with --npz-labels-key)");
-  p.string("--npz-labels-key", &npz_labels_key, "NAME", "--npy: the labels array of the .npz (or of --npy-labels)");
-  p.string("--hdf5", &hdf5, "FILE:/PATH", "an HDF5 dataset of uint8 0..255 or floats in [0, 1], read in blocks");
-  p.string("--hdf5-labels", &hdf5_labels, "/PATH", "--hdf5: an integer dataset of labels in the same file");
-  p.string("--layout", &layout, "L", "--npy / --hdf5 with 4 dimensions: nhwc, nchw or auto (inferred from a 1 or 3)");
-  p.integer("--num-shards", &shards, "N", "number of shards (of the train split with --dataset-dir); default: by --shard-mb", 1);
-  p.integer("--test-shards", &test_shards, "M", "number of test shards with --dataset-dir / --test-fraction; default: by --shard-mb", 1);
-  p.number("--shard-mb", &shard_mb, "MB", "target pixel megabytes per shard when no shard count is given (default 256)", 1e-6);
-  p.string("--compress", &compress, "KIND", "none (default), deflate or deflate=LEVEL (0..9; deflate = 4)");
-  p.number("--test-fraction", &test_fraction, "F", "split the input: a seeded random F of it goes to OUT/test, the rest to OUT/train");
-  p.integer("--seed", &seed, "S", "seed of --test-fraction (default 0)", 0);
-  p.string("--out", &out, "DIR", "output directory");
-  p.flag("--overwrite", &overwrite, "replace a split already in the output directory");
-  p.string("--verify", &verify_dir, "DIR", "recompute every shard's checksum and check it against DIR/manifest.yaml");
-  std::vector<std::string> args = join_size_args(std::vector<std::string>(argv + 1, argv + argc));
-  if (!p.parse(args)) return 0;
+  std::vector<std::string> size;
+  cli::CommandLine p("elbo-shard",
+                     "Convert datasets into HDF5 shards plus manifest.yaml (see data_tools/README.md).\n"
+                     "  one split:   elbo-shard INPUT [--split NAME] --out DIR, INPUT one of\n"
+                     "               --images F [--labels F] (IDX), --image-dir DIR, --npy F, --hdf5 F:/path\n"
+                     "  a dataset:   elbo-shard --dataset-dir DIR --out OUT\n"
+                     "               (writes OUT/train and OUT/test from train-* and t10k-* files)\n"
+                     "  any input with --test-fraction F writes OUT/train and OUT/test\n"
+                     "  check:       elbo-shard --verify DIR");
+  cli::add_text(p, "--images", &images, "FILE", "IDX images file (.gz or plain)");
+  cli::add_text(p, "--labels", &labels, "FILE", "IDX labels file (optional)");
+  cli::add_text(p, "--split", &split, "NAME", "split name stored in the shards (train | test | ...)");
+  cli::add_text(p, "--dataset-dir", &dataset_dir, "DIR",
+                "directory with train-*/t10k-* IDX files, e.g. /usr/share/datasets/fashion-mnist");
+  cli::add_text(p, "--image-dir", &image_dir, "DIR",
+                "folder of PNG / JPEG images: flat (no labels) or one subfolder per class (labels 0..K-1 by sorted "
+                "name)");
+  // Two values ("--size 64 64") or one ("--size 64x64").
+  p.add_option("--size", size, "--image-dir: resize to cover H x W keeping the aspect ratio, then centre-crop")
+      ->type_name("H W")
+      ->expected(1, 2);
+  cli::add_integer(p, "--center-crop", &center_crop, "S",
+                   "--image-dir: take the centred S x S square first (before --size)", 1);
+  cli::add_integer(p, "--channels", &channels, "C", "--image-dir: convert every image to 1 (gray) or 3 (RGB) channels",
+                   1);
+  cli::add_integer(p, "--threads", &threads, "N", "--image-dir: decoding threads (default: all cores)", 1);
+  cli::add_text(p, "--npy", &npy, "FILE", "NumPy .npy (or .npz with --npz-key) of uint8 0..255 or floats in [0, 1]");
+  cli::add_text(p, "--npz-key", &npz_key, "NAME", "--npy: the array of a .npz archive");
+  cli::add_text(p, "--npy-labels", &npy_labels, "FILE",
+                "--npy: labels, a 1-D integer .npy (or the .npz with --npz-labels-key)");
+  cli::add_text(p, "--npz-labels-key", &npz_labels_key, "NAME",
+                "--npy: the labels array of the .npz (or of --npy-labels)");
+  cli::add_text(p, "--hdf5", &hdf5, "FILE:/PATH",
+                "an HDF5 dataset of uint8 0..255 or floats in [0, 1], read in blocks");
+  cli::add_text(p, "--hdf5-labels", &hdf5_labels, "/PATH", "--hdf5: an integer dataset of labels in the same file");
+  cli::add_text(p, "--layout", &layout, "L",
+                "--npy / --hdf5 with 4 dimensions: nhwc, nchw or auto (inferred from a 1 or 3)");
+  cli::add_integer(p, "--num-shards", &shards, "N",
+                   "number of shards (of the train split with --dataset-dir); default: by --shard-mb", 1);
+  cli::add_integer(p, "--test-shards", &test_shards, "M",
+                   "number of test shards with --dataset-dir / --test-fraction; default: by --shard-mb", 1);
+  cli::add_number(p, "--shard-mb", &shard_mb, "MB",
+                  "target pixel megabytes per shard when no shard count is given (default 256)", 1e-6);
+  cli::add_text(p, "--compress", &compress, "KIND", "none (default), deflate or deflate=LEVEL (0..9; deflate = 4)");
+  cli::add_number(p, "--test-fraction", &test_fraction, "F",
+                  "split the input: a seeded random F of it goes to OUT/test, the rest to OUT/train", 0);
+  cli::add_integer(p, "--seed", &seed, "S", "seed of --test-fraction (default 0)", 0);
+  cli::add_text(p, "--out", &out, "DIR", "output directory");
+  p.add_flag("--overwrite", overwrite, "replace a split already in the output directory");
+  cli::add_text(p, "--verify", &verify_dir, "DIR",
+                "recompute every shard's checksum and check it against DIR/manifest.yaml");
+  if (const auto text = p.parse_args(std::vector<std::string>(argv + 1, argv + argc))) {
+    std::fputs(text->c_str(), stdout);
+    return 0;
+  }
   if (!verify_dir.empty()) {
     if (!images.empty() || !dataset_dir.empty() || !image_dir.empty() || !npy.empty() || !hdf5.empty() || !out.empty())
-      throw usage_error("elbo-shard: --verify DIR checks a split and takes no input or --out");
+      throw usage_error("--verify DIR checks a split and takes no input or --out");
     return verify(verify_dir);
   }
-  if (out.empty()) throw usage_error("elbo-shard: option --out is required");
+  if (out.empty()) throw usage_error("option --out is required (see --help)");
   const int inputs = !images.empty() + !dataset_dir.empty() + !image_dir.empty() + !npy.empty() + !hdf5.empty();
   if (inputs != 1)
-    throw usage_error("elbo-shard: give one input: --images (IDX, one split), --dataset-dir (IDX train and test), "
-                      "--image-dir (a folder of images), --npy (NumPy) or --hdf5 (an HDF5 dataset)");
+    throw usage_error(
+        "give one input: --images (IDX, one split), --dataset-dir (IDX train and test), "
+        "--image-dir (a folder of images), --npy (NumPy) or --hdf5 (an HDF5 dataset)");
   if (npy.empty() && (!npz_key.empty() || !npy_labels.empty() || !npz_labels_key.empty()))
-    throw usage_error("elbo-shard: --npz-key, --npy-labels and --npz-labels-key apply to --npy only");
-  if (hdf5.empty() && !hdf5_labels.empty()) throw usage_error("elbo-shard: --hdf5-labels applies to --hdf5 only");
-  if (npy.empty() && hdf5.empty() && !layout.empty())
-    throw usage_error("elbo-shard: --layout applies to --npy and --hdf5 only");
+    throw usage_error("--npz-key, --npy-labels and --npz-labels-key apply to --npy only");
+  if (hdf5.empty() && !hdf5_labels.empty()) throw usage_error("--hdf5-labels applies to --hdf5 only");
+  if (npy.empty() && hdf5.empty() && !layout.empty()) throw usage_error("--layout applies to --npy and --hdf5 only");
   if (image_dir.empty() && (!size.empty() || center_crop > 0 || channels > 0 || threads > 0))
-    throw usage_error("elbo-shard: --size, --center-crop, --channels and --threads apply to --image-dir only");
+    throw usage_error("--size, --center-crop, --channels and --threads apply to --image-dir only");
   if (!dataset_dir.empty() && test_fraction > 0)
-    throw usage_error("elbo-shard: --dataset-dir has its own test split; --test-fraction is for single inputs");
+    throw usage_error("--dataset-dir has its own test split; --test-fraction is for single inputs");
 
   data::WriteOptions opt;
   opt.num_shards = static_cast<int>(shards);

@@ -3,12 +3,15 @@ arguments (--elbo --data --spec --work) and a fresh work directory."""
 import argparse, os, shutil
 
 
-def parse_args(description):
+def parse_args(description, more=None):
+    """The common arguments; `more(parser)` may add a script's own."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--elbo", required=True, help="the elbo binary")
     ap.add_argument("--data", required=True, help="directory with train/ and test/ splits from elbo-shard")
     ap.add_argument("--spec", required=True, help="the spec to start from (configs/smoke.yaml)")
     ap.add_argument("--work", required=True, help="scratch directory, emptied first")
+    if more is not None:
+        more(ap)
     a = ap.parse_args()
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """elbo-shard's writer seen from outside: the manifest checksums recomputed here with
 h5py and a Python FNV-1a, --verify on a good split and on one with a flipped byte,
---overwrite with fewer shards, a gzip file with a bad CRC, --test-fraction, --shard-mb
-and --compress. Small synthetic IDX files, generated here."""
+--overwrite with fewer shards, a gzip file with a bad CRC, --test-fraction, --shard-mb,
+--compress, and the command line itself (--help, decimal integers, refused values).
+Small synthetic IDX files, generated here."""
 import gzip, os, re, shutil, struct, sys
 import h5py, numpy as np
 
@@ -150,6 +151,27 @@ else:
     if shard("--verify", f"{W}/mb").returncode != 0:
         bad.append("--verify fails on a compressed split")
 expect(["--images", f"{W}/img.gz", "--compress", "zstd", "--out", f"{W}/z"], 2, "--compress expects")
+
+# The command line (CLI11): --help lists the options and exits 0; integers are decimal
+# ("--num-shards 010" is ten shards, not octal eight); a refused value, a missing value
+# and a stray argument exit 2 naming them, with the program named once.
+r = shard("--help")
+if r.returncode != 0 or not all(re.search(rf"^\s+{o}\b", r.stdout, re.M) for o in
+                                ("--images", "--dataset-dir", "--image-dir", "--npy", "--hdf5", "--size",
+                                 "--num-shards", "--test-fraction", "--out", "--overwrite", "--verify")):
+    bad.append(f"--help: exit {r.returncode}, {r.stdout!r}")
+r = shard("--images", f"{W}/img.gz", "--num-shards", "010", "--out", f"{W}/ten")
+files = sorted(f for f in os.listdir(f"{W}/ten") if f.endswith(".h5")) if r.returncode == 0 else []
+if len(files) != 10:
+    bad.append(f"--num-shards 010: exit {r.returncode}, {len(files)} shards (wanted ten) {r.stderr!r}")
+r = expect(["--images", f"{W}/img.gz", "--num-shards", "0", "--out", f"{W}/n0"], 2,
+           "elbo-shard: option --num-shards must be >= 1 (got 0)")
+if "elbo-shard: elbo-shard" in r.stderr:
+    bad.append(f"the program is named twice: {r.stderr!r}")
+expect(["--images", f"{W}/img.gz", "--shard-mb", "lots", "--out", f"{W}/n1"], 2,
+       "option --shard-mb expects a number, got 'lots'")
+expect(["--images", f"{W}/img.gz", "--out"], 2, "--out: 1 required DIR missing")
+expect(["--images", f"{W}/img.gz", "--out", f"{W}/n2", "stray"], 2, "unexpected argument 'stray'")
 
 if bad:
     print("\n".join(bad))

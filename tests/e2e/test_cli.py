@@ -2,7 +2,8 @@
 """End-to-end checks of the `elbo` command under mpirun: a short training run from
 spec to model file to evaluation, evaluation invariance to the world size, and one
 clear error (on rank 0, non-zero exit on every rank, no hang, nothing overwritten)
-for each kind of bad input."""
+for each kind of bad input; and the command line itself: every command's --help,
+values refused naming their option, and what no option or argument takes."""
 import hashlib, os, re, shutil, subprocess, sys
 import h5py, numpy as np
 
@@ -138,8 +139,65 @@ expect_error("eval: missing --data", ["eval", write("x.h5", "")], r"--data is re
 expect_error("eval: bad --iw-samples", ["eval", "m.h5", "--data", TEST, "--iw-samples", "ten"],
              r"--iw-samples expects an integer", code=2)
 
+# --- 4. the command line itself (CLI11): help, validated values, what nothing takes ---
+# Each command's --help: exit 0, printed once (rank 0), naming the command and its options.
+options = {"train": ["SPEC", "--set", "--resume"],
+           "eval": ["MODEL", "--data", "--iw-samples", "--batch-size", "--max-samples", "--seed", "--threads",
+                    "--device", "--output", "--loader", "--cache-mb", "--max-hours"],
+           "sample": ["MODEL", "-o", "--force", "--cols", "--device", "--threads", "-n", "--seed"],
+           "reconstruct": ["MODEL", "--data", "-o", "--force", "-n", "--first"],
+           "interpolate": ["MODEL", "--data", "-o", "--from", "--to", "--steps"],
+           "info": []}
+for cmd, names in options.items():
+    r = run(2, cmd, "--help", timeout=120)
+    if r is None:
+        continue
+    listed = [n for n in names if re.search(rf"^\s+{re.escape(n)}\b", r.stdout, re.M)]
+    check(r.returncode == 0 and r.stdout.count(f"Usage: elbo {cmd} ") == 1 and listed == names and "elbo: " not in r.stderr,
+          f"elbo {cmd} --help: exit 0, once, lists {' '.join(names) or 'no options'} (exit {r.returncode})", r)
+r = run(1, "--help")
+check(r is not None and r.returncode == 0 and all(c in r.stdout for c in options), "elbo --help lists every command", r)
+r = run(1, "--version")
+check(r is not None and r.returncode == 0 and r.stdout.strip() == "elbo 0.1.0", "elbo --version", r)
+r = run(1)
+check(r is not None and r.returncode == 2 and "Usage: elbo" in r.stderr, "a bare `elbo` shows the usage, exit 2", r)
+
+# Unknown options, missing and extra arguments, and refused values: exit 2, named, once.
+expect_error("eval: unknown option with a value", ["eval", "m.h5", "--data", TEST, "--bogus=3"],
+             r"elbo eval: unknown option '--bogus' \(see --help\)", code=2)
+expect_error("sample: unknown short option", ["sample", "m.h5", "-x"], r"elbo sample: unknown option '-x'", code=2)
+expect_error("unknown option before the command", ["--sett", "info"], r"unknown option '--sett'", code=2)
+expect_error("train: missing spec", ["train"], r"elbo train: missing SPEC", code=2)
+expect_error("train: an extra argument", ["train", a.spec, "other.yaml"],
+             r"elbo train: unexpected argument 'other\.yaml'", code=2)
+expect_error("info: an extra argument", ["info", "now"], r"elbo info: unexpected argument 'now'", code=2)
+expect_error("eval: --data without its value", ["eval", "m.h5", "--data"], r"elbo eval: --data.*missing", code=2)
+expect_error("eval: --device not a choice", ["eval", "m.h5", "--data", TEST, "--device", "gpu"],
+             r"elbo eval: option --device must be one of auto, cpu, cuda \(got 'gpu'\)", code=2)
+expect_error("eval: --loader not a choice", ["eval", "m.h5", "--data", TEST, "--loader", "disk"],
+             r"option --loader must be one of auto, memory, stream \(got 'disk'\)", code=2)
+expect_error("eval: --iw-samples beyond an int", ["eval", "m.h5", "--data", TEST, "--iw-samples", "3000000000"],
+             r"option --iw-samples must be <= 2147483647 \(got 3000000000\)", code=2)
+expect_error("eval: --cache-mb not a number", ["eval", "m.h5", "--data", TEST, "--cache-mb", "nan"],
+             r"option --cache-mb expects a number, got 'nan'", code=2)
+expect_error("eval: --max-hours negative", ["eval", "m.h5", "--data", TEST, "--max-hours", "-1"],
+             r"option --max-hours must be >= 0 \(got -1\)", code=2)
+expect_error("sample: -n 0", ["sample", "m.h5", "-n", "0"], r"elbo sample: option -n must be >= 1 \(got 0\)", code=2)
+expect_error("sample: --device not a choice", ["sample", "m.h5", "--device", "tpu"],
+             r"elbo sample: option --device must be one of auto, cpu, cuda \(got 'tpu'\)", code=2)
+expect_error("interpolate: --steps 1", ["interpolate", "m.h5", "--data", TEST, "--steps", "1"],
+             r"elbo interpolate: option --steps must be >= 2 \(got 1\)", code=2)
+expect_error("reconstruct: --first not an integer", ["reconstruct", "m.h5", "--data", TEST, "--first", "1.5"],
+             r"elbo reconstruct: option --first expects an integer, got '1\.5'", code=2)
+
 if os.path.exists(os.path.join(run_dir, "model.h5")):
     model = os.path.join(run_dir, "model.h5")
+    # Integers are decimal ("-n 010" is ten, not octal eight), and a repeated option
+    # keeps its last value, as job scripts that append to a command line expect.
+    grid = os.path.join(a.work, "ten.png")
+    r = run(1, "sample", model, "-n", "3", "-n", "010", "--seed", "4", "-o", grid)
+    check(r is not None and r.returncode == 0 and f"wrote {grid}: 10 samples" in r.stdout,
+          "sample -n 3 -n 010: ten samples (decimal, the last value)", r)
     digest = hashlib.sha256(open(model, "rb").read()).hexdigest()
     expect_error("existing run in output.dir", ["train", a.spec, *base_sets(run_dir)], r"already holds a run", code=2)
     check(hashlib.sha256(open(model, "rb").read()).hexdigest() == digest, "earlier model.h5 left untouched")

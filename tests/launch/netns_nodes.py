@@ -74,16 +74,31 @@ exec env -i PATH="$PATH" HOME="${{HOME:-/root}}" ip netns exec {self.prefix}-$ho
             f.writelines(f"{n} slots={self.slots}\n" for n in self.names)
         return self
 
-    def command(self, argv, node="n1"):
-        """argv run on `node` (its namespace and hostname), environment kept."""
-        return ["ip", "netns", "exec", f"{self.prefix}-{node}", "unshare", "--uts", "sh", "-c",
-                'hostname "$0"; exec "$@"', node, *argv]
+    def command(self, argv, node="n1", host_sys=False):
+        """argv run on `node` (its namespace and hostname), environment kept. With
+        host_sys, the host's /sys stays in view (nsenter instead of `ip netns exec`,
+        which mounts a /sys of its own without /sys/fs/cgroup, where slurmd fails)."""
+        enter = (["nsenter", f"--net=/run/netns/{self.prefix}-{node}"] if host_sys
+                 else ["ip", "netns", "exec", f"{self.prefix}-{node}"])
+        return [*enter, "unshare", "--uts", "sh", "-c", 'hostname "$0"; exec "$@"', node, *argv]
 
     def run(self, argv, node="n1", **kw):
         return subprocess.run(self.command(argv, node), **kw)
 
     def link(self, node, up):
         self._ip("-n", f"{self.prefix}-{node}", "link", "set", "eth0", "up" if up else "down")
+
+    def throttle(self, node, rate):
+        """Limits `node`'s link to `rate` (tc syntax, e.g. "1mbit") both ways: on its
+        eth0 and on the bridge's end of its veth; rate None lifts the limit."""
+        i = self.names.index(node)
+        for ns, dev in ((f"{self.prefix}-{node}", "eth0"), (f"{self.prefix}-br", f"b{self.prefix}{i}")):
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+            if rate is not None:
+                r = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                                    rate, "burst", "32kbit", "latency", "400ms"], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise NodesUnavailable(f"tc tbf on {dev} in {ns}: {r.stderr.strip()}")
 
     def __exit__(self, *exc):
         if getattr(self, "_old_term", None) is not None:

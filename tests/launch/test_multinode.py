@@ -11,7 +11,11 @@ netns_nodes.py), started with the project's launch/mpirun.sh as a user would
      the uninterrupted run;
   5. node loss never hangs (launch/mpirun.sh's keepalive settings): n2's link going
      down, or its orted killed, ends the whole job within 60 s naming node n2;
-  6. a 5-second link flap is survived.
+  6. a 5-second link flap is survived;
+  7. a link throttled to 1 Mbit/s ends the job within 60 s (elbo's link probe,
+     dist.min_link_mbps), naming node n2, with status 3; one throttled to 100 Mbit/s
+     trains on, also when n2's rank is stopped for 4 s (rank 0's long wait starts a
+     probe, which measures the link at about 100 Mbit/s and lets the job go on).
 Skips (77) with the reason where network namespaces cannot be made (not root)."""
 import os, re, signal, subprocess, sys, time
 import h5py, numpy as np
@@ -186,6 +190,60 @@ try:
             text, _ = p.communicate()
         check(alive and "stop requested" in text, f"a 5 s link flap: training went on after it (exit {p.returncode})",
               text[-2000:])
+        # 7. A degraded link: 1 Mbit/s fails no TCP check, so only elbo's own link probe
+        #    can end the job; 100 Mbit/s is slow but healthy, and the job trains on.
+        for rate in ("1mbit", "100mbit"):
+            out = os.path.join(a.work, "throttle_" + rate)
+            env = dict(os.environ, NP="2", HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0",
+                       ELBO=a.elbo)
+            p = subprocess.Popen(nodes.command(["bash", MPIRUN_SH, a.spec, *sets(out, "--set", "train.epochs=100000")]),
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+            metrics = os.path.join(out, "metrics.csv")
+            deadline = time.time() + 60
+            while time.time() < deadline and p.poll() is None and rows() < 3:
+                time.sleep(0.05)
+            nodes.throttle("n2", rate)
+            t0 = time.time()
+            if rate == "1mbit":
+                try:
+                    text, _ = p.communicate(timeout=90)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    text, _ = p.communicate()
+                took = time.time() - t0
+                check(p.returncode == 3 and took < 60 and "node n2" in text and "dist.min_link_mbps" in text,
+                      f"a link throttled to 1 Mbit/s: the job ends in {took:.0f} s (exit {p.returncode}), naming "
+                      "node n2", text[-2000:])
+            else:
+                # A long wait on rank 0 (n2's rank stopped for 4 s) makes it probe the links.
+                elbo_pids = [int(pid) for pid in subprocess.run(["ip", "netns", "pids", f"{nodes.prefix}-n2"],
+                                                                 capture_output=True, text=True).stdout.split()
+                             if os.path.exists(f"/proc/{pid}/comm") and open(f"/proc/{pid}/comm").read().strip() == "elbo"]
+                for pid in elbo_pids:
+                    os.kill(pid, signal.SIGSTOP)
+                time.sleep(4)
+                for pid in elbo_pids:
+                    os.kill(pid, signal.SIGCONT)
+                before = rows()
+                while time.time() < t0 + 30 and p.poll() is None and rows() < before + 5:
+                    time.sleep(0.1)
+                alive = p.poll() is None and rows() >= before + 5
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGUSR1)
+                try:
+                    text, _ = p.communicate(timeout=90)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    text, _ = p.communicate()
+                check(alive and "stop requested" in text and "dist.min_link_mbps" not in text,
+                      f"a link throttled to 100 Mbit/s, n2's rank stopped for 4 s: training goes on "
+                      f"(exit {p.returncode})", text[-2000:])
+                m = re.search(r"links measured from here, Mbit/s to/from: n2 (\d+)/(\d+)", text)
+                check(len(elbo_pids) == 1 and m is not None and all(20 <= float(v) <= 110 for v in m.groups()),
+                      "... and rank 0's probe measured the link near 100 Mbit/s both ways "
+                      f"({m.groups() if m else 'no probe line'})", text[-2000:])
+            nodes.throttle("n2", None)
 except NodesUnavailable as e:
     print(f"skipped: cannot make network namespaces as nodes: {e}")
     sys.exit(77)

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """The project's SLURM batch scripts on a real SLURM cluster: munged, slurmctld and
-slurmd started on localhost as plain processes under a temporary directory (no
-systemd; one node; Debian's Open MPI talks to SLURM through PMIx) and stopped
-afterwards by their PIDs.
+slurmd started as plain processes under a temporary directory (no systemd; Debian's
+Open MPI talks to SLURM through PMIx) and stopped afterwards by their PIDs
+(local_slurm.py). --nodes 1: one node, this host, 2 tasks on it. --nodes 2: one
+slurmd per network-namespace node (netns_nodes.py), one task on each, and the
+scripts below with the multi-node script in place of the one-node one; the
+uninterrupted 2-node run must also equal `mpirun -np 2` on one host bit for bit.
 
   ref  launch/slurm-multinode.sbatch (srun --mpi=pmix, 2 tasks), uninterrupted.
   1.   launch/slurm.sbatch, SIGUSR1 to the job's tasks mid-run (what --signal=USR1@T
@@ -12,25 +15,26 @@ afterwards by their PIDs.
        the batch shell mid-run (what --signal=B:USR1@T does): the shell forwards it
        through mpirun, then the same checkpoint/requeue/resume;
   3.   launch/slurm.sbatch, `scontrol requeue` mid-run (SIGTERM to every process of
-       the job): checkpoint, requeue, resume.
+       the job): checkpoint, requeue, resume;
+  4.   (2 nodes) n2's link goes down mid-run: elbo's reachability check ends the
+       job within 60 s (status 3, naming n2), the script requeues it as a node
+       failure, the link comes back, and the job resumes from its last periodic
+       checkpoint.
 Each must end with parameters bit-identical to the uninterrupted run.
 
 Skips (exit 77) with the reason when SLURM or munge is not installed
 (launch/install_deps.sh --with-tests installs them) or when not run as root
 (slurmd starts jobs as their user)."""
-import os, re, shutil, signal, socket, subprocess, sys, tempfile, time
+import os, re, shutil, subprocess, sys, tempfile, time
 import h5py, numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import harness  # noqa: E402
+from local_slurm import LocalSlurm, MISSING_HINT, missing_tools  # noqa: E402
+from netns_nodes import Nodes, NodesUnavailable  # noqa: E402
 
 SKIP = 77
 LAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "launch")
-
-
-def tool(name):
-    """SLURM's daemons live in /usr/sbin, which a non-login PATH may lack."""
-    return shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
 
 
 def skip(reason):
@@ -38,183 +42,12 @@ def skip(reason):
     sys.exit(SKIP)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalSlurm:
-    """munged + slurmctld + slurmd for one node, everything under `root`."""
-
-    def __init__(self, root):
-        self.root = root
-        self.procs = []  # (name, Popen), in start order
-        self.conf = os.path.join(root, "slurm.conf")
-        self.env = dict(os.environ, SLURM_CONF=self.conf)
-        self.host = socket.gethostname().split(".")[0]
-
-    def _spawn(self, name, argv):
-        log = open(os.path.join(self.root, f"{name}.stdout"), "w")
-        # A session of its own: the daemon outlives nothing of ours, and we stop
-        # exactly this PID afterwards.
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        self.procs.append((name, p))
-        return p
-
-    def _wait_for(self, what, cond, timeout, logs):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if cond():
-                return
-            for name, p in self.procs:
-                if p.poll() is not None:
-                    break
-            else:
-                time.sleep(0.1)
-                continue
-            break
-        tails = "\n".join(f"--- {l}:\n{self.tail(l)}" for l in logs)
-        raise SystemExit(f"local SLURM: {what} did not happen within {timeout} s\n{tails}")
-
-    def tail(self, name, n=30):
-        path = os.path.join(self.root, name)
-        if not os.path.exists(path):
-            return "(missing)"
-        return "".join(open(path, errors="replace").readlines()[-n:])
-
-    def start(self):
-        r = self.root
-        os.chmod(r, 0o755)  # munged refuses a socket directory others could write to, and checks its parents
-        sock_dir = os.path.join(r, "munge")
-        os.makedirs(sock_dir, mode=0o755)
-        key = os.path.join(r, "munge.key")
-        subprocess.run([tool("mungekey"), "-c", "-k", key], check=True, capture_output=True)
-        os.chmod(key, 0o600)
-        self.socket = os.path.join(sock_dir, "munge.socket.2")
-        self._spawn("munged", [tool("munged"), "-F", f"--socket={self.socket}", f"--key-file={key}",
-                               f"--pid-file={r}/munged.pid", f"--seed-file={r}/munged.seed",
-                               f"--log-file={r}/munged.log"])
-        self._wait_for("munged socket", lambda: os.path.exists(self.socket), 20, ["munged.log", "munged.stdout"])
-        for d in ("state", "spool"):
-            os.makedirs(os.path.join(r, d))
-        cpus = os.cpu_count()
-        with open(self.conf, "w") as f:
-            f.write(f"""ClusterName=elbotest
-SlurmctldHost={self.host}(127.0.0.1)
-SlurmUser=root
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={self.socket}
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
-SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
-SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=pmix
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
-ReturnToService=2
-KillWait=30
-MinJobAge=600
-JobCompType=jobcomp/filetxt
-JobCompLoc={r}/jobcomp.txt
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=elbo Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
-        self._spawn("slurmctld", [tool("slurmctld"), "-D", "-f", self.conf])
-        self._spawn("slurmd", [tool("slurmd"), "-D", "-f", self.conf, "-N", self.host])
-
-        def idle():
-            q = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-            return q.returncode == 0 and q.stdout.strip() == "idle"
-        self._wait_for("node idle in sinfo", idle, 60,
-                       ["slurmctld.log", "slurmd.log", "slurmctld.stdout", "slurmd.stdout"])
-
-    def stop(self):
-        if os.path.exists(self.conf):
-            subprocess.run(["scancel", "--full", "--partition=elbo"], env=self.env, capture_output=True)
-            deadline = time.time() + 40
-            while time.time() < deadline:
-                q = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True)
-                if q.returncode != 0 or not q.stdout.strip():
-                    break
-                time.sleep(0.2)
-        for name, p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-
-    def scontrol(self, *args, check=True):
-        return subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True, check=check)
-
-    def job(self, jobid):
-        """The job's fields from `scontrol show job -o`."""
-        out = self.scontrol("show", "job", "-o", str(jobid)).stdout
-        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-
-    def sbatch(self, script, args, cwd, env):
-        r = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--nodes=1", "--ntasks-per-node=2",
-                            "--cpus-per-task=1", script, *args],
-                           env=dict(self.env, **env), cwd=cwd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"sbatch {script} failed: {r.stderr}")
-        return int(r.stdout.strip().split(";")[0])
-
-    def wait_state(self, jobid, states, timeout, restarts=None):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            j = self.job(jobid)
-            if j.get("JobState") in states and (restarts is None or int(j.get("Restarts", 0)) == restarts):
-                return j
-            time.sleep(0.1)
-        raise SystemExit(f"job {jobid}: not in {states} (restarts {restarts}) within {timeout} s: {self.job(jobid)}\n"
-                         f"--- slurmctld.log:\n{self.tail('slurmctld.log')}\n--- slurmd.log:\n{self.tail('slurmd.log')}")
-
-    def release(self, jobid):
-        """A requeued job waits ~120 s (BeginTime); start it now. The update only sticks
-        once the job is PENDING, so wait for that and repeat until it runs."""
-        self.wait_state(jobid, {"PENDING"}, 60, restarts=1)
-        # The hold exists for a reason: the previous start's step daemons may still be
-        # finalizing (PMIx keeps its socket for a second or two after the tasks end) and
-        # a new step with the same id cannot bind it. Their sockets in the spool
-        # directory disappear when they are gone.
-        spool = os.path.join(self.root, "spool")
-        deadline = time.time() + 60
-        while time.time() < deadline and [f for f in os.listdir(spool) if f".{jobid}." in f or f"_{jobid}." in f]:
-            time.sleep(0.1)
-        # slurmd revoked the previous start's credential when it killed it, at a
-        # one-second granularity: a credential issued within the same second counts as
-        # revoked ("Killing non-startable batch job: Job credential revoked").
-        time.sleep(2)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            self.scontrol("update", f"JobId={jobid}", "StartTime=now", check=False)
-            t = time.time() + 3
-            while time.time() < t:
-                if self.job(jobid).get("JobState") != "PENDING":
-                    return
-                time.sleep(0.1)
-        raise SystemExit(f"job {jobid}: still pending after StartTime=now: {self.job(jobid)}")
-
-
 def main():
-    a = harness.parse_args(__doc__)
-    missing = [t for t in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel",
-                           "sinfo", "srun") if tool(t) is None]
+    a = harness.parse_args(__doc__, lambda ap: ap.add_argument(
+        "--nodes", type=int, default=1, help="1: this host; 2: one slurmd per network-namespace node"))
+    missing = missing_tools()
     if missing:
-        skip(f"SLURM/munge not installed (missing {', '.join(missing)}; launch/install_deps.sh --with-tests "
-             f"installs slurmctld slurmd slurm-client munge)")
+        skip(f"SLURM/munge not installed (missing {', '.join(missing)}; {MISSING_HINT})")
     if os.geteuid() != 0:
         skip("the local SLURM cluster needs root (slurmd starts each job as its user)")
     if (os.cpu_count() or 1) < 2:
@@ -224,20 +57,32 @@ def main():
 
     # Short path: the munge socket's path must fit a sockaddr_un.
     root = tempfile.mkdtemp(prefix="elbo-slurm-")
-    cluster = LocalSlurm(root)
     try:
-        cluster.start()
-        print(f"ok   local SLURM cluster up under {root}")
-        run_jobs(a, cluster, check)
+        if a.nodes == 1:
+            run_cluster(a, root, None, check)
+        else:
+            with Nodes(a.nodes, os.path.join(a.work, "nodes"), slots=1) as nodes:
+                run_cluster(a, root, nodes, check)
+    except NodesUnavailable as e:
+        skip(f"cannot make network namespaces as nodes: {e}")
     finally:
-        cluster.stop()
-        still = [name for name, p in cluster.procs if p.poll() is None]
-        check(not still, "SLURM daemons stopped by PID", str(still))
         if not check.failures:
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"     cluster logs kept in {root}")
     check.finish()
+
+
+def run_cluster(a, root, nodes, check):
+    cluster = LocalSlurm(root, nodes=nodes)
+    try:
+        cluster.start()
+        print(f"ok   local SLURM cluster up under {root}: node(s) {', '.join(cluster.names)}")
+        run_jobs(a, cluster, check)
+    finally:
+        cluster.stop()
+        still = [name for name, p in cluster.procs if p.poll() is None]
+        check(not still, "SLURM daemons stopped by PID", str(still))
 
 
 def run_jobs(a, cluster, check):
@@ -246,15 +91,18 @@ def run_jobs(a, cluster, check):
         s = {"device": "cpu", "data.train": f"{a.data}/train", "data.test": "", "data.max_samples": "960",
              "data.binarize": "true", "train.batch_size": "48", "train.epochs": "60", "optim.schedule": "cosine",
              "optim.warmup_steps": "10", "loss.kl_warmup_steps": "30", "train.log_every": "5",
-             "checkpoint.every": "0", "output.dir": out}
+             "checkpoint.every": "100", "output.dir": out}
         return [x for k, v in s.items() for x in ("--set", f"{k}={v}")]
 
     env = {"ELBO": a.elbo}
+    nodes = len(cluster.names)
+    # Two ranks either way: both on this host, or one on each namespace node.
+    layout = ["--ntasks=2", "--nodes=1", "--ntasks-per-node=2"] if nodes == 1 else ["--nodes=2", "--ntasks-per-node=1"]
 
     def submit(name, script, extra_env=None):
         out = os.path.join(a.work, name)
         jobid = cluster.sbatch(os.path.join(LAUNCH, script), [a.spec, *sets(out)], cwd=a.work,
-                               env=dict(env, **(extra_env or {})))
+                               env=dict(env, **(extra_env or {})), layout=layout)
         return jobid, out
 
     def params(out):
@@ -291,17 +139,50 @@ def run_jobs(a, cluster, check):
     ref_step, ref = params(ref_dir)
     check(ref_step == 1200, f"uninterrupted run reached step 1200 (got {ref_step})")
     check("2 ranks via srun" in log(ref_id), "the multi-node script started 2 ranks with srun", log(ref_id))
-    check(f"2 rank(s) on 1 node(s) via srun (SLURM job {ref_id}, restart 0)" in log(ref_id) or
-          f"2 rank(s) on 1 node(s) via srun (SLURM job {ref_id})" in log(ref_id),
-          "elbo discovers its world from SLURM: 2 ranks, 1 node, srun, the job id", log(ref_id)[:1500])
+    check(f"2 rank(s) on {nodes} node(s) via srun (SLURM job {ref_id}, restart 0)" in log(ref_id) or
+          f"2 rank(s) on {nodes} node(s) via srun (SLURM job {ref_id})" in log(ref_id),
+          f"elbo discovers its world from SLURM: 2 ranks, {nodes} node(s), srun, the job id", log(ref_id)[:1500])
+    if nodes > 1:
+        # The same two ranks on one host, started by mpirun: the same parameters, bit for bit.
+        host_out = os.path.join(a.work, "host_np2")
+        r = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", "-x", "OPENBLAS_NUM_THREADS=1", a.elbo, "train",
+                            a.spec, *sets(host_out), "--set", "train.threads=1"], capture_output=True, text=True)
+        check(r.returncode == 0 and all(np.array_equal(params(host_out)[1][k], ref[k]) for k in ref),
+              "2 nodes under SLURM (srun) train to parameters bitwise equal to mpirun -np 2 on one host",
+              r.stdout[-1500:] + r.stderr[-1500:])
 
     def preempted(name, script, how, extra_env=None):
         jobid, out = submit(name, script, extra_env)
         mid_run(jobid, out)
+        if how == "link_down":
+            # n2's link goes down: elbo's reachability check ends the job (status 3), the
+            # script requeues it as a node failure; the link comes back, the job resumes.
+            t0 = time.time()
+            cluster.nodes.link("n2", False)
+            while time.time() < t0 + 120 and "requeueing job" not in log(jobid):
+                time.sleep(0.2)
+            took = time.time() - t0
+            cluster.nodes.link("n2", True)
+            time.sleep(1)
+            text = log(jobid)
+            check(took < 60 and "launcher status 3" in text and "node failure 1 of" in text and "on node n2" in text,
+                  f"{name}: n2's link down ends the job in {took:.0f} s with status 3 naming node n2; the script "
+                  "requeues it as a node failure", text[-3000:])
+            # SLURM completes the first start once n2's slurmd answers again.
+            cluster.release(jobid, timeout=150)
+            finished(jobid, f"{name}: requeued and resumed")
+            text = log(jobid)
+            m = re.search(r"continuing from \S+ at step (\d+)", text)
+            step, p = params(out)
+            check("(restart 1)" in text and m is not None and step == 1200 and
+                  all(np.array_equal(p[key], ref[key]) for key in ref),
+                  f"{name}: the requeued start resumed from its last checkpoint "
+                  f"(step {m.group(1) if m else '?'}) and ended bit-identical to the uninterrupted run", text[-3000:])
+            return text
         if how == "steps":
-            subprocess.run(["scancel", "-s", "USR1", str(jobid)], env=cluster.env, check=True)
+            cluster.run(["scancel", "-s", "USR1", str(jobid)], check=True)
         elif how == "batch":
-            subprocess.run(["scancel", "-b", "-s", "USR1", str(jobid)], env=cluster.env, check=True)
+            cluster.run(["scancel", "-b", "-s", "USR1", str(jobid)], check=True)
         else:
             cluster.scontrol("requeue", str(jobid))
         cluster.release(jobid)
@@ -320,14 +201,20 @@ def run_jobs(a, cluster, check):
               f"{name}: preempted at step {k}, requeued, resumed: parameters bit-identical to the uninterrupted run")
         return text
 
-    t = preempted("usr1_tasks", "slurm.sbatch", "steps")
-    check("requeueing job" in t, "usr1_tasks: slurm.sbatch requeued its own job after exit 75", t)
+    # The one-node script on one node; on two, the multi-node script with srun.
+    script = "slurm.sbatch" if nodes == 1 else "slurm-multinode.sbatch"
+    t = preempted("usr1_tasks", script, "steps")
+    check("requeueing job" in t, f"usr1_tasks: {script} requeued its own job after exit 75", t)
     t = preempted("usr1_batch_mpirun", "slurm-multinode.sbatch", "batch", {"ELBO_LAUNCHER": "mpirun"})
     check("2 ranks via mpirun" in t and "SIGUSR1 from SLURM" in t and "requeueing job" in t,
           "usr1_batch_mpirun: the shell forwarded SIGUSR1 through mpirun and requeued the job", t)
     check("via mpirun inside SLURM job" in t and re.search(r"via mpirun inside SLURM job \d+, restart 1", t) is not None,
           "usr1_batch_mpirun: elbo sees mpirun inside the SLURM job, and the restart count after the requeue", t[:3000])
-    preempted("scontrol_requeue", "slurm.sbatch", "requeue")
+    check(f"2 rank(s) on {nodes} node(s) via mpirun" in t, f"usr1_batch_mpirun: mpirun placed the ranks on {nodes} "
+          "node(s)", t[:3000])
+    preempted("scontrol_requeue", script, "requeue")
+    if nodes > 1:
+        preempted("link_down_srun", script, "link_down")
 
 
 if __name__ == "__main__":

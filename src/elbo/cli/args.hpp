@@ -1,55 +1,53 @@
-// A typed command-line parser: each option is declared once with its type, target
-// and help, so parsing, validation and --help come from the same table.
+// elbo's command lines on CLI11: typed options that convert and check their text in
+// elbo's words, and one parse that turns every mistake into a usage error (exit 2)
+// naming the command and the argument.
 #pragma once
 
+#include <CLI/CLI.hpp>
+
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace elbo::cli {
 
-class ArgParser {
+// A command line (`elbo`, with its subcommands, or `elbo-shard`) with elbo's rules,
+// which its subcommands inherit: a single-value option given twice keeps the last
+// value (job scripts append to a command line: `--resume auto "$@"`), at most one
+// subcommand, and arguments that nothing takes are kept so that parse_args can name them.
+class CommandLine : public CLI::App {
  public:
-  ArgParser(std::string program, std::string summary);
+  CommandLine(const std::string& name, const std::string& description);
 
-  void flag(const std::string& name, bool* target, const std::string& help);
-  void string(const std::string& name, std::string* target, const std::string& metavar, const std::string& help,
-              bool required = false);
-  void integer(const std::string& name, int64_t* target, const std::string& metavar, const std::string& help,
-               int64_t min_value = INT64_MIN);
-  void number(const std::string& name, double* target, const std::string& metavar, const std::string& help,
-              double min_value = 0.0);
-  // An option that may repeat, e.g. --set a=1 --set b=2.
-  void repeated(const std::string& name, std::vector<std::string>* target, const std::string& metavar,
-                const std::string& help);
-  void positional(const std::string& name, std::string* target, const std::string& help);
+  // Parses `args` (argv without the program name). Returns the text to print instead
+  // of running (for --help of the command line or of a subcommand, and --version).
+  // Throws a Usage error, prefixed with the subcommand ("elbo eval: "), for an unknown
+  // option, command or argument, a missing one, or a value its option refuses.
+  std::optional<std::string> parse_args(const std::vector<std::string>& args);
 
-  // Throws a Usage error naming the offending argument. Returns false when --help
-  // was given (the help text has been printed).
-  bool parse(const std::vector<std::string>& args);
-  std::string help() const;
-
- private:
-  enum class Kind { Flag, String, Integer, Number, Repeated };
-  struct Option {
-    std::string name, metavar, help;
-    Kind kind;
-    void* target;
-    bool required = false;
-    int64_t min_value = INT64_MIN;
-    double min_number = 0.0;
-    bool seen = false;
-  };
-  struct Positional {
-    std::string name, help;
-    std::string* target;
-  };
-  Option* find(const std::string& name);
-
-  std::string m_program, m_summary;
-  std::vector<Option> m_options;
-  std::vector<Positional> m_positionals;
+  // The chosen subcommand (nullptr when none was given).
+  const CLI::App* chosen() const;
 };
+
+// A decimal integer in [lo, hi]. Anything else is refused as "option -n expects an
+// integer, got 'ten'" or "option -n must be >= 1 (got 0)".
+CLI::Option* add_integer(CLI::App& app, const std::string& name, int64_t* target, const std::string& metavar,
+                         const std::string& help, int64_t lo = INT64_MIN, int64_t hi = INT64_MAX);
+// A finite number >= lo.
+CLI::Option* add_number(CLI::App& app, const std::string& name, double* target, const std::string& metavar,
+                        const std::string& help, double lo);
+// One of `choices`, which the help shows as the value (auto|cpu|cuda).
+CLI::Option* add_choice(CLI::App& app, const std::string& name, std::string* target,
+                        const std::vector<std::string>& choices, const std::string& help);
+// A text option.
+CLI::Option* add_text(CLI::App& app, const std::string& name, std::string* target, const std::string& metavar,
+                      const std::string& help);
+// A text option that may repeat, one value each time: --set a=1 --set b=2.
+CLI::Option* add_repeated(CLI::App& app, const std::string& name, std::vector<std::string>* target,
+                          const std::string& metavar, const std::string& help);
+// A positional argument that must be given ("missing MODEL" otherwise).
+CLI::Option* add_positional(CLI::App& app, const std::string& name, std::string* target, const std::string& help);
 
 // Refuses an output file that could not be written at the end of a long command: its
 // directory must exist and be writable, and the path must not be a directory. Throws a

@@ -5,6 +5,7 @@
 #include <climits>
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,100 +29,64 @@ namespace {
 
 constexpr const char* kVersion = "0.1.0";
 
-const char* kUsage =
-    "usage: elbo <command> [options]\n\n"
-    "Data-parallel VAE training (run under mpirun -np N or srun for N replicas).\n\n"
-    "commands:\n"
-    "  train SPEC.yaml [--set key.path=value ...] [--resume auto|PATH]\n"
-    "                                                train a VAE from an experiment spec\n"
-    "  eval MODEL.h5 --data TEST_DIR [--iw-samples K]  test negative ELBO, IWAE bound, active units\n"
-    "  sample MODEL.h5 [-n 64] [-o samples.png]      decode z ~ N(0, I) into a PNG grid\n"
-    "  reconstruct MODEL.h5 --data DIR [-n 32] [-o recon.png]\n"
-    "                                                inputs beside their reconstructions\n"
-    "  interpolate MODEL.h5 --data DIR --from I --to J [--steps K] [-o interpolation.png]\n"
-    "                                                decode the line between two inputs' latents\n"
-    "  info                                          build, backends and MPI world\n\n"
-    "Run 'elbo <command> --help' for the options of a command.\n";
-
-
-int cmd_train(const std::vector<std::string>& args, Communicator& comm) {
-  std::string spec_path;
-  std::vector<std::string> overrides;
-  cli::ArgParser p("elbo train", "Train a VAE from a YAML experiment spec; rank 0 writes OUTPUT_DIR/{spec.yaml,"
-                                 "metrics.csv,model.h5,eval.yaml}.");
-  p.positional("SPEC", &spec_path, "experiment spec (YAML)");
-  p.repeated("--set", &overrides, "KEY=VALUE", "override a spec key, e.g. --set optim.lr=3e-4 (repeatable)");
-  TrainOptions opts;
-  p.string("--resume", &opts.resume, "auto|PATH",
-           "continue from a checkpoint: 'auto' = the newest valid one in OUTPUT_DIR/checkpoints (a fresh start when "
-           "there is none), or a checkpoint file");
-  bool go = false;
-  collectively(comm, [&] { go = p.parse(args); });
-  if (!go) return 0;
-  ExperimentSpec spec;
-  collectively(comm, [&] { spec = load_spec(spec_path, overrides); });
-  TrainResult r = train(spec, comm, std::cout, opts);
-  // Exit codes for job scripts: 75 = stopped on a signal with a checkpoint (requeue and
-  // --resume auto), 76 = forced stop without one, 3 = a peer rank failed, 2 = bad input.
-  return r.stopped ? kExitStopped : kExitOk;
+// `elbo train`: the spec and its overrides; the trainer does the rest.
+cli::Command add_train(CLI::App& elbo) {
+  struct Args {
+    std::string spec;
+    std::vector<std::string> overrides;
+    TrainOptions options;
+  };
+  auto a = std::make_shared<Args>();
+  CLI::App* c = elbo.add_subcommand("train", "train a VAE from an experiment spec");
+  c->footer(
+      "Rank 0 writes OUTPUT_DIR/{spec.yaml,metrics.csv,model.h5,eval.yaml}. Exit codes for job scripts: 75 = "
+      "stopped on a signal with a checkpoint (requeue and --resume auto), 76 = forced stop without one, 3 = a "
+      "peer rank failed, 2 = bad input.");
+  cli::add_positional(*c, "SPEC", &a->spec, "experiment spec (YAML)");
+  cli::add_repeated(*c, "--set", &a->overrides, "KEY=VALUE",
+                    "override a spec key, e.g. --set optim.lr=3e-4 (repeatable)");
+  cli::add_text(*c, "--resume", &a->options.resume, "auto|PATH",
+                "continue from a checkpoint: 'auto' = the newest valid one in OUTPUT_DIR/checkpoints (a fresh start "
+                "when there is none), or a checkpoint file");
+  return {c, [a](Communicator& comm) {
+            ExperimentSpec spec;
+            collectively(comm, [&] { spec = load_spec(a->spec, a->overrides); });
+            const TrainResult r = train(spec, comm, std::cout, a->options);
+            return r.stopped ? kExitStopped : kExitOk;
+          }};
 }
 
-int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
-  std::string model_path, data_dir, out_path, device = "auto";
+// `elbo eval`: the bounds of a trained model on a test split, data-parallel.
+struct EvalArgs {
+  std::string model, data, output, device = "auto", loader = "auto";
   int64_t iw = 0, batch = 500, seed = -1, threads = 0, max_samples = 0;
-  cli::ArgParser p("elbo eval", "Evaluate a trained model on a test split: negative ELBO per sample (nats), its "
-                                "reconstruction and KL parts, and the k-sample importance-weighted bound.");
-  p.positional("MODEL", &model_path, "model file written by elbo train (model.h5)");
-  p.string("--data", &data_dir, "DIR", "test split directory written by elbo-shard", true);
-  p.integer("--iw-samples", &iw, "K", "importance samples for the IWAE bound (0 = skip)", 0);
-  p.integer("--batch-size", &batch, "N", "rows per forward pass on each rank", 1);
-  p.integer("--max-samples", &max_samples, "N", "evaluate the split's first N samples only (0 = all)", 0);
-  p.integer("--seed", &seed, "S", "seed for eps (default: the model's training seed)", 0);
-  p.integer("--threads", &threads, "T", "BLAS threads per rank (0 = cores / ranks on the node)", 0);
-  p.string("--device", &device, "auto|cpu|cuda", "where to evaluate (auto: a GPU when one is visible)");
-  p.string("--output", &out_path, "FILE", "also write the results as YAML to FILE (rank 0)");
-  std::string loader = "auto";
-  double cache_mb = 1024;
-  p.string("--loader", &loader, "auto|memory|stream",
-           "hold the split in every rank's memory, or read each rank's rows from the files on demand (auto: memory "
-           "when the split fits --cache-mb)");
-  p.number("--cache-mb", &cache_mb, "MB", "the split size up to which --loader auto holds it in memory (default 1024)");
-  double max_hours = 24;
-  p.number("--max-hours", &max_hours, "H",
-           "refuse an IWAE bound estimated (from a timed pass) to take longer than H hours (default 24, 0 = no limit)");
-  bool go = false;
+  double cache_mb = 1024, max_hours = 24;
+};
+
+int run_eval(const EvalArgs& a, Communicator& comm) {
   collectively(comm, [&] {
-    go = p.parse(args);
-    if (!go) return;
-    if (iw > INT_MAX)
-      throw usage_error("elbo eval: option --iw-samples must be <= " + std::to_string(INT_MAX) + " (got " +
-                        std::to_string(iw) + ")");
     // The results are written after the whole evaluation: a path that cannot take them
     // is refused before any of it.
-    if (!out_path.empty() && comm.is_root()) cli::check_output_file(out_path, "elbo eval --output");
-    if (!parse_choice<Loader>(loader))
-      throw usage_error("elbo eval: option --loader must be auto, memory or stream (got '" + loader + "')");
+    if (!a.output.empty() && comm.is_root()) cli::check_output_file(a.output, "elbo eval --output");
   });
-  if (!go) return 0;
-
-  cli::LoadedModel m = cli::load_model(comm, "elbo eval", model_path, device, threads);
+  cli::LoadedModel m = cli::load_model(comm, "elbo eval", a.model, a.device, a.threads);
   std::optional<data::ShardSet> set;
   collectively(comm, [&] {
     // A test split larger than memory is read on demand, each rank its own rows.
-    const Loader how = data::resolve_loader(*parse_choice<Loader>(loader), cache_mb, data::split_bytes(data_dir));
-    set.emplace(data::ShardSet::open(data_dir, data::OpenOptions{how == Loader::Memory, comm.rank(), comm.size()}));
-    std::vector<int> shape = {set->channels(), set->height(), set->width()};
-    if (shape != m.file.input_shape)
-      throw data_error(data_dir + ": samples have shape " + shape_string(shape, "[]") + " but the model " + model_path +
-                       " was trained on " + shape_string(m.file.input_shape, "[]"));
+    // --loader offers only the names of Loader (add_choice below).
+    const std::optional<Loader> loader = parse_choice<Loader>(a.loader);
+    if (!loader) throw usage_error("elbo eval --loader: '" + a.loader + "' is not one of " + choice_list<Loader>());
+    const Loader how = data::resolve_loader(*loader, a.cache_mb, data::split_bytes(a.data));
+    set.emplace(data::ShardSet::open(a.data, data::OpenOptions{how == Loader::Memory, comm.rank(), comm.size()}));
+    cli::check_model_input(*set, a.data, m, a.model);
   });
   EvalOptions eo;
-  eo.iw_samples = static_cast<int>(iw);
-  eo.batch_size = batch;
-  eo.max_samples = max_samples;
-  eo.seed = seed >= 0 ? static_cast<uint64_t>(seed) : m.file.spec.seed;
+  eo.iw_samples = static_cast<int>(a.iw);
+  eo.batch_size = a.batch;
+  eo.max_samples = a.max_samples;
+  eo.seed = a.seed >= 0 ? static_cast<uint64_t>(a.seed) : m.file.spec.seed;
   eo.binarize = m.file.spec.data.binarize;
-  eo.max_seconds = max_hours * 3600;
+  eo.max_seconds = a.max_hours * 3600;
   eo.source = "elbo eval";
   eo.batch_size_name = "--batch-size";
   eo.iw_samples_name = "--iw-samples";
@@ -132,16 +97,41 @@ int cmd_eval(const std::vector<std::string>& args, Communicator& comm) {
   collectively(comm, [&] {
     if (!comm.is_root()) return;
     std::cout << format_eval(r) << std::endl;
-    if (!out_path.empty()) write_text_file_atomic(out_path, eval_yaml(r, model_path, data_dir));
+    if (!a.output.empty()) write_text_file_atomic(a.output, eval_yaml(r, a.model, a.data));
   });
   return 0;
 }
 
-int cmd_info(const std::vector<std::string>& args, Communicator& comm) {
-  cli::ArgParser p("elbo info", "Print the build configuration, the available backends and the MPI world.");
-  bool go = false;
-  collectively(comm, [&] { go = p.parse(args); });
-  if (!go) return 0;
+cli::Command add_eval(CLI::App& elbo) {
+  auto a = std::make_shared<EvalArgs>();
+  CLI::App* c = elbo.add_subcommand("eval", "test negative ELBO, IWAE bound, active units");
+  c->footer(
+      "Evaluates a trained model on a test split: negative ELBO per sample (nats), its reconstruction and KL "
+      "parts, and the k-sample importance-weighted bound.");
+  cli::add_positional(*c, "MODEL", &a->model, "model file written by elbo train (model.h5)");
+  cli::add_text(*c, "--data", &a->data, "DIR", "test split directory written by elbo-shard")->required();
+  cli::add_integer(*c, "--iw-samples", &a->iw, "K", "importance samples for the IWAE bound (0 = skip)", 0, INT_MAX);
+  cli::add_integer(*c, "--batch-size", &a->batch, "N", "rows per forward pass on each rank (default 500)", 1);
+  cli::add_integer(*c, "--max-samples", &a->max_samples, "N", "evaluate the split's first N samples only (0 = all)", 0);
+  cli::add_integer(*c, "--seed", &a->seed, "S", "seed for eps (default: the model's training seed)", 0);
+  cli::add_integer(*c, "--threads", &a->threads, "T", "BLAS threads per rank (0 = cores / ranks on the node)", 0);
+  cli::add_choice(*c, "--device", &a->device, {"auto", "cpu", "cuda"},
+                  "where to evaluate (auto: a GPU when one is visible)");
+  cli::add_text(*c, "--output", &a->output, "FILE", "also write the results as YAML to FILE (rank 0)");
+  cli::add_choice(*c, "--loader", &a->loader, {"auto", "memory", "stream"},
+                  "hold the split in every rank's memory, or read each rank's rows from the files on demand (auto: "
+                  "memory when the split fits --cache-mb)");
+  cli::add_number(*c, "--cache-mb", &a->cache_mb, "MB",
+                  "the split size up to which --loader auto holds it in memory (default 1024)", 0);
+  cli::add_number(*c, "--max-hours", &a->max_hours, "H",
+                  "refuse an IWAE bound estimated (from a timed pass) to take longer than H hours (default 24, 0 = no "
+                  "limit)",
+                  0);
+  return {c, [a](Communicator& comm) { return run_eval(*a, comm); }};
+}
+
+// `elbo info`: the build, the backends and where every rank runs.
+int run_info(Communicator& comm) {
   BackendReport r = probe_backends();
   if (comm.is_root()) {
     std::cout << "elbo " << kVersion << "\n"
@@ -185,29 +175,35 @@ int cmd_info(const std::vector<std::string>& args, Communicator& comm) {
   return 0;
 }
 
+cli::Command add_info(CLI::App& elbo) {
+  CLI::App* c = elbo.add_subcommand("info", "build, backends and MPI world");
+  c->footer("Prints the build configuration, the available backends and, node by node, where every rank runs.");
+  return {c, run_info};
+}
+
 int run(int argc, char** argv, Communicator& comm) {
-  std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.empty() || args[0] == "-h" || args[0] == "--help") {
-    if (comm.is_root()) std::fputs(kUsage, args.empty() ? stderr : stdout);
-    return args.empty() ? 2 : 0;
+  cli::CommandLine line("elbo", "Data-parallel VAE training (run under mpirun -np N or srun for N replicas).");
+  line.set_version_flag("--version", std::string("elbo ") + kVersion);
+  const std::vector<cli::Command> commands = {
+      add_train(line), add_eval(line), cli::add_sample(line), cli::add_reconstruct(line), cli::add_interpolate(line),
+      add_info(line)};
+  line.footer("Run 'elbo <command> --help' for the options of a command.");  // after the commands: not theirs
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty()) {
+    // A bare `elbo` is a usage mistake: the overview on stderr, exit 2.
+    if (comm.is_root()) std::fputs(line.help().c_str(), stderr);
+    return kExitBadInput;
   }
-  if (args[0] == "--version") {
-    if (comm.is_root()) std::printf("elbo %s\n", kVersion);
-    return 0;
+  // Every rank parses the same line, so a mistake is agreed and printed once.
+  std::optional<std::string> text;
+  collectively(comm, [&] { text = line.parse_args(args); });
+  if (text) {
+    if (comm.is_root()) std::fputs(text->c_str(), stdout);
+    return kExitOk;
   }
-  std::string cmd = args[0];
-  std::vector<std::string> rest(args.begin() + 1, args.end());
-  if (cmd == "train") return cmd_train(rest, comm);
-  if (cmd == "eval") return cmd_eval(rest, comm);
-  if (cmd == "info") return cmd_info(rest, comm);
-  if (cmd == "sample") return cli::cmd_sample(rest, comm);
-  if (cmd == "reconstruct") return cli::cmd_reconstruct(rest, comm);
-  if (cmd == "interpolate") return cli::cmd_interpolate(rest, comm);
-  collectively(comm, [&] {
-    throw usage_error("unknown command '" + cmd + "'; valid commands: train, eval, sample, reconstruct, interpolate, "
-                      "info (see elbo --help)");
-  });
-  return kExitBadInput;
+  for (const cli::Command& c : commands)
+    if (c.app == line.chosen()) return c.run(comm);
+  throw internal_error("elbo: the command line parsed without a command");
 }
 
 }  // namespace

@@ -360,7 +360,7 @@ VerifyResult verify_split(const std::string& dir) {
   } catch (const YAML::Exception& e) {
     throw data_error(mpath + ": malformed manifest: " + e.what());
   }
-  if (shp.size() != 3 || shp[0] < 1 || shp[1] < 1 || shp[2] < 1)
+  if (!is_sample_shape(shp))
     throw data_error(mpath + ": shape must be [C, H, W] with positive entries");
   const int64_t dim = shp[0] * shp[1] * shp[2];
 

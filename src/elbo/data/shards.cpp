@@ -128,7 +128,7 @@ ShardSet ShardSet::open(const std::string& dir_or_manifest, const OpenOptions& o
     s.m_split = root["split"].as<std::string>();
     s.m_size = root["num_samples"].as<int64_t>();
     auto shape = root["shape"].as<std::vector<int>>();
-    if (shape.size() != 3 || shape[0] < 1 || shape[1] < 1 || shape[2] < 1)
+    if (!is_sample_shape(shape))
       throw data_error(mpath + ": shape must be [C, H, W] with positive entries");
     std::copy(shape.begin(), shape.end(), s.m_shape);
     for (const auto& e : root["shards"]) {

@@ -45,6 +45,7 @@ class ShardSet {
   int channels() const { return m_shape[0]; }
   int height() const { return m_shape[1]; }
   int width() const { return m_shape[2]; }
+  std::vector<int> shape() const { return {m_shape[0], m_shape[1], m_shape[2]}; }  // [C, H, W]
   int64_t sample_dim() const { return int64_t(m_shape[0]) * m_shape[1] * m_shape[2]; }
   int64_t bytes() const { return m_size * sample_dim(); }
   const std::string& split() const { return m_split; }

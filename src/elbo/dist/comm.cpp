@@ -102,6 +102,7 @@ MpiCommunicator::MpiCommunicator() {
   for (int r = 0; r < m_world.size; ++r) m_hosts.emplace_back(all.data() + static_cast<size_t>(r) * kHostLen);
   ELBO_CHECK_MPI(MPI_Comm_dup(m_comm, &m_ctl));
   ELBO_CHECK_MPI(MPI_Comm_set_errhandler(m_ctl, MPI_ERRORS_RETURN));
+  setup_link_checks();
 }
 
 MpiCommunicator::~MpiCommunicator() {
@@ -184,9 +185,10 @@ void MpiCommunicator::wait(MPI_Request* requests, int n, const char* operation) 
     int done = 0;
     ELBO_CHECK_MPI(MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE));
     if (done) return;
+    if (polls == 0) service(0.0);  // a peer's roll call or link probe waits for no spin
     if ((polls & 255) == 255) {
-      answer_roll_calls();
       const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+      service(waited);
       if (m_timeout_s > 0 && waited > m_timeout_s) give_up(operation, false);
       if (m_stop_left && m_stop_left() < kStopDeadlineMargin) give_up(operation, true);
       if (waited > 1e-3) std::this_thread::sleep_for(std::chrono::microseconds(waited > 0.1 ? 2000 : 50));

@@ -5,6 +5,7 @@
 #include <mpi.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -83,6 +84,16 @@ class Communicator {
   }
   // Every rank's host name, by rank.
   virtual std::vector<std::string> rank_hosts() const { return {world().host}; }
+  // Called from every wait loop (MPI and NCCL) while a collective is unfinished after
+  // `waited_s`: answers peers' control messages (roll calls, link probes) and, on rank
+  // 0, measures the links between the nodes when the wait grows long (see
+  // set_min_link_mbps). May end the job.
+  virtual void service(double waited_s) { (void)waited_s; }
+  // A link between nodes measured slower than this (Mbit/s) ends the job, naming the
+  // node (dist.min_link_mbps; 0 = never measure): a link that degraded a thousandfold
+  // fails no TCP check, and the job would crawl on instead of being requeued.
+  void set_min_link_mbps(double mbps) { m_min_link_mbps = mbps; }
+  double min_link_mbps() const { return m_min_link_mbps; }
   // The ranks that do not answer a roll call within `seconds`, as "1 (host), 3 (host)"
   // ("" when all answer); every rank waiting in a collective answers.
   virtual std::string silent_ranks(double seconds) { (void)seconds; return ""; }
@@ -91,6 +102,7 @@ class Communicator {
 
  protected:
   double m_timeout_s = 300.0;
+  double m_min_link_mbps = 10.0;
   std::function<double()> m_stop_left;
   int m_stop_exit = 1;
 };
@@ -115,6 +127,7 @@ class MpiCommunicator final : public Communicator {
 
   std::string silent_ranks(double seconds) override;
   std::vector<std::string> rank_hosts() const override { return m_hosts; }
+  void service(double waited_s) override;
 
   MPI_Comm handle() const { return m_comm; }
   // Completes `n` requests, driving MPI progress; past the timeout, aborts the job
@@ -125,7 +138,16 @@ class MpiCommunicator final : public Communicator {
  private:
   void answer_roll_calls();  // replies to peers asking who is alive (from wait())
   [[noreturn]] void give_up(const std::string& operation, bool stop_deadline);
-
+  // Link checks (dist/link_check.cpp): the first rank of every other node listens on a
+  // TCP port, which rank 0 connects to while it waits long (a node the network no longer
+  // reaches ends the job in ~20 s), and times a transfer each way with (a degraded link
+  // ends it too); those ranks answer from their wait loops.
+  struct LinkWatch;
+  void setup_link_checks();  // collective, from the constructor
+  void answer_link_probe();
+  void check_reachable();
+  void probe_links();
+  std::shared_ptr<LinkWatch> m_links;
   MPI_Comm m_comm = MPI_COMM_NULL;
   MPI_Comm m_ctl = MPI_COMM_NULL;  // roll calls, apart from the collectives' traffic
   WorldInfo m_world;

@@ -121,7 +121,11 @@ class NcclGradientSync final : public BucketedSync {
       check(ncclCommGetAsyncError(m_nccl, &st), "ncclCommGetAsyncError", __FILE__, __LINE__);
       if (st != ncclSuccess && st != ncclInProgress)
         fail(what, std::string(ncclGetErrorString(st)) + ": " + ncclGetLastError(m_nccl));
-      if ((polls & 63) == 63 && timed_out(t0)) timeout(what);
+      if ((polls & 63) == 63) {
+        // Peers waiting in MPI may be taking a roll call or probing the links: answer.
+        m_comm.service(std::chrono::duration<double>(Clock::now() - t0).count());
+        if (timed_out(t0)) timeout(what);
+      }
     }
   }
 

@@ -30,7 +30,7 @@ ConvShape Layer::conv(int rows) const {
 }
 
 VaeLayout::VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape) : m_spec(spec) {
-  if (input_shape.size() != 3 || input_shape[0] < 1 || input_shape[1] < 1 || input_shape[2] < 1)
+  if (!is_sample_shape(input_shape))
     throw model_error("model input shape must be [C, H, W] with positive sizes (got " +
                       shape_string(input_shape, "[]") + ")");
   m_input = TensorShape{input_shape[0], input_shape[1], input_shape[2]};

@@ -1,6 +1,7 @@
 // The training loop of one replica: data slice -> forward -> backward into the
 // flat gradient buffer -> all-reduce -> Adam on the flat parameter buffer ->
-// logging; rank 0 alone writes files.
+// logging; rank 0 alone writes files. The parts: replica.hpp (the step),
+// batch_prep.hpp (the data), resume.hpp (checkpoints), run_log.hpp (log and outputs).
 #pragma once
 
 #include <iosfwd>

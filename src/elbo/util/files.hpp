@@ -32,4 +32,11 @@ std::string shape_string(const std::vector<T>& dims, const char* brackets = "()"
   return out + brackets[1];
 }
 
+// Whether `dims` is a sample shape [C, H, W] with positive sizes (a manifest's, a
+// model's input).
+template <class T>
+bool is_sample_shape(const std::vector<T>& dims) {
+  return dims.size() == 3 && dims[0] >= 1 && dims[1] >= 1 && dims[2] >= 1;
+}
+
 }  // namespace elbo

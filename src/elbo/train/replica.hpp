@@ -1,0 +1,124 @@
+// One data-parallel replica: the flat parameter and gradient buffers, the model, the
+// optimizer, the gradient sync, the host staging buffers and the recorded step graph.
+// step() is one training step of this rank; all ranks call it in lockstep. Kept apart
+// from the loop (issue 14) so that the loop reads as the algorithm and the update has
+// one seam (sync_and_update) where a sharded optimizer fits. The skip policy for
+// steps that were not applied lives here too.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+
+#include "elbo/backend/backend.hpp"
+#include "elbo/ckpt/checkpoint.hpp"
+#include "elbo/config/spec.hpp"
+#include "elbo/dist/comm.hpp"
+#include "elbo/dist/grad_sync.hpp"
+#include "elbo/dist/placement.hpp"
+#include "elbo/model/vae.hpp"
+#include "elbo/optim/adam.hpp"
+#include "elbo/train/batch_prep.hpp"
+#include "elbo/train/footprint.hpp"
+
+namespace elbo {
+
+// What all ranks agree on after one step (the same on every rank, except nonfinite_here).
+struct StepResult {
+  double rec = 0, kl = 0;        // loss sums over the global batch
+  int nonfinite_ranks = 0;       // ranks whose loss was not finite
+  bool nonfinite_here = false;   // this rank is one of them
+  int stop_ranks = 0;            // ranks asked to stop before this step
+  double grad_norm = std::numeric_limits<double>::quiet_NaN();  // before clipping; NaN: no update
+  // Whether the update was applied (finite losses on every rank and a finite gradient).
+  bool applied() const { return nonfinite_ranks == 0 && std::isfinite(grad_norm); }
+};
+
+class Replica {
+ public:
+  // Allocates the state (a failed allocation names its buffer and the keys from
+  // `need`), sets up the gradient sync (collectively) and initialises the parameters
+  // from spec.seed, broadcast from rank 0. `warn` reports what costs speed, not the
+  // run (a step that cannot be recorded as a graph).
+  Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>& be, const VaeLayout& layout,
+          const Placement& place, const MemoryEstimate& need, int local_rows, int dim,
+          std::function<void(const std::string&)> warn);
+  Replica(const Replica&) = delete;
+  Replica& operator=(const Replica&) = delete;
+
+  // One training step on this rank's slice of the global batch: forward, backward
+  // into the flat gradient buffer (its buckets' all-reduces overlapping backward),
+  // then sync_and_update. `while_device_runs` is host work done while the device
+  // computes (preparing the next batch); it runs only on a rank with rows this step.
+  // `stop_requested` travels in the losses' all-reduce, so all ranks learn of it.
+  StepResult step(const BatchPrep::Batch& batch, int64_t step, double beta, double lr, bool stop_requested,
+                  const std::function<void()>& while_device_runs);
+
+  size_t num_params() const { return m_n; }
+  const float* params() const { return m_params.data(); }  // device memory, (num_params)
+  int64_t adam_steps() const { return m_optim.steps_taken(); }
+  // The state a checkpoint holds, as host copies of (num_params) values each.
+  void download_state(float* params, float* exp_avg, float* exp_avg_sq);
+  void download_params(float* params);
+  // The state of a checkpoint (every rank passes the same values).
+  void load_state(const float* params, const float* exp_avg, const float* exp_avg_sq, int64_t adam_steps);
+
+  std::string describe_gradient_sync() const { return m_sync->describe(); }
+  bool uses_graph() const { return m_use_graph; }
+  // The gradient buffer's all-reduce bandwidth (zeroes the gradients).
+  AllreduceRate measure_allreduce(int iters);
+
+ private:
+  // The one place where the replicas' gradients become an update (see replica.cpp).
+  double sync_and_update(double lr, double sums[4]);
+
+  const ExperimentSpec& m_spec;
+  Communicator& m_comm;
+  Backend<float>& m_be;
+  const int m_local_rows, m_dim, m_latent;
+  const size_t m_n;                       // parameters
+  Buffer<float> m_params;                 // (m_n), the one flat parameter buffer
+  Buffer<float> m_grads;                  // (m_n), the one flat gradient buffer
+  std::unique_ptr<GradientSync> m_sync;   // reduces m_grads over the ranks
+  Vae<float> m_model;                     // activations for m_local_rows rows
+  Adam<float> m_optim;                    // moments (m_n) each
+  Buffer<float> m_x, m_eps;               // (m_local_rows, m_dim), (m_local_rows, m_latent)
+  // The per-sample losses come back in pinned memory: two copies, one wait.
+  HostBuffer<float, float> m_losses;      // (2, m_local_rows): rec, then KL
+  // With one rank the gradients are final when backward ends: their norm comes back
+  // with the losses, and the optimizer step needs no wait of its own.
+  const bool m_norm_with_losses;
+  HostBuffer<double, float> m_squared_norm;  // (1)
+  // The steady-state step recorded as a graph (train.cuda_graph).
+  bool m_use_graph;
+  bool m_steady_warm = false;             // a steady-state step has run op by op
+  std::unique_ptr<CapturedWork> m_graph;  // recorded at the second steady-state step
+  std::function<void(const std::string&)> m_warn;
+};
+
+// train.on_nonfinite for a step whose update was not applied (a loss or the gradient
+// not finite): abort ends the run; skip goes on until the skips show that the run is
+// not learning (train.max_consecutive_skips in a row, or more than
+// train.max_skip_fraction of this job's steps). Next to the step because it is the
+// meaning of a StepResult that was not applied; the loop only asks.
+class SkipPolicy {
+ public:
+  SkipPolicy(const TrainSpec& train, int64_t first_step, int64_t skipped_before)
+      : m_train(train), m_first_step(first_step), m_skipped_before(skipped_before) {}
+
+  void applied() { m_in_a_row = 0; }
+  // Every rank calls it for the same steps (all see the same sums and the same reduced
+  // gradient). Counts the skip in `st` (at the step just taken) and returns the
+  // warning, or throws an AgreedError naming the first rank with a non-finite loss.
+  std::string skip(Communicator& comm, const StepResult& r, TrainState& st);
+
+ private:
+  const TrainSpec& m_train;
+  const int64_t m_first_step, m_skipped_before;
+  int64_t m_in_a_row = 0;  // skipped steps since the last applied one
+};
+
+}  // namespace elbo

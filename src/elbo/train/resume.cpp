@@ -1,0 +1,126 @@
+// Resuming a run and writing the checkpoints it resumes from (see resume.hpp).
+#include "elbo/train/resume.hpp"
+
+#include <filesystem>
+#include <memory>
+#include <sstream>
+
+#include "elbo/util/error.hpp"
+#include "elbo/util/files.hpp"
+
+namespace elbo {
+
+namespace fs = std::filesystem;
+
+ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Communicator& comm,
+                       const TrainingData& data, const TrainState& fresh, Replica& replica) {
+  ResumePoint point;
+  point.state = fresh;
+  if (resume.empty()) return point;
+  const bool root = comm.is_root();
+  const fs::path out_dir(spec.output.dir);
+  const fs::path ckpt_dir = out_dir / "checkpoints";
+  std::ostringstream notes;
+  Checkpoint ck;
+  int resumed = 0;
+  collectively(comm, [&] {
+    if (!root) return;
+    if (resume == "auto") {
+      std::vector<std::string> skipped;
+      const bool found = find_resume_checkpoint(ckpt_dir.string(), &ck, &skipped);
+      for (const auto& why : skipped) notes << "resume: skipping an unusable checkpoint: " << why << "\n";
+      if (!found) {
+        // Starting over is right for a job that died before its first checkpoint,
+        // never over a finished model or over checkpoints that merely fail to verify.
+        if (fs::exists(out_dir / "model.h5") || !skipped.empty())
+          throw config_error(
+              "--resume auto: " + out_dir.string() + " holds " +
+              (fs::exists(out_dir / "model.h5") ? std::string("a finished model (model.h5)") : "checkpoints") +
+              " but no checkpoint that verifies" + (skipped.empty() ? "" : " (" + skipped.front() + ")") +
+              "; nothing was changed. To train anew there pass --set output.overwrite=true without --resume; "
+              "to keep it, give this run another output.dir");
+        notes << "resume: no checkpoint in " << ckpt_dir.string() << "; starting from step 0\n";
+        return;
+      }
+    } else {
+      ck = read_checkpoint(resume);
+    }
+    if (ck.input_shape != data.input_shape)
+      throw data_error(ck.path + ": the checkpoint was trained on samples of shape " +
+                       shape_string(ck.input_shape, "[]") + " but " + spec.data.train + " holds " +
+                       shape_string(data.input_shape, "[]"));
+    for (const auto& c : check_resume_compatible(ck.spec, spec, ck.path))
+      notes << "resume: spec change accepted: " << c << "\n";
+    if (ck.state.train_samples != data.n)
+      throw config_error(spec.source + ": data.train: " + spec.data.train + " yields " + std::to_string(data.n) +
+                         " training samples but the checkpoint " + ck.path + " was trained on " +
+                         std::to_string(ck.state.train_samples) + "; the sample order would change");
+    notes << "resume: continuing from " << ck.path << " at step " << ck.state.step << " (epoch "
+          << ck.state.epoch + 1 << ", batch " << ck.state.batch_in_epoch << "), written by "
+          << ck.state.world_size << " rank(s)\n";
+    resumed = 1;
+  });
+  point.notes = notes.str();
+  comm.broadcast(&resumed, sizeof(resumed), 0);
+  if (!resumed) return point;
+  point.resumed = true;
+  TrainState& st = point.state;
+  if (root) st = ck.state;
+  comm.broadcast(&st, sizeof(st), 0);
+  const size_t P = replica.num_params();
+  std::vector<float> host_p(P), host_m(P), host_v(P);
+  if (root) {
+    host_p = ck.params;
+    host_m = ck.exp_avg;
+    host_v = ck.exp_avg_sq;
+  }
+  comm.broadcast(host_p.data(), P * sizeof(float), 0);
+  comm.broadcast(host_m.data(), P * sizeof(float), 0);
+  comm.broadcast(host_v.data(), P * sizeof(float), 0);
+  replica.load_state(host_p.data(), host_m.data(), host_v.data(), st.adam_steps);
+  // The LR schedule's horizon follows the current spec (train.epochs/max_steps may grow).
+  st.total_steps = fresh.total_steps;
+  st.world_size = fresh.world_size;
+  return point;
+}
+
+Checkpoints::Checkpoints(const ExperimentSpec& spec, bool root, const std::vector<int>& input_shape,
+                         const VaeLayout& layout, Replica& replica)
+    : m_spec(spec), m_root(root), m_input_shape(input_shape), m_layout(layout), m_replica(replica),
+      m_dir((fs::path(spec.output.dir) / "checkpoints").string()) {}
+
+Checkpoints::~Checkpoints() {
+  if (m_thread.joinable()) m_thread.join();
+}
+
+void Checkpoints::save(const TrainState& state, bool wait_for_it) {
+  if (!m_root) return;
+  const size_t P = m_replica.num_params();
+  auto hp = std::make_shared<std::vector<float>>(P), hm = std::make_shared<std::vector<float>>(P),
+       hv = std::make_shared<std::vector<float>>(P);
+  m_replica.download_state(hp->data(), hm->data(), hv->data());
+  const TrainState snap = state;
+  const std::string name = checkpoint_file_name(snap.step);
+  m_last_path = (fs::path(m_dir) / name).string();
+  wait();
+  m_thread = std::thread([this, hp, hm, hv, snap, name, path = m_last_path] {
+    try {
+      write_checkpoint(path, m_spec, m_input_shape, m_layout, hp->data(), hm->data(), hv->data(), snap);
+      publish_checkpoint(m_dir, name, m_spec.checkpoint.keep);
+    } catch (...) {
+      m_error = std::current_exception();
+    }
+  });
+  if (wait_for_it) wait();
+}
+
+void Checkpoints::wait() {
+  if (m_thread.joinable()) m_thread.join();
+  if (m_error) {
+    std::exception_ptr e = m_error;
+    m_error = nullptr;
+    std::rethrow_exception(e);
+  }
+}
+
+}  // namespace elbo
