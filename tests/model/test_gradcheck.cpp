@@ -12,6 +12,7 @@
 #include "elbo/backend/cpu/cpu_backend.hpp"
 #include "elbo/config/spec.hpp"
 #include "elbo/model/vae.hpp"
+#include "elbo/optim/kl.hpp"
 #include "elbo/util/error.hpp"
 #include "test_util.hpp"
 
@@ -81,18 +82,39 @@ TEST(OpGrad, PosteriorBackwardMatchesFiniteDifferences) {
   std::mt19937_64 rng(3);
   const int rows = 3, L = 4;
   Vec mulv = random_vec(rows * 2 * L, rng), eps = random_vec(rows * L, rng, -2, 2), wz = random_vec(rows * L, rng);
-  const double klw = 0.7;
+  // One weight for every dimension: the KL term is the forward pass's per-row kl.
+  const Vec same(L, 0.7);
   auto f = [&](const Vec& m) {
     Vec z(rows * L), kl(rows);
     be.posterior_forward(rows, L, m.data(), eps.data(), z.data(), kl.data());
     double s = 0;
     for (int i = 0; i < rows * L; ++i) s += wz[i] * z[i];
-    for (int r = 0; r < rows; ++r) s += klw * kl[r];
+    for (int r = 0; r < rows; ++r) s += same[0] * kl[r];
     return s;
   };
   Vec dm(mulv.size());
-  be.posterior_backward(rows, L, mulv.data(), eps.data(), wz.data(), klw, dm.data());
+  be.posterior_backward(rows, L, mulv.data(), eps.data(), wz.data(), same.data(), dm.data());
   expect_gradient(f, mulv, dm, "dmulv");
+
+  // One weight per dimension (free bits: 0 for a clamped one): sum_rj w_j KL_rj.
+  const Vec per_dim = {0.7, 0.0, 1.9, 0.3};
+  auto g = [&](const Vec& m) {
+    Vec z(rows * L), kl(rows);
+    be.posterior_forward(rows, L, m.data(), eps.data(), z.data(), kl.data());
+    double s = 0;
+    for (int i = 0; i < rows * L; ++i) s += wz[i] * z[i];
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < L; ++j) {
+        const double mu = m[r * 2 * L + j], lv = m[r * 2 * L + L + j];
+        s += per_dim[j] * -0.5 * (1 + lv - mu * mu - std::exp(lv));
+      }
+    return s;
+  };
+  be.posterior_backward(rows, L, mulv.data(), eps.data(), wz.data(), per_dim.data(), dm.data());
+  expect_gradient(g, mulv, dm, "dmulv_per_dim");
+  // A zero weight leaves only the reparameterization path in that dimension.
+  for (int r = 0; r < rows; ++r)
+    EXPECT_DOUBLE_EQ(dm[r * 2 * L + 1], wz[r * L + 1]) << "row " << r << ": dmu of the unweighted dimension";
 }
 
 class LikGrad : public ::testing::TestWithParam<Likelihood> {};
@@ -376,6 +398,80 @@ TEST(VaeLayout, InitIsUniformWithinPyTorchBoundsAndSeeded) {
   EXPECT_LE(maxabs, bound);
   EXPECT_GT(maxabs, 0.95 * bound);
   EXPECT_NEAR(mean, 0.0, 0.01);
+}
+
+
+// Free bits: the step's objective is mean_r rec_r + beta * sum_g max(lambda |g|, KLbar_g),
+// KLbar_g the batch-mean KL of group g. Its gradient through Vae::backward with the
+// per-dimension weights of free_bits() against finite differences of that objective,
+// for floors below every group, just above one group's mean (clamped, at the floor),
+// just below it (active, at the floor), and above every group.
+TEST(FreeBitsGrad, ObjectiveGradientMatchesFiniteDifferences) {
+  ModelSpec ms;
+  ms.encoder = {6};
+  ms.decoder = {5};
+  ms.latent = 6;
+  ms.activation = Activation::Tanh;
+  ms.likelihood = Likelihood::Bernoulli;
+  const int D = 7, rows = 4, L = 6;
+  VaeLayout layout(ms, D);
+  CpuBackend<double> be;
+  Vae<double> vae(layout, be, rows);
+  std::mt19937_64 rng(29);
+  Vec params = layout.init_params(8);
+  for (auto& p : params) p += 0.05;
+  Vec x = random_vec(rows * D, rng, 0, 1), eps = random_vec(rows * L, rng, -1.5, 1.5);
+  const double beta = 0.8;
+  LossSpec l;
+  l.free_bits_group = 2;
+  auto kl_sums = [&](const Vec& p) {
+    vae.forward(p.data(), x.data(), eps.data(), rows);
+    Vec sums(L, 0.0);
+    add_kl_per_dim(rows, L, vae.mulv(), sums.data());
+    return sums;
+  };
+  auto objective = [&](const Vec& p) {
+    const Vec sums = kl_sums(p);  // runs the forward pass
+    double rec = 0;
+    for (int r = 0; r < rows; ++r) rec += vae.rec()[r];
+    return rec / rows + beta * free_bits(l, sums.data(), L, rows).objective_kl;
+  };
+  // The groups' per-dimension mean KL at the probe point, to put floors around.
+  const Vec sums0 = kl_sums(params);
+  std::vector<double> group_mean;
+  for (int g = 0; g < L; g += 2) group_mean.push_back((sums0[g] + sums0[g + 1]) / rows / 2);
+  std::vector<double> sorted = group_mean;
+  std::sort(sorted.begin(), sorted.end());
+  ASSERT_GT(sorted[1], 1.001 * sorted[0]);
+  ASSERT_GT(sorted[2], 1.001 * sorted[1]);
+  struct Case {
+    std::string name;
+    double lambda;
+    int clamped;
+  };
+  // The FD probes (h = 1e-6) move a group's mean by far less than the 1e-4 margins.
+  const std::vector<Case> cases = {{"off", 0.0, 0},
+                                   {"below_all", 0.5 * sorted[0], 0},
+                                   {"at_floor_clamped", sorted[1] * (1 + 1e-4), 4},
+                                   {"at_floor_active", sorted[1] * (1 - 1e-4), 2},
+                                   {"above_all", 2 * sorted[2], 6}};
+  for (const Case& c : cases) {
+    l.free_bits = c.lambda;
+    const Vec sums = kl_sums(params);
+    const FreeBits fb = free_bits(l, sums.data(), L, rows);
+    EXPECT_EQ(fb.clamped_dims, c.clamped) << c.name;
+    Vec w = fb.weights(beta / rows);
+    Vec grads(params.size(), 0.0);
+    vae.backward(params.data(), grads.data(), x.data(), eps.data(), rows, 1.0 / rows, w.data());
+    expect_gradient(objective, params, grads, "free_bits_" + c.name, 1e-6, 2e-6);
+    if (c.clamped == 0) {
+      // Nothing clamped: exactly the plain ELBO's gradient with the scalar KL weight.
+      kl_sums(params);
+      Vec plain(params.size(), 0.0);
+      vae.backward(params.data(), plain.data(), x.data(), eps.data(), rows, 1.0 / rows, beta / rows);
+      EXPECT_EQ(plain, grads) << c.name;
+    }
+  }
 }
 
 }  // namespace

@@ -28,17 +28,6 @@ TEST(Schedule, WarmupThenCosineToMinLr) {
   EXPECT_DOUBLE_EQ(learning_rate(o, 50, 110), 1.0);
 }
 
-TEST(Schedule, KlWarmupRampsToBeta) {
-  LossSpec l;
-  l.beta = 2.0;
-  l.kl_warmup_steps = 4;
-  EXPECT_DOUBLE_EQ(kl_weight(l, 0), 0.5);
-  EXPECT_DOUBLE_EQ(kl_weight(l, 3), 2.0);
-  EXPECT_DOUBLE_EQ(kl_weight(l, 100), 2.0);
-  l.kl_warmup_steps = 0;
-  EXPECT_DOUBLE_EQ(kl_weight(l, 0), 2.0);
-}
-
 TEST(Adam, ClipsToGlobalNormAndReportsTheNormBeforeClipping) {
   CpuBackend<double> be;
   OptimSpec o;

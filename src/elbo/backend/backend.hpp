@@ -144,9 +144,10 @@ class Backend {
   // --- Gaussian posterior q(z|x); mulv is (rows x 2L) = [mu | logvar] ---
   // z = mu + exp(logvar/2) * eps; kl[r] = KL(q || N(0, I)) in closed form.
   virtual void posterior_forward(int rows, int latent, const T* mulv, const T* eps, T* z, T* kl) = 0;
-  // dmulv (written) from dz and the KL term weighted by kl_weight.
+  // dmulv (written) from dz and the KL term, dimension j's KL weighted by kl_weights[j]
+  // (L values in backend memory: one weight for all, or free bits' per-dimension ones).
   virtual void posterior_backward(int rows, int latent, const T* mulv, const T* eps, const T* dz,
-                                  T kl_weight, T* dmulv) = 0;
+                                  const T* kl_weights, T* dmulv) = 0;
   // out[r] = log q(z|x) - log p(z) for the importance-weighted bound.
   virtual void posterior_log_ratio(int rows, int latent, const T* mulv, const T* eps, const T* z,
                                    T* out) = 0;

@@ -96,7 +96,7 @@ int run_eval(const EvalArgs& a, Communicator& comm) {
   EvalResult r = evaluate(*m.layout, *m.backend, m.params.data(), *set, comm, eo);
   collectively(comm, [&] {
     if (!comm.is_root()) return;
-    std::cout << format_eval(r) << std::endl;
+    std::cout << format_eval(r) << "\n" << format_kl_per_dim(r) << std::endl;
     if (!a.output.empty()) write_text_file_atomic(a.output, eval_yaml(r, a.model, a.data));
   });
   return 0;

@@ -76,6 +76,12 @@ inline constexpr Named<OptimizerType> kOptimizerTypeNames[] = {{OptimizerType::A
                                                                {OptimizerType::AdamW, "adamw"}};
 constexpr const auto& choices_of(OptimizerType) { return kOptimizerTypeNames; }
 
+// loss.kl_schedule: the KL weight's schedule over the run (optim/kl.hpp).
+enum class KlSchedule { Linear, Cyclical };
+inline constexpr Named<KlSchedule> kKlScheduleNames[] = {{KlSchedule::Linear, "linear"},
+                                                         {KlSchedule::Cyclical, "cyclical"}};
+constexpr const auto& choices_of(KlSchedule) { return kKlScheduleNames; }
+
 enum class LrSchedule { Constant, Cosine };
 inline constexpr Named<LrSchedule> kLrScheduleNames[] = {{LrSchedule::Constant, "constant"},
                                                          {LrSchedule::Cosine, "cosine"}};

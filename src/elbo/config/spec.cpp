@@ -5,6 +5,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -651,7 +652,28 @@ const std::vector<Section>& spec_sections() {
       {"loss",
        {
            loss.field("beta", &LossSpec::beta, at_least_0, "must be >= 0"),
-           loss.field("kl_warmup_steps", &LossSpec::kl_warmup_steps, at_least_0, "must be >= 0"),
+           loss.field("kl_schedule", &LossSpec::kl_schedule),
+           // Read after kl_schedule: a warm-up under the cyclical schedule would be
+           // silently ignored, so it is refused instead.
+           {"kl_warmup_steps",
+            [](Field& f, ExperimentSpec& s) {
+              LossSpec& l = s.loss;
+              f.read(l.kl_warmup_steps);
+              f.check(l.kl_warmup_steps >= 0, "must be >= 0", l.kl_warmup_steps);
+              if (l.kl_schedule == KlSchedule::Cyclical && l.kl_warmup_steps > 0)
+                f.fail("is the linear schedule's warm-up; loss.kl_schedule: cyclical ramps with loss.kl_cycles and "
+                       "loss.kl_ramp instead (drop one of them)");
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.loss.kl_warmup_steps); }},
+           loss.field("kl_cycles", &LossSpec::kl_cycles, at_least_1, "must be >= 1"),
+           loss.field(
+               "kl_ramp", &LossSpec::kl_ramp, [](double v) { return v > 0 && v <= 1; },
+               "must be in (0, 1] (the share of each cycle spent ramping)"),
+           loss.field(
+               "free_bits", &LossSpec::free_bits, [](double v) { return v >= 0 && std::isfinite(v); },
+               "must be >= 0 (nats per latent dimension; 0 = off)"),
+           loss.field("free_bits_group", &LossSpec::free_bits_group, at_least_1,
+                      "must be >= 1 (latent dimensions per group)"),
        }},
       {"optim",
        {

@@ -48,9 +48,15 @@ struct ModelSpec {
   double sigma = 1.0;  // standard deviation of the fixed-variance Gaussian likelihood
 };
 
+// The KL term (optim/kl.hpp has the formulas).
 struct LossSpec {
   double beta = 1.0;             // weight of the KL term after warm-up
-  int64_t kl_warmup_steps = 0;   // beta ramps linearly from 0 over this many steps
+  KlSchedule kl_schedule = KlSchedule::Linear;  // linear: the warm-up below | cyclical: Fu et al. 2019
+  int64_t kl_warmup_steps = 0;   // linear: beta ramps linearly from 0 over this many steps
+  int kl_cycles = 4;             // cyclical: M cycles over the run's total steps
+  double kl_ramp = 0.5;          // cyclical: R, the share of each cycle spent ramping 0 -> beta
+  double free_bits = 0.0;        // nats per latent dimension: floor of each group's batch-mean KL; 0 = off
+  int free_bits_group = 1;       // latent dimensions per free-bits group (consecutive; 1 = per dimension)
 };
 
 struct OptimSpec {

@@ -287,6 +287,7 @@ Vae<T>::Vae(const VaeLayout& layout, Backend<T>& be, int max_rows)
   m_z = Buffer<T>(be, R * layout.latent());
   m_rec = Buffer<T>(be, R);
   m_kl = Buffer<T>(be, R);
+  m_kl_weights = Buffer<T>(be, static_cast<size_t>(layout.latent()));
   m_grad_a = Buffer<T>(be, R * layout.max_width());
   m_grad_b = Buffer<T>(be, R * layout.max_width());
 }
@@ -402,6 +403,14 @@ void Vae<T>::decode(const T* params, const T* z, int rows) {
 template <class T>
 void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
                       T kl_weight, const std::function<void(size_t)>& grads_ready) {
+  // A backend op, not a host write: a recorded step (CUDA graph) replays it too.
+  m_be.fill(m_kl_weights.data(), kl_weight, m_kl_weights.size());
+  backward(params, grads, x, eps, rows, rec_weight, m_kl_weights.data(), grads_ready);
+}
+
+template <class T>
+void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
+                      const T* kl_weights, const std::function<void(size_t)>& grads_ready) {
   const auto& s = m_layout.spec();
   const auto& enc = m_layout.encoder();
   const auto& dec = m_layout.decoder();
@@ -424,7 +433,7 @@ void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int r
   }
 
   // g = dz. Through the reparameterization and the KL term into (mu | logvar).
-  m_be.posterior_backward(rows, m_layout.latent(), mulv(), eps, g, kl_weight, h);
+  m_be.posterior_backward(rows, m_layout.latent(), mulv(), eps, g, kl_weights, h);
   std::swap(g, h);
   for (size_t k = enc.size(); k-- > 0;) {
     const T* in = k == 0 ? x : m_enc_acts[k - 1].out();

@@ -123,6 +123,10 @@ class Vae {
   // gradient all-reduce start while the earlier layers are still being differentiated.
   void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T kl_weight,
                 const std::function<void(size_t)>& grads_ready = {});
+  // The same with one KL weight per latent dimension: kl_weights (L, backend memory)
+  // weighs sum_r KL_rj (free bits: 0 for the dimensions of a clamped group).
+  void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, const T* kl_weights,
+                const std::function<void(size_t)>& grads_ready = {});
   // Encoder only: x (rows, D) -> mulv() (rows, 2L) = [mu | logvar]. params_needed as in forward.
   void encode(const T* params, const T* x, int rows, const std::function<void(size_t)>& params_needed = {});
   // Decoder only: z (rows, L) -> decoder output (rows, output_width).
@@ -155,6 +159,7 @@ class Vae {
   std::vector<Acts> m_enc_acts, m_dec_acts;  // per layer; the last encoder one is [mu | logvar]
   Buffer<T> m_z;              // (rows, L)
   Buffer<T> m_rec, m_kl;      // (rows)
+  Buffer<T> m_kl_weights;     // (L): the scalar backward's weight, repeated
   Buffer<T> m_grad_a, m_grad_b;  // (rows, max width): activation gradients, ping-pong
 };
 

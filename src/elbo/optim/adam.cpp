@@ -20,12 +20,6 @@ double learning_rate(const OptimSpec& o, int64_t step, int64_t total_steps) {
   return o.lr;
 }
 
-double kl_weight(const LossSpec& l, int64_t step) {
-  if (l.kl_warmup_steps <= 0) return l.beta;
-  double ramp = std::min(1.0, static_cast<double>(step + 1) / static_cast<double>(l.kl_warmup_steps));
-  return l.beta * ramp;
-}
-
 namespace {
 
 size_t total_size(const std::vector<FlatRange>& ranges) {

@@ -1,6 +1,6 @@
 // Adam/AdamW over the one flat parameter buffer (or this rank's slice of it, when the
-// optimizer is sharded), with global-norm gradient clipping and the learning-rate and
-// KL-weight schedules.
+// optimizer is sharded), with global-norm gradient clipping and the learning-rate
+// schedule (the KL weight's schedules are in kl.hpp).
 #pragma once
 
 #include <cstdint>
@@ -16,8 +16,6 @@ namespace elbo {
 // constant or cosine decay down to min_lr at the last step.
 double learning_rate(const OptimSpec& o, int64_t step, int64_t total_steps);
 
-// KL weight for 0-based `step`: beta ramps linearly over kl_warmup_steps.
-double kl_weight(const LossSpec& l, int64_t step);
 
 template <class T>
 class Adam {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "elbo/data/sampler.hpp"
+#include "elbo/optim/kl.hpp"
 #include "elbo/train/footprint.hpp"
 #include "elbo/util/progress.hpp"
 
@@ -128,8 +129,8 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
     }
   }
 
-  // sums: samples, rec, kl, iwae, then per latent unit sum mu_j and sum mu_j^2
-  std::vector<double> sums(4 + 2 * static_cast<size_t>(L), 0.0);
+  // sums: samples, rec, kl, iwae, then per latent unit sum mu_j, sum mu_j^2 and sum KL_j
+  std::vector<double> sums(4 + 3 * static_cast<size_t>(L), 0.0);
   // Rank 0 shows its own share; the ranks' shares differ by at most one sample. With
   // the IWAE bound the unit is a decoded sample (inputs x k), updated after every
   // pass, so that a large k shows its pace (and an ETA) from the first pass on (the
@@ -160,6 +161,7 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
         sums[4 + L + j] += mu * mu;
       }
     }
+    add_kl_per_dim(rows, L, mulv.data(), sums.data() + 4 + 2 * L);
 
     if (K > 0) {
       // Sample 0 is the forward pass above; the chunks decode samples 1..K-1.
@@ -225,6 +227,7 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
     const double mean = sums[4 + j] / denom;
     const double var = std::max(0.0, sums[4 + L + j] / denom - mean * mean);
     if (var > kActiveUnitThreshold) ++out.active_units;
+    out.kl_per_dim.push_back(sums[4 + 2 * L + j] / denom);
   }
   return out;
 }
@@ -241,6 +244,16 @@ std::string format_eval(const EvalResult& r) {
          std::to_string(r.samples) + " samples";
 }
 
+std::string format_kl_per_dim(const EvalResult& r) {
+  std::string s = "KL per latent dimension (nats):";
+  char buf[32];
+  for (double v : r.kl_per_dim) {
+    std::snprintf(buf, sizeof(buf), " %.4f", v);
+    s += buf;
+  }
+  return s;
+}
+
 std::string eval_yaml(const EvalResult& r, const std::string& model, const std::string& data) {
   char buf[512];
   std::snprintf(buf, sizeof(buf),
@@ -253,7 +266,13 @@ std::string eval_yaml(const EvalResult& r, const std::string& model, const std::
     std::snprintf(buf, sizeof(buf), "iwae_nll: %.6f\n", r.iwae_nll);
     s += buf;
   }
-  return s;
+  // A flow list on one line (YAML), next to active_units; %.9g keeps the float's digits.
+  s += "kl_per_dim: [";
+  for (size_t j = 0; j < r.kl_per_dim.size(); ++j) {
+    std::snprintf(buf, sizeof(buf), "%s%.9g", j > 0 ? ", " : "", r.kl_per_dim[j]);
+    s += buf;
+  }
+  return s + "]\n";
 }
 
 }  // namespace elbo

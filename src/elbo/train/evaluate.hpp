@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "elbo/backend/backend.hpp"
 #include "elbo/data/shards.hpp"
@@ -53,6 +54,9 @@ struct EvalResult {
   double iwae_nll = 0;   // -log p(x) estimate: minus the k-sample IWAE bound, nats per sample
   int active_units = 0;  // latent units with Var_x(mu_j(x)) > kActiveUnitThreshold
   int latent = 0;
+  // KL(q(z_j|x) || N(0, 1)) of each latent dimension, nats, mean over the samples: sums
+  // to `kl` (up to float rounding); near 0 for a collapsed unit.
+  std::vector<double> kl_per_dim;
 };
 
 EvalResult evaluate(const VaeLayout& layout, Backend<float>& backend, const float* params,
@@ -60,6 +64,8 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& backend, const floa
 
 // "test -ELBO 101.23 nats (rec 90.1, KL 11.1) | IWAE(k=50) NLL 97.5 | 10000 samples"
 std::string format_eval(const EvalResult& r);
+// "KL per latent dimension (nats): 0.0012 3.1416 ..." (printed under format_eval's line).
+std::string format_kl_per_dim(const EvalResult& r);
 // The same as YAML, for eval.yaml next to the model.
 std::string eval_yaml(const EvalResult& r, const std::string& model, const std::string& data);
 

@@ -214,7 +214,7 @@ void CpuBackend<T>::posterior_forward(int rows, int latent, const T* mulv, const
 
 template <class T>
 void CpuBackend<T>::posterior_backward(int rows, int latent, const T* mulv, const T* eps, const T* dz,
-                                       T kl_weight, T* dmulv) {
+                                       const T* kl_weights, T* dmulv) {
   for (int r = 0; r < rows; ++r) {
     size_t o2 = static_cast<size_t>(r) * 2 * latent;
     const T* mu = mulv + o2;
@@ -225,8 +225,9 @@ void CpuBackend<T>::posterior_backward(int rows, int latent, const T* mulv, cons
     T* dlv = dmu + latent;
     for (int j = 0; j < latent; ++j) {
       T ev = std::exp(lv[j]);
-      dmu[j] = g[j] + kl_weight * mu[j];
-      dlv[j] = g[j] * e[j] * T(0.5) * std::sqrt(ev) + kl_weight * T(0.5) * (ev - T(1));
+      const T w = kl_weights[j];
+      dmu[j] = g[j] + w * mu[j];
+      dlv[j] = g[j] * e[j] * T(0.5) * std::sqrt(ev) + w * T(0.5) * (ev - T(1));
     }
   }
 }

@@ -41,7 +41,7 @@ class CpuBackend final : public Backend<T> {
   void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows, int cols,
               T* out) override;
   void posterior_forward(int rows, int latent, const T* mulv, const T* eps, T* z, T* kl) override;
-  void posterior_backward(int rows, int latent, const T* mulv, const T* eps, const T* dz, T kl_weight,
+  void posterior_backward(int rows, int latent, const T* mulv, const T* eps, const T* dz, const T* kl_weights,
                           T* dmulv) override;
   void posterior_log_ratio(int rows, int latent, const T* mulv, const T* eps, const T* z, T* out) override;
   void likelihood_forward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x,

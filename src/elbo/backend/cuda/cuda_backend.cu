@@ -65,13 +65,14 @@ __global__ void posterior_fwd_kernel(int rows, int L, const float* mulv, const f
   kl[r] = -0.5f * acc;
 }
 
-__global__ void posterior_bwd_kernel(int rows, int L, const float* mulv, const float* eps, const float* dz, float w,
-                                     float* dmulv) {
+__global__ void posterior_bwd_kernel(int rows, int L, const float* mulv, const float* eps, const float* dz,
+                                     const float* kl_w, float* dmulv) {
   size_t n = size_t(rows) * L;
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     size_t r = i / L, j = i % L;
     const float mu = mulv[r * 2 * L + j], lv = mulv[r * 2 * L + L + j];
     float ev = expf(lv);
+    const float w = kl_w[j];
     dmulv[r * 2 * L + j] = dz[i] + w * mu;
     dmulv[r * 2 * L + L + j] = dz[i] * eps[i] * 0.5f * sqrtf(ev) + w * 0.5f * (ev - 1.0f);
   }
@@ -412,9 +413,9 @@ void CudaBackend::posterior_forward(int rows, int latent, const float* mulv, con
 }
 
 void CudaBackend::posterior_backward(int rows, int latent, const float* mulv, const float* eps, const float* dz,
-                                     float kl_weight, float* dmulv) {
+                                     const float* kl_weights, float* dmulv) {
   posterior_bwd_kernel<<<blocks_for(size_t(rows) * latent), kThreads, 0, m_state->stream>>>(rows, latent, mulv, eps,
-                                                                                            dz, kl_weight, dmulv);
+                                                                                            dz, kl_weights, dmulv);
   CHECK_LAUNCH(posterior_bwd_kernel);
 }
 

@@ -70,7 +70,7 @@ class CudaBackend final : public Backend<float> {
               float* out) override;
   void posterior_forward(int rows, int latent, const float* mulv, const float* eps, float* z, float* kl) override;
   void posterior_backward(int rows, int latent, const float* mulv, const float* eps, const float* dz,
-                          float kl_weight, float* dmulv) override;
+                          const float* kl_weights, float* dmulv) override;
   void posterior_log_ratio(int rows, int latent, const float* mulv, const float* eps, const float* z,
                            float* out) override;
   void likelihood_forward(Likelihood lik, float sigma, int rows, int dim, const float* out, const float* x,
