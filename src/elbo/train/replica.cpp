@@ -47,14 +47,19 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
                          [&] { return make_optimizer(spec.optim, be, m_n, *m_sync, comm); })),
       m_x(be, static_cast<size_t>(local_rows) * dim),
       m_eps(be, static_cast<size_t>(local_rows) * m_latent),
+      m_free_bits(spec.loss.free_bits > 0),
+      m_kl_weights(be, m_free_bits ? static_cast<size_t>(m_latent) : 0),
+      m_mulv_host(m_free_bits ? static_cast<size_t>(local_rows) * 2 * m_latent : 0),
       m_losses(be, 2 * static_cast<size_t>(local_rows)),
       m_norm_with_losses(comm.size() == 1),
       m_squared_norm(be, 1),
       // auto: on for one GPU replica, where nothing overlaps with the backward pass and
       // launch overhead is what a small batch pays for; with several ranks the per-layer
-      // bucketed all-reduce is worth more than the saved launches.
-      m_use_graph(spec.train.cuda_graph == GraphMode::On ||
-                  (spec.train.cuda_graph == GraphMode::Auto && place.device == DeviceKind::Cuda && comm.size() == 1)),
+      // bucketed all-reduce is worth more than the saved launches. Never with free bits:
+      // the KL all-reduce sits between the forward and the backward pass.
+      m_use_graph(!m_free_bits &&
+                  (spec.train.cuda_graph == GraphMode::On ||
+                   (spec.train.cuda_graph == GraphMode::Auto && place.device == DeviceKind::Cuda && comm.size() == 1))),
       m_warn(std::move(warn)) {
   std::vector<double> init = layout.init_params(spec.seed);
   std::vector<float> host(init.begin(), init.end());
@@ -73,9 +78,11 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   // The steady-state step (a full batch, the KL weight at its final value) replays
   // one recorded forward/backward; other steps launch op by op. The first steady
   // step runs op by op too: it makes every lazily created resource (cuDNN plans and
-  // workspace, reduction scratch), which must not be allocated while recording.
+  // workspace, reduction scratch), which must not be allocated while recording. The
+  // recording holds the KL weight it was made with: under the cyclical schedule only
+  // the steps at loss.beta replay it (after the warm-up, the linear one is always there).
   const bool steady = m_use_graph && rows == m_local_rows && g_rows == m_spec.train.batch_size &&
-                      step >= m_spec.loss.kl_warmup_steps;
+                      step >= m_spec.loss.kl_warmup_steps && beta == m_spec.loss.beta;
   const bool graph_step = steady && m_steady_warm;
   m_steady_warm = m_steady_warm || steady;
   if (!graph_step) be.fill(m_grads.data(), 0.0f, P);
@@ -83,6 +90,9 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   // for each layer's parameters (the rest of the gather overlaps the earlier layers);
   // a recorded step has no per-layer hook.
   if (graph_step) m_sync->params_ready();
+  StepResult result;
+  if (rows == 0 && m_free_bits)
+    result.kl_clamped_dims = exchange_kl(0, g_rows, 0.0f).clamped_dims;  // the collective, without rows
   m_sync->begin(step);
   // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
   double local[4] = {0, 0, 0, stop_requested ? 1.0 : 0.0};
@@ -116,8 +126,14 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
       if (graph_step) be.fill(m_grads.data(), 0.0f, P);  // the recording would have zeroed them
       m_model.forward(m_params.data(), m_x.data(), m_eps.data(), rows,
                       [this](size_t end) { m_sync->params_ready_until(end); });
-      m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), rows, w, kw,
-                       [this](size_t offset) { m_sync->ready_from(offset); });
+      auto ready = [this](size_t offset) { m_sync->ready_from(offset); };
+      if (m_free_bits) {
+        result.kl_clamped_dims = exchange_kl(rows, g_rows, kw).clamped_dims;
+        m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), rows, w, m_kl_weights.data(),
+                         ready);
+      } else {
+        m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), rows, w, kw, ready);
+      }
     }
     be.download_async(rec, m_model.rec(), rows);
     be.download_async(kl, m_model.kl(), rows);
@@ -130,7 +146,6 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     }
     if (!std::isfinite(local[0]) || !std::isfinite(local[1])) local[2] = 1;
   }
-  StepResult result;
   result.nonfinite_here = local[2] > 0;
   result.grad_norm = sync_and_update(lr, local);
   result.rec = local[0];
@@ -154,6 +169,26 @@ double Replica::sync_and_update(double lr, double sums[4]) {
                                          : m_optim.step(m_params.data(), m_grads.data(), lr);
   m_sync->gather_params();  // sharded: every rank's updated slice to every rank
   return norm;
+}
+
+FreeBits Replica::exchange_kl(int rows, int64_t global_rows, float kl_weight) {
+  // A sharded optimizer's parameter all-gather is complete after a forward pass; a rank
+  // without rows waits for it here, so that no collective overlaps this one.
+  m_sync->params_ready();
+  std::vector<double> sums(static_cast<size_t>(m_latent), 0.0);
+  if (rows > 0) {
+    // L sums in double from [mu | logvar]: the same closed form as the per-row KL, kept
+    // per dimension. A few KB from the device; the step waits here anyway (the all-reduce).
+    m_be.download(m_mulv_host.data(), m_model.mulv(), static_cast<size_t>(rows) * 2 * m_latent);
+    add_kl_per_dim(rows, m_latent, m_mulv_host.data(), sums.data());
+  }
+  m_comm.allreduce_sum(sums.data(), sums.size());
+  FreeBits fb = free_bits(m_spec.loss, sums.data(), m_latent, global_rows);
+  if (rows > 0) {
+    const std::vector<float> w = fb.weights(kl_weight);
+    m_be.upload(m_kl_weights.data(), w.data(), w.size());
+  }
+  return fb;
 }
 
 const float* Replica::params() {

@@ -12,6 +12,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "elbo/backend/backend.hpp"
 #include "elbo/ckpt/checkpoint.hpp"
@@ -21,6 +22,7 @@
 #include "elbo/dist/placement.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/optim/adam.hpp"
+#include "elbo/optim/kl.hpp"
 #include "elbo/train/batch_prep.hpp"
 #include "elbo/train/footprint.hpp"
 
@@ -33,6 +35,7 @@ struct StepResult {
   bool nonfinite_here = false;   // this rank is one of them
   int stop_ranks = 0;            // ranks asked to stop before this step
   double grad_norm = std::numeric_limits<double>::quiet_NaN();  // before clipping; NaN: no update
+  int kl_clamped_dims = -1;      // free bits: latent dimensions whose group sat at its floor; -1: off
   // Whether the update was applied (finite losses on every rank and a finite gradient).
   bool applied() const { return nonfinite_ranks == 0 && std::isfinite(grad_norm); }
 };
@@ -51,7 +54,9 @@ class Replica {
 
   // One training step on this rank's slice of the global batch: forward, backward
   // into the flat gradient buffer (its buckets' all-reduces overlapping backward),
-  // then sync_and_update. `while_device_runs` is host work done while the device
+  // then sync_and_update. With free bits (loss.free_bits > 0) the ranks' per-dimension
+  // KL sums are all-reduced between forward and backward, so that the floor applies to
+  // the KL averaged over the global batch, as on one rank. `while_device_runs` is host work done while the device
   // computes (preparing the next batch); it runs only on a rank with rows this step.
   // `stop_requested` travels in the losses' all-reduce, so all ranks learn of it.
   StepResult step(const BatchPrep::Batch& batch, int64_t step, double beta, double lr, bool stop_requested,
@@ -79,6 +84,10 @@ class Replica {
  private:
   // The one place where the replicas' gradients become an update (see replica.cpp).
   double sync_and_update(double lr, double sums[4]);
+  // Free bits: every rank (also one without rows this step) joins the all-reduce of the
+  // per-dimension KL sums of the forward pass just run on `rows` rows; the result's
+  // per-dimension weights (kl_weight where unclamped) go to m_kl_weights.
+  FreeBits exchange_kl(int rows, int64_t global_rows, float kl_weight);
 
   const ExperimentSpec& m_spec;
   Communicator& m_comm;
@@ -91,6 +100,9 @@ class Replica {
   Vae<float> m_model;                     // activations for m_local_rows rows
   Adam<float> m_optim;                    // moments (m_n) each, or this rank's slice when sharded
   Buffer<float> m_x, m_eps;               // (m_local_rows, m_dim), (m_local_rows, m_latent)
+  const bool m_free_bits;                 // loss.free_bits > 0
+  Buffer<float> m_kl_weights;             // (m_latent) free bits: per-dimension KL weights of the backward
+  std::vector<float> m_mulv_host;         // (m_local_rows, 2 m_latent) free bits: [mu | logvar] on the host
   // The per-sample losses come back in pinned memory: two copies, one wait.
   HostBuffer<float, float> m_losses;      // (2, m_local_rows): rec, then KL
   // With one rank the gradients are final when backward ends: their norm comes back

@@ -22,7 +22,7 @@ namespace {
 // metrics.csv's columns; new ones go at the end so that column numbers stay valid.
 constexpr const char* kMetricsHeader =
     "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s,test_neg_elbo,test_rec,test_kl,"
-    "skipped_steps";
+    "skipped_steps,kl_clamped_dims";
 
 std::string hms(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
@@ -149,7 +149,10 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
         << "gradients: " << replica.describe_gradient_sync() << "\n"
         << "optimizer: " << replica.describe_optimizer() << "\n"
         << "step graph: "
-        << (replica.uses_graph() ? "on (steady-state forward/backward replayed as one recorded graph)" : "off")
+        << (replica.uses_graph() ? "on (steady-state forward/backward replayed as one recorded graph)"
+            : spec.loss.free_bits > 0 && spec.train.cuda_graph != GraphMode::Off
+                ? "off (loss.free_bits: the KL all-reduce sits between forward and backward)"
+                : "off")
         << "\n"
         << "data: " << data.n << " training samples of shape " << shape_string(data.input_shape, "[]") << " from "
         << spec.data.train << "\n";
@@ -235,6 +238,7 @@ void RunLog::count(const StepResult& r, int64_t global_rows, double data_wait_s)
   m_iv.kl += r.kl;
   m_iv.samples += static_cast<double>(global_rows);
   m_iv.grad_norm += r.grad_norm;
+  if (r.kl_clamped_dims >= 0) m_iv.kl_clamped_dims += r.kl_clamped_dims;
   ++m_iv.steps;
 }
 
@@ -244,7 +248,7 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
     // Nothing trained in this interval: a row that says so (no losses to average).
     if (m_root)
       m_csv << step << "," << epoch + 1 << "," << st.samples_seen << ",,,," << beta << "," << lr << ",,,"
-            << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << "\n"
+            << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",\n"
             << std::flush;
     m_iv = Interval{};
   }
@@ -256,14 +260,21 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
                      static_cast<double>(m_total_steps - step);
   const double r = m_iv.rec / m_iv.samples, k = m_iv.kl / m_iv.samples;
   m_last_neg_elbo = r + k;
+  // Free bits: the mean number of latent dimensions clamped per step (the logged kl
+  // stays the true KL, so this says how much of it the objective floored).
+  const bool free_bits = m_spec.loss.free_bits > 0;
+  const double clamped = m_iv.kl_clamped_dims / static_cast<double>(m_iv.steps);
   if (m_root) {
-    char line[320];
+    char clamp_note[64] = "";
+    if (free_bits)
+      std::snprintf(clamp_note, sizeof(clamp_note), " | clamped %.3g/%d", clamped, m_spec.model.latent);
+    char line[400];
     std::snprintf(line, sizeof(line),
-                  "epoch %lld/%lld step %lld/%lld | -elbo %.3f (rec %.3f, kl %.3f) | beta %.3g | lr %.3e | "
+                  "epoch %lld/%lld step %lld/%lld | -elbo %.3f (rec %.3f, kl %.3f) | beta %.3g%s | lr %.3e | "
                   "|g| %.3g | %.0f samples/s | eta %s | data wait %.0f%%\n",
                   static_cast<long long>(epoch + 1), static_cast<long long>(m_spec.train.epochs),
-                  static_cast<long long>(step), static_cast<long long>(m_total_steps), r + k, r, k, beta, lr,
-                  m_iv.grad_norm / static_cast<double>(m_iv.steps), rate, hms(eta).c_str(),
+                  static_cast<long long>(step), static_cast<long long>(m_total_steps), r + k, r, k, beta,
+                  clamp_note, lr, m_iv.grad_norm / static_cast<double>(m_iv.steps), rate, hms(eta).c_str(),
                   100.0 * std::min(1.0, m_iv.data_s / std::max(secs, 1e-9)));
     clear_bar();
     m_log << line << std::flush;
@@ -276,7 +287,9 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
       len += std::snprintf(row + len, sizeof(row) - len, "%.6f,%.6f,%.6f,", eval->neg_elbo, eval->rec, eval->kl);
     else
       len += std::snprintf(row + len, sizeof(row) - len, ",,,");
-    std::snprintf(row + len, sizeof(row) - len, "%lld\n", static_cast<long long>(st.skipped_steps));
+    len += std::snprintf(row + len, sizeof(row) - len, "%lld,", static_cast<long long>(st.skipped_steps));
+    if (free_bits) std::snprintf(row + len, sizeof(row) - len, "%.6g\n", clamped);
+    else std::snprintf(row + len, sizeof(row) - len, "\n");
     m_csv << row << std::flush;
   }
   m_iv = Interval{};
@@ -320,7 +333,7 @@ void RunLog::final_eval(const EvalResult& r, const std::string& model_path, cons
                         Backend<float>& be, const float* params, const data::ShardSet& test) {
   if (!m_root) return;
   const fs::path out_dir(m_spec.output.dir);
-  m_log << format_eval(r) << "\n" << std::flush;
+  m_log << format_eval(r) << "\n" << format_kl_per_dim(r) << "\n" << std::flush;
   write_text_file_atomic((out_dir / "eval.yaml").string(), eval_yaml(r, model_path, m_spec.data.test));
   if (m_spec.eval.images) {
     write_grids(out_dir, "", layout, be, params, m_spec, test);

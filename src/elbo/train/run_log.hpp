@@ -93,6 +93,7 @@ class RunLog {
   // Interval statistics for the progress line, summed over the global batch.
   struct Interval {
     double rec = 0, kl = 0, samples = 0, grad_norm = 0;
+    double kl_clamped_dims = 0;  // free bits: summed over the applied steps
     int64_t steps = 0;
     int64_t skipped = 0;  // steps dropped by train.on_nonfinite: skip
     double data_s = 0;    // rank 0's time spent getting batches ready (the step waits for it)

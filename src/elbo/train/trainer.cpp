@@ -161,7 +161,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     run_log.begin_epoch(epoch, per_epoch);
     for (int64_t b = first_batch; b < per_epoch && step < total_steps; ++b) {
       const BatchPrep::Batch batch = batches.get(epoch, b);
-      const double beta = kl_weight(spec.loss, step), lr = learning_rate(spec.optim, step, total_steps);
+      const double beta = kl_weight(spec.loss, step, total_steps), lr = learning_rate(spec.optim, step, total_steps);
       const bool last_in_epoch = b + 1 == per_epoch;
       const StepResult r = replica.step(batch, step, beta, lr, stop.requested(), [&] {
         // While the device works: the next batch on the host.
