@@ -6,8 +6,12 @@ gradient buckets, with many tiny buckets (hundreds of overlapped all-reduces per
 step) and with one all-reduce after backward; and a small convolutional VAE (conv,
 GroupNorm, transposed conv) on 1 and 3 ranks. train.cuda_graph=on on the CPU (the
 recorded step is replayed as plain calls) must give the same bits as off, through
-the KL warm-up and the short last batch that run outside the recording. A run with
-another seed must differ, so the comparison itself is known to bite."""
+the KL warm-up and the short last batch that run outside the recording, and through
+the cyclical KL schedule (only its steps at beta replay the recording). Free bits with
+the cyclical schedule (the per-dimension KL floor on the GLOBAL batch mean, its sums
+all-reduced between forward and backward) on 1, 2 and 3 ranks: the same parameters,
+with groups clamped in some steps and not others. A run with another seed must
+differ, so the comparison itself is known to bite."""
 import os, shutil, subprocess, sys
 import h5py, numpy as np
 
@@ -15,6 +19,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import harness  # noqa: E402
 
 a = harness.parse_args(__doc__)
+
+def metrics(tag):
+    with open(os.path.join(a.work, tag, "metrics.csv")) as f:
+        rows = [l.split(",") for l in f.read().splitlines()]
+    return [dict(zip(rows[0], r)) for r in rows[1:]]
 
 def train(np_, tag, *extra):
     out = os.path.join(a.work, tag)
@@ -62,6 +71,32 @@ same = all(np.array_equal(replayed[k], eager[k]) for k in eager)
 print(f"recorded-step replay vs op-by-op steps (np=2): bit-identical = {same}")
 if not same:
     failed = True
+cyc = ("--set", "loss.kl_schedule=cyclical", "--set", "loss.kl_cycles=3", "--set", "loss.kl_ramp=0.5")
+replayed = train(2, "np2_cyc_graph_on", *cyc, "--set", "train.cuda_graph=on")
+eager = train(2, "np2_cyc_graph_off", *cyc, "--set", "train.cuda_graph=off")
+same = all(np.array_equal(replayed[k], eager[k]) for k in eager)
+print(f"cyclical KL schedule: recorded-step replay vs op-by-op steps (np=2): bit-identical = {same}")
+if not same:
+    failed = True
+# Free bits: 1.5 nats per dimension in groups of 2 (floor 3 nats per group) on the
+# cyclical schedule. The 20 steps run 3 batch sizes (48, 48, ..., 20 uneven rows).
+fb = (*cyc, "--set", "loss.free_bits=1.5", "--set", "loss.free_bits_group=2")
+fb1 = train(1, "fb_np1", *fb)
+clamped = [float(r["kl_clamped_dims"]) for r in metrics("fb_np1")]
+print(f"free bits np=1: mean clamped dimensions per logged interval {clamped}")
+if not (any(c > 0 for c in clamped) and any(c < 8 for c in clamped)):
+    sys.exit("free bits: the test run must clamp some groups and not all, or it checks nothing")
+if worst(fb1, eager)[0] < 1e-3:
+    sys.exit("free bits changed nothing against the same run without them: the floor is not applied")
+for n in (2, 3):
+    other = train(n, f"fb_np{n}", *fb)
+    err, name = worst(other, fb1)
+    print(f"free bits np={n} vs np=1: worst per-tensor relative error {err:.3e} ({name})")
+    if err > 1e-5:
+        failed = True
+    if [float(r["kl_clamped_dims"]) for r in metrics(f"fb_np{n}")] != clamped:
+        print(f"free bits np={n}: the clamped dimensions differ from np=1 (the floor must see the global batch)")
+        failed = True
 reseeded = train(2, "np2_seed9", "--set", "seed=9")
 err, _ = worst(reseeded, ref)
 print(f"seed 9 vs seed 3: per-tensor relative difference {err:.3e} (must be large)")
