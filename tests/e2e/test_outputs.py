@@ -7,7 +7,8 @@ trained model (parameters read from model.h5 with h5py, inputs from the shards):
      tiles are sigmoid(decoder(mu(x))) to within one grey level;
   3. elbo interpolate: the ends are the two inputs, the points between are decoded
      from the straight line between mu(A) and mu(B);
-  4. elbo eval: active units (Var_x mu_j(x) > 0.01) match NumPy's count; the
+  4. elbo eval: active units (Var_x mu_j(x) > 0.01) match NumPy's count; kl_per_dim
+     (eval.yaml and the printed line) matches NumPy's per-dimension KL and sums to kl; the
      chunked IWAE bound does not depend on the batch size or the number of ranks;
      progress lines appear on stderr when it is not a terminal;
   5. bad input: a missing model, an index past the split, an unwritable path;
@@ -49,11 +50,11 @@ def lin(h, name):
     return h @ P[name + ".weight"].T + P[name + ".bias"]
 
 
-def encode(x):
+def encode(x, head="encoder.mu"):
     h = x
     for i in range(n_enc):
         h = np.maximum(lin(h, f"encoder.layers.{i}"), 0)
-    return lin(h, "encoder.mu")
+    return lin(h, head)
 
 
 def decode(z):
@@ -169,6 +170,22 @@ if m1 and m2:
                                 f"({a2})")
 check("eval: 100%" in r1.stderr and "eval:  50%" in r1.stderr, "progress lines on stderr (not a terminal)",
       r1.stderr[-800:])
+# kl_per_dim: the closed-form KL of each latent dimension, mean over the samples (2 ranks).
+kl_yaml = os.path.join(a.work, "eval_kl.yaml")
+rk = elbo("eval", model, "--data", TEST, "--max-samples", "2000", "--output", kl_yaml, np_=2)
+with open(kl_yaml) as f:
+    ev = {k.strip(): v.strip() for k, v in (l.split(":", 1) for l in f if ":" in l)}
+kl_dims = [float(v) for v in ev.get("kl_per_dim", "[]").strip("[]").split(",") if v.strip()]
+x2k = test_pixels(list(range(2000))) / 255.0
+mu2k, lv2k = encode(x2k), encode(x2k, "encoder.logvar")
+want = (-0.5 * (1 + lv2k - mu2k ** 2 - np.exp(lv2k))).mean(axis=0)
+check(len(kl_dims) == L and np.allclose(kl_dims, want, rtol=1e-4, atol=1e-5),
+      f"eval.yaml kl_per_dim {np.round(kl_dims, 4).tolist()} == NumPy's per-dimension KL {np.round(want, 4).tolist()}")
+check(abs(sum(kl_dims) - float(ev["kl"])) <= 1e-4 * abs(float(ev["kl"])) + 1e-5,
+      f"kl_per_dim sums to kl ({sum(kl_dims):.6f} vs {ev['kl']})")
+check(max(kl_dims) > 10 * min(kl_dims), "some dimensions carry much more KL than others (collapsed units show)")
+m = re.search(r"KL per latent dimension \(nats\):((?: [\d.]+)+)", rk.stdout)
+check(m is not None and len(m.group(1).split()) == L, "elbo eval prints the KL per latent dimension", rk.stdout)
 r3 = elbo("eval", model, "--data", TEST, "--iw-samples", "5", "--max-samples", "300")
 check(re.search(r"\| active units \d+/\d+ \| 300 samples", r3.stdout) is not None,
       "eval --max-samples 300 evaluates the first 300 test samples", r3.stdout)
