@@ -166,5 +166,44 @@ TEST(Spec, DumpRoundTrips) {
   EXPECT_DOUBLE_EQ(t.optim.weight_decay, 0.01);  // AdamW's default decay
 }
 
+TEST(Spec, KlScheduleAndFreeBitsKeys) {
+  ExperimentSpec d = parse_spec(kMinimal, "exp.yaml");
+  EXPECT_EQ(d.loss.kl_schedule, KlSchedule::Linear);  // today's behaviour by default
+  EXPECT_EQ(d.loss.free_bits, 0.0);
+  EXPECT_EQ(d.loss.free_bits_group, 1);
+  ExperimentSpec s = parse_spec(kMinimal, "exp.yaml",
+                                {"loss.kl_schedule=cyclical", "loss.kl_cycles=3", "loss.kl_ramp=0.25",
+                                 "loss.free_bits=0.5", "loss.free_bits_group=4"});
+  EXPECT_EQ(s.loss.kl_schedule, KlSchedule::Cyclical);
+  EXPECT_EQ(s.loss.kl_cycles, 3);
+  EXPECT_DOUBLE_EQ(s.loss.kl_ramp, 0.25);
+  EXPECT_DOUBLE_EQ(s.loss.free_bits, 0.5);
+  EXPECT_EQ(s.loss.free_bits_group, 4);
+  const std::string text = dump_spec(s);
+  const ExperimentSpec t = parse_spec(text, "dump");
+  EXPECT_EQ(dump_spec(t), text);
+  EXPECT_EQ(t.loss.kl_schedule, KlSchedule::Cyclical);
+  EXPECT_EQ(t.loss.kl_cycles, 3);
+  EXPECT_DOUBLE_EQ(t.loss.kl_ramp, 0.25);
+  EXPECT_DOUBLE_EQ(t.loss.free_bits, 0.5);
+  EXPECT_EQ(t.loss.free_bits_group, 4);
+
+  std::string e = error_of(kMinimal, {"loss.kl_schedule=cosine"});
+  EXPECT_NE(e.find("loss.kl_schedule"), std::string::npos) << e;
+  EXPECT_NE(e.find("linear, cyclical"), std::string::npos) << e;
+  e = error_of(kMinimal, {"loss.kl_schedule=cyclical", "loss.kl_ramp=0"});
+  EXPECT_NE(e.find("loss.kl_ramp"), std::string::npos) << e;
+  e = error_of(kMinimal, {"loss.kl_schedule=cyclical", "loss.kl_cycles=0"});
+  EXPECT_NE(e.find("loss.kl_cycles"), std::string::npos) << e;
+  e = error_of(kMinimal, {"loss.free_bits=-0.1"});
+  EXPECT_NE(e.find("loss.free_bits"), std::string::npos) << e;
+  e = error_of(kMinimal, {"loss.free_bits_group=0"});
+  EXPECT_NE(e.find("loss.free_bits_group"), std::string::npos) << e;
+  // The linear schedule's warm-up would be ignored under the cyclical one: refused.
+  e = error_of(kMinimal, {"loss.kl_schedule=cyclical", "loss.kl_warmup_steps=10"});
+  EXPECT_NE(e.find("loss.kl_warmup_steps"), std::string::npos) << e;
+  EXPECT_NE(e.find("cyclical"), std::string::npos) << e;
+}
+
 }  // namespace
 }  // namespace elbo
