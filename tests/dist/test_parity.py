@@ -88,13 +88,14 @@ if not (any(c > 0 for c in clamped) and any(c < 8 for c in clamped)):
     sys.exit("free bits: the test run must clamp some groups and not all, or it checks nothing")
 if worst(fb1, eager)[0] < 1e-3:
     sys.exit("free bits changed nothing against the same run without them: the floor is not applied")
-for n in (2, 3):
-    other = train(n, f"fb_np{n}", *fb)
+for n, label, extra in ((2, "", ()), (3, "", ()), (3, ", sharded optimizer", ("--set", "dist.shard_optimizer=true"))):
+    tag = f"fb_np{n}" + ("_zero" if extra else "")
+    other = train(n, tag, *fb, *extra)
     err, name = worst(other, fb1)
-    print(f"free bits np={n} vs np=1: worst per-tensor relative error {err:.3e} ({name})")
+    print(f"free bits np={n}{label} vs np=1: worst per-tensor relative error {err:.3e} ({name})")
     if err > 1e-5:
         failed = True
-    if [float(r["kl_clamped_dims"]) for r in metrics(f"fb_np{n}")] != clamped:
+    if [float(r["kl_clamped_dims"]) for r in metrics(tag)] != clamped:
         print(f"free bits np={n}: the clamped dimensions differ from np=1 (the floor must see the global batch)")
         failed = True
 reseeded = train(2, "np2_seed9", "--set", "seed=9")
