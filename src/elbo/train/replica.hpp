@@ -56,8 +56,9 @@ class Replica {
   // into the flat gradient buffer (its buckets' all-reduces overlapping backward),
   // then sync_and_update. With free bits (loss.free_bits > 0) the ranks' per-dimension
   // KL sums are all-reduced between forward and backward, so that the floor applies to
-  // the KL averaged over the global batch, as on one rank. `while_device_runs` is host work done while the device
-  // computes (preparing the next batch); it runs only on a rank with rows this step.
+  // the KL averaged over the global batch, as on one rank. `while_device_runs` is host
+  // work done while the device computes (preparing the next batch); it runs only on a
+  // rank with rows this step.
   // `stop_requested` travels in the losses' all-reduce, so all ranks learn of it.
   StepResult step(const BatchPrep::Batch& batch, int64_t step, double beta, double lr, bool stop_requested,
                   const std::function<void()>& while_device_runs);
