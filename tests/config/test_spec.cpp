@@ -166,5 +166,14 @@ TEST(Spec, DumpRoundTrips) {
   EXPECT_DOUBLE_EQ(t.optim.weight_decay, 0.01);  // AdamW's default decay
 }
 
+TEST(Spec, TensorboardIsOnByDefaultAndDumped) {
+  EXPECT_TRUE(parse_spec(kMinimal, "exp.yaml").output.tensorboard);
+  const ExperimentSpec s = parse_spec(kMinimal, "exp.yaml", {"output.tensorboard=false"});
+  EXPECT_FALSE(s.output.tensorboard);
+  EXPECT_FALSE(parse_spec(dump_spec(s), "dump").output.tensorboard);
+  const std::string e = error_of(std::string(kMinimal) + "output:\n  tensorboard: sometimes\n");
+  EXPECT_NE(e.find("output.tensorboard"), std::string::npos) << e;
+}
+
 }  // namespace
 }  // namespace elbo

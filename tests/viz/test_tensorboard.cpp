@@ -286,12 +286,14 @@ TEST(EventWriter, TruncateDropsStepsAfterTheCheckpoint) {
 }
 
 TEST(MetricsRow, EveryNonEmptyCellUnderItsTag) {
-  const MetricsRow r = metrics_row("step,epoch,neg_elbo,lr,test_neg_elbo,test_kl,skipped_steps",
-                                   "125,3,201.123456,0.002,,1.5e-3,0\n");
+  const MetricsRow r =
+      metrics_row("step,epoch,neg_elbo,lr,test_neg_elbo,test_kl,skipped_steps", "125,3,201.123456,0.002,,1.5e-3,0\n");
   EXPECT_EQ(r.step, 125);
-  const std::vector<std::pair<std::string, double>> want = {
-      {"train/epoch", 3}, {"train/neg_elbo", 201.123456}, {"train/lr", 0.002}, {"test/kl", 1.5e-3},
-      {"train/skipped_steps", 0}};
+  const std::vector<std::pair<std::string, double>> want = {{"train/epoch", 3},
+                                                            {"train/neg_elbo", 201.123456},
+                                                            {"train/lr", 0.002},
+                                                            {"test/kl", 1.5e-3},
+                                                            {"train/skipped_steps", 0}};
   EXPECT_EQ(r.scalars, want);
   EXPECT_THROW(metrics_row("step,a", "1,2,3"), Error);
 }

@@ -92,8 +92,8 @@ class RunLog {
                    const float* host_params, int64_t step, int64_t epoch);
   // Rank 0: the final evaluation's line, eval.yaml and output.dir's image grids (in
   // TensorBoard at `step`, the last one trained).
-  void final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const VaeLayout& layout, Backend<float>& be,
-                  const float* params, const data::ShardSet& test);
+  void final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const VaeLayout& layout,
+                  Backend<float>& be, const float* params, const data::ShardSet& test);
 
  private:
   // Interval statistics for the progress line, summed over the global batch.

@@ -148,7 +148,8 @@ std::string encode_png(const Image& img) {
   check_image(img);
   std::string bytes;
   PngError err;
-  if (!encode(&bytes, to_string, img, &err)) throw internal_error(std::string("PNG encoding failed: libpng: ") + err.message);
+  if (!encode(&bytes, to_string, img, &err))
+    throw internal_error(std::string("PNG encoding failed: libpng: ") + err.message);
   return bytes;
 }
 

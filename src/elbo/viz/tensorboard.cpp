@@ -193,7 +193,8 @@ MetricsRow metrics_row(std::string_view header, std::string_view row) {
     if (cells[i].empty()) continue;
     char* end = nullptr;
     const double v = std::strtod(cells[i].c_str(), &end);  // not stod: it throws on subnormals
-    ELBO_ASSERT(end == cells[i].c_str() + cells[i].size(), "metrics_row: '" + cells[i] + "' in column " + cols[i] + " is no number");
+    ELBO_ASSERT(end == cells[i].c_str() + cells[i].size(),
+                "metrics_row: '" + cells[i] + "' in column " + cols[i] + " is no number");
     if (cols[i] == "step")
       out.step = static_cast<int64_t>(v);
     else if (cols[i].rfind("test_", 0) == 0)
