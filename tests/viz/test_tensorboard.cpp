@@ -277,6 +277,14 @@ TEST(EventWriter, TruncateDropsStepsAfterTheCheckpoint) {
   EXPECT_EQ(steps, (std::vector<int64_t>{0, 10, 20}));
   EXPECT_EQ(one(decode(read_records(read_file(first), first)[0]), 3, 2).bytes, "brain.Event:2");
   EXPECT_EQ(event_files(tmp.path).size(), 1u);  // no temporary file left behind
+  // A record cut short at the end (the interrupted writer was killed mid-write) goes too.
+  const std::string whole = read_file(first);
+  std::ofstream(first, std::ios::binary | std::ios::app) << frame_record("a record cut short").substr(0, 20);
+  truncate_event_files(tmp.path.string(), 20);
+  EXPECT_EQ(read_file(first), whole);
+  std::ofstream(first + ".tmp") << "a rewrite killed half-way";
+  truncate_event_files(tmp.path.string(), 20);
+  EXPECT_EQ(event_files(tmp.path), std::vector<fs::path>{first});
   // A file with a damaged record is refused, naming it, not silently rewritten.
   std::string bad = read_file(first);
   bad[bad.size() - 6] ^= 1;

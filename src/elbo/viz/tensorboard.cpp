@@ -12,7 +12,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
+#include <iterator>
 
 #include "elbo/util/error.hpp"
 #include "elbo/util/files.hpp"
@@ -206,17 +206,23 @@ MetricsRow metrics_row(std::string_view header, std::string_view row) {
 }
 
 void truncate_event_files(const std::string& dir, int64_t step) {
+  // The names first: the rewrites below add and rename files in `dir`.
+  std::vector<fs::path> files;
   std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(dir, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (!entry.is_regular_file() || name.rfind("events.out.tfevents.", 0) != 0 || entry.path().extension() == ".tmp")
+  for (const auto& entry : fs::directory_iterator(dir, ec))
+    if (entry.path().filename().string().rfind("events.out.tfevents.", 0) == 0 && entry.is_regular_file())
+      files.push_back(entry.path());
+  if (ec && ec != std::errc::no_such_file_or_directory) throw io_error("cannot list " + dir + ": " + ec.message());
+  for (const fs::path& file : files) {
+    const std::string path = file.string();
+    if (file.extension() == ".tmp") {  // left by a rewrite that was killed; TensorBoard would read it
+      if (!fs::remove(file, ec) && ec) throw io_error("cannot remove " + path + ": " + ec.message());
       continue;
-    const std::string path = entry.path().string();
+    }
     std::ifstream in(path, std::ios::binary);
-    std::ostringstream all;
-    all << in.rdbuf();
     if (!in) throw io_error("cannot read " + path);
-    const std::string bytes = all.str();
+    const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    if (in.bad()) throw io_error("cannot read " + path);
     std::string kept;
     size_t dropped = 0;
     for (const std::string& rec : read_records(bytes, path)) {
@@ -232,7 +238,6 @@ void truncate_event_files(const std::string& dir, int64_t step) {
       rename_into_place(path + ".tmp", path);
     }
   }
-  if (ec && ec != std::errc::no_such_file_or_directory) throw io_error("cannot list " + dir + ": " + ec.message());
 }
 
 }  // namespace elbo::viz

@@ -79,7 +79,8 @@ MetricsRow metrics_row(std::string_view header, std::string_view row);
 // For a resumed run: drops, from every event file in `dir`, the events after `step`
 // (logged by the interrupted run after its checkpoint), so the resumed run's new file
 // repeats no step; the version record stays. Files are rewritten atomically, and only
-// when something is dropped. A missing `dir` is no error.
+// when something is dropped; a temporary file a killed rewrite left is removed. A
+// missing `dir` is no error.
 void truncate_event_files(const std::string& dir, int64_t step);
 
 }  // namespace elbo::viz
