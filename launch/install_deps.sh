@@ -4,7 +4,8 @@
 set -euo pipefail
 
 pkgs=(build-essential cmake pkg-config libopenmpi-dev openmpi-bin libhdf5-dev libyaml-cpp-dev
-      libopenblas-dev zlib1g-dev libpng-dev libjpeg62-turbo-dev libcli11-dev dataset-fashion-mnist)
+      libopenblas-dev zlib1g-dev libpng-dev libjpeg62-turbo-dev libcli11-dev libprotobuf-dev protobuf-compiler
+      dataset-fashion-mnist)
 if [[ "${1:-}" == "--with-tests" ]]; then
   # SLURM and munge for the localhost-cluster test (tests/launch/test_slurm.py), which
   # runs its own daemons from a temporary directory. Debian's slurmd/slurmctld units

@@ -205,5 +205,14 @@ TEST(Spec, KlScheduleAndFreeBitsKeys) {
   EXPECT_NE(e.find("cyclical"), std::string::npos) << e;
 }
 
+TEST(Spec, TensorboardIsOnByDefaultAndDumped) {
+  EXPECT_TRUE(parse_spec(kMinimal, "exp.yaml").output.tensorboard);
+  const ExperimentSpec s = parse_spec(kMinimal, "exp.yaml", {"output.tensorboard=false"});
+  EXPECT_FALSE(s.output.tensorboard);
+  EXPECT_FALSE(parse_spec(dump_spec(s), "dump").output.tensorboard);
+  const std::string e = error_of(std::string(kMinimal) + "output:\n  tensorboard: sometimes\n");
+  EXPECT_NE(e.find("output.tensorboard"), std::string::npos) << e;
+}
+
 }  // namespace
 }  // namespace elbo

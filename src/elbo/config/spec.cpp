@@ -744,6 +744,7 @@ const std::vector<Section>& spec_sections() {
             },
             [](Out& o, const ExperimentSpec& s) { o.put(s.output.dir); }},
            output.field("overwrite", &OutputSpec::overwrite),
+           output.field("tensorboard", &OutputSpec::tensorboard),
        }},
       {"dist",
        {

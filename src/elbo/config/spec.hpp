@@ -107,6 +107,7 @@ struct EvalSpec {
 struct OutputSpec {
   std::string dir = "runs/default";
   bool overwrite = false;        // allow writing into a directory that holds an earlier run
+  bool tensorboard = true;       // TensorBoard event files in output.dir/tensorboard (metrics and image grids)
 };
 
 // How replicas are placed and how they talk (the GPU path; the CPU path always uses MPI).

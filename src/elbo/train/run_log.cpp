@@ -12,6 +12,7 @@
 #include "elbo/util/error.hpp"
 #include "elbo/util/files.hpp"
 #include "elbo/viz/image.hpp"
+#include "elbo/viz/tensorboard.hpp"
 
 namespace elbo {
 
@@ -35,7 +36,7 @@ std::string hms(double seconds) {
 // Files of a finished or running job; refusing to reuse the directory protects them.
 const char* const kRunFiles[] = {"model.h5", "metrics.csv", "spec.yaml", "eval.yaml", "samples.png", "recon.png"};
 // Directories a run fills; output.overwrite removes them with the files above.
-const char* const kRunDirs[] = {"checkpoints", "images"};
+const char* const kRunDirs[] = {"checkpoints", "images", "tensorboard"};
 
 // The first thing in `dir` that belongs to a run, or "" when it holds none.
 std::string run_evidence(const fs::path& dir) {
@@ -58,23 +59,30 @@ bool inside(const fs::path& file, const fs::path& dir) {
 
 // Rank 0's pictures of the model at this point: 64 samples from the prior (the same
 // z every time, so successive grids show the model learning) and the first 32 test
-// inputs beside their reconstructions; DIR/samplesTAG.png and DIR/reconTAG.png.
+// inputs beside their reconstructions; DIR/samplesTAG.png and DIR/reconTAG.png, and
+// the same images at `step` in TensorBoard when `tb` is given.
 void write_grids(const fs::path& dir, const std::string& tag, const VaeLayout& layout, Backend<float>& be,
-                 const float* params, const ExperimentSpec& spec, const data::ShardSet& test) {
+                 const float* params, const ExperimentSpec& spec, const data::ShardSet& test, int64_t step,
+                 viz::EventWriter* tb) {
   const std::vector<int> shape = {test.channels(), test.height(), test.width()};  // the training shape (checked)
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) throw io_error("cannot create " + dir.string() + ": " + ec.message());
   const std::vector<float> samples = sample_from_prior(layout, be, params, 64, spec.seed);
-  viz::write_png((dir / ("samples" + tag + ".png")).string(),
-                 viz::tile(samples.data(), 64, shape[0], shape[1], shape[2], 8));
+  const viz::Image sample_grid = viz::tile(samples.data(), 64, shape[0], shape[1], shape[2], 8);
+  viz::write_png((dir / ("samples" + tag + ".png")).string(), sample_grid);
   const int n = static_cast<int>(std::min<int64_t>(32, test.size()));
   std::vector<int64_t> items(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) items[i] = i;
   const std::vector<float> x = gray_inputs(test, items, spec.data.test);
   const std::vector<float> r = reconstruct(layout, be, params, x.data(), n);
-  viz::write_png((dir / ("recon" + tag + ".png")).string(),
-                 viz::tile_pairs(x.data(), r.data(), n, shape[0], shape[1], shape[2], 8));
+  const viz::Image recon_grid = viz::tile_pairs(x.data(), r.data(), n, shape[0], shape[1], shape[2], 8);
+  viz::write_png((dir / ("recon" + tag + ".png")).string(), recon_grid);
+  if (tb != nullptr) {
+    tb->image("images/samples", step, sample_grid);
+    tb->image("images/recon", step, recon_grid);
+    tb->flush();
+  }
 }
 
 // metrics.csv of a resumed run: the rows up to the checkpoint's step stay, later
@@ -195,6 +203,21 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
     if (m_csv) m_csv << kMetricsHeader << "\n";
   }
   if (!m_csv) throw io_error("cannot write " + csv_path.string());
+  // Event files live in their own directory (output.overwrite removes it whole). A
+  // resumed run drops the interrupted run's events after the checkpoint, as from
+  // metrics.csv, and appends a new file, so no step appears twice.
+  const fs::path tb_dir = out_dir / "tensorboard";
+  if (resumed.resumed) viz::truncate_event_files(tb_dir.string(), resumed.state.step);
+  if (m_spec.output.tensorboard) m_tb = std::make_unique<viz::EventWriter>(tb_dir.string());
+}
+
+void RunLog::write_row(const std::string& row) {
+  m_csv << row << std::flush;
+  if (m_tb) {
+    const viz::MetricsRow m = viz::metrics_row(kMetricsHeader, row);
+    m_tb->scalars(m.step, m.scalars);
+    m_tb->flush();
+  }
 }
 
 void RunLog::clear_bar() {
@@ -246,10 +269,12 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
   const int64_t step = st.step;
   if (m_iv.steps == 0 && m_iv.skipped > 0) {
     // Nothing trained in this interval: a row that says so (no losses to average).
-    if (m_root)
-      m_csv << step << "," << epoch + 1 << "," << st.samples_seen << ",,,," << beta << "," << lr << ",,,"
-            << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",\n"
-            << std::flush;
+    if (m_root) {
+      std::ostringstream row;
+      row << step << "," << epoch + 1 << "," << st.samples_seen << ",,,," << beta << "," << lr << ",,,"
+          << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",\n";
+      write_row(row.str());
+    }
     m_iv = Interval{};
   }
   if (m_iv.steps == 0) return;
@@ -290,7 +315,7 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
     len += std::snprintf(row + len, sizeof(row) - len, "%lld,", static_cast<long long>(st.skipped_steps));
     if (free_bits) std::snprintf(row + len, sizeof(row) - len, "%.6g\n", clamped);
     else std::snprintf(row + len, sizeof(row) - len, "\n");
-    m_csv << row << std::flush;
+    write_row(row);
   }
   m_iv = Interval{};
 }
@@ -302,7 +327,7 @@ void RunLog::periodic_eval(int64_t step, const EvalResult& r, const VaeLayout& l
   if (m_spec.eval.images) {
     char tag[32];
     std::snprintf(tag, sizeof(tag), "-%09lld", static_cast<long long>(step));
-    write_grids(fs::path(m_spec.output.dir) / "images", tag, layout, be, params, m_spec, test);
+    write_grids(fs::path(m_spec.output.dir) / "images", tag, layout, be, params, m_spec, test, step, m_tb.get());
   }
 }
 
@@ -329,14 +354,14 @@ void RunLog::write_model(const std::string& path, const std::vector<int>& input_
   m_log << "wrote " << path << " (" << layout.num_values() << " parameters, step " << step << ")\n" << std::flush;
 }
 
-void RunLog::final_eval(const EvalResult& r, const std::string& model_path, const VaeLayout& layout,
+void RunLog::final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const VaeLayout& layout,
                         Backend<float>& be, const float* params, const data::ShardSet& test) {
   if (!m_root) return;
   const fs::path out_dir(m_spec.output.dir);
   m_log << format_eval(r) << "\n" << format_kl_per_dim(r) << "\n" << std::flush;
   write_text_file_atomic((out_dir / "eval.yaml").string(), eval_yaml(r, model_path, m_spec.data.test));
   if (m_spec.eval.images) {
-    write_grids(out_dir, "", layout, be, params, m_spec, test);
+    write_grids(out_dir, "", layout, be, params, m_spec, test, step, m_tb.get());
     m_log << "wrote " << (out_dir / "samples.png").string() << " and " << (out_dir / "recon.png").string() << "\n"
           << std::flush;
   }

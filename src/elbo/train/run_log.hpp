@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <fstream>
+#include <memory>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -28,6 +29,7 @@
 #include "elbo/train/replica.hpp"
 #include "elbo/train/resume.hpp"
 #include "elbo/util/progress.hpp"
+#include "elbo/viz/tensorboard.hpp"
 
 namespace elbo {
 
@@ -46,7 +48,8 @@ class RunLog {
   RunLog(const ExperimentSpec& spec, std::ostream& log, bool root);
 
   // Rank 0: the header (placement, gradients, data, model, resume notes, the resolved
-  // spec), spec.yaml, and metrics.csv (a fresh one, or the resumed run's cut at its step).
+  // spec), spec.yaml, metrics.csv (a fresh one, or the resumed run's cut at its step)
+  // and, with output.tensorboard, a new event file (earlier ones cut at the step too).
   void start(const Communicator& comm, const Backend<float>& be, const Placement& place, int threads,
              const Replica& replica, const TrainingData& data, const BatchPrep& batches, const VaeLayout& layout,
              const StepPlan& plan, const ResumePoint& resumed);
@@ -73,11 +76,13 @@ class RunLog {
   }
   // The interval ends at `state.step` (of 0-based `epoch`): a progress line and a
   // metrics.csv row (with the held-out metrics when `eval` is given), or a row of
-  // empty losses when every step in it was skipped.
+  // empty losses when every step in it was skipped; the row's cells also go to
+  // TensorBoard as scalars.
   void end_interval(const TrainState& state, int64_t epoch, double beta, double lr, const EvalResult* eval);
   double last_neg_elbo() const { return m_last_neg_elbo; }  // of the last progress line (all ranks)
 
-  // Rank 0: an evaluation during training; its image grids go to output.dir/images.
+  // Rank 0: an evaluation during training; its image grids go to output.dir/images
+  // (and TensorBoard).
   void periodic_eval(int64_t step, const EvalResult& r, const VaeLayout& layout, Backend<float>& be,
                      const float* params, const data::ShardSet& test);
   // Collective: how much of the split streaming read per rank per epoch.
@@ -85,9 +90,10 @@ class RunLog {
   // Rank 0: model.h5 from host parameters.
   void write_model(const std::string& path, const std::vector<int>& input_shape, const VaeLayout& layout,
                    const float* host_params, int64_t step, int64_t epoch);
-  // Rank 0: the final evaluation's line, eval.yaml and output.dir's image grids.
-  void final_eval(const EvalResult& r, const std::string& model_path, const VaeLayout& layout, Backend<float>& be,
-                  const float* params, const data::ShardSet& test);
+  // Rank 0: the final evaluation's line, eval.yaml and output.dir's image grids (in
+  // TensorBoard at `step`, the last one trained).
+  void final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const VaeLayout& layout,
+                  Backend<float>& be, const float* params, const data::ShardSet& test);
 
  private:
   // Interval statistics for the progress line, summed over the global batch.
@@ -100,11 +106,13 @@ class RunLog {
     Clock::time_point start = Clock::now();
   };
   void clear_bar();
+  void write_row(const std::string& row);  // metrics.csv and TensorBoard, flushed
 
   const ExperimentSpec& m_spec;
   std::ostream& m_log;
   const bool m_root;
   std::ofstream m_csv;
+  std::unique_ptr<viz::EventWriter> m_tb;  // rank 0, output.tensorboard
   std::optional<Progress> m_bar;
   Interval m_iv;
   Clock::time_point m_t0 = Clock::now();

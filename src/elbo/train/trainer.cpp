@@ -253,7 +253,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     result.eval = evaluate(layout, be, replica.params(), *data.test, comm, eval_options(spec, true));
     result.evaluated = true;
     collectively(comm, [&] {
-      run_log.final_eval(result.eval, result.model_path, layout, be, replica.params(), *data.test);
+      run_log.final_eval(result.steps, result.eval, result.model_path, layout, be, replica.params(), *data.test);
     });
   }
   return result;

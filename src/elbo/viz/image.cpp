@@ -82,7 +82,16 @@ struct File {
   }
 };
 
-bool encode(FILE* f, const Image& img, PngError* err) {
+// libpng hands the encoded bytes to a write callback: into a FILE or a string.
+void to_file(png_structp png, png_bytep data, size_t n) {
+  if (std::fwrite(data, 1, n, static_cast<FILE*>(png_get_io_ptr(png))) != n) png_error(png, std::strerror(errno));
+}
+void to_string(png_structp png, png_bytep data, size_t n) {
+  static_cast<std::string*>(png_get_io_ptr(png))->append(reinterpret_cast<const char*>(data), n);
+}
+void no_flush(png_structp) {}
+
+bool encode(void* sink, png_rw_ptr write, const Image& img, PngError* err) {
   png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, err, on_png_error, on_png_warning);
   png_infop info = png != nullptr ? png_create_info_struct(png) : nullptr;
   if (info == nullptr) {
@@ -94,7 +103,7 @@ bool encode(FILE* f, const Image& img, PngError* err) {
     png_destroy_write_struct(&png, &info);
     return false;
   }
-  png_init_io(png, f);
+  png_set_write_fn(png, sink, write, no_flush);
   png_set_IHDR(png, info, static_cast<png_uint_32>(img.width), static_cast<png_uint_32>(img.height), 8,
                img.channels == 1 ? PNG_COLOR_TYPE_GRAY : PNG_COLOR_TYPE_RGB, PNG_INTERLACE_NONE,
                PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
@@ -106,19 +115,23 @@ bool encode(FILE* f, const Image& img, PngError* err) {
   return true;
 }
 
+void check_image(const Image& img) {
+  ELBO_ASSERT(img.channels == 1 || img.channels == 3, "PNG: 1 or 3 channels");
+  ELBO_ASSERT(img.pixels.size() == static_cast<size_t>(img.width) * img.height * img.channels,
+              "PNG: pixel count does not match the size");
+}
+
 }  // namespace
 
 void write_png(const std::string& path, const Image& img) {
-  ELBO_ASSERT(img.channels == 1 || img.channels == 3, "write_png: 1 or 3 channels");
-  ELBO_ASSERT(img.pixels.size() == static_cast<size_t>(img.width) * img.height * img.channels,
-              "write_png: pixel count does not match the size");
+  check_image(img);
   const std::string tmp = path + ".tmp";
   {
     File out;
     out.f = std::fopen(tmp.c_str(), "wb");
     if (out.f == nullptr) throw io_error("cannot write " + path + ": " + std::strerror(errno));
     PngError err;
-    if (!encode(out.f, img, &err)) {
+    if (!encode(out.f, to_file, img, &err)) {
       std::remove(tmp.c_str());
       throw io_error("cannot write " + path + ": libpng: " + err.message);
     }
@@ -129,6 +142,15 @@ void write_png(const std::string& path, const Image& img) {
     }
   }
   rename_into_place(tmp, path);
+}
+
+std::string encode_png(const Image& img) {
+  check_image(img);
+  std::string bytes;
+  PngError err;
+  if (!encode(&bytes, to_string, img, &err))
+    throw internal_error(std::string("PNG encoding failed: libpng: ") + err.message);
+  return bytes;
 }
 
 }  // namespace elbo::viz

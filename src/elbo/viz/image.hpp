@@ -27,6 +27,9 @@ Image tile_pairs(const float* inputs, const float* reconstructions, int n, int c
 // leaves half a PNG; Io errors name the file.
 void write_png(const std::string& path, const Image& img);
 
+// The PNG file write_png would write, in memory (TensorBoard's image summaries).
+std::string encode_png(const Image& img);
+
 // Reading images back (PNG and JPEG, every colour model): data::decode_image
 // (data/image_decode.hpp).
 
