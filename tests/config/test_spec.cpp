@@ -44,7 +44,17 @@ TEST(Spec, TrainingSafetyKeysHaveDefaultsAndRanges) {
   EXPECT_EQ(s.train.max_consecutive_skips, 3);
   EXPECT_DOUBLE_EQ(s.train.max_skip_fraction, 0.5);
   EXPECT_NE(dump_spec(s).find("deterministic: false"), std::string::npos);
-  for (const char* bad : {"train: {max_consecutive_skips: 0}\n", "train: {max_skip_fraction: 1.5}\n"}) {
+  EXPECT_DOUBLE_EQ(s.train.skip_threshold, 0.0);  // off
+  EXPECT_EQ(s.train.accumulate, 1);
+  s = parse_spec(std::string(kMinimal) + "train: {skip_threshold: 250.5, accumulate: 4}\n", "exp.yaml");
+  EXPECT_DOUBLE_EQ(s.train.skip_threshold, 250.5);
+  EXPECT_EQ(s.train.accumulate, 4);
+  const ExperimentSpec again = parse_spec(dump_spec(s), "dumped.yaml");  // both survive the resolved dump
+  EXPECT_DOUBLE_EQ(again.train.skip_threshold, 250.5);
+  EXPECT_EQ(again.train.accumulate, 4);
+  for (const char* bad : {"train: {max_consecutive_skips: 0}\n", "train: {max_skip_fraction: 1.5}\n",
+                          "train: {skip_threshold: -1}\n", "train: {skip_threshold: .inf}\n",
+                          "train: {accumulate: 0}\n", "train: {accumulate: 1.5}\n"}) {
     try {
       parse_spec(std::string(kMinimal) + bad, "exp.yaml");
       ADD_FAILURE() << "accepted " << bad;

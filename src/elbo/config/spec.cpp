@@ -4,6 +4,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <map>
 #include <set>
@@ -393,10 +394,16 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     t.max_skip_fraction = r.get<double>("max_skip_fraction", t.max_skip_fraction);
     r.check(t.max_skip_fraction >= 0 && t.max_skip_fraction <= 1, "max_skip_fraction", "must be in [0, 1]",
             t.max_skip_fraction);
+    t.skip_threshold = r.get<double>("skip_threshold", t.skip_threshold);
+    r.check(std::isfinite(t.skip_threshold) && t.skip_threshold >= 0, "skip_threshold",
+            "must be a finite number >= 0 (0 = off)", t.skip_threshold);
+    t.accumulate = r.get<int64_t>("accumulate", t.accumulate);
+    r.check(t.accumulate >= 1, "accumulate", "must be >= 1 (1 = no accumulation)", t.accumulate);
     t.cuda_graph = r.choice("cuda_graph", t.cuda_graph, {"auto", "on", "off"});
     t.deterministic = r.get<bool>("deterministic", t.deterministic);
     r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads", "on_nonfinite",
-              "max_consecutive_skips", "max_skip_fraction", "cuda_graph", "deterministic"});
+              "max_consecutive_skips", "max_skip_fraction", "skip_threshold", "accumulate", "cuda_graph",
+              "deterministic"});
   }
   {
     MapReader r = top.sub("eval");
@@ -577,6 +584,8 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "on_nonfinite" << YAML::Value << s.train.on_nonfinite;
   e << YAML::Key << "max_consecutive_skips" << YAML::Value << s.train.max_consecutive_skips;
   e << YAML::Key << "max_skip_fraction" << YAML::Value << s.train.max_skip_fraction;
+  e << YAML::Key << "skip_threshold" << YAML::Value << s.train.skip_threshold;
+  e << YAML::Key << "accumulate" << YAML::Value << s.train.accumulate;
   e << YAML::Key << "cuda_graph" << YAML::Value << s.train.cuda_graph;
   e << YAML::Key << "deterministic" << YAML::Value << s.train.deterministic;
   e << YAML::EndMap;
