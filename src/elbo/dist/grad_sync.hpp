@@ -39,6 +39,14 @@ class GradientSync {
   // All gradients are final: returns when every bucket is reduced (on the GPU: ordered
   // before any later work on the compute stream), so grads hold the sum over ranks.
   virtual void finish() = 0;
+
+  // What the training steps reduced (begin() with step >= 0; the self-test is not
+  // counted): rounds are finish() calls, buckets the all-reduces launched in them. The
+  // evidence that gradient accumulation syncs once per update, not per micro-batch.
+  struct Counts {
+    int64_t rounds = 0, buckets = 0;
+  };
+  virtual Counts counts() const { return {}; }  // nothing is reduced on one rank without NCCL
 };
 
 // The reducer bookkeeping shared by the MPI and NCCL implementations.
@@ -48,6 +56,7 @@ class BucketedSync : public GradientSync {
   void ready_from(size_t offset) final;
   void finish() final;
   size_t num_buckets() const { return m_buckets.size(); }
+  Counts counts() const final { return m_counts; }
 
  protected:
   BucketedSync(size_t n, size_t bucket_elems);
@@ -60,6 +69,7 @@ class BucketedSync : public GradientSync {
   std::vector<BucketRange> m_buckets;
   size_t m_next = 0;
   int64_t m_step = 0;
+  Counts m_counts;
 };
 
 // `communicator` is "mpi", "nccl" or "none" (dist/placement.hpp decides). grads must
