@@ -11,7 +11,9 @@ with ctest's skip code 77 and the reason otherwise):
      vs 1 rank at the same global batch: 1e-5 relative per tensor, as on the CPU;
   4. the steady-state step replayed as a CUDA graph vs launched op by op (KL
      warm-up first, so the run switches from eager steps to replays mid-way, and
-     a short last batch, which runs eagerly): bit-identical parameters.
+     a short last batch, which runs eagerly): bit-identical parameters;
+  5. train.accumulate: 3 (NCCL 1 rank, staged MPI 2 ranks) vs one pass of the same
+     global batch: 1e-5 relative per tensor.
 A reseeded GPU run must differ, so the comparisons can fail."""
 import csv, os, re, subprocess, sys
 import h5py, numpy as np
@@ -80,6 +82,18 @@ same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
 print(f"CUDA graph replay vs eager launches, 50 steps: bit-identical = {same}")
 if not same:
     failures.append("the graph-replayed steps differ from eagerly launched ones")
+
+# Gradient accumulation on the GPU: 3 micro-batches per update (a short last batch
+# too), through NCCL on one rank and through the staged MPI path on two ranks sharing
+# the GPU, against the one-pass run of the same global batch.
+one, _ = train(1, "gpu_accum1", "--set", "device=cuda", "--set", "data.max_samples=2390")
+for np_, comm in ((1, "nccl"), (2, "mpi")):
+    accum, _ = train(np_, f"gpu_accum3_np{np_}", "--set", "device=cuda", "--set", f"dist.communicator={comm}",
+                     "--set", "train.accumulate=3", "--set", "data.max_samples=2390")
+    err, name = worst(accum, one)
+    print(f"accumulate=3 on {np_} rank(s) ({comm}) vs one pass: {err:.2e} ({name})")
+    if err > 1e-5:
+        failures.append(f"accumulation on the GPU ({np_} rank(s), {comm}) differs from one pass")
 
 reseeded, _ = train(1, "gpu_seed9", "--set", "device=cuda", "--set", "seed=9")
 err, _ = worst(reseeded, gpu)

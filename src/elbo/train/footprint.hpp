@@ -51,8 +51,10 @@ double vae_activation_bytes(const VaeLayout& layout, int64_t rows);
 // One training replica with `rows_per_rank` rows of each global batch: parameters,
 // gradients and Adam's two moments (4 x P floats), the activations, the inputs and eps,
 // the host batch buffers, the host copies of the state for checkpoints and resume,
-// and the CPU convolution scratch.
-MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows_per_rank, DeviceKind device);
+// and the CPU convolution scratch. With accumulation the model's buffers hold one
+// micro-batch of `micro_rows` rows (0: all rows_per_rank in one pass).
+MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows_per_rank, DeviceKind device,
+                                     int64_t micro_rows = 0);
 
 // Evaluation's buffers on a rank holding `rank_samples` test samples (see evaluate()).
 // `keys` names what sizes them (eval.batch_size/eval.iw_samples or the CLI options).

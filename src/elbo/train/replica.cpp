@@ -1,7 +1,9 @@
 // One data-parallel replica and its training step (see replica.hpp).
 #include "elbo/train/replica.hpp"
 
+#include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <vector>
 
 namespace elbo {
@@ -16,6 +18,14 @@ std::unique_ptr<GradientSync> make_sync(const ExperimentSpec& spec, Communicator
   return sync;
 }
 
+// Rows per forward/backward pass; the loop refuses a batch that does not divide first.
+int micro_rows(int local_rows, int64_t accumulate) {
+  if (accumulate < 1 || local_rows % accumulate != 0)
+    throw internal_error(std::to_string(local_rows) + " rows per rank do not split into " +
+                         std::to_string(accumulate) + " micro-batches");
+  return static_cast<int>(local_rows / accumulate);
+}
+
 }  // namespace
 
 Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>& be, const VaeLayout& layout,
@@ -26,21 +36,28 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       m_params(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_grads(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_sync(make_sync(spec, comm, place, be, m_grads.data(), m_n)),
+      m_micro_rows(micro_rows(local_rows, spec.train.accumulate)),
       m_model(allocating(need.items[MemoryEstimate::kActivations], spec.source,
-                         [&] { return Vae<float>(layout, be, local_rows); })),
+                         [&] { return Vae<float>(layout, be, m_micro_rows); })),
       m_optim(allocating(need.items[MemoryEstimate::kModelState], spec.source,
                          [&] { return Adam<float>(spec.optim, be, m_n); })),
-      m_x(be, static_cast<size_t>(local_rows) * dim),
-      m_eps(be, static_cast<size_t>(local_rows) * m_latent),
+      m_x(be, static_cast<size_t>(m_micro_rows) * dim),
+      m_eps(be, static_cast<size_t>(m_micro_rows) * m_latent),
       m_losses(be, 2 * static_cast<size_t>(local_rows)),
       m_norm_with_losses(comm.size() == 1),
       m_squared_norm(be, 1),
       // auto: on for one GPU replica, where nothing overlaps with the backward pass and
       // launch overhead is what a small batch pays for; with several ranks the per-layer
-      // bucketed all-reduce is worth more than the saved launches.
-      m_use_graph(spec.train.cuda_graph == "on" ||
-                  (spec.train.cuda_graph == "auto" && place.device == DeviceKind::Cuda && comm.size() == 1)),
+      // bucketed all-reduce is worth more than the saved launches. Accumulation runs op
+      // by op: one recording per micro-batch, with the sync hook only in the last, is
+      // not worth its complexity where the micro-batches are large anyway.
+      m_use_graph(spec.train.accumulate == 1 &&
+                  (spec.train.cuda_graph == "on" ||
+                   (spec.train.cuda_graph == "auto" && place.device == DeviceKind::Cuda && comm.size() == 1))),
       m_warn(std::move(warn)) {
+  if (spec.train.accumulate > 1 && spec.train.cuda_graph == "on")
+    m_warn("train.cuda_graph: on is not used with train.accumulate: " + std::to_string(spec.train.accumulate) +
+           " (micro-batches run op by op)");
   std::vector<double> init = layout.init_params(spec.seed);
   std::vector<float> host(init.begin(), init.end());
   // Every rank computes the same init; the broadcast makes "identical replicas" a
@@ -65,16 +82,20 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   m_steady_warm = m_steady_warm || steady;
   if (!graph_step) be.fill(m_grads.data(), 0.0f, P);
   m_sync->begin(step);
-  // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
-  double local[4] = {0, 0, 0, stop_requested ? 1.0 : 0.0};
+  // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop, ranks whose
+  // gradient norm is over train.skip_threshold]
+  double local[5] = {0, 0, 0, stop_requested ? 1.0 : 0.0, 0};
   if (rows > 0) {
     float* const rec = m_losses.data();
     float* const kl = rec + m_local_rows;
-    be.upload_async(m_x.data(), batch.x, static_cast<size_t>(rows) * m_dim);
-    // eps keyed by the sample's position in the global batch: the same for any world size.
-    be.normal(m_spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first), rows,
-              m_latent, m_eps.data());
+    // Every micro-batch's losses are weighted by the whole global batch: their
+    // gradients add up (+=) to the gradient of the full batch.
     const float w = 1.0f / static_cast<float>(g_rows), kw = static_cast<float>(beta) * w;
+    if (graph_step) {  // the recorded step reads the whole slice (no accumulation with graphs)
+      be.upload_async(m_x.data(), batch.x, static_cast<size_t>(rows) * m_dim);
+      be.normal(m_spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first), rows,
+                m_latent, m_eps.data());
+    }
     if (graph_step && !m_graph) {
       try {
         m_graph = be.capture([&model = m_model, &be = m_be, p = m_params.data(), g = m_grads.data(), xp = m_x.data(),
@@ -93,14 +114,32 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     if (graph_step && m_graph) {
       m_graph->launch();
       m_sync->ready_from(0);  // all buckets at once: a graph gives no per-layer hook for the overlap
+      be.download_async(rec, m_model.rec(), rows);
+      be.download_async(kl, m_model.kl(), rows);
     } else {
       if (graph_step) be.fill(m_grads.data(), 0.0f, P);  // the recording would have zeroed them
-      m_model.forward(m_params.data(), m_x.data(), m_eps.data(), rows);
-      m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), rows, w, kw,
-                       [this](size_t offset) { m_sync->ready_from(offset); });
+      // This rank's rows in micro-batches of m_micro_rows (train.accumulate), in order.
+      // Each keeps its rows' positions in the global batch, so its eps are those of the
+      // undivided batch. Only the last one's backward announces final buckets: the
+      // all-reduces start there, once per update, never on a partial sum.
+      for (int first = 0; first < rows; first += m_micro_rows) {
+        const int n = std::min(m_micro_rows, rows - first);
+        const bool last = first + n == rows;
+        be.upload_async(m_x.data(), batch.x + static_cast<size_t>(first) * m_dim, static_cast<size_t>(n) * m_dim);
+        // eps keyed by the sample's position in the global batch: the same for any world size.
+        be.normal(m_spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first + first),
+                  n, m_latent, m_eps.data());
+        m_model.forward(m_params.data(), m_x.data(), m_eps.data(), n);
+        if (last)
+          m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw,
+                           [this](size_t offset) { m_sync->ready_from(offset); });
+        else
+          m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw);
+        // Ordered before the next micro-batch's forward overwrites the losses.
+        be.download_async(rec + first, m_model.rec(), n);
+        be.download_async(kl + first, m_model.kl(), n);
+      }
     }
-    be.download_async(rec, m_model.rec(), rows);
-    be.download_async(kl, m_model.kl(), rows);
     if (m_norm_with_losses) be.sum_squares_async(P, m_grads.data(), m_squared_norm.data());
     if (while_device_runs) while_device_runs();
     be.synchronize();
@@ -112,7 +151,7 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   }
   StepResult result;
   result.nonfinite_here = local[2] > 0;
-  result.grad_norm = sync_and_update(lr, local);
+  sync_and_update(lr, local, result);
   result.rec = local[0];
   result.kl = local[1];
   result.nonfinite_ranks = static_cast<int>(local[2]);
@@ -120,17 +159,27 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   return result;
 }
 
-// The gradient sync finishes, the ranks agree on the losses (one all-reduce, which
-// also carries the non-finite and stop flags), and only when every rank's loss is
-// finite does the optimizer take the norm, clip and update. This is the seam for a
-// sharded optimizer (ZeRO-1): reduce-scatter instead of the all-reduce, update this
+// The gradient sync finishes, each rank takes the norm of the summed gradient (before
+// clipping) and votes on train.skip_threshold, the ranks agree on the losses, the
+// non-finite, stop and threshold flags in one all-reduce, and only when every loss is
+// finite, the norm finite and no rank voted to skip does the optimizer clip and update.
+// Every rank holds the same reduced gradient, so the votes agree anyway; counting
+// them makes the decision common by construction, also where the norms could differ
+// in the last bit. This is the seam for a sharded optimizer (ZeRO-1): reduce-scatter
+// instead of the all-reduce, the norm all-reduced from the slices' squared norms
+// (before the agreement, which then carries the votes on that norm), update this
 // rank's slice, all-gather the parameters; the loop around it stays as it is.
-double Replica::sync_and_update(double lr, double sums[4]) {
+void Replica::sync_and_update(double lr, double sums[5], StepResult& result) {
   m_sync->finish();  // a rank without rows this step still joins every bucket's all-reduce
-  m_comm.allreduce_sum(sums, 4);
-  if (sums[2] != 0) return std::numeric_limits<double>::quiet_NaN();  // not applied if non-finite
-  return m_norm_with_losses ? m_optim.step(m_params.data(), m_grads.data(), lr, *m_squared_norm.data())
-                            : m_optim.step(m_params.data(), m_grads.data(), lr);
+  const double squared = m_norm_with_losses ? *m_squared_norm.data() : m_be.sum_squares(m_n, m_grads.data());
+  const double norm = std::sqrt(squared), threshold = m_spec.train.skip_threshold;
+  sums[4] = threshold > 0 && std::isfinite(norm) && norm > threshold ? 1.0 : 0.0;
+  m_comm.allreduce_sum(sums, 5);
+  if (sums[2] != 0) return;  // a loss not finite: no norm, no update (grad_norm stays NaN)
+  result.grad_norm = norm;
+  result.over_threshold = sums[4] != 0;
+  if (!std::isfinite(norm) || result.over_threshold) return;
+  m_optim.step(m_params.data(), m_grads.data(), lr, squared);
 }
 
 void Replica::download_state(float* params, float* exp_avg, float* exp_avg_sq) {
@@ -155,14 +204,21 @@ AllreduceRate Replica::measure_allreduce(int iters) {
 std::string SkipPolicy::skip(Communicator& comm, const StepResult& r, TrainState& st) {
   const int top = comm.allreduce_max(r.nonfinite_here ? -comm.rank() : INT_MIN);
   std::string what = "step " + std::to_string(st.step) + ": ";
-  what += top == INT_MIN ? "the gradient is not finite (every rank's loss is finite)"
-                         : "the loss is not finite on rank " + std::to_string(-top) +
-                               (r.nonfinite_ranks > 1
-                                    ? " (and " + std::to_string(r.nonfinite_ranks - 1) + " other rank(s))"
-                                    : "");
-  if (m_train.on_nonfinite == "abort")
-    throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
-                                                 "train.on_nonfinite: skip");
+  if (r.over_threshold) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "the gradient norm %.6g exceeds train.skip_threshold %.6g", r.grad_norm,
+                  m_train.skip_threshold);
+    what += buf;
+  } else {
+    what += top == INT_MIN ? "the gradient is not finite (every rank's loss is finite)"
+                           : "the loss is not finite on rank " + std::to_string(-top) +
+                                 (r.nonfinite_ranks > 1
+                                      ? " (and " + std::to_string(r.nonfinite_ranks - 1) + " other rank(s))"
+                                      : "");
+    if (m_train.on_nonfinite == "abort")
+      throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
+                                                   "train.on_nonfinite: skip");
+  }
   ++st.skipped_steps;
   ++m_in_a_row;
   const int64_t done = st.step - m_first_step;
@@ -170,6 +226,13 @@ std::string SkipPolicy::skip(Communicator& comm, const StepResult& r, TrainState
   const bool too_many_in_a_row = m_in_a_row >= m_train.max_consecutive_skips;
   const bool too_large_a_share = st.skipped_steps > m_train.max_consecutive_skips &&
                                  static_cast<double>(skipped) > m_train.max_skip_fraction * static_cast<double>(done);
+  // Once a large norm skips, the next batches often skip too (nothing changed the
+  // parameters): the limits end such a run instead of letting it skip forever.
+  const std::string advice =
+      r.over_threshold
+          ? "raise train.skip_threshold (the progress lines show the norms as |g|; 0 turns it off), lower "
+            "optim.lr or set optim.grad_clip"
+          : "lower optim.lr, set optim.grad_clip, or check the data for NaN/Inf";
   if (too_many_in_a_row || too_large_a_share)
     throw AgreedError(
         ErrorKind::Numeric,
@@ -180,8 +243,9 @@ std::string SkipPolicy::skip(Communicator& comm, const StepResult& r, TrainState
                  : std::to_string(skipped) + " of " + std::to_string(done) +
                        " steps skipped (train.max_skip_fraction: " + std::to_string(m_train.max_skip_fraction) +
                        ")") +
-            "; the run is not learning: lower optim.lr, set optim.grad_clip, or check the data for NaN/Inf");
-  return what + "; skipping this step (train.on_nonfinite: skip)";
+            "; the run is not learning: " + advice);
+  return what + (r.over_threshold ? "; skipping this step (train.skip_threshold)"
+                                  : "; skipping this step (train.on_nonfinite: skip)");
 }
 
 }  // namespace elbo

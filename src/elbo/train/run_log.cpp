@@ -148,8 +148,15 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
         << " (" << place.why << ")\n"
         << "gradients: " << replica.describe_gradient_sync() << "\n"
         << "step graph: "
-        << (replica.uses_graph() ? "on (steady-state forward/backward replayed as one recorded graph)" : "off")
+        << (replica.uses_graph() ? "on (steady-state forward/backward replayed as one recorded graph)"
+            : spec.train.accumulate > 1 ? "off (train.accumulate)" : "off")
         << "\n"
+        << (spec.train.accumulate > 1
+                ? "batch: " + std::to_string(spec.train.batch_size) + " per update = " + std::to_string(world) +
+                      " rank(s) x " + std::to_string(spec.train.accumulate) + " micro-batches of " +
+                      std::to_string(spec.train.batch_size / world / spec.train.accumulate) +
+                      " rows (train.accumulate), one all-reduce per update\n"
+                : std::string())
         << "data: " << data.n << " training samples of shape " << shape_string(data.input_shape, "[]") << " from "
         << spec.data.train << "\n";
   const int64_t block = batches.order().block;
