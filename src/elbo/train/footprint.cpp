@@ -110,8 +110,8 @@ MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, Devi
   if (device == DeviceKind::Cpu && conv_scratch_bytes(layout, pass) > 0)
     e.items.push_back({"convolution scratch (im2col)", rows_keys, conv_scratch_bytes(layout, pass), true});
   // Two prepared batches, the pixels they come from, the per-sample losses.
-  e.items.push_back({"host batch buffers for " + num(rows) + " rows per rank", "train.batch_size, or spread it over "
-                     "more ranks", R * (2 * D * kFloat + D + 2 * kFloat), false});
+  e.items.push_back({"host batch buffers for " + num(rows) + " rows per rank",
+                     "train.batch_size, or spread it over more ranks", R * (2 * D * kFloat + D + 2 * kFloat), false});
   // Checkpoints copy parameters and moments to the host; a resume holds the file's and
   // the broadcast copies at once.
   e.items.push_back({"host copies of the parameters and Adam's moments (checkpoints, resume)",

@@ -21,8 +21,8 @@ std::unique_ptr<GradientSync> make_sync(const ExperimentSpec& spec, Communicator
 // Rows per forward/backward pass; the loop refuses a batch that does not divide first.
 int micro_rows(int local_rows, int64_t accumulate) {
   if (accumulate < 1 || local_rows % accumulate != 0)
-    throw internal_error(std::to_string(local_rows) + " rows per rank do not split into " +
-                         std::to_string(accumulate) + " micro-batches");
+    throw internal_error(std::to_string(local_rows) + " rows per rank do not split into " + std::to_string(accumulate) +
+                         " micro-batches");
   return static_cast<int>(local_rows / accumulate);
 }
 
