@@ -27,7 +27,7 @@ TEST(Spec, DefaultsMatchThePyTorchExampleVae) {
   EXPECT_EQ(s.model.latent, 20);
   EXPECT_EQ(s.model.activation, Activation::Relu);
   EXPECT_EQ(s.model.likelihood, Likelihood::Bernoulli);
-  EXPECT_EQ(s.optim.type, "adam");
+  EXPECT_EQ(s.optim.type, OptimizerType::Adam);
   EXPECT_DOUBLE_EQ(s.optim.lr, 1e-3);
   EXPECT_EQ(s.train.batch_size, 128);
   EXPECT_EQ(s.seed, 1u);

@@ -11,9 +11,12 @@ with ctest's skip code 77 and the reason otherwise):
      vs 1 rank at the same global batch: 1e-5 relative per tensor, as on the CPU;
   4. the steady-state step replayed as a CUDA graph vs launched op by op (KL
      warm-up first, so the run switches from eager steps to replays mid-way, and
-     a short last batch, which runs eagerly): bit-identical parameters;
-  5. train.accumulate: 3 (NCCL 1 rank, staged MPI 2 ranks) vs one pass of the same
-     global batch: 1e-5 relative per tensor.
+     a short last batch, which runs eagerly): bit-identical parameters.
+  5. dist.shard_optimizer: NCCL with 1 rank sharded vs replicated, bit-identical (the
+     one-rank reduce-scatter and all-gather are copies; the step graph is on); 2 ranks
+     sharing the GPU (mpi, staged) sharded vs replicated within 1e-5.
+  6. train.accumulate: 3 (NCCL 1 rank, staged MPI 2 ranks, sharded on 2 ranks) vs one
+     pass of the same global batch: 1e-5 relative per tensor.
 A reseeded GPU run must differ, so the comparisons can fail."""
 import csv, os, re, subprocess, sys
 import h5py, numpy as np
@@ -83,17 +86,32 @@ print(f"CUDA graph replay vs eager launches, 50 steps: bit-identical = {same}")
 if not same:
     failures.append("the graph-replayed steps differ from eagerly launched ones")
 
+shard = ("--set", "dist.shard_optimizer=true")
+nccl_sharded, _ = train(1, "gpu_nccl_sharded", "--set", "device=cuda", "--set", "dist.communicator=nccl", *shard)
+same = all(np.array_equal(nccl_sharded[k], nccl[k]) for k in nccl)
+print(f"NCCL 1 rank, sharded optimizer vs replicated: bit-identical = {same}")
+if not same:
+    failures.append("the sharded optimizer on 1 NCCL rank differs from the replicated one")
+shared_sharded, _ = train(2, "gpu_shared_np2_sharded", "--set", "device=cuda", "--set", "dist.communicator=mpi",
+                          *shard)
+err, name = worst(shared_sharded, shared)
+print(f"2 ranks sharing the GPU (mpi, staged), sharded optimizer vs replicated: {err:.2e} ({name})")
+if err > 1e-5:
+    failures.append("the sharded optimizer on 2 ranks sharing a GPU differs from the replicated one")
+
 # Gradient accumulation on the GPU: 3 micro-batches per update (a short last batch
 # too), through NCCL on one rank and through the staged MPI path on two ranks sharing
-# the GPU, against the one-pass run of the same global batch.
+# the GPU (replicated and sharded), against the one-pass run of the same global batch.
 one, _ = train(1, "gpu_accum1", "--set", "device=cuda", "--set", "data.max_samples=2390")
-for np_, comm in ((1, "nccl"), (2, "mpi")):
-    accum, _ = train(np_, f"gpu_accum3_np{np_}", "--set", "device=cuda", "--set", f"dist.communicator={comm}",
-                     "--set", "train.accumulate=3", "--set", "data.max_samples=2390")
+for np_, comm, more in ((1, "nccl", ()), (2, "mpi", ()), (2, "mpi", shard)):
+    label = f"{np_} rank(s) ({comm}{', sharded' if more else ''})"
+    accum, _ = train(np_, f"gpu_accum3_np{np_}{'_sharded' if more else ''}", "--set", "device=cuda",
+                     "--set", f"dist.communicator={comm}", "--set", "train.accumulate=3",
+                     "--set", "data.max_samples=2390", *more)
     err, name = worst(accum, one)
-    print(f"accumulate=3 on {np_} rank(s) ({comm}) vs one pass: {err:.2e} ({name})")
+    print(f"accumulate=3 on {label} vs one pass: {err:.2e} ({name})")
     if err > 1e-5:
-        failures.append(f"accumulation on the GPU ({np_} rank(s), {comm}) differs from one pass")
+        failures.append(f"accumulation on the GPU ({label}) differs from one pass")
 
 reseeded, _ = train(1, "gpu_seed9", "--set", "device=cuda", "--set", "seed=9")
 err, _ = worst(reseeded, gpu)

@@ -3,7 +3,7 @@
 pass: the smoke spec for 20 updates (global batch 48, 500 samples: a short last batch
 of 20 rows at step 11) with K = 2 and 3 on 1 and 2 ranks must give the parameters of
 K = 1 within 1e-5 relative per tensor (a differently seeded run must not, so the
-comparison bites). On 2 ranks the log's count of bucket all-reduces shows one round
+comparison bites), also with the sharded optimizer. On 2 ranks the log's count of bucket all-reduces shows one round
 per update whatever K is. A run stopped at a mid-epoch checkpoint with K = 2 and
 resumed ends bit-identical; resuming it with another K is allowed (a memory knob) and
 stays within the tolerance. A batch that ranks x K does not divide is refused naming
@@ -45,7 +45,7 @@ def worst(x, ref):
 
 
 def sync_counts(stdout):
-    m = re.search(r"gradient sync: (\d+) all-reduce round\(s\), (\d+) bucket all-reduce\(s\), for (\d+) update\(s\) "
+    m = re.search(r"gradient sync: (\d+) reduction round\(s\), (\d+) bucket reduction\(s\), for (\d+) update\(s\) "
                   r"of (\d+) micro-batch", stdout)
     return tuple(int(g) for g in m.groups()) if m else None
 
@@ -73,6 +73,13 @@ for np_ in (1, 2):
               "(rows at steps 5, 10, 11 = end of epoch, 15, 20)", str(steps_logged(out)))
         if np_ == 2:
             counts[k] = sync_counts(r.stdout)
+# The sharded optimizer (reduce-scatter, slice update, all-gather) with accumulation.
+out, r = run(2, "np2_k3_sharded", "--set", "train.accumulate=3", "--set", "dist.shard_optimizer=true")
+err, name = worst(params(out), ref)
+ck = sync_counts(r.stdout)
+check(err < 1e-5 and ck is not None and ck[0] == STEPS,
+      f"np=2 accumulate=3 with dist.shard_optimizer vs one pass (np=1): {err:.3e} ({name}); one reduction round "
+      f"per update {ck}")
 c1 = counts[1]
 check(c1 is not None and c1[0] == STEPS and c1[2] == STEPS and c1[1] > STEPS,
       f"np=2 accumulate=1: one all-reduce round per update, several buckets each {c1}")

@@ -8,7 +8,8 @@
      run without threshold) exceeds it are identical to that run, that step is the
      first skipped one (its warning repeats the norm), and thereafter exactly the
      steps whose norm exceeds the threshold are skipped (skipped_steps counts them);
-  3. the same on 3 ranks skips the same steps and ends with the same parameters (1e-5)."""
+  3. the same on 3 ranks skips the same steps and ends with the same parameters (1e-5);
+  4. and so does it with the sharded optimizer (dist.shard_optimizer)."""
 import os, re, subprocess, sys
 import h5py, numpy as np
 
@@ -104,4 +105,12 @@ check(sorted(sk3) == sorted(sk), f"np=3 skips the same steps as np=1 ({sorted(sk
 p1, p3 = params(mid_dir), params(np3_dir)
 err = max(np.linalg.norm(p3[k] - p1[k]) / max(np.linalg.norm(p1[k]), 1e-30) for k in p1)
 check(err < 1e-5, f"np=3 vs np=1 with the threshold: worst per-tensor relative error {err:.3e}")
+# 4. Three ranks with the sharded optimizer (the norm summed from the slices).
+zero_dir, rz = run(3, "mid_np3_sharded", "--set", f"train.skip_threshold={t}", "--set", "train.max_consecutive_skips=1000",
+                   "--set", "train.max_skip_fraction=1", "--set", "dist.shard_optimizer=true")
+skz = skips(rz.stdout)
+pz = params(zero_dir)
+err = max(np.linalg.norm(pz[k] - p1[k]) / max(np.linalg.norm(p1[k]), 1e-30) for k in p1)
+check(sorted(skz) == sorted(sk) and err < 1e-5, f"np=3 with dist.shard_optimizer skips the same steps "
+      f"({sorted(skz)}) and ends within 1e-5 ({err:.3e})")
 check.finish()

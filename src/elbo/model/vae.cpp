@@ -15,10 +15,15 @@ namespace {
 
 constexpr double kGroupNormEps = 1e-5;  // PyTorch's default
 
+// Past a layer's last parameter: its bias follows its weight in the flat buffer.
+size_t params_end(const Layer& l) {
+  return l.b + (l.kind == LayerKind::Linear ? l.out.size() : static_cast<size_t>(l.out.c));
+}
+
 std::string shape_text(const TensorShape& s) { return shape_string(std::vector<int>{s.c, s.h, s.w}, "[]"); }
 
-Activation activation_of(const std::string& type) {
-  return type == "relu" ? Activation::Relu : type == "tanh" ? Activation::Tanh : Activation::Softplus;
+Activation activation_of(LayerType type) {
+  return type == LayerType::Relu ? Activation::Relu : type == LayerType::Tanh ? Activation::Tanh : Activation::Softplus;
 }
 
 }  // namespace
@@ -35,7 +40,7 @@ VaeLayout::VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape)
                       shape_string(input_shape, "[]") + ")");
   m_input = TensorShape{input_shape[0], input_shape[1], input_shape[2]};
   if (spec.latent < 1) throw model_error("model.latent must be >= 1 (got " + std::to_string(spec.latent) + ")");
-  if (spec.type == "conv")
+  if (spec.type == ModelType::Conv)
     build_conv();
   else
     build_mlp();
@@ -129,20 +134,20 @@ std::vector<Layer> VaeLayout::build_list(const std::vector<LayerSpec>& list, Ten
   bool may_activate = false;  // the previous entry is a layer whose output an activation may follow
   for (size_t i = 0; i < list.size(); ++i) {
     const LayerSpec& e = list[i];
-    const std::string at = "model." + key + "[" + std::to_string(i) + "] (" + e.type + ")";
+    const std::string at = "model." + key + "[" + std::to_string(i) + "] (" + choice_name(e.type) + ")";
     const std::string name = prefix + ".layers." + std::to_string(i);
     auto fail = [&](const std::string& why) { throw config_error(at + ": " + why); };
-    if (e.type == "relu" || e.type == "tanh" || e.type == "softplus") {
+    if (e.type == LayerType::Relu || e.type == LayerType::Tanh || e.type == LayerType::Softplus) {
       if (!may_activate) fail("an activation must follow a linear, conv2d, conv_transpose2d or group_norm layer");
       to.back().act = activation_of(e.type);
       may_activate = false;
       continue;
     }
-    if (e.type == "flatten") {
+    if (e.type == LayerType::Flatten) {
       shape = TensorShape{static_cast<int>(shape.size()), 1, 1};
       continue;
     }
-    if (e.type == "reshape") {
+    if (e.type == LayerType::Reshape) {
       const TensorShape t{e.shape[0], e.shape[1], e.shape[2]};
       if (t.size() != shape.size())
         fail("cannot reshape " + shape_text(shape) + " (" + std::to_string(shape.size()) + " values) to " +
@@ -152,17 +157,17 @@ std::vector<Layer> VaeLayout::build_list(const std::vector<LayerSpec>& list, Ten
     }
     Layer l;
     l.in = shape;
-    if (e.type == "linear") {
+    if (e.type == LayerType::Linear) {
       l.kind = LayerKind::Linear;
       l.out = TensorShape{e.features, 1, 1};
-    } else if (e.type == "group_norm") {
+    } else if (e.type == LayerType::GroupNorm) {
       l.kind = LayerKind::GroupNorm;
       if (shape.c % e.groups != 0)
         fail(std::to_string(shape.c) + " channels do not divide into " + std::to_string(e.groups) + " groups");
       l.groups = e.groups;
       l.out = shape;
     } else {
-      l.kind = e.type == "conv2d" ? LayerKind::Conv2d : LayerKind::ConvTranspose2d;
+      l.kind = e.type == LayerType::Conv2d ? LayerKind::Conv2d : LayerKind::ConvTranspose2d;
       if (shape.h == 1 && shape.w == 1 && !to.empty() && to.back().kind == LayerKind::Linear)
         fail("needs an image input, but the previous layer is linear; put {type: reshape, shape: [C, H, W]} between");
       l.kernel = e.kernel;
@@ -208,7 +213,7 @@ void VaeLayout::build_conv() {
   // A flat last layer of the right size is fine too: (n, C*H*W) is the same memory as NCHW.
   if (!(last.out == want) && !(last.kind == LayerKind::Linear && last.out.size() == want.size()))
     throw config_error("model.decoder: the last layer produces " + shape_text(last.out) + " per sample but the " +
-                       likelihood_name(s.likelihood) + " likelihood of " + shape_text(m_input) + " data needs " +
+                       choice_name(s.likelihood) + " likelihood of " + shape_text(m_input) + " data needs " +
                        shape_text(want));
   if (last.act != Activation::Identity)
     throw config_error("model.decoder: the last layer must have no activation (it gives the likelihood's "
@@ -354,32 +359,35 @@ void Vae<T>::layer_backward(const Layer& l, const T* params, T* grads, const T* 
 }
 
 template <class T>
-void Vae<T>::decoder_forward(const T* params, const T* z, int rows) {
+void Vae<T>::decoder_forward(const T* params, const T* z, int rows, const std::function<void(size_t)>& params_needed) {
   const T* h = z;
   const auto& dec = m_layout.decoder();
   for (size_t i = 0; i < dec.size(); ++i) {
+    if (params_needed) params_needed(params_end(dec[i]));
     layer_forward(dec[i], params, h, rows, m_dec_acts[i]);
     h = m_dec_acts[i].out();
   }
 }
 
 template <class T>
-void Vae<T>::encode(const T* params, const T* x, int rows) {
+void Vae<T>::encode(const T* params, const T* x, int rows, const std::function<void(size_t)>& params_needed) {
   ELBO_ASSERT(rows >= 1 && rows <= m_max_rows, "batch rows exceed the replica's workspace");
   const T* h = x;
   const auto& enc = m_layout.encoder();
   for (size_t i = 0; i < enc.size(); ++i) {
+    if (params_needed) params_needed(params_end(enc[i]));
     layer_forward(enc[i], params, h, rows, m_enc_acts[i]);
     h = m_enc_acts[i].out();
   }
 }
 
 template <class T>
-void Vae<T>::forward(const T* params, const T* x, const T* eps, int rows) {
-  encode(params, x, rows);
+void Vae<T>::forward(const T* params, const T* x, const T* eps, int rows,
+                     const std::function<void(size_t)>& params_needed) {
+  encode(params, x, rows, params_needed);
   const int L = m_layout.latent();
   m_be.posterior_forward(rows, L, mulv(), eps, m_z.data(), m_kl.data());
-  decoder_forward(params, m_z.data(), rows);
+  decoder_forward(params, m_z.data(), rows, params_needed);
   const auto& s = m_layout.spec();
   m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), output(), x,
                           m_rec.data());

@@ -11,11 +11,26 @@ namespace elbo {
 namespace {
 
 std::unique_ptr<GradientSync> make_sync(const ExperimentSpec& spec, Communicator& comm, const Placement& place,
-                                        Backend<float>& be, float* grads, size_t n) {
+                                        Backend<float>& be, float* grads, float* params, size_t n) {
   const auto bucket_elems = static_cast<size_t>(spec.dist.bucket_mb * 1e6 / sizeof(float));
   std::unique_ptr<GradientSync> sync;
-  collectively(comm, [&] { sync = make_gradient_sync(place.communicator, comm, be, grads, n, bucket_elems); });
+  collectively(comm, [&] {
+    sync = spec.dist.shard_optimizer ? make_sharded_sync(place.communicator, comm, be, grads, params, n, bucket_elems)
+                                     : make_gradient_sync(place.communicator, comm, be, grads, n, bucket_elems);
+  });
   return sync;
+}
+
+// Sharded (dist.shard_optimizer): moments for this rank's slice, clipping with the
+// global norm (the slices' squared norms summed over the ranks).
+Adam<float> make_optimizer(const OptimSpec& spec, Backend<float>& be, size_t n, const GradientSync& sync,
+                           Communicator& comm) {
+  const ShardPlan* shards = sync.shard_plan();
+  if (shards == nullptr) return Adam<float>(spec, be, n);
+  return Adam<float>(spec, be, n, shards->owned(comm.rank()), [&comm](double s) {
+    comm.allreduce_sum(&s, 1);
+    return s;
+  });
 }
 
 // Rows per forward/backward pass; the loop refuses a batch that does not divide first.
@@ -35,12 +50,12 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       m_n(layout.num_params()),
       m_params(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_grads(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
-      m_sync(make_sync(spec, comm, place, be, m_grads.data(), m_n)),
+      m_sync(make_sync(spec, comm, place, be, m_grads.data(), m_params.data(), m_n)),
       m_micro_rows(micro_rows(local_rows, spec.train.accumulate)),
       m_model(allocating(need.items[MemoryEstimate::kActivations], spec.source,
                          [&] { return Vae<float>(layout, be, m_micro_rows); })),
       m_optim(allocating(need.items[MemoryEstimate::kModelState], spec.source,
-                         [&] { return Adam<float>(spec.optim, be, m_n); })),
+                         [&] { return make_optimizer(spec.optim, be, m_n, *m_sync, comm); })),
       m_x(be, static_cast<size_t>(m_micro_rows) * dim),
       m_eps(be, static_cast<size_t>(m_micro_rows) * m_latent),
       m_losses(be, 2 * static_cast<size_t>(local_rows)),
@@ -52,10 +67,10 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       // by op: one recording per micro-batch, with the sync hook only in the last, is
       // not worth its complexity where the micro-batches are large anyway.
       m_use_graph(spec.train.accumulate == 1 &&
-                  (spec.train.cuda_graph == "on" ||
-                   (spec.train.cuda_graph == "auto" && place.device == DeviceKind::Cuda && comm.size() == 1))),
+                  (spec.train.cuda_graph == GraphMode::On ||
+                   (spec.train.cuda_graph == GraphMode::Auto && place.device == DeviceKind::Cuda && comm.size() == 1))),
       m_warn(std::move(warn)) {
-  if (spec.train.accumulate > 1 && spec.train.cuda_graph == "on")
+  if (spec.train.accumulate > 1 && spec.train.cuda_graph == GraphMode::On)
     m_warn("train.cuda_graph: on is not used with train.accumulate: " + std::to_string(spec.train.accumulate) +
            " (micro-batches run op by op)");
   std::vector<double> init = layout.init_params(spec.seed);
@@ -81,6 +96,10 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   const bool graph_step = steady && m_steady_warm;
   m_steady_warm = m_steady_warm || steady;
   if (!graph_step) be.fill(m_grads.data(), 0.0f, P);
+  // A sharded optimizer's all-gather from the last step: the op-by-op forward pass waits
+  // for each layer's parameters (the rest of the gather overlaps the earlier layers);
+  // a recorded step has no per-layer hook.
+  if (graph_step) m_sync->params_ready();
   m_sync->begin(step);
   // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop, ranks whose
   // gradient norm is over train.skip_threshold]
@@ -121,7 +140,9 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
       // This rank's rows in micro-batches of m_micro_rows (train.accumulate), in order.
       // Each keeps its rows' positions in the global batch, so its eps are those of the
       // undivided batch. Only the last one's backward announces final buckets: the
-      // all-reduces start there, once per update, never on a partial sum.
+      // reductions start there, once per update, never on a partial sum. The first
+      // forward pass waits for a sharded optimizer's all-gather layer by layer; the
+      // later ones find the parameters whole.
       for (int first = 0; first < rows; first += m_micro_rows) {
         const int n = std::min(m_micro_rows, rows - first);
         const bool last = first + n == rows;
@@ -129,7 +150,8 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
         // eps keyed by the sample's position in the global batch: the same for any world size.
         be.normal(m_spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first + first),
                   n, m_latent, m_eps.data());
-        m_model.forward(m_params.data(), m_x.data(), m_eps.data(), n);
+        m_model.forward(m_params.data(), m_x.data(), m_eps.data(), n,
+                        [this](size_t end) { m_sync->params_ready_until(end); });
         if (last)
           m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw,
                            [this](size_t offset) { m_sync->ready_from(offset); });
@@ -159,19 +181,20 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   return result;
 }
 
-// The gradient sync finishes, each rank takes the norm of the summed gradient (before
-// clipping) and votes on train.skip_threshold, the ranks agree on the losses, the
+// The gradient sync finishes, the norm of the summed gradient (before clipping) is
+// taken and each rank votes on train.skip_threshold, the ranks agree on the losses, the
 // non-finite, stop and threshold flags in one all-reduce, and only when every loss is
 // finite, the norm finite and no rank voted to skip does the optimizer clip and update.
-// Every rank holds the same reduced gradient, so the votes agree anyway; counting
-// them makes the decision common by construction, also where the norms could differ
-// in the last bit. This is the seam for a sharded optimizer (ZeRO-1): reduce-scatter
-// instead of the all-reduce, the norm all-reduced from the slices' squared norms
-// (before the agreement, which then carries the votes on that norm), update this
-// rank's slice, all-gather the parameters; the loop around it stays as it is.
+// Every rank holds the same norm (replicated: the same reduced gradient; sharded: the
+// slices' squared norms all-reduced), so the votes agree anyway; counting them makes
+// the decision common by construction, also where the norms could differ in the last
+// bit. Sharded (ZeRO-1, dist.shard_optimizer): the sync was a reduce-scatter, the
+// optimizer updates this rank's slice, and the all-gather of the parameters starts
+// here, finishing during the next forward pass (params_ready_until). A skipped update
+// changes no slice, so nothing needs gathering.
 void Replica::sync_and_update(double lr, double sums[5], StepResult& result) {
-  m_sync->finish();  // a rank without rows this step still joins every bucket's all-reduce
-  const double squared = m_norm_with_losses ? *m_squared_norm.data() : m_be.sum_squares(m_n, m_grads.data());
+  m_sync->finish();  // a rank without rows this step still joins every bucket's reduction
+  const double squared = m_norm_with_losses ? *m_squared_norm.data() : m_optim.squared_norm(m_grads.data());
   const double norm = std::sqrt(squared), threshold = m_spec.train.skip_threshold;
   sums[4] = threshold > 0 && std::isfinite(norm) && norm > threshold ? 1.0 : 0.0;
   m_comm.allreduce_sum(sums, 5);
@@ -180,21 +203,48 @@ void Replica::sync_and_update(double lr, double sums[5], StepResult& result) {
   result.over_threshold = sums[4] != 0;
   if (!std::isfinite(norm) || result.over_threshold) return;
   m_optim.step(m_params.data(), m_grads.data(), lr, squared);
+  m_sync->gather_params();  // sharded: every rank's updated slice to every rank
 }
 
-void Replica::download_state(float* params, float* exp_avg, float* exp_avg_sq) {
+const float* Replica::params() {
+  m_sync->params_ready();  // a sharded optimizer's all-gather may still be in flight
+  return m_params.data();
+}
+
+void Replica::gather_state(float* params, float* exp_avg, float* exp_avg_sq) {
+  m_sync->params_ready();
+  if (const ShardPlan* shards = m_sync->shard_plan()) {
+    // Every rank sends its slice of the moments; the file holds them whole, so any
+    // world size resumes, sharded or not.
+    std::vector<float> m(m_optim.owned_elems()), v(m_optim.owned_elems());
+    m_optim.download_moments(m.data(), v.data());
+    gather_slices_to_root(m_comm, *shards, m.data(), v.data(), exp_avg, exp_avg_sq);
+  } else if (m_comm.is_root()) {
+    m_optim.download_moments(exp_avg, exp_avg_sq);
+  }
+  if (m_comm.is_root()) m_be.download(params, m_params.data(), m_n);
+}
+
+void Replica::download_params(float* params) {
+  m_sync->params_ready();
   m_be.download(params, m_params.data(), m_n);
-  m_be.download(exp_avg, m_optim.first_moment().data(), m_n);
-  m_be.download(exp_avg_sq, m_optim.second_moment().data(), m_n);
 }
-
-void Replica::download_params(float* params) { m_be.download(params, m_params.data(), m_n); }
 
 void Replica::load_state(const float* params, const float* exp_avg, const float* exp_avg_sq, int64_t adam_steps) {
+  m_sync->params_ready();  // nothing may still write the parameters
   m_be.upload(m_params.data(), params, m_n);
-  m_be.upload(m_optim.first_moment().data(), exp_avg, m_n);
-  m_be.upload(m_optim.second_moment().data(), exp_avg_sq, m_n);
+  m_optim.load_moments(exp_avg, exp_avg_sq);  // this rank's slice when sharded
   m_optim.set_steps_taken(adam_steps);
+}
+
+std::string Replica::describe_optimizer() const {
+  const double whole = 2.0 * static_cast<double>(m_n) * sizeof(float);
+  return std::string(choice_name(m_spec.optim.type)) + ", moments " + format_bytes(2.0 * static_cast<double>(m_optim.owned_elems()) *
+                                                         sizeof(float)) + " per rank (" +
+         (m_sync->shard_plan() != nullptr ? "sharded over " + std::to_string(m_comm.size()) +
+                                                " rank(s), dist.shard_optimizer: true; whole: " + format_bytes(whole)
+                                          : std::string("whole on every rank")) +
+         ")";
 }
 
 AllreduceRate Replica::measure_allreduce(int iters) {
@@ -215,7 +265,7 @@ std::string SkipPolicy::skip(Communicator& comm, const StepResult& r, TrainState
                                  (r.nonfinite_ranks > 1
                                       ? " (and " + std::to_string(r.nonfinite_ranks - 1) + " other rank(s))"
                                       : "");
-    if (m_train.on_nonfinite == "abort")
+    if (m_train.on_nonfinite == NonfinitePolicy::Abort)
       throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
                                                    "train.on_nonfinite: skip");
   }

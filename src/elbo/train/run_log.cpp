@@ -147,6 +147,7 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
                                             : " (GPU " + std::to_string(place.gpu) + " on rank 0)")
         << " (" << place.why << ")\n"
         << "gradients: " << replica.describe_gradient_sync() << "\n"
+        << "optimizer: " << replica.describe_optimizer() << "\n"
         << "step graph: "
         << (replica.uses_graph() ? "on (steady-state forward/backward replayed as one recorded graph)"
             : spec.train.accumulate > 1 ? "off (train.accumulate)" : "off")
@@ -155,7 +156,7 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
                 ? "batch: " + std::to_string(spec.train.batch_size) + " per update = " + std::to_string(world) +
                       " rank(s) x " + std::to_string(spec.train.accumulate) + " micro-batches of " +
                       std::to_string(spec.train.batch_size / world / spec.train.accumulate) +
-                      " rows (train.accumulate), one all-reduce per update\n"
+                      " rows (train.accumulate), one gradient reduction per update\n"
                 : std::string())
         << "data: " << data.n << " training samples of shape " << shape_string(data.input_shape, "[]") << " from "
         << spec.data.train << "\n";
@@ -164,18 +165,18 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
   std::snprintf(mb, sizeof(mb), "%.1f MB", static_cast<double>(data.train->bytes()) / 1e6);
   m_log << "data: loader " << data.train_loader << " (data.loader: " << spec.data.loader << ", split " << mb
         << ", data.cache_mb: " << spec.data.cache_mb << ")"
-        << (data.train_loader == "stream" ? (spec.data.shuffle_blocks
+        << (data.train_loader == Loader::Stream ? (spec.data.shuffle == Shuffle::Blocks
                                                  ? " | order: shuffled blocks of " + std::to_string(block) +
                                                        " samples, each rank reads about 1/" + std::to_string(world) +
                                                        " of the split per epoch"
                                                  : std::string(" | order: ") +
-                                                       (spec.data.shuffle ? "a global permutation: each rank reads "
+                                                       (spec.data.shuffle == Shuffle::Global ? "a global permutation: each rank reads "
                                                                             "its samples one by one (data.shuffle: "
                                                                             "blocks reads runs)"
                                                                           : "sequential"))
                                            : std::string())
         << "\n";
-  if (data.train_loader == "stream" && spec.data.shuffle_blocks) {
+  if (data.train_loader == Loader::Stream && spec.data.shuffle == Shuffle::Blocks) {
     // A rank's working set: the current windows of its canonical streams (sampler.hpp).
     const int64_t streams = (data::kCanonicalStreams + world - 1) / world + (data::kCanonicalStreams % world ? 2 : 0);
     const double need = static_cast<double>(streams * (data::kShuffleWindow + 1) * block) * data.dim;

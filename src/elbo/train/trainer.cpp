@@ -56,6 +56,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   const int world = comm.size(), rank = comm.rank();
   const bool root = comm.is_root();
   comm.set_timeout(spec.dist.timeout_s);
+  comm.set_min_link_mbps(spec.dist.min_link_mbps);
 
   // Stop requests count from here (the handlers went in before MPI started): one during
   // start-up ends the job at the first agreement point with kExitStopped.
@@ -113,7 +114,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   MemoryEstimate need;
   collectively(comm, [&] {
     plan = plan_steps(spec, data.n, world);
-    need = estimate_train_memory(layout, local_rows, place.device, local_rows / spec.train.accumulate);
+    need = estimate_train_memory(layout, local_rows, place.device, spec.dist.shard_optimizer ? world : 1,
+                                 local_rows / spec.train.accumulate);
     if (data.test)
       add_eval_memory(need, layout, data::rank_slice(data.test->size(), rank, world).count, spec.eval.iw_samples,
                       spec.eval.batch_size, "eval.batch_size or eval.iw_samples");
@@ -138,9 +140,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     // A startup figure for the interconnect, comparable with nccl-tests' busbw.
     const AllreduceRate r = replica.measure_allreduce(20);
     char line[200];
-    std::snprintf(line, sizeof(line), "all-reduce self-test: %.2f MB gradient buffer in %.3f ms | algbw %.2f GB/s | "
-                  "busbw %.2f GB/s", static_cast<double>(replica.num_params()) * sizeof(float) / 1e6, r.seconds * 1e3,
-                  r.algbw_gbs, r.busbw_gbs);
+    std::snprintf(line, sizeof(line), "%s self-test: %.2f MB gradient buffer in %.3f ms | algbw %.2f GB/s | "
+                  "busbw %.2f GB/s", replica.sharded() ? "reduce-scatter + all-gather" : "all-reduce",
+                  static_cast<double>(replica.num_params()) * sizeof(float) / 1e6, r.seconds * 1e3, r.algbw_gbs,
+                  r.busbw_gbs);
     run_log.line(line);
   }
   // A stop asked for during start-up (data loading, the self-test): nothing new to
@@ -216,8 +219,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   if (world > 1 && step > first_step) {
     // Timing-free evidence that accumulation reduces once per update, not per micro-batch.
     const GradientSync::Counts c = replica.gradient_sync_counts();
-    run_log.line("gradient sync: " + std::to_string(c.rounds) + " all-reduce round(s), " + std::to_string(c.buckets) +
-                 " bucket all-reduce(s), for " + std::to_string(step - first_step) + " update(s) of " +
+    run_log.line("gradient sync: " + std::to_string(c.rounds) + " reduction round(s), " + std::to_string(c.buckets) +
+                 " bucket reduction(s), for " + std::to_string(step - first_step) + " update(s) of " +
                  std::to_string(spec.train.accumulate) + " micro-batch(es) each");
   }
   result.steps = step;
@@ -233,10 +236,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     return result;
   }
   // The final checkpoint: the run can be extended later (more epochs) with --resume.
-  collectively(comm, [&] {
-    checkpoints.wait();
-    checkpoints.save(st, true);
-  });
+  // (save() waits for the previous write, and its failure surfaces there, after every
+  // rank took part in the moments gather.)
+  collectively(comm, [&] { checkpoints.save(st, true); });
   result.checkpoint_path = checkpoints.last_path();
 
   // --- outputs: rank 0 writes, everyone agrees it worked ---
