@@ -44,7 +44,17 @@ TEST(Spec, TrainingSafetyKeysHaveDefaultsAndRanges) {
   EXPECT_EQ(s.train.max_consecutive_skips, 3);
   EXPECT_DOUBLE_EQ(s.train.max_skip_fraction, 0.5);
   EXPECT_NE(dump_spec(s).find("deterministic: false"), std::string::npos);
-  for (const char* bad : {"train: {max_consecutive_skips: 0}\n", "train: {max_skip_fraction: 1.5}\n"}) {
+  EXPECT_DOUBLE_EQ(s.train.skip_threshold, 0.0);  // off
+  EXPECT_EQ(s.train.accumulate, 1);
+  s = parse_spec(std::string(kMinimal) + "train: {skip_threshold: 250.5, accumulate: 4}\n", "exp.yaml");
+  EXPECT_DOUBLE_EQ(s.train.skip_threshold, 250.5);
+  EXPECT_EQ(s.train.accumulate, 4);
+  const ExperimentSpec again = parse_spec(dump_spec(s), "dumped.yaml");  // both survive the resolved dump
+  EXPECT_DOUBLE_EQ(again.train.skip_threshold, 250.5);
+  EXPECT_EQ(again.train.accumulate, 4);
+  for (const char* bad : {"train: {max_consecutive_skips: 0}\n", "train: {max_skip_fraction: 1.5}\n",
+                          "train: {skip_threshold: -1}\n", "train: {skip_threshold: .inf}\n",
+                          "train: {accumulate: 0}\n", "train: {accumulate: 1.5}\n"}) {
     try {
       parse_spec(std::string(kMinimal) + bad, "exp.yaml");
       ADD_FAILURE() << "accepted " << bad;
@@ -200,6 +210,10 @@ TEST(Spec, KlScheduleAndFreeBitsKeys) {
   e = error_of(kMinimal, {"loss.free_bits_group=0"});
   EXPECT_NE(e.find("loss.free_bits_group"), std::string::npos) << e;
   // The linear schedule's warm-up would be ignored under the cyclical one: refused.
+  // Free bits need the whole batch's KL before the backward pass: no micro-batches.
+  e = error_of(kMinimal, {"loss.free_bits=0.5", "train.accumulate=2"});
+  EXPECT_NE(e.find("train.accumulate"), std::string::npos) << e;
+  EXPECT_NE(e.find("loss.free_bits"), std::string::npos) << e;
   e = error_of(kMinimal, {"loss.kl_schedule=cyclical", "loss.kl_warmup_steps=10"});
   EXPECT_NE(e.find("loss.kl_warmup_steps"), std::string::npos) << e;
   EXPECT_NE(e.find("cyclical"), std::string::npos) << e;

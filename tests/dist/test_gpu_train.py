@@ -15,6 +15,8 @@ with ctest's skip code 77 and the reason otherwise):
   5. dist.shard_optimizer: NCCL with 1 rank sharded vs replicated, bit-identical (the
      one-rank reduce-scatter and all-gather are copies; the step graph is on); 2 ranks
      sharing the GPU (mpi, staged) sharded vs replicated within 1e-5.
+  6. train.accumulate: 3 (NCCL 1 rank, staged MPI 2 ranks, sharded on 2 ranks) vs one
+     pass of the same global batch: 1e-5 relative per tensor.
 A reseeded GPU run must differ, so the comparisons can fail."""
 import csv, os, re, subprocess, sys
 import h5py, numpy as np
@@ -96,6 +98,20 @@ err, name = worst(shared_sharded, shared)
 print(f"2 ranks sharing the GPU (mpi, staged), sharded optimizer vs replicated: {err:.2e} ({name})")
 if err > 1e-5:
     failures.append("the sharded optimizer on 2 ranks sharing a GPU differs from the replicated one")
+
+# Gradient accumulation on the GPU: 3 micro-batches per update (a short last batch
+# too), through NCCL on one rank and through the staged MPI path on two ranks sharing
+# the GPU (replicated and sharded), against the one-pass run of the same global batch.
+one, _ = train(1, "gpu_accum1", "--set", "device=cuda", "--set", "data.max_samples=2390")
+for np_, comm, more in ((1, "nccl", ()), (2, "mpi", ()), (2, "mpi", shard)):
+    label = f"{np_} rank(s) ({comm}{', sharded' if more else ''})"
+    accum, _ = train(np_, f"gpu_accum3_np{np_}{'_sharded' if more else ''}", "--set", "device=cuda",
+                     "--set", f"dist.communicator={comm}", "--set", "train.accumulate=3",
+                     "--set", "data.max_samples=2390", *more)
+    err, name = worst(accum, one)
+    print(f"accumulate=3 on {label} vs one pass: {err:.2e} ({name})")
+    if err > 1e-5:
+        failures.append(f"accumulation on the GPU ({label}) differs from one pass")
 
 reseeded, _ = train(1, "gpu_seed9", "--set", "device=cuda", "--set", "seed=9")
 err, _ = worst(reseeded, gpu)

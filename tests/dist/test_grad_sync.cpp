@@ -49,6 +49,34 @@ TEST(GradSync, BucketedAllReduceSumsExactlyForEveryBucketSize) {
   }
 }
 
+TEST(GradSync, CountsOneRoundPerFinishAndEachBucketOnceNotTheSelfTest) {
+  MpiCommunicator& comm = *g_comm;
+  auto be = make_backend<float>(DeviceKind::Cpu, 1);
+  const size_t n = 1000;
+  Buffer<float> g(*be, n);
+  auto sync = make_gradient_sync(CommKind::Mpi, comm, *be, g.data(), n, 300);  // 4 buckets
+  measure_allreduce(*sync, *be, g.data(), n, comm.size(), 2);             // begin(-1): not counted
+  EXPECT_EQ(sync->counts().rounds, 0);
+  EXPECT_EQ(sync->counts().buckets, 0);
+  for (int step = 0; step < 5; ++step) {
+    sync->begin(step);
+    sync->ready_from(700);  // bucket [700, 1000)
+    sync->ready_from(700);  // announcing the same offset again launches nothing more
+    sync->finish();         // the other three
+  }
+  EXPECT_EQ(sync->counts().rounds, 5);
+  EXPECT_EQ(sync->counts().buckets, 20);
+  // The sharded sync counts its reduce-scatters the same way.
+  Buffer<float> p(*be, n);
+  auto sharded = make_sharded_sync(CommKind::Mpi, comm, *be, g.data(), p.data(), n, 300);
+  for (int step = 0; step < 3; ++step) {
+    sharded->begin(step);
+    sharded->finish();
+  }
+  EXPECT_EQ(sharded->counts().rounds, 3);
+  EXPECT_EQ(sharded->counts().buckets, 12);
+}
+
 // dist.shard_optimizer's sync: after finish() each rank's owned parts hold the exact
 // sum over ranks (whatever the bucket size and readiness pattern); after the "optimizer"
 // writes rank-specific values on the owned parts only, gather_params + params_ready

@@ -113,6 +113,19 @@ TEST(Memory, TrainEstimateCountsStateActivationsAndHostBuffers) {
   EXPECT_DOUBLE_EQ(a.host_total(DeviceKind::Cpu), b.host_total(DeviceKind::Cpu));
 }
 
+TEST(Memory, AccumulationSizesTheActivationsByTheMicroBatchAndTheHostBatchByTheSlice) {
+  const VaeLayout layout(spec_with({}).model, 784);
+  const MemoryEstimate whole = estimate_train_memory(layout, 128, DeviceKind::Cpu);
+  const MemoryEstimate micro = estimate_train_memory(layout, 128, DeviceKind::Cpu, 1, 32);  // train.accumulate: 4
+  const MemoryEstimate small = estimate_train_memory(layout, 32, DeviceKind::Cpu);
+  EXPECT_DOUBLE_EQ(micro.items[MemoryEstimate::kActivations].bytes, small.items[MemoryEstimate::kActivations].bytes);
+  EXPECT_LT(micro.items[MemoryEstimate::kActivations].bytes, whole.items[MemoryEstimate::kActivations].bytes);
+  EXPECT_EQ(micro.items[MemoryEstimate::kActivations].what, "activations for 32 rows per rank");
+  EXPECT_NE(micro.items[MemoryEstimate::kActivations].keys.find("train.accumulate"), std::string::npos);
+  EXPECT_DOUBLE_EQ(micro.host_bytes(), whole.host_bytes());  // the prepared batches hold the rank's whole slice
+  EXPECT_LT(micro.device_bytes(), whole.device_bytes());
+}
+
 TEST(Memory, BeyondTheLimitIsAConfigErrorNamingTheBufferAndKeys) {
   const VaeLayout layout(spec_with({}).model, 784);
   MemoryEstimate e = estimate_train_memory(layout, 1000000000, DeviceKind::Cpu);

@@ -716,6 +716,21 @@ const std::vector<Section>& spec_sections() {
            train.field(
                "max_skip_fraction", &TrainSpec::max_skip_fraction, [](double v) { return v >= 0 && v <= 1; },
                "must be in [0, 1]"),
+           train.field(
+               "skip_threshold", &TrainSpec::skip_threshold, [](double v) { return std::isfinite(v) && v >= 0; },
+               "must be a finite number >= 0 (0 = off)"),
+           {"accumulate",
+            [](Field& f, ExperimentSpec& s) {
+              f.read(s.train.accumulate);
+              f.check(s.train.accumulate >= 1, "must be >= 1 (1 = no accumulation)", s.train.accumulate);
+              // The floor of free bits applies to the whole batch's KL before any
+              // backward pass; micro-batches run their backward passes one by one.
+              f.check(s.train.accumulate == 1 || s.loss.free_bits == 0,
+                      "cannot be used with loss.free_bits (the floor needs the whole batch's KL before the "
+                      "backward pass); set one of them off",
+                      s.train.accumulate);
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.train.accumulate); }},
            train.field("cuda_graph", &TrainSpec::cuda_graph),
            train.field("deterministic", &TrainSpec::deterministic),
        }},

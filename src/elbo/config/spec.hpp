@@ -85,6 +85,14 @@ struct TrainSpec {
   // also exceed max_consecutive_skips, so that an early burst alone does not count).
   int64_t max_consecutive_skips = 10;
   double max_skip_fraction = 0.05;
+  // A finite gradient norm (of the summed gradient, before clipping) above this skips
+  // the update on every rank, as VDVAE's skip_threshold; 0 = off. The limits above
+  // count these skips too.
+  double skip_threshold = 0.0;
+  // Micro-batches per update: each rank's slice of the global batch (batch_size) is
+  // computed in this many passes whose gradients add up before the one all-reduce.
+  // A memory knob: the update, the steps and the sample sequence do not change.
+  int64_t accumulate = 1;
   GraphMode cuda_graph = GraphMode::Auto;  // replay the steady-state forward/backward as one CUDA graph
   bool deterministic = true;           // false: cuDNN may pick faster, non-deterministic algorithms
 };

@@ -82,13 +82,17 @@ void BucketedSync::begin(int64_t step) {
 }
 
 void BucketedSync::ready_from(size_t offset) {
-  while (m_next < m_buckets.size() && m_buckets[m_next].begin >= offset) launch(m_buckets[m_next++]);
+  while (m_next < m_buckets.size() && m_buckets[m_next].begin >= offset) {
+    launch(m_buckets[m_next++]);
+    if (m_step >= 0) ++m_tally.buckets;
+  }
   if (m_next > 0) progress();
 }
 
 void BucketedSync::finish() {
   ready_from(0);
   complete();
+  if (m_step >= 0) ++m_tally.rounds;
 }
 
 std::string BucketedSync::operation() const {

@@ -63,6 +63,15 @@ class GradientSync {
   // before any later work on the compute stream), so grads hold the sum over ranks.
   virtual void finish() = 0;
 
+  // What the training steps reduced (begin() with step >= 0; the self-test is not
+  // counted): rounds are finish() calls, buckets the bucket reductions launched in them
+  // (all-reduces, or reduce-scatters when sharded). The
+  // evidence that gradient accumulation syncs once per update, not per micro-batch.
+  struct Counts {
+    int64_t rounds = 0, buckets = 0;
+  };
+  virtual Counts counts() const { return {}; }  // nothing is reduced on one rank without NCCL
+
   // --- a sharded optimizer (make_sharded_sync); the replicated syncs do nothing here ---
   // The partition, or nullptr when every rank holds the whole reduced gradient. When
   // sharded, finish() leaves the sum over ranks on this rank's owned ranges only (the
@@ -91,6 +100,7 @@ class BucketedSync : public GradientSync {
   void ready_from(size_t offset) final;
   void finish() final;
   size_t num_buckets() const { return m_buckets.size(); }
+  Counts counts() const final { return m_tally; }
 
  protected:
   BucketedSync(size_t n, size_t bucket_elems);
@@ -104,6 +114,7 @@ class BucketedSync : public GradientSync {
   std::vector<BucketRange> m_buckets;
   size_t m_next = 0;
   int64_t m_step = 0;
+  Counts m_tally;  // counts()
 };
 
 // `communicator` is Mpi, Nccl or None (dist/placement.hpp decides). grads must

@@ -49,10 +49,15 @@ Adam<T>::Adam(const OptimSpec& spec, Backend<T>& backend, size_t num_params, std
 }
 
 template <class T>
-double Adam<T>::step(T* params, T* grads, double lr) {
+double Adam<T>::squared_norm(const T* grads) {
   double local = 0;  // one range (the whole buffer, or one rank of one): exactly one pass as before
   for (const auto& r : m_owned) local += m_be.sum_squares(r.size(), grads + r.begin);
-  return step(params, grads, lr, m_norm_sum ? m_norm_sum(local) : local);
+  return m_norm_sum ? m_norm_sum(local) : local;
+}
+
+template <class T>
+double Adam<T>::step(T* params, T* grads, double lr) {
+  return step(params, grads, lr, squared_norm(grads));
 }
 
 template <class T>

@@ -36,6 +36,10 @@ class Adam {
   // without touching anything: the caller's policy decides (skip or abort). A slice
   // reads grads and writes params on its owned ranges only.
   double step(T* params, T* grads, double lr);
+  // The gradients' squared norm over all parameters: this optimizer's ranges, summed
+  // over the ranks when sharded (a collective then). What step(params, grads, lr) clips
+  // with; taken apart so that the caller can decide on the norm before updating.
+  double squared_norm(const T* grads);
   // The same with the gradients' (global) squared norm already known (computed while
   // the losses came back, where no all-reduce follows the backward pass).
   double step(T* params, T* grads, double lr, double squared_norm);

@@ -95,10 +95,14 @@ double conv_scratch_bytes(const VaeLayout& layout, int64_t rows) {
 
 }  // namespace
 
-MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, DeviceKind device, int optimizer_shards) {
+MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, DeviceKind device, int optimizer_shards,
+                                     int64_t micro_rows) {
   const double P = static_cast<double>(layout.num_params()), R = static_cast<double>(rows);
+  // The model's buffers hold one micro-batch (train.accumulate); the host batch all of the rank's rows.
+  const int64_t pass = micro_rows > 0 ? micro_rows : rows;
+  const double M = static_cast<double>(pass);
   const double D = layout.input_dim(), L = layout.latent();
-  const std::string rows_keys = "train.batch_size, or spread it over more ranks";
+  const std::string rows_keys = "train.batch_size, or spread it over more ranks or micro-batches (train.accumulate)";
   MemoryEstimate e;
   if (optimizer_shards <= 1)
     e.items.push_back({"parameters, gradients and Adam's two moments (4 x " + num(static_cast<int64_t>(P)) + " floats)",
@@ -108,13 +112,13 @@ MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, Devi
                        "for 1/" + std::to_string(optimizer_shards) + " of them (dist.shard_optimizer)",
                        "model.encoder, model.decoder or model.latent",
                        (2 * P + 2 * std::ceil(P / optimizer_shards)) * kFloat, true});
-  e.items.push_back({"activations for " + num(rows) + " rows per rank", rows_keys,
-                     vae_activation_bytes(layout, rows) + R * (D + L) * kFloat, true});
-  if (device == DeviceKind::Cpu && conv_scratch_bytes(layout, rows) > 0)
-    e.items.push_back({"convolution scratch (im2col)", rows_keys, conv_scratch_bytes(layout, rows), true});
+  e.items.push_back({"activations for " + num(pass) + " rows per rank", rows_keys,
+                     vae_activation_bytes(layout, pass) + M * (D + L) * kFloat, true});
+  if (device == DeviceKind::Cpu && conv_scratch_bytes(layout, pass) > 0)
+    e.items.push_back({"convolution scratch (im2col)", rows_keys, conv_scratch_bytes(layout, pass), true});
   // Two prepared batches, the pixels they come from, the per-sample losses.
-  e.items.push_back({"host batch buffers for " + num(rows) + " rows per rank", rows_keys,
-                     R * (2 * D * kFloat + D + 2 * kFloat), false});
+  e.items.push_back({"host batch buffers for " + num(rows) + " rows per rank",
+                     "train.batch_size, or spread it over more ranks", R * (2 * D * kFloat + D + 2 * kFloat), false});
   // Checkpoints copy parameters and moments to the host; a resume holds the file's and
   // the broadcast copies at once.
   e.items.push_back({"host copies of the parameters and Adam's moments (checkpoints, resume)",

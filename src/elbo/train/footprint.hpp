@@ -52,9 +52,10 @@ double vae_activation_bytes(const VaeLayout& layout, int64_t rows);
 // gradients and Adam's two moments (4 x P floats; the moments of 1/optimizer_shards of
 // the parameters with dist.shard_optimizer), the activations, the inputs and eps, the
 // host batch buffers, the host copies of the state for checkpoints and resume, and the
-// CPU convolution scratch.
+// CPU convolution scratch. With accumulation the model's buffers hold one micro-batch
+// of `micro_rows` rows (0: all rows_per_rank in one pass).
 MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows_per_rank, DeviceKind device,
-                                     int optimizer_shards = 1);
+                                     int optimizer_shards = 1, int64_t micro_rows = 0);
 
 // Evaluation's buffers on a rank holding `rank_samples` test samples (see evaluate()).
 // `keys` names what sizes them (eval.batch_size/eval.iw_samples or the CLI options).

@@ -1,7 +1,9 @@
 // One data-parallel replica and its training step (see replica.hpp).
 #include "elbo/train/replica.hpp"
 
+#include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <vector>
 
 namespace elbo {
@@ -31,6 +33,14 @@ Adam<float> make_optimizer(const OptimSpec& spec, Backend<float>& be, size_t n, 
   });
 }
 
+// Rows per forward/backward pass; the loop refuses a batch that does not divide first.
+int micro_rows(int local_rows, int64_t accumulate) {
+  if (accumulate < 1 || local_rows % accumulate != 0)
+    throw internal_error(std::to_string(local_rows) + " rows per rank do not split into " + std::to_string(accumulate) +
+                         " micro-batches");
+  return static_cast<int>(local_rows / accumulate);
+}
+
 }  // namespace
 
 Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>& be, const VaeLayout& layout,
@@ -41,12 +51,13 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       m_params(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_grads(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_sync(make_sync(spec, comm, place, be, m_grads.data(), m_params.data(), m_n)),
+      m_micro_rows(micro_rows(local_rows, spec.train.accumulate)),
       m_model(allocating(need.items[MemoryEstimate::kActivations], spec.source,
-                         [&] { return Vae<float>(layout, be, local_rows); })),
+                         [&] { return Vae<float>(layout, be, m_micro_rows); })),
       m_optim(allocating(need.items[MemoryEstimate::kModelState], spec.source,
                          [&] { return make_optimizer(spec.optim, be, m_n, *m_sync, comm); })),
-      m_x(be, static_cast<size_t>(local_rows) * dim),
-      m_eps(be, static_cast<size_t>(local_rows) * m_latent),
+      m_x(be, static_cast<size_t>(m_micro_rows) * dim),
+      m_eps(be, static_cast<size_t>(m_micro_rows) * m_latent),
       m_free_bits(spec.loss.free_bits > 0),
       m_kl_weights(be, m_free_bits ? static_cast<size_t>(m_latent) : 0),
       m_mulv_host(m_free_bits ? static_cast<size_t>(local_rows) * 2 * m_latent : 0),
@@ -56,11 +67,16 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       // auto: on for one GPU replica, where nothing overlaps with the backward pass and
       // launch overhead is what a small batch pays for; with several ranks the per-layer
       // bucketed all-reduce is worth more than the saved launches. Never with free bits:
-      // the KL all-reduce sits between the forward and the backward pass.
-      m_use_graph(!m_free_bits &&
+      // the KL all-reduce sits between the forward and the backward pass. Accumulation
+      // runs op by op: one recording per micro-batch, with the sync hook only in the
+      // last, is not worth its complexity where the micro-batches are large anyway.
+      m_use_graph(!m_free_bits && spec.train.accumulate == 1 &&
                   (spec.train.cuda_graph == GraphMode::On ||
                    (spec.train.cuda_graph == GraphMode::Auto && place.device == DeviceKind::Cuda && comm.size() == 1))),
       m_warn(std::move(warn)) {
+  if (spec.train.accumulate > 1 && spec.train.cuda_graph == GraphMode::On)
+    m_warn("train.cuda_graph: on is not used with train.accumulate: " + std::to_string(spec.train.accumulate) +
+           " (micro-batches run op by op)");
   std::vector<double> init = layout.init_params(spec.seed);
   std::vector<float> host(init.begin(), init.end());
   // Every rank computes the same init; the broadcast makes "identical replicas" a
@@ -94,16 +110,20 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   if (rows == 0 && m_free_bits)
     result.kl_clamped_dims = exchange_kl(0, g_rows, 0.0f).clamped_dims;  // the collective, without rows
   m_sync->begin(step);
-  // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
-  double local[4] = {0, 0, 0, stop_requested ? 1.0 : 0.0};
+  // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop, ranks whose
+  // gradient norm is over train.skip_threshold]
+  double local[5] = {0, 0, 0, stop_requested ? 1.0 : 0.0, 0};
   if (rows > 0) {
     float* const rec = m_losses.data();
     float* const kl = rec + m_local_rows;
-    be.upload_async(m_x.data(), batch.x, static_cast<size_t>(rows) * m_dim);
-    // eps keyed by the sample's position in the global batch: the same for any world size.
-    be.normal(m_spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first), rows,
-              m_latent, m_eps.data());
+    // Every micro-batch's losses are weighted by the whole global batch: their
+    // gradients add up (+=) to the gradient of the full batch.
     const float w = 1.0f / static_cast<float>(g_rows), kw = static_cast<float>(beta) * w;
+    if (graph_step) {  // the recorded step reads the whole slice (no accumulation with graphs)
+      be.upload_async(m_x.data(), batch.x, static_cast<size_t>(rows) * m_dim);
+      be.normal(m_spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first), rows,
+                m_latent, m_eps.data());
+    }
     if (graph_step && !m_graph) {
       try {
         m_graph = be.capture([&model = m_model, &be = m_be, p = m_params.data(), g = m_grads.data(), xp = m_x.data(),
@@ -122,21 +142,41 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     if (graph_step && m_graph) {
       m_graph->launch();
       m_sync->ready_from(0);  // all buckets at once: a graph gives no per-layer hook for the overlap
+      be.download_async(rec, m_model.rec(), rows);
+      be.download_async(kl, m_model.kl(), rows);
     } else {
       if (graph_step) be.fill(m_grads.data(), 0.0f, P);  // the recording would have zeroed them
-      m_model.forward(m_params.data(), m_x.data(), m_eps.data(), rows,
-                      [this](size_t end) { m_sync->params_ready_until(end); });
-      auto ready = [this](size_t offset) { m_sync->ready_from(offset); };
-      if (m_free_bits) {
-        result.kl_clamped_dims = exchange_kl(rows, g_rows, kw).clamped_dims;
-        m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), rows, w, m_kl_weights.data(),
-                         ready);
-      } else {
-        m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), rows, w, kw, ready);
+      // This rank's rows in micro-batches of m_micro_rows (train.accumulate), in order.
+      // Each keeps its rows' positions in the global batch, so its eps are those of the
+      // undivided batch. Only the last one's backward announces final buckets: the
+      // reductions start there, once per update, never on a partial sum. The first
+      // forward pass waits for a sharded optimizer's all-gather layer by layer; the
+      // later ones find the parameters whole. Free bits run one micro-batch (the
+      // config refuses accumulation with them): the floor needs the whole batch's KL.
+      for (int first = 0; first < rows; first += m_micro_rows) {
+        const int n = std::min(m_micro_rows, rows - first);
+        const bool last = first + n == rows;
+        be.upload_async(m_x.data(), batch.x + static_cast<size_t>(first) * m_dim, static_cast<size_t>(n) * m_dim);
+        // eps keyed by the sample's position in the global batch: the same for any world size.
+        be.normal(m_spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first + first),
+                  n, m_latent, m_eps.data());
+        m_model.forward(m_params.data(), m_x.data(), m_eps.data(), n,
+                        [this](size_t end) { m_sync->params_ready_until(end); });
+        const auto ready = [this](size_t offset) { m_sync->ready_from(offset); };
+        if (m_free_bits) {
+          result.kl_clamped_dims = exchange_kl(n, g_rows, kw).clamped_dims;
+          m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, m_kl_weights.data(),
+                           ready);
+        } else if (last) {
+          m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw, ready);
+        } else {
+          m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw);
+        }
+        // Ordered before the next micro-batch's forward overwrites the losses.
+        be.download_async(rec + first, m_model.rec(), n);
+        be.download_async(kl + first, m_model.kl(), n);
       }
     }
-    be.download_async(rec, m_model.rec(), rows);
-    be.download_async(kl, m_model.kl(), rows);
     if (m_norm_with_losses) be.sum_squares_async(P, m_grads.data(), m_squared_norm.data());
     if (while_device_runs) while_device_runs();
     be.synchronize();
@@ -147,7 +187,7 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     if (!std::isfinite(local[0]) || !std::isfinite(local[1])) local[2] = 1;
   }
   result.nonfinite_here = local[2] > 0;
-  result.grad_norm = sync_and_update(lr, local);
+  sync_and_update(lr, local, result);
   result.rec = local[0];
   result.kl = local[1];
   result.nonfinite_ranks = static_cast<int>(local[2]);
@@ -155,20 +195,29 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   return result;
 }
 
-// The gradient sync finishes, the ranks agree on the losses (one all-reduce, which
-// also carries the non-finite and stop flags), and only when every rank's loss is
-// finite does the optimizer take the norm, clip and update. Sharded (ZeRO-1,
-// dist.shard_optimizer): the sync was a reduce-scatter, the optimizer updates this
-// rank's slice, and the all-gather of the parameters starts here, finishing during
-// the next forward pass (params_ready_until).
-double Replica::sync_and_update(double lr, double sums[4]) {
-  m_sync->finish();  // a rank without rows this step still joins every bucket's all-reduce
-  m_comm.allreduce_sum(sums, 4);
-  if (sums[2] != 0) return std::numeric_limits<double>::quiet_NaN();  // not applied if non-finite
-  const double norm = m_norm_with_losses ? m_optim.step(m_params.data(), m_grads.data(), lr, *m_squared_norm.data())
-                                         : m_optim.step(m_params.data(), m_grads.data(), lr);
+// The gradient sync finishes, the norm of the summed gradient (before clipping) is
+// taken and each rank votes on train.skip_threshold, the ranks agree on the losses, the
+// non-finite, stop and threshold flags in one all-reduce, and only when every loss is
+// finite, the norm finite and no rank voted to skip does the optimizer clip and update.
+// Every rank holds the same norm (replicated: the same reduced gradient; sharded: the
+// slices' squared norms all-reduced), so the votes agree anyway; counting them makes
+// the decision common by construction, also where the norms could differ in the last
+// bit. Sharded (ZeRO-1, dist.shard_optimizer): the sync was a reduce-scatter, the
+// optimizer updates this rank's slice, and the all-gather of the parameters starts
+// here, finishing during the next forward pass (params_ready_until). A skipped update
+// changes no slice, so nothing needs gathering.
+void Replica::sync_and_update(double lr, double sums[5], StepResult& result) {
+  m_sync->finish();  // a rank without rows this step still joins every bucket's reduction
+  const double squared = m_norm_with_losses ? *m_squared_norm.data() : m_optim.squared_norm(m_grads.data());
+  const double norm = std::sqrt(squared), threshold = m_spec.train.skip_threshold;
+  sums[4] = threshold > 0 && std::isfinite(norm) && norm > threshold ? 1.0 : 0.0;
+  m_comm.allreduce_sum(sums, 5);
+  if (sums[2] != 0) return;  // a loss not finite: no norm, no update (grad_norm stays NaN)
+  result.grad_norm = norm;
+  result.over_threshold = sums[4] != 0;
+  if (!std::isfinite(norm) || result.over_threshold) return;
+  m_optim.step(m_params.data(), m_grads.data(), lr, squared);
   m_sync->gather_params();  // sharded: every rank's updated slice to every rank
-  return norm;
 }
 
 FreeBits Replica::exchange_kl(int rows, int64_t global_rows, float kl_weight) {
@@ -239,14 +288,21 @@ AllreduceRate Replica::measure_allreduce(int iters) {
 std::string SkipPolicy::skip(Communicator& comm, const StepResult& r, TrainState& st) {
   const int top = comm.allreduce_max(r.nonfinite_here ? -comm.rank() : INT_MIN);
   std::string what = "step " + std::to_string(st.step) + ": ";
-  what += top == INT_MIN ? "the gradient is not finite (every rank's loss is finite)"
-                         : "the loss is not finite on rank " + std::to_string(-top) +
-                               (r.nonfinite_ranks > 1
-                                    ? " (and " + std::to_string(r.nonfinite_ranks - 1) + " other rank(s))"
-                                    : "");
-  if (m_train.on_nonfinite == NonfinitePolicy::Abort)
-    throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
-                                                 "train.on_nonfinite: skip");
+  if (r.over_threshold) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "the gradient norm %.6g exceeds train.skip_threshold %.6g", r.grad_norm,
+                  m_train.skip_threshold);
+    what += buf;
+  } else {
+    what += top == INT_MIN ? "the gradient is not finite (every rank's loss is finite)"
+                           : "the loss is not finite on rank " + std::to_string(-top) +
+                                 (r.nonfinite_ranks > 1
+                                      ? " (and " + std::to_string(r.nonfinite_ranks - 1) + " other rank(s))"
+                                      : "");
+    if (m_train.on_nonfinite == NonfinitePolicy::Abort)
+      throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
+                                                   "train.on_nonfinite: skip");
+  }
   ++st.skipped_steps;
   ++m_in_a_row;
   const int64_t done = st.step - m_first_step;
@@ -254,6 +310,13 @@ std::string SkipPolicy::skip(Communicator& comm, const StepResult& r, TrainState
   const bool too_many_in_a_row = m_in_a_row >= m_train.max_consecutive_skips;
   const bool too_large_a_share = st.skipped_steps > m_train.max_consecutive_skips &&
                                  static_cast<double>(skipped) > m_train.max_skip_fraction * static_cast<double>(done);
+  // Once a large norm skips, the next batches often skip too (nothing changed the
+  // parameters): the limits end such a run instead of letting it skip forever.
+  const std::string advice =
+      r.over_threshold
+          ? "raise train.skip_threshold (the progress lines show the norms as |g|; 0 turns it off), lower "
+            "optim.lr or set optim.grad_clip"
+          : "lower optim.lr, set optim.grad_clip, or check the data for NaN/Inf";
   if (too_many_in_a_row || too_large_a_share)
     throw AgreedError(
         ErrorKind::Numeric,
@@ -264,8 +327,9 @@ std::string SkipPolicy::skip(Communicator& comm, const StepResult& r, TrainState
                  : std::to_string(skipped) + " of " + std::to_string(done) +
                        " steps skipped (train.max_skip_fraction: " + std::to_string(m_train.max_skip_fraction) +
                        ")") +
-            "; the run is not learning: lower optim.lr, set optim.grad_clip, or check the data for NaN/Inf");
-  return what + "; skipping this step (train.on_nonfinite: skip)";
+            "; the run is not learning: " + advice);
+  return what + (r.over_threshold ? "; skipping this step (train.skip_threshold)"
+                                  : "; skipping this step (train.on_nonfinite: skip)");
 }
 
 }  // namespace elbo

@@ -34,10 +34,12 @@ struct StepResult {
   int nonfinite_ranks = 0;       // ranks whose loss was not finite
   bool nonfinite_here = false;   // this rank is one of them
   int stop_ranks = 0;            // ranks asked to stop before this step
-  double grad_norm = std::numeric_limits<double>::quiet_NaN();  // before clipping; NaN: no update
+  double grad_norm = std::numeric_limits<double>::quiet_NaN();  // before clipping; NaN: a loss not finite
+  bool over_threshold = false;   // grad_norm > train.skip_threshold (on some rank, so on all): not applied
   int kl_clamped_dims = -1;      // free bits: latent dimensions whose group sat at its floor; -1: off
-  // Whether the update was applied (finite losses on every rank and a finite gradient).
-  bool applied() const { return nonfinite_ranks == 0 && std::isfinite(grad_norm); }
+  // Whether the update was applied (finite losses on every rank, a finite gradient
+  // norm, not over train.skip_threshold).
+  bool applied() const { return nonfinite_ranks == 0 && std::isfinite(grad_norm) && !over_threshold; }
 };
 
 class Replica {
@@ -52,13 +54,14 @@ class Replica {
   Replica(const Replica&) = delete;
   Replica& operator=(const Replica&) = delete;
 
-  // One training step on this rank's slice of the global batch: forward, backward
-  // into the flat gradient buffer (its buckets' all-reduces overlapping backward),
-  // then sync_and_update. With free bits (loss.free_bits > 0) the ranks' per-dimension
-  // KL sums are all-reduced between forward and backward, so that the floor applies to
-  // the KL averaged over the global batch, as on one rank. `while_device_runs` is host
-  // work done while the device computes (preparing the next batch); it runs only on a
-  // rank with rows this step.
+  // One training step (one update) on this rank's slice of the global batch: forward
+  // and backward into the flat gradient buffer, in train.accumulate micro-batches whose
+  // gradients add up (the buckets' all-reduces overlapping the last one's backward),
+  // then sync_and_update. With free bits (loss.free_bits > 0; one micro-batch) the
+  // ranks' per-dimension KL sums are all-reduced between forward and backward, so that
+  // the floor applies to the KL averaged over the global batch, as on one rank.
+  // `while_device_runs` is host work done while the device computes (preparing the next
+  // batch); it runs only on a rank with rows this step.
   // `stop_requested` travels in the losses' all-reduce, so all ranks learn of it.
   StepResult step(const BatchPrep::Batch& batch, int64_t step, double beta, double lr, bool stop_requested,
                   const std::function<void()>& while_device_runs);
@@ -75,6 +78,7 @@ class Replica {
   void load_state(const float* params, const float* exp_avg, const float* exp_avg_sq, int64_t adam_steps);
 
   std::string describe_gradient_sync() const { return m_sync->describe(); }
+  GradientSync::Counts gradient_sync_counts() const { return m_sync->counts(); }
   // "adam, moments 2.61 MB per rank (sharded over 2 rank(s) ...)", for the log.
   std::string describe_optimizer() const;
   bool sharded() const { return m_sync->shard_plan() != nullptr; }
@@ -84,7 +88,9 @@ class Replica {
 
  private:
   // The one place where the replicas' gradients become an update (see replica.cpp).
-  double sync_and_update(double lr, double sums[4]);
+  // Fills result's grad_norm and over_threshold; `sums` are this rank's [rec, KL,
+  // non-finite, stop, over threshold], the sums over the ranks on return.
+  void sync_and_update(double lr, double sums[5], StepResult& result);
   // Free bits: every rank (also one without rows this step) joins the all-reduce of the
   // per-dimension KL sums of the forward pass just run on `rows` rows; the result's
   // per-dimension weights (kl_weight where unclamped) go to m_kl_weights.
@@ -98,9 +104,10 @@ class Replica {
   Buffer<float> m_params;                 // (m_n), the one flat parameter buffer
   Buffer<float> m_grads;                  // (m_n), the one flat gradient buffer
   std::unique_ptr<GradientSync> m_sync;   // reduces m_grads over the ranks
-  Vae<float> m_model;                     // activations for m_local_rows rows
+  const int m_micro_rows;                 // rows per pass: m_local_rows / train.accumulate
+  Vae<float> m_model;                     // activations for m_micro_rows rows
   Adam<float> m_optim;                    // moments (m_n) each, or this rank's slice when sharded
-  Buffer<float> m_x, m_eps;               // (m_local_rows, m_dim), (m_local_rows, m_latent)
+  Buffer<float> m_x, m_eps;               // (m_micro_rows, m_dim), (m_micro_rows, m_latent)
   const bool m_free_bits;                 // loss.free_bits > 0
   Buffer<float> m_kl_weights;             // (m_latent) free bits: per-dimension KL weights of the backward
   std::vector<float> m_mulv_host;         // (m_local_rows, 2 m_latent) free bits: [mu | logvar] on the host
@@ -117,8 +124,9 @@ class Replica {
   std::function<void(const std::string&)> m_warn;
 };
 
-// train.on_nonfinite for a step whose update was not applied (a loss or the gradient
-// not finite): abort ends the run; skip goes on until the skips show that the run is
+// What a step whose update was not applied means. Over train.skip_threshold: skipped.
+// A loss or the gradient not finite: train.on_nonfinite (abort ends the run; skip
+// skips). Skipping goes on until the skips (of both kinds) show that the run is
 // not learning (train.max_consecutive_skips in a row, or more than
 // train.max_skip_fraction of this job's steps). Next to the step because it is the
 // meaning of a StepResult that was not applied; the loop only asks.

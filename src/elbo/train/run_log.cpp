@@ -160,8 +160,15 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
         << (replica.uses_graph() ? "on (steady-state forward/backward replayed as one recorded graph)"
             : spec.loss.free_bits > 0 && spec.train.cuda_graph != GraphMode::Off
                 ? "off (loss.free_bits: the KL all-reduce sits between forward and backward)"
-                : "off")
+            : spec.train.accumulate > 1 ? "off (train.accumulate)"
+                                        : "off")
         << "\n"
+        << (spec.train.accumulate > 1
+                ? "batch: " + std::to_string(spec.train.batch_size) + " per update = " + std::to_string(world) +
+                      " rank(s) x " + std::to_string(spec.train.accumulate) + " micro-batches of " +
+                      std::to_string(spec.train.batch_size / world / spec.train.accumulate) +
+                      " rows (train.accumulate), one gradient reduction per update\n"
+                : std::string())
         << "data: " << data.n << " training samples of shape " << shape_string(data.input_shape, "[]") << " from "
         << spec.data.train << "\n";
   const int64_t block = batches.order().block;

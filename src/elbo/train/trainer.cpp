@@ -80,6 +80,13 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       throw config_error(spec.source + ": train.batch_size: " + std::to_string(spec.train.batch_size) +
                          " is not divisible by the number of ranks (" + std::to_string(world) +
                          "); the global batch is split evenly over the ranks");
+    // Accumulation divides each rank's slice into equal micro-batches (a short last
+    // batch of an epoch is cut into micro-batches of the same size, the last one shorter).
+    if (spec.train.batch_size % (world * spec.train.accumulate) != 0)
+      throw config_error(spec.source + ": train.batch_size: " + std::to_string(spec.train.batch_size) +
+                         " is not divisible by the number of ranks (" + std::to_string(world) +
+                         ") times train.accumulate (" + std::to_string(spec.train.accumulate) +
+                         "); each rank's share of the batch is split into train.accumulate equal micro-batches");
     if (!root) return;
     if (std::filesystem::exists(spec.output.dir) && !std::filesystem::is_directory(spec.output.dir))
       throw config_error("output.dir: '" + spec.output.dir + "' exists and is not a directory");
@@ -107,7 +114,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   MemoryEstimate need;
   collectively(comm, [&] {
     plan = plan_steps(spec, data.n, world);
-    need = estimate_train_memory(layout, local_rows, place.device, spec.dist.shard_optimizer ? world : 1);
+    need = estimate_train_memory(layout, local_rows, place.device, spec.dist.shard_optimizer ? world : 1,
+                                 local_rows / spec.train.accumulate);
     if (data.test)
       add_eval_memory(need, layout, data::rank_slice(data.test->size(), rank, world).count, spec.eval.iw_samples,
                       spec.eval.batch_size, "eval.batch_size or eval.iw_samples");
@@ -207,6 +215,13 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         checkpoints.save(st, false);
     }
     run_log.end_epoch();
+  }
+  if (world > 1 && step > first_step) {
+    // Timing-free evidence that accumulation reduces once per update, not per micro-batch.
+    const GradientSync::Counts c = replica.gradient_sync_counts();
+    run_log.line("gradient sync: " + std::to_string(c.rounds) + " reduction round(s), " + std::to_string(c.buckets) +
+                 " bucket reduction(s), for " + std::to_string(step - first_step) + " update(s) of " +
+                 std::to_string(spec.train.accumulate) + " micro-batch(es) each");
   }
   result.steps = step;
   result.epochs_completed = epoch;
