@@ -370,8 +370,10 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     r.check(o.warmup_steps >= 0, "warmup_steps", "must be >= 0", o.warmup_steps);
     o.min_lr = r.get<double>("min_lr", o.min_lr);
     r.check(o.min_lr >= 0 && o.min_lr <= o.lr, "min_lr", "must be in [0, optim.lr]", o.min_lr);
+    o.ema = r.get<double>("ema", o.ema);
+    r.check(o.ema >= 0 && o.ema < 1, "ema", "must be in [0, 1) (0 = off; e.g. 0.9999)", o.ema);
     r.finish({"type", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "schedule",
-              "warmup_steps", "min_lr"});
+              "warmup_steps", "min_lr", "ema"});
   }
   {
     MapReader r = top.sub("train");
@@ -395,9 +397,12 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
             t.max_skip_fraction);
     t.cuda_graph = r.choice("cuda_graph", t.cuda_graph, {"auto", "on", "off"});
     t.deterministic = r.get<bool>("deterministic", t.deterministic);
+    t.patience = r.get<int64_t>("patience", t.patience);
+    r.check(t.patience >= 0, "patience", "must be >= 0 (0 = never stop early)", t.patience);
     r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads", "on_nonfinite",
-              "max_consecutive_skips", "max_skip_fraction", "cuda_graph", "deterministic"});
+              "max_consecutive_skips", "max_skip_fraction", "cuda_graph", "deterministic", "patience"});
   }
+  MapReader train_keys = top.sub("train");  // train.patience is checked against eval.every below
   {
     MapReader r = top.sub("eval");
     s.eval.at_end = r.get<bool>("at_end", s.eval.at_end);
@@ -409,6 +414,10 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     r.check(s.eval.every >= 0, "every", "must be >= 0 (0 = only at the end)", s.eval.every);
     r.check(s.eval.every == 0 || !s.data.test.empty(), "every", "needs data.test, the held-out split to evaluate on",
             s.eval.every);
+    // Patience counts the evaluations during training: without them it would never act.
+    train_keys.check(s.train.patience == 0 || s.eval.every > 0, "patience",
+                     "needs eval.every > 0 (and data.test): it counts the evaluations during training",
+                     s.train.patience);
     s.eval.max_samples = r.get<int64_t>("max_samples", s.eval.max_samples);
     r.check(s.eval.max_samples >= 0, "max_samples", "must be >= 0 (0 = the whole split)", s.eval.max_samples);
     s.eval.images = r.get<bool>("images", s.eval.images);
@@ -566,6 +575,7 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "schedule" << YAML::Value << s.optim.schedule;
   e << YAML::Key << "warmup_steps" << YAML::Value << s.optim.warmup_steps;
   e << YAML::Key << "min_lr" << YAML::Value << s.optim.min_lr;
+  e << YAML::Key << "ema" << YAML::Value << s.optim.ema;
   e << YAML::EndMap;
   e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "batch_size" << YAML::Value << s.train.batch_size;
@@ -579,6 +589,7 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "max_skip_fraction" << YAML::Value << s.train.max_skip_fraction;
   e << YAML::Key << "cuda_graph" << YAML::Value << s.train.cuda_graph;
   e << YAML::Key << "deterministic" << YAML::Value << s.train.deterministic;
+  e << YAML::Key << "patience" << YAML::Value << s.train.patience;
   e << YAML::EndMap;
   e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "at_end" << YAML::Value << s.eval.at_end;
