@@ -12,7 +12,11 @@
   5. an incompatible spec change (model.latent) is refused naming the key; a
      compatible one (optim.lr) is accepted and logged;
   6. the checkpoint reads in h5py with the model file's parameter names;
-  7. a convolutional VAE resumed from a mid-epoch checkpoint: bit-identical."""
+  7. a convolutional VAE resumed from a mid-epoch checkpoint: bit-identical;
+  8. optim.ema: resumed from a mid-epoch checkpoint, the moving average (model.h5's
+     /params) and the parameters (/params_raw) bit-identical to an uninterrupted
+     run, and the parameters bit-identical to the run without EMA (the average
+     never feeds back into training)."""
 import glob, os, re, shutil, signal, subprocess, sys, time
 import h5py, numpy as np
 
@@ -141,4 +145,20 @@ with h5py.File(os.path.join(conv_ref, "model.h5"), "r") as f, h5py.File(os.path.
     check(f.attrs["step"] == 40 and all(np.array_equal(f["params"][k][...], g["params"][k][...]) for k in f["params"]),
           "conv VAE resumed from the mid-epoch checkpoint at step 25 == uninterrupted, bit for bit")
 
+# 8. optim.ema across a resume.
+ema_ref, ema_mid = os.path.join(a.work, "ema_ref"), os.path.join(a.work, "ema_mid")
+run(2, ema_ref, "--set", "optim.ema=0.95")
+run(2, ema_mid, "--set", "optim.ema=0.95", "--resume", os.path.join(ema_ref, "checkpoints", "ckpt-000000025.h5"))
+
+
+def group(out, name):
+    with h5py.File(os.path.join(out, "model.h5"), "r") as f:
+        return {k: f[name][k][...] for k in f[name]}
+
+
+check(identical(group(ema_mid, "params"), group(ema_ref, "params")) and
+      identical(group(ema_mid, "params_raw"), group(ema_ref, "params_raw")),
+      "optim.ema: resumed from step 25 == uninterrupted, average and parameters bit for bit")
+check(identical(group(ema_ref, "params_raw"), ref) and not identical(group(ema_ref, "params"), ref),
+      "optim.ema: the parameters are the run without EMA's, bit for bit; the average is not")
 check.finish()

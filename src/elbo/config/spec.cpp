@@ -372,8 +372,8 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     r.check(o.min_lr >= 0 && o.min_lr <= o.lr, "min_lr", "must be in [0, optim.lr]", o.min_lr);
     o.ema = r.get<double>("ema", o.ema);
     r.check(o.ema >= 0 && o.ema < 1, "ema", "must be in [0, 1) (0 = off; e.g. 0.9999)", o.ema);
-    r.finish({"type", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "schedule",
-              "warmup_steps", "min_lr", "ema"});
+    r.finish({"type", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps", "min_lr",
+              "ema"});
   }
   {
     MapReader r = top.sub("train");

@@ -30,6 +30,8 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
                          [&] { return Vae<float>(layout, be, local_rows); })),
       m_optim(allocating(need.items[MemoryEstimate::kModelState], spec.source,
                          [&] { return Adam<float>(spec.optim, be, m_n); })),
+      m_ema(spec.optim.ema > 0 ? allocating(ema_memory(layout), spec.source, [&] { return Buffer<float>(be, m_n); })
+                               : Buffer<float>()),
       m_x(be, static_cast<size_t>(local_rows) * dim),
       m_eps(be, static_cast<size_t>(local_rows) * m_latent),
       m_losses(be, 2 * static_cast<size_t>(local_rows)),
@@ -47,6 +49,9 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
   // guarantee rather than an assumption about libm on heterogeneous nodes.
   comm.broadcast(host.data(), host.size() * sizeof(float), 0);
   be.upload(m_params.data(), host.data(), m_n);
+  // The average starts at the initial parameters (no bias correction, as VDVAE and
+  // timm do): with d near 1 it stays near them for about 1 / (1 - d) steps.
+  if (has_ema()) be.upload(m_ema.data(), host.data(), m_n);
 }
 
 StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double beta, double lr, bool stop_requested,
@@ -113,6 +118,7 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   StepResult result;
   result.nonfinite_here = local[2] > 0;
   result.grad_norm = sync_and_update(lr, local);
+  if (has_ema() && std::isfinite(result.grad_norm)) update_ema();  // a finite norm: the update was applied
   result.rec = local[0];
   result.kl = local[1];
   result.nonfinite_ranks = static_cast<int>(local[2]);
@@ -132,6 +138,15 @@ double Replica::sync_and_update(double lr, double sums[4]) {
   return m_norm_with_losses ? m_optim.step(m_params.data(), m_grads.data(), lr, *m_squared_norm.data())
                             : m_optim.step(m_params.data(), m_grads.data(), lr);
 }
+
+void Replica::update_ema() {
+  const double d = m_spec.optim.ema;
+  m_be.axpby(m_n, static_cast<float>(1.0 - d), m_params.data(), static_cast<float>(d), m_ema.data());
+}
+
+void Replica::download_ema(float* ema) { m_be.download(ema, m_ema.data(), m_n); }
+
+void Replica::load_ema(const float* ema) { m_be.upload(m_ema.data(), ema, m_n); }
 
 void Replica::download_state(float* params, float* exp_avg, float* exp_avg_sq) {
   m_be.download(params, m_params.data(), m_n);

@@ -66,6 +66,16 @@ class Replica {
   // The state of a checkpoint (every rank passes the same values).
   void load_state(const float* params, const float* exp_avg, const float* exp_avg_sq, int64_t adam_steps);
 
+  // The parameters' exponential moving average (optim.ema > 0; see update_ema). Kept
+  // out of download_state/load_state so that the optimizer state's seam stays the
+  // optimizer's alone.
+  bool has_ema() const { return m_ema.size() > 0; }
+  void download_ema(float* ema);   // (num_params) host values; only with has_ema()
+  void load_ema(const float* ema); // every rank passes the same values
+  // What evaluation, image grids and model.h5 use: the moving average when there is
+  // one, else the parameters (device memory, (num_params)).
+  const float* eval_params() const { return has_ema() ? m_ema.data() : m_params.data(); }
+
   std::string describe_gradient_sync() const { return m_sync->describe(); }
   bool uses_graph() const { return m_use_graph; }
   // The gradient buffer's all-reduce bandwidth (zeroes the gradients).
@@ -74,6 +84,9 @@ class Replica {
  private:
   // The one place where the replicas' gradients become an update (see replica.cpp).
   double sync_and_update(double lr, double sums[4]);
+  // ema = d * ema + (1 - d) * params (d = optim.ema), after every applied update and
+  // on every rank alike (the parameters are the same everywhere, so is their average).
+  void update_ema();
 
   const ExperimentSpec& m_spec;
   Communicator& m_comm;
@@ -85,6 +98,7 @@ class Replica {
   std::unique_ptr<GradientSync> m_sync;   // reduces m_grads over the ranks
   Vae<float> m_model;                     // activations for m_local_rows rows
   Adam<float> m_optim;                    // moments (m_n) each
+  Buffer<float> m_ema;                    // (m_n) with optim.ema > 0, else empty
   Buffer<float> m_x, m_eps;               // (m_local_rows, m_dim), (m_local_rows, m_latent)
   // The per-sample losses come back in pinned memory: two copies, one wait.
   HostBuffer<float, float> m_losses;      // (2, m_local_rows): rec, then KL

@@ -55,6 +55,14 @@ ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Co
       throw config_error(spec.source + ": data.train: " + spec.data.train + " yields " + std::to_string(data.n) +
                          " training samples but the checkpoint " + ck.path + " was trained on " +
                          std::to_string(ck.state.train_samples) + "; the sample order would change");
+    // optim.ema may change on resume: the average never feeds back into training, so
+    // the parameters continue bit for bit whatever it is; only what it averages changes.
+    if (replica.has_ema() && ck.ema.empty())
+      notes << "resume: " << ck.path << " holds no moving average of the parameters; optim.ema (" << spec.optim.ema
+            << ") starts from its parameters at step " << ck.state.step << "\n";
+    else if (!replica.has_ema() && !ck.ema.empty())
+      notes << "resume: optim.ema is 0: the moving average in " << ck.path << " is not used, and later "
+            << "checkpoints, model.h5 and evaluations leave it out\n";
     notes << "resume: continuing from " << ck.path << " at step " << ck.state.step << " (epoch "
           << ck.state.epoch + 1 << ", batch " << ck.state.batch_in_epoch << "), written by "
           << ck.state.world_size << " rank(s)\n";
@@ -78,6 +86,17 @@ ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Co
   comm.broadcast(host_m.data(), P * sizeof(float), 0);
   comm.broadcast(host_v.data(), P * sizeof(float), 0);
   replica.load_state(host_p.data(), host_m.data(), host_v.data(), st.adam_steps);
+  if (replica.has_ema()) {
+    int stored = root && !ck.ema.empty() ? 1 : 0;
+    comm.broadcast(&stored, sizeof(stored), 0);
+    if (stored) {
+      if (root) host_m = ck.ema;  // host_m's values are loaded: reuse its memory
+      comm.broadcast(host_m.data(), P * sizeof(float), 0);
+      replica.load_ema(host_m.data());
+    } else {
+      replica.load_ema(host_p.data());  // said in the notes: the average starts here
+    }
+  }
   // The LR schedule's horizon follows the current spec (train.epochs/max_steps may grow).
   st.total_steps = fresh.total_steps;
   st.world_size = fresh.world_size;
@@ -99,13 +118,19 @@ void Checkpoints::save(const TrainState& state, bool wait_for_it) {
   auto hp = std::make_shared<std::vector<float>>(P), hm = std::make_shared<std::vector<float>>(P),
        hv = std::make_shared<std::vector<float>>(P);
   m_replica.download_state(hp->data(), hm->data(), hv->data());
+  std::shared_ptr<std::vector<float>> he;
+  if (m_replica.has_ema()) {
+    he = std::make_shared<std::vector<float>>(P);
+    m_replica.download_ema(he->data());
+  }
   const TrainState snap = state;
   const std::string name = checkpoint_file_name(snap.step);
   m_last_path = (fs::path(m_dir) / name).string();
   wait();
-  m_thread = std::thread([this, hp, hm, hv, snap, name, path = m_last_path] {
+  m_thread = std::thread([this, hp, hm, hv, he, snap, name, path = m_last_path] {
     try {
-      write_checkpoint(path, m_spec, m_input_shape, m_layout, hp->data(), hm->data(), hv->data(), snap);
+      write_checkpoint(path, m_spec, m_input_shape, m_layout, hp->data(), hm->data(), hv->data(),
+                       he ? he->data() : nullptr, snap);
       publish_checkpoint(m_dir, name, m_spec.checkpoint.keep);
     } catch (...) {
       m_error = std::current_exception();
