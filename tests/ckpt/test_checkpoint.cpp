@@ -65,7 +65,8 @@ void write_at(const fs::path& dir, int64_t step) {
   st.step = step;
   st.adam_steps = step;
   st.world_size = 1;
-  write_checkpoint((dir / checkpoint_file_name(step)).string(), spec, shape, layout, p.data(), m.data(), v.data(), nullptr, st);
+  write_checkpoint((dir / checkpoint_file_name(step)).string(), spec, shape, layout, p.data(), m.data(), v.data(),
+                   nullptr, st);
 }
 
 TEST(FindResumeCheckpoint, NewestVerifiedWinsOverAnOlderLatest) {
@@ -238,17 +239,17 @@ TEST(ModelFile, RawParametersBesideTheAverage) {
   EXPECT_TRUE(mf.verified);
   expect_same_views(mf.params, avg);
   {
-  h5::Id f = h5::open_file(path);
-  EXPECT_EQ(h5::read_attr_double(f, "ema"), 0.999);
-  EXPECT_EQ(h5::read_attr_double(f, "test_neg_elbo"), 98.5);
-  EXPECT_EQ(h5::read_attr_int(f, "eval_samples"), 200);
-  std::vector<float> back;
-  detail::read_param_views(f, "params_raw", raw.layout, path, &back);
-  expect_same_views(back, raw);
-  for (const auto& v : raw.layout.views()) {
-    h5::Id ds(H5Dopen2(f, ("params_raw/" + v.name).c_str(), H5P_DEFAULT), H5Dclose);
-    EXPECT_TRUE(h5::has_attr(ds, "checksum_fnv1a64")) << v.name;
-  }
+    h5::Id f = h5::open_file(path);
+    EXPECT_EQ(h5::read_attr_double(f, "ema"), 0.999);
+    EXPECT_EQ(h5::read_attr_double(f, "test_neg_elbo"), 98.5);
+    EXPECT_EQ(h5::read_attr_int(f, "eval_samples"), 200);
+    std::vector<float> back;
+    detail::read_param_views(f, "params_raw", raw.layout, path, &back);
+    expect_same_views(back, raw);
+    for (const auto& v : raw.layout.views()) {
+      h5::Id ds(H5Dopen2(f, ("params_raw/" + v.name).c_str(), H5P_DEFAULT), H5Dclose);
+      EXPECT_TRUE(h5::has_attr(ds, "checksum_fnv1a64")) << v.name;
+    }
   }
   // Without extras: neither the attributes nor /params_raw.
   write_model(d.path);
