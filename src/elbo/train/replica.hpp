@@ -70,8 +70,8 @@ class Replica {
   // out of download_state/load_state so that the optimizer state's seam stays the
   // optimizer's alone.
   bool has_ema() const { return m_ema.size() > 0; }
-  void download_ema(float* ema);   // (num_params) host values; only with has_ema()
-  void load_ema(const float* ema); // every rank passes the same values
+  void download_ema(float* ema);    // (num_params) host values; only with has_ema()
+  void load_ema(const float* ema);  // every rank passes the same values
   // What evaluation, image grids and model.h5 use: the moving average when there is
   // one, else the parameters (device memory, (num_params)).
   const float* eval_params() const { return has_ema() ? m_ema.data() : m_params.data(); }

@@ -322,8 +322,7 @@ void RunLog::write_model(const std::string& path, const std::vector<int>& input_
   if (!m_root) return;
   write_model_file(path, m_spec, input_shape, layout, host_params, step, epoch, extras);
   m_log << "wrote " << path << " (" << layout.num_values() << " parameters, step " << step
-        << (extras.raw_params != nullptr ? "; /params: their moving average, /params_raw: the parameters" : "")
-        << ")\n"
+        << (extras.raw_params != nullptr ? "; /params: their moving average, /params_raw: the parameters" : "") << ")\n"
         << std::flush;
 }
 
@@ -334,8 +333,8 @@ void RunLog::write_best(const std::vector<int>& input_shape, const VaeLayout& la
   write_model_file(path, m_spec, input_shape, layout, host_params, st.best_step, st.epoch, extras);
   char text[240];
   if (previous.best_step >= 0)
-    std::snprintf(text, sizeof(text), "best: test -ELBO %.4f at step %lld improves on %.4f at step %lld",
-                  st.best_bound, static_cast<long long>(st.best_step), previous.best_bound,
+    std::snprintf(text, sizeof(text), "best: test -ELBO %.4f at step %lld improves on %.4f at step %lld", st.best_bound,
+                  static_cast<long long>(st.best_step), previous.best_bound,
                   static_cast<long long>(previous.best_step));
   else
     std::snprintf(text, sizeof(text), "best: test -ELBO %.4f at step %lld", st.best_bound,
