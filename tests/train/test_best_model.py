@@ -166,6 +166,8 @@ mid = os.path.join(a.work, "patience_resumed")
 r = run(mid, "--set", f"train.patience={P}", "--resume", ckpt(pat, 25))
 m = re.search(r"early stop at step (\d+)", r.stdout)
 check(m is not None and int(m.group(1)) == stop, "resumed from step 25: stops at the same step", r.stdout)
+check(re.search(r"resume: the best test -ELBO so far is [0-9.]+ at step 25, but \S+best\.h5 does not exist", r.stdout)
+      is not None, "resumed into a new directory: the log says where the best model so far is", r.stdout)
 for name in ("model.h5", "best.h5"):
     x, y = os.path.join(mid, name), os.path.join(pat, name)
     check(os.path.exists(x) and same(arrays(x, "params"), arrays(y, "params")) and

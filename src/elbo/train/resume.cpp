@@ -1,16 +1,43 @@
 // Resuming a run and writing the checkpoints it resumes from (see resume.hpp).
 #include "elbo/train/resume.hpp"
 
+#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <sstream>
 
 #include "elbo/util/error.hpp"
 #include "elbo/util/files.hpp"
+#include "elbo/util/h5.hpp"
 
 namespace elbo {
 
 namespace fs = std::filesystem;
+
+namespace {
+
+// best.h5 is the model at the checkpoint's best_step, unless the interrupted job wrote a
+// newer one after the checkpoint, or the run continues in another directory: say so.
+void best_h5_note(const fs::path& best, const Checkpoint& ck, std::ostream& notes) {
+  if (ck.state.best_step < 0) return;
+  int64_t step = -1;
+  try {
+    if (fs::exists(best)) step = h5::read_attr_int(h5::open_file(best.string()), "step");
+  } catch (const Error&) {
+    step = -2;  // unreadable: the next improvement replaces it
+  }
+  if (step == ck.state.best_step) return;
+  char bound[32];
+  std::snprintf(bound, sizeof(bound), "%.4f", ck.state.best_bound);
+  notes << "resume: the best test -ELBO so far is " << bound << " at step " << ck.state.best_step << ", but "
+        << (step == -1   ? best.string() + " does not exist (it is in the directory of the run that reached it)"
+            : step == -2 ? best.string() + " cannot be read"
+                         : best.string() + " holds step " + std::to_string(step) +
+                               " (written after the checkpoint by the interrupted job)")
+        << "; it is replaced at the next evaluation that improves on that bound\n";
+}
+
+}  // namespace
 
 ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Communicator& comm,
                        const TrainingData& data, const TrainState& fresh, Replica& replica) {
@@ -63,6 +90,7 @@ ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Co
     else if (!replica.has_ema() && !ck.ema.empty())
       notes << "resume: optim.ema is 0: the moving average in " << ck.path << " is not used, and later "
             << "checkpoints, model.h5 and evaluations leave it out\n";
+    best_h5_note(out_dir / "best.h5", ck, notes);
     notes << "resume: continuing from " << ck.path << " at step " << ck.state.step << " (epoch "
           << ck.state.epoch + 1 << ", batch " << ck.state.batch_in_epoch << "), written by "
           << ck.state.world_size << " rank(s)\n";
