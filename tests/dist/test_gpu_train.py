@@ -12,7 +12,10 @@ with ctest's skip code 77 and the reason otherwise):
   4. the steady-state step replayed as a CUDA graph vs launched op by op (KL
      warm-up first, so the run switches from eager steps to replays mid-way, and
      a short last batch, which runs eagerly): bit-identical parameters.
-  5. optim.ema on the GPU: model.h5's /params (the moving average) and /params_raw
+  5. dist.shard_optimizer: NCCL with 1 rank sharded vs replicated, bit-identical (the
+     one-rank reduce-scatter and all-gather are copies; the step graph is on); 2 ranks
+     sharing the GPU (mpi, staged) sharded vs replicated within 1e-5.
+  6. optim.ema on the GPU: model.h5's /params (the moving average) and /params_raw
      against the CPU run's (5e-3 relative), and the last update of the average,
      read from the checkpoints at steps 49 and 50, equal to the recurrence computed
      in float32 by numpy, bit for bit (the kernel rounds each product, as the CPU).
@@ -84,6 +87,19 @@ same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
 print(f"CUDA graph replay vs eager launches, 50 steps: bit-identical = {same}")
 if not same:
     failures.append("the graph-replayed steps differ from eagerly launched ones")
+
+shard = ("--set", "dist.shard_optimizer=true")
+nccl_sharded, _ = train(1, "gpu_nccl_sharded", "--set", "device=cuda", "--set", "dist.communicator=nccl", *shard)
+same = all(np.array_equal(nccl_sharded[k], nccl[k]) for k in nccl)
+print(f"NCCL 1 rank, sharded optimizer vs replicated: bit-identical = {same}")
+if not same:
+    failures.append("the sharded optimizer on 1 NCCL rank differs from the replicated one")
+shared_sharded, _ = train(2, "gpu_shared_np2_sharded", "--set", "device=cuda", "--set", "dist.communicator=mpi",
+                          *shard)
+err, name = worst(shared_sharded, shared)
+print(f"2 ranks sharing the GPU (mpi, staged), sharded optimizer vs replicated: {err:.2e} ({name})")
+if err > 1e-5:
+    failures.append("the sharded optimizer on 2 ranks sharing a GPU differs from the replicated one")
 
 EMA = ("--set", "optim.ema=0.9", "--set", "checkpoint.every=1", "--set", "checkpoint.keep=2")
 cpu_avg, _ = train(1, "cpu_ema", "--set", "device=cpu", *EMA)

@@ -49,6 +49,75 @@ TEST(GradSync, BucketedAllReduceSumsExactlyForEveryBucketSize) {
   }
 }
 
+// dist.shard_optimizer's sync: after finish() each rank's owned parts hold the exact
+// sum over ranks (whatever the bucket size and readiness pattern); after the "optimizer"
+// writes rank-specific values on the owned parts only, gather_params + params_ready
+// give every rank the owner's value at every element; the moments gather to rank 0
+// reassembles the flat layout from the packed slices.
+TEST(ShardedSync, ReduceScatterThenAllGatherForEveryBucketSize) {
+  MpiCommunicator& comm = *g_comm;
+  const int W = comm.size(), me = comm.rank();
+  auto be = make_backend<float>(DeviceKind::Cpu, 1);
+  const size_t n = 1009;
+  Buffer<float> g(*be, n), p(*be, n);
+  for (size_t bucket : {size_t{0}, size_t{1}, size_t{7}, size_t{250}, n - 1, n, 3 * n}) {
+    auto sync = make_sharded_sync("mpi", comm, *be, g.data(), p.data(), n, bucket);
+    const ShardPlan* plan = sync->shard_plan();
+    ASSERT_NE(plan, nullptr);
+    ASSERT_EQ(plan->ranks, W);
+    std::vector<int> owner(n, -1);
+    for (int r = 0; r < W; ++r)
+      for (const auto& range : plan->owned(r))
+        for (size_t i = range.begin; i < range.end; ++i) owner[i] = r;
+    std::mt19937 rng(99u + static_cast<unsigned>(me) * 31u + static_cast<unsigned>(bucket));
+    for (int step = 0; step < 3; ++step) {
+      for (size_t i = 0; i < n; ++i) g.data()[i] = value(i, me, step);
+      sync->begin(step);
+      if (me != W - 1) {
+        size_t off = n;
+        while (off > 0) {
+          off -= std::min<size_t>(off, 1 + rng() % 300);
+          sync->ready_from(off);
+        }
+      }
+      sync->finish();
+      const float ranks_sum = static_cast<float>(W * (W + 1) / 2);
+      for (const auto& range : plan->owned(me))
+        for (size_t i = range.begin; i < range.end; ++i)
+          ASSERT_EQ(g.data()[i], value(i, 0, step) * ranks_sum)
+              << "owned element " << i << ", bucket " << bucket << ", step " << step << ", rank " << me;
+      // The optimizer step: owned elements get this rank's mark, the rest stale values.
+      for (size_t i = 0; i < n; ++i)
+        p.data()[i] = owner[i] == me ? static_cast<float>(1000 * me + step) + static_cast<float>(i % 13) : -7.0f;
+      sync->gather_params();
+      // The forward pass's first layers: params[0, n/2) final before the rest is waited for.
+      sync->params_ready_until(n / 2);
+      for (size_t i = 0; i < n / 2; ++i)
+        ASSERT_EQ(p.data()[i], static_cast<float>(1000 * owner[i] + step) + static_cast<float>(i % 13))
+            << "element " << i << " after params_ready_until(" << n / 2 << "), bucket " << bucket << ", rank " << me;
+      sync->params_ready();
+      for (size_t i = 0; i < n; ++i)
+        ASSERT_EQ(p.data()[i], static_cast<float>(1000 * owner[i] + step) + static_cast<float>(i % 13))
+            << "element " << i << " after the all-gather, bucket " << bucket << ", rank " << me;
+    }
+    // Moments: packed slices in, the flat layout out on rank 0.
+    std::vector<float> m(plan->owned_elems(me)), v(plan->owned_elems(me));
+    std::vector<float> mf(me == 0 ? n : 0), vf(me == 0 ? n : 0);
+    size_t at = 0;
+    for (const auto& range : plan->owned(me))
+      for (size_t i = range.begin; i < range.end; ++i, ++at) {
+        m[at] = static_cast<float>(i);
+        v[at] = -static_cast<float>(i);
+      }
+    gather_slices_to_root(comm, *plan, m.data(), v.data(), mf.data(), vf.data());
+    if (me == 0)
+      for (size_t i = 0; i < n; ++i) {
+        ASSERT_EQ(mf[i], static_cast<float>(i)) << "gathered first moment, element " << i << ", bucket " << bucket;
+        ASSERT_EQ(vf[i], -static_cast<float>(i)) << "gathered second moment, element " << i;
+      }
+  }
+}
+
 TEST(GradSync, SelfTestReportsBusBandwidthAsNcclTestsDefinesIt) {
   MpiCommunicator& comm = *g_comm;
   auto be = make_backend<float>(DeviceKind::Cpu, 1);

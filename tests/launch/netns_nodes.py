@@ -100,10 +100,22 @@ exec env -i PATH="$PATH" HOME="${{HOME:-/root}}" ip netns exec {self.prefix}-$ho
                 if r.returncode != 0:
                     raise NodesUnavailable(f"tc tbf on {dev} in {ns}: {r.stderr.strip()}")
 
+    def kill_all(self):
+        """SIGKILL every process still running on the nodes (a daemon cut off by a test
+        would otherwise outlive its namespace, holding the test's pipes)."""
+        for ns in self._made:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+
     def __exit__(self, *exc):
         if getattr(self, "_old_term", None) is not None:
             signal.signal(signal.SIGTERM, self._old_term)
             self._old_term = None
+        self.kill_all()
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._made = []

@@ -155,6 +155,7 @@ try:
                 text, _ = p.communicate(timeout=90)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+                nodes.kill_all()
                 text, _ = p.communicate()
             took = time.time() - t0
             check(p.returncode not in (0, 75) and took < 60 and "on node n2" in text,
@@ -187,6 +188,7 @@ try:
             text, _ = p.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
+            nodes.kill_all()
             text, _ = p.communicate()
         check(alive and "stop requested" in text, f"a 5 s link flap: training went on after it (exit {p.returncode})",
               text[-2000:])
@@ -210,6 +212,7 @@ try:
                     text, _ = p.communicate(timeout=90)
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
+                    nodes.kill_all()
                     text, _ = p.communicate()
                 took = time.time() - t0
                 check(p.returncode == 3 and took < 60 and "node n2" in text and "dist.min_link_mbps" in text,
@@ -235,6 +238,7 @@ try:
                     text, _ = p.communicate(timeout=90)
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
+                    nodes.kill_all()
                     text, _ = p.communicate()
                 check(alive and "stop requested" in text and "dist.min_link_mbps" not in text,
                       f"a link throttled to 100 Mbit/s, n2's rank stopped for 4 s: training goes on "

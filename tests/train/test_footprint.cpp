@@ -2,6 +2,8 @@
 // the memory estimate matches what the buffers really take, and an estimate beyond the
 // limit (or a failed allocation) is a config error naming the buffer and the keys.
 #include <gtest/gtest.h>
+
+#include <cmath>
 #include <malloc.h>
 
 #include <climits>
@@ -95,6 +97,10 @@ TEST(Memory, TrainEstimateCountsStateActivationsAndHostBuffers) {
   const VaeLayout layout(spec_with({}).model, 784);
   const MemoryEstimate e = estimate_train_memory(layout, 128, DeviceKind::Cpu);
   EXPECT_DOUBLE_EQ(e.items[MemoryEstimate::kModelState].bytes, 16.0 * layout.num_params());
+  // dist.shard_optimizer on 3 ranks: the moments of a third of the parameters.
+  const double P = static_cast<double>(layout.num_params());
+  EXPECT_DOUBLE_EQ(estimate_train_memory(layout, 128, DeviceKind::Cpu, 3).items[MemoryEstimate::kModelState].bytes,
+                   4.0 * (2 * P + 2 * std::ceil(P / 3)));
   EXPECT_GE(e.items[MemoryEstimate::kActivations].bytes, vae_activation_bytes(layout, 128));
   // On a GPU only the host items stay in RAM.
   const MemoryEstimate g = estimate_train_memory(layout, 128, DeviceKind::Cuda);

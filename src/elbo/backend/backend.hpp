@@ -21,6 +21,15 @@ enum class DeviceKind { Cpu, Cuda };
 const char* activation_name(Activation a);
 const char* likelihood_name(Likelihood l);
 
+// Elements [begin, end) of a flat buffer: a gradient bucket, a rank's slice of the
+// optimizer state.
+struct FlatRange {
+  size_t begin = 0, end = 0;
+  size_t size() const { return end - begin; }
+  // Spelled out: the .cu files are compiled as C++17, where `= default` is not allowed.
+  bool operator==(const FlatRange& o) const { return begin == o.begin && end == o.end; }
+};
+
 // Everything one Adam/AdamW update needs; `step` is 1-based (bias correction).
 struct AdamArgs {
   double lr = 1e-3;

@@ -439,7 +439,8 @@ ExperimentSpec build(YAML::Node root, Context& ctx) {
     d.timeout_s = r.get<double>("timeout_s", d.timeout_s);
     r.check(d.timeout_s >= 0, "timeout_s", "must be >= 0 (0 = wait forever)", d.timeout_s);
     d.self_test = r.get<bool>("self_test", d.self_test);
-    r.finish({"communicator", "bucket_mb", "timeout_s", "self_test"});
+    d.shard_optimizer = r.get<bool>("shard_optimizer", d.shard_optimizer);
+    r.finish({"communicator", "bucket_mb", "timeout_s", "self_test", "shard_optimizer"});
   }
   {
     MapReader r = top.sub("checkpoint");
@@ -608,6 +609,7 @@ std::string dump_spec(const ExperimentSpec& s) {
   e << YAML::Key << "bucket_mb" << YAML::Value << s.dist.bucket_mb;
   e << YAML::Key << "timeout_s" << YAML::Value << s.dist.timeout_s;
   e << YAML::Key << "self_test" << YAML::Value << s.dist.self_test;
+  e << YAML::Key << "shard_optimizer" << YAML::Value << s.dist.shard_optimizer;
   e << YAML::EndMap;
   e << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "every" << YAML::Value << s.checkpoint.every;

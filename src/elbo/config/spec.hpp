@@ -115,6 +115,8 @@ struct DistSpec {
   double bucket_mb = 1.0;        // gradient all-reduce bucket size; 0 = one all-reduce after backward
   double timeout_s = 300.0;      // a collective unfinished after this long aborts the job; 0 = never
   bool self_test = true;         // time one all-reduce of the gradient buffer at startup (busbw in the log)
+  bool shard_optimizer = false;  // ZeRO stage 1: reduce-scatter the gradients, Adam moments for 1/N of the
+                                 // parameters per rank, all-gather the parameters (may change on resume)
 };
 
 struct ExperimentSpec {

@@ -233,6 +233,28 @@ void MpiCommunicator::broadcast(void* data, size_t bytes, int root) {
   }
 }
 
+void MpiCommunicator::gather(const float* send, size_t count, float* recv, const std::vector<size_t>& counts,
+                             int root) {
+  const int n = m_world.size;
+  if (counts.size() != static_cast<size_t>(n) || counts[static_cast<size_t>(m_world.rank)] != count)
+    throw internal_error("gather: counts do not match the world or this rank's count");
+  std::vector<int> cnt(static_cast<size_t>(n)), displ(static_cast<size_t>(n));
+  size_t total = 0;
+  for (int r = 0; r < n; ++r) {
+    // MPI_Igatherv takes int counts and displacements; past that, say so rather than wrap.
+    if (counts[static_cast<size_t>(r)] > static_cast<size_t>(INT_MAX) || total > static_cast<size_t>(INT_MAX))
+      throw internal_error("gather: " + std::to_string(total + counts[static_cast<size_t>(r)]) +
+                           " floats exceed MPI's int counts");
+    cnt[static_cast<size_t>(r)] = static_cast<int>(counts[static_cast<size_t>(r)]);
+    displ[static_cast<size_t>(r)] = static_cast<int>(total);
+    total += counts[static_cast<size_t>(r)];
+  }
+  MPI_Request req = MPI_REQUEST_NULL;
+  ELBO_CHECK_MPI(MPI_Igatherv(send, static_cast<int>(count), MPI_FLOAT, recv, cnt.data(), displ.data(), MPI_FLOAT, root,
+                              m_comm, &req));
+  wait(&req, 1, "gather (float)");
+}
+
 void MpiCommunicator::barrier() {
   MPI_Request req = MPI_REQUEST_NULL;
   ELBO_CHECK_MPI(MPI_Ibarrier(m_comm, &req));

@@ -4,6 +4,7 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
@@ -66,6 +67,9 @@ class Communicator {
   virtual void allreduce_sum(double* data, size_t n) = 0;
   virtual int allreduce_max(int value) = 0;
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
+  // `root` receives every rank's `count` floats back to back, rank by rank, into `recv`
+  // (counts[r] from rank r; recv is ignored elsewhere).
+  virtual void gather(const float* send, size_t count, float* recv, const std::vector<size_t>& counts, int root) = 0;
   virtual void barrier() = 0;
   // Collectives not finished after `seconds` (0 = never) end the job with a message
   // naming this rank and the operation, instead of hanging on a stalled peer.
@@ -122,6 +126,7 @@ class MpiCommunicator final : public Communicator {
   void allreduce_sum(double* data, size_t n) override;
   int allreduce_max(int value) override;
   void broadcast(void* data, size_t bytes, int root) override;
+  void gather(const float* send, size_t count, float* recv, const std::vector<size_t>& counts, int root) override;
   void barrier() override;
   [[noreturn]] void abort(int code) override;
 
@@ -162,6 +167,9 @@ class SingleCommunicator final : public Communicator {
   void allreduce_sum(double*, size_t) override {}
   int allreduce_max(int value) override { return value; }
   void broadcast(void*, size_t, int) override {}
+  void gather(const float* send, size_t count, float* recv, const std::vector<size_t>&, int) override {
+    std::copy(send, send + count, recv);
+  }
   void barrier() override {}
   [[noreturn]] void abort(int code) override;
 

@@ -270,7 +270,7 @@ void MpiCommunicator::service(double waited_s) {
   if (m_world.rank != 0) {
     answer_link_probe();
     // A node's first rank checks that rank 0 is still reachable.
-    if (!w.nodes.empty() && waited_s >= kProbeAfter && Clock::now() >= w.next_reach) check_reachable();
+    if (!w.nodes.empty() && !w.lost && waited_s >= kProbeAfter && Clock::now() >= w.next_reach) check_reachable();
     return;
   }
   if (w.nodes.empty()) return;
@@ -309,22 +309,26 @@ void MpiCommunicator::check_reachable() {
   w.next_reach = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                     std::chrono::duration<double>(any_failing ? kRecheck : kProbeEvery));
   if (lost.empty()) return;
+  // Under mpirun, leave the ending to it: an abort (or, on a cut-off node, an exit)
+  // makes a daemon send to the unreachable side, and a message that sits
+  // unacknowledged in TCP turns keepalive off for that link (~15 minutes of
+  // retransmissions instead). mpirun's and the daemons' keepalive on their idle links
+  // (launch/mpirun.sh, ~30 s) end the job on both sides, naming the node; rank 0 aborts
+  // itself only if that does not happen. srun has no such check: act at once.
+  const bool mpirun = launcher_description().rfind("mpirun", 0) == 0;
   if (m_world.rank != 0) {
-    // Cut off from rank 0: end this node's ranks. Not MPI_Abort, which would try to
-    // reach the launcher on the far side; the node's launcher daemon sees the exit.
-    std::fprintf(stderr,
-                 "elbo: rank %d (%s): the network no longer reaches %s: this node is cut off from the job; "
-                 "exiting\n",
-                 m_world.rank, m_world.host.c_str(), lost.c_str());
+    w.lost = true;  // checks no more
+    w.abort_at = Clock::time_point::max();
+    // Under mpirun, not a word: this rank's output travels through its daemon to mpirun,
+    // and would be the unacknowledged message that keeps the daemon from noticing.
+    if (mpirun) return;
+    // Cut off from rank 0: end this node's ranks, so that its scheduler daemon sees the
+    // step end. Not MPI_Abort, which would try to reach the far side.
+    std::fprintf(stderr, "elbo: rank %d (%s): the network no longer reaches %s: this node is cut off from the job; "
+                 "exiting\n", m_world.rank, m_world.host.c_str(), lost.c_str());
     std::fflush(stderr);
     std::_Exit(kExitPeerFailure);
   }
-  // Under mpirun, an abort now would hang: mpirun forwards the kill to every daemon,
-  // and the message to the lost one sits unacknowledged in TCP, where keepalive no
-  // longer applies (~15 minutes of retransmissions). Its keepalive on the idle link
-  // (launch/mpirun.sh, ~30 s) ends the job instead, naming the node; elbo aborts
-  // itself only if that does not happen. srun has no such check: abort at once.
-  const bool mpirun = launcher_description().rfind("mpirun", 0) == 0;
   w.lost = true;
   w.abort_at = Clock::now() + std::chrono::seconds(mpirun ? kMpirunGrace : 0);
   std::fprintf(stderr,

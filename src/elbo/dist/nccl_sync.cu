@@ -26,8 +26,9 @@ using Clock = std::chrono::steady_clock;
 
 class NcclGradientSync final : public BucketedSync {
  public:
-  NcclGradientSync(Communicator& comm, CudaBackend& be, float* grads, size_t n, size_t bucket_elems)
-      : BucketedSync(n, bucket_elems), m_comm(comm), m_be(be), m_grads(grads) {
+  NcclGradientSync(Communicator& comm, CudaBackend& be, float* grads, size_t n, size_t bucket_elems, float* params)
+      : BucketedSync(n, bucket_elems), m_comm(comm), m_be(be), m_grads(grads), m_params(params),
+        m_plan(plan_shards(n, bucket_elems, comm.size())) {
     m_compute = static_cast<cudaStream_t>(be.stream_handle());
     ncclUniqueId id{};
     if (comm.is_root()) check(ncclGetUniqueId(&id), "ncclGetUniqueId(&id)", __FILE__, __LINE__);
@@ -40,6 +41,8 @@ class NcclGradientSync final : public BucketedSync {
     m_ready.resize(m_buckets.size());
     for (auto& e : m_ready) CHECK_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     CHECK_CUDA(cudaEventCreateWithFlags(&m_done, cudaEventDisableTiming));
+    CHECK_CUDA(cudaEventCreateWithFlags(&m_updated, cudaEventDisableTiming));
+    CHECK_CUDA(cudaEventCreateWithFlags(&m_gathered, cudaEventDisableTiming));
   }
 
   ~NcclGradientSync() override {
@@ -59,6 +62,8 @@ class NcclGradientSync final : public BucketedSync {
     }
     for (auto e : m_ready) if (e != nullptr) cudaEventDestroy(e);
     if (m_done != nullptr) cudaEventDestroy(m_done);
+    if (m_updated != nullptr) cudaEventDestroy(m_updated);
+    if (m_gathered != nullptr) cudaEventDestroy(m_gathered);
     if (m_stream != nullptr) cudaStreamDestroy(m_stream);
   }
 
@@ -67,8 +72,53 @@ class NcclGradientSync final : public BucketedSync {
     ncclGetVersion(&version);
     return "nccl " + std::to_string(version / 10000) + "." + std::to_string(version / 100 % 100) + "." +
            std::to_string(version % 100) + " on GPU " + std::to_string(m_be.device_ordinal()) + ", " +
+           (sharded() ? "reduce-scatter + all-gather (optimizer sharded over " + std::to_string(m_plan.ranks) +
+                            " ranks), "
+                      : std::string()) +
            bucket_summary();
   }
+
+  const ShardPlan* shard_plan() const override { return sharded() ? &m_plan : nullptr; }
+
+  void gather_params() override {
+    if (!sharded()) return;
+    params_ready();
+    // After the optimizer's kernels on the compute stream; first buckets of the buffer first.
+    CHECK_CUDA(cudaEventRecord(m_updated, m_compute));
+    CHECK_CUDA(cudaStreamWaitEvent(m_stream, m_updated, 0));
+    const std::string what = "all-gather of the parameters after step " + std::to_string(m_step + 1);
+    const int me = m_comm.rank();
+    for (size_t k = m_buckets.size(); k-- > 0;) {
+      float* p = m_params + m_buckets[k].begin;
+      const BucketRange mine = m_plan.part(k, me);
+      if (equal_parts(k)) {
+        // In place: this rank's part is where ncclAllGather expects it (recv + rank * count).
+        settle(ncclAllGather(m_params + mine.begin, p, mine.size(), ncclFloat, m_nccl, m_stream), "ncclAllGather",
+               what, __LINE__);
+      } else {
+        check(ncclGroupStart(), "ncclGroupStart()", __FILE__, __LINE__);
+        for (int r = 0; r < m_plan.ranks; ++r) {
+          const BucketRange part = m_plan.part(k, r);
+          float* q = m_params + part.begin;
+          check(ncclBroadcast(q, q, part.size(), ncclFloat, r, m_nccl, m_stream), "ncclBroadcast", __FILE__, __LINE__);
+        }
+        settle(ncclGroupEnd(), "ncclGroupEnd (all-gather by broadcasts)", what, __LINE__);
+      }
+    }
+    m_gathering = true;
+  }
+
+  void params_ready() override {
+    if (!m_gathering) return;
+    m_gathering = false;
+    CHECK_CUDA(cudaEventRecord(m_gathered, m_stream));
+    CHECK_CUDA(cudaStreamWaitEvent(m_compute, m_gathered, 0));  // the next forward reads params
+    watch(m_gathered, "all-gather of the parameters after step " + std::to_string(m_step + 1));
+  }
+  // (params_ready_until waits for the whole gather: the first layer's kernels would
+  // wait on the stream anyway. The reduce-scatter of the next step queues behind the
+  // gather on m_stream, so a rank without rows needs no wait of its own.)
+
 
  protected:
   void launch(const BucketRange& b) override {
@@ -76,9 +126,30 @@ class NcclGradientSync final : public BucketedSync {
     CHECK_CUDA(cudaEventRecord(m_ready[k], m_compute));
     CHECK_CUDA(cudaStreamWaitEvent(m_stream, m_ready[k], 0));
     float* p = m_grads + b.begin;
-    settle(ncclAllReduce(p, p, b.size(), ncclFloat, ncclSum, m_nccl, m_stream), "ncclAllReduce", operation(),
-           __LINE__);
+    if (!sharded()) {
+      settle(ncclAllReduce(p, p, b.size(), ncclFloat, ncclSum, m_nccl, m_stream), "ncclAllReduce", operation(),
+             __LINE__);
+      return;
+    }
+    const BucketRange mine = m_plan.part(k, m_comm.rank());
+    if (equal_parts(k)) {
+      // In place: the sum of this rank's part lands at send + rank * count, its own offset.
+      settle(ncclReduceScatter(p, m_grads + mine.begin, mine.size(), ncclFloat, ncclSum, m_nccl, m_stream),
+             "ncclReduceScatter", operation(), __LINE__);
+      return;
+    }
+    // Parts differ by one element: ncclReduceScatter takes one count, so each part is
+    // reduced to its owner, the calls grouped into one launch.
+    check(ncclGroupStart(), "ncclGroupStart()", __FILE__, __LINE__);
+    for (int r = 0; r < m_plan.ranks; ++r) {
+      const BucketRange part = m_plan.part(k, r);
+      float* q = m_grads + part.begin;
+      check(ncclReduce(q, q, part.size(), ncclFloat, ncclSum, r, m_nccl, m_stream), "ncclReduce", __FILE__, __LINE__);
+    }
+    settle(ncclGroupEnd(), "ncclGroupEnd (reduce-scatter by reduces)", operation(), __LINE__);
   }
+
+  const char* collective() const override { return sharded() ? "reduce-scatter" : "all-reduce"; }
 
   void complete() override {
     CHECK_CUDA(cudaEventRecord(m_done, m_stream));
@@ -129,6 +200,9 @@ class NcclGradientSync final : public BucketedSync {
     }
   }
 
+  bool sharded() const { return m_params != nullptr; }
+  bool equal_parts(size_t k) const { return m_buckets[k].size() % static_cast<size_t>(m_plan.ranks) == 0; }
+
   bool timed_out(Clock::time_point t0) const {
     return m_comm.timeout() > 0 && std::chrono::duration<double>(Clock::now() - t0).count() > m_comm.timeout();
   }
@@ -154,23 +228,27 @@ class NcclGradientSync final : public BucketedSync {
   Communicator& m_comm;
   CudaBackend& m_be;
   float* m_grads;
+  float* m_params;  // non-null: the optimizer is sharded (reduce-scatter + all-gather)
+  ShardPlan m_plan;
+  bool m_gathering = false;  // an all-gather of params is queued on m_stream
   cudaStream_t m_compute = nullptr;
   cudaStream_t m_stream = nullptr;
   ncclComm_t m_nccl = nullptr;
   bool m_aborted = false;
   std::vector<cudaEvent_t> m_ready;
   cudaEvent_t m_done = nullptr;
+  cudaEvent_t m_updated = nullptr, m_gathered = nullptr;  // the optimizer step done; the all-gather done
 };
 
 }  // namespace
 
 std::unique_ptr<GradientSync> make_nccl_sync(Communicator& comm, Backend<float>& be, float* grads, size_t n,
-                                             size_t bucket_elems) {
+                                             size_t bucket_elems, float* params) {
   auto* cuda = dynamic_cast<CudaBackend*>(&be);
   if (cuda == nullptr)
     throw config_error("dist.communicator: nccl reduces GPU buffers; it needs device: cuda (this run uses " +
                        be.name() + ")");
-  return std::make_unique<NcclGradientSync>(comm, *cuda, grads, n, bucket_elems);
+  return std::make_unique<NcclGradientSync>(comm, *cuda, grads, n, bucket_elems, params);
 }
 
 }  // namespace elbo

@@ -11,7 +11,10 @@
 namespace elbo {
 
 // `be` must be the CUDA backend. Throws a Dist error naming the NCCL call on failure.
+// With `params`, the optimizer is sharded (make_sharded_sync): buckets are
+// reduce-scattered (ncclReduceScatter; grouped ncclReduce calls when a bucket does not
+// split into equal parts) and params all-gathered (ncclAllGather; grouped ncclBroadcast).
 std::unique_ptr<GradientSync> make_nccl_sync(Communicator& comm, Backend<float>& be, float* grads, size_t n,
-                                             size_t bucket_elems);
+                                             size_t bucket_elems, float* params = nullptr);
 
 }  // namespace elbo

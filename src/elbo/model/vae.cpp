@@ -15,6 +15,11 @@ namespace {
 
 constexpr double kGroupNormEps = 1e-5;  // PyTorch's default
 
+// Past a layer's last parameter: its bias follows its weight in the flat buffer.
+size_t params_end(const Layer& l) {
+  return l.b + (l.kind == LayerKind::Linear ? l.out.size() : static_cast<size_t>(l.out.c));
+}
+
 std::string shape_text(const TensorShape& s) { return shape_string(std::vector<int>{s.c, s.h, s.w}, "[]"); }
 
 Activation activation_of(const std::string& type) {
@@ -354,32 +359,35 @@ void Vae<T>::layer_backward(const Layer& l, const T* params, T* grads, const T* 
 }
 
 template <class T>
-void Vae<T>::decoder_forward(const T* params, const T* z, int rows) {
+void Vae<T>::decoder_forward(const T* params, const T* z, int rows, const std::function<void(size_t)>& params_needed) {
   const T* h = z;
   const auto& dec = m_layout.decoder();
   for (size_t i = 0; i < dec.size(); ++i) {
+    if (params_needed) params_needed(params_end(dec[i]));
     layer_forward(dec[i], params, h, rows, m_dec_acts[i]);
     h = m_dec_acts[i].out();
   }
 }
 
 template <class T>
-void Vae<T>::encode(const T* params, const T* x, int rows) {
+void Vae<T>::encode(const T* params, const T* x, int rows, const std::function<void(size_t)>& params_needed) {
   ELBO_ASSERT(rows >= 1 && rows <= m_max_rows, "batch rows exceed the replica's workspace");
   const T* h = x;
   const auto& enc = m_layout.encoder();
   for (size_t i = 0; i < enc.size(); ++i) {
+    if (params_needed) params_needed(params_end(enc[i]));
     layer_forward(enc[i], params, h, rows, m_enc_acts[i]);
     h = m_enc_acts[i].out();
   }
 }
 
 template <class T>
-void Vae<T>::forward(const T* params, const T* x, const T* eps, int rows) {
-  encode(params, x, rows);
+void Vae<T>::forward(const T* params, const T* x, const T* eps, int rows,
+                     const std::function<void(size_t)>& params_needed) {
+  encode(params, x, rows, params_needed);
   const int L = m_layout.latent();
   m_be.posterior_forward(rows, L, mulv(), eps, m_z.data(), m_kl.data());
-  decoder_forward(params, m_z.data(), rows);
+  decoder_forward(params, m_z.data(), rows, params_needed);
   const auto& s = m_layout.spec();
   m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), output(), x,
                           m_rec.data());

@@ -111,7 +111,11 @@ class Vae {
   int max_rows() const { return m_max_rows; }
 
   // x (rows, D), eps (rows, L) -> rec[r] = -log p(x_r|z_r), kl[r] = KL(q(z|x_r) || p(z)).
-  void forward(const T* params, const T* x, const T* eps, int rows);
+  // Before each layer, `params_needed(end)` (when given) asks for params[0, end) to be
+  // final, where end is past the layer's last parameter: a sharded optimizer's
+  // all-gather of the later layers then overlaps the earlier layers' forward pass.
+  void forward(const T* params, const T* x, const T* eps, int rows,
+               const std::function<void(size_t)>& params_needed = {});
   // grads += d/dparams [ rec_weight * sum_r rec[r] + kl_weight * sum_r kl[r] ] for the
   // last forward pass (same params, x, eps, rows). Layers sit in the flat buffer in
   // forward order, so backward finalises it from the end: after each layer,
@@ -119,8 +123,8 @@ class Vae {
   // gradient all-reduce start while the earlier layers are still being differentiated.
   void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T kl_weight,
                 const std::function<void(size_t)>& grads_ready = {});
-  // Encoder only: x (rows, D) -> mulv() (rows, 2L) = [mu | logvar].
-  void encode(const T* params, const T* x, int rows);
+  // Encoder only: x (rows, D) -> mulv() (rows, 2L) = [mu | logvar]. params_needed as in forward.
+  void encode(const T* params, const T* x, int rows, const std::function<void(size_t)>& params_needed = {});
   // Decoder only: z (rows, L) -> decoder output (rows, output_width).
   void decode(const T* params, const T* z, int rows);
 
@@ -142,7 +146,7 @@ class Vae {
   void layer_forward(const Layer& l, const T* params, const T* in, int rows, Acts& a);
   // g holds d(output) on entry and d(pre-activation) after; din (may be null) gets d(input).
   void layer_backward(const Layer& l, const T* params, T* grads, const T* in, int rows, Acts& a, T* g, T* din);
-  void decoder_forward(const T* params, const T* z, int rows);
+  void decoder_forward(const T* params, const T* z, int rows, const std::function<void(size_t)>& params_needed = {});
   std::vector<Acts> make_acts(const std::vector<Layer>& layers);
 
   const VaeLayout& m_layout;

@@ -95,13 +95,19 @@ double conv_scratch_bytes(const VaeLayout& layout, int64_t rows) {
 
 }  // namespace
 
-MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, DeviceKind device) {
+MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, DeviceKind device, int optimizer_shards) {
   const double P = static_cast<double>(layout.num_params()), R = static_cast<double>(rows);
   const double D = layout.input_dim(), L = layout.latent();
   const std::string rows_keys = "train.batch_size, or spread it over more ranks";
   MemoryEstimate e;
-  e.items.push_back({"parameters, gradients and Adam's two moments (4 x " + num(static_cast<int64_t>(P)) + " floats)",
-                     "model.encoder, model.decoder or model.latent", 4 * P * kFloat, true});
+  if (optimizer_shards <= 1)
+    e.items.push_back({"parameters, gradients and Adam's two moments (4 x " + num(static_cast<int64_t>(P)) + " floats)",
+                       "model.encoder, model.decoder or model.latent", 4 * P * kFloat, true});
+  else  // a rank's slice: about P / N elements (one more per bucket at most)
+    e.items.push_back({"parameters, gradients (2 x " + num(static_cast<int64_t>(P)) + " floats) and Adam's two moments "
+                       "for 1/" + std::to_string(optimizer_shards) + " of them (dist.shard_optimizer)",
+                       "model.encoder, model.decoder or model.latent",
+                       (2 * P + 2 * std::ceil(P / optimizer_shards)) * kFloat, true});
   e.items.push_back({"activations for " + num(rows) + " rows per rank", rows_keys,
                      vae_activation_bytes(layout, rows) + R * (D + L) * kFloat, true});
   if (device == DeviceKind::Cpu && conv_scratch_bytes(layout, rows) > 0)

@@ -49,10 +49,12 @@ struct MemoryEstimate {
 double vae_activation_bytes(const VaeLayout& layout, int64_t rows);
 
 // One training replica with `rows_per_rank` rows of each global batch: parameters,
-// gradients and Adam's two moments (4 x P floats), the activations, the inputs and eps,
-// the host batch buffers, the host copies of the state for checkpoints and resume,
-// and the CPU convolution scratch.
-MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows_per_rank, DeviceKind device);
+// gradients and Adam's two moments (4 x P floats; the moments of 1/optimizer_shards of
+// the parameters with dist.shard_optimizer), the activations, the inputs and eps, the
+// host batch buffers, the host copies of the state for checkpoints and resume, and the
+// CPU convolution scratch.
+MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows_per_rank, DeviceKind device,
+                                     int optimizer_shards = 1);
 
 // The parameters' moving average (optim.ema): one more (num_params) buffer in the
 // backend's memory, and its host copies for checkpoints and resume.

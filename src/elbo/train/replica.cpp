@@ -9,11 +9,26 @@ namespace elbo {
 namespace {
 
 std::unique_ptr<GradientSync> make_sync(const ExperimentSpec& spec, Communicator& comm, const Placement& place,
-                                        Backend<float>& be, float* grads, size_t n) {
+                                        Backend<float>& be, float* grads, float* params, size_t n) {
   const auto bucket_elems = static_cast<size_t>(spec.dist.bucket_mb * 1e6 / sizeof(float));
   std::unique_ptr<GradientSync> sync;
-  collectively(comm, [&] { sync = make_gradient_sync(place.communicator, comm, be, grads, n, bucket_elems); });
+  collectively(comm, [&] {
+    sync = spec.dist.shard_optimizer ? make_sharded_sync(place.communicator, comm, be, grads, params, n, bucket_elems)
+                                     : make_gradient_sync(place.communicator, comm, be, grads, n, bucket_elems);
+  });
   return sync;
+}
+
+// Sharded (dist.shard_optimizer): moments for this rank's slice, clipping with the
+// global norm (the slices' squared norms summed over the ranks).
+Adam<float> make_optimizer(const OptimSpec& spec, Backend<float>& be, size_t n, const GradientSync& sync,
+                           Communicator& comm) {
+  const ShardPlan* shards = sync.shard_plan();
+  if (shards == nullptr) return Adam<float>(spec, be, n);
+  return Adam<float>(spec, be, n, shards->owned(comm.rank()), [&comm](double s) {
+    comm.allreduce_sum(&s, 1);
+    return s;
+  });
 }
 
 }  // namespace
@@ -25,11 +40,11 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       m_n(layout.num_params()),
       m_params(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_grads(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
-      m_sync(make_sync(spec, comm, place, be, m_grads.data(), m_n)),
+      m_sync(make_sync(spec, comm, place, be, m_grads.data(), m_params.data(), m_n)),
       m_model(allocating(need.items[MemoryEstimate::kActivations], spec.source,
                          [&] { return Vae<float>(layout, be, local_rows); })),
       m_optim(allocating(need.items[MemoryEstimate::kModelState], spec.source,
-                         [&] { return Adam<float>(spec.optim, be, m_n); })),
+                         [&] { return make_optimizer(spec.optim, be, m_n, *m_sync, comm); })),
       m_ema(spec.optim.ema > 0 ? allocating(ema_memory(layout), spec.source, [&] { return Buffer<float>(be, m_n); })
                                : Buffer<float>()),
       m_x(be, static_cast<size_t>(local_rows) * dim),
@@ -69,6 +84,10 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   const bool graph_step = steady && m_steady_warm;
   m_steady_warm = m_steady_warm || steady;
   if (!graph_step) be.fill(m_grads.data(), 0.0f, P);
+  // A sharded optimizer's all-gather from the last step: the op-by-op forward pass waits
+  // for each layer's parameters (the rest of the gather overlaps the earlier layers);
+  // a recorded step has no per-layer hook.
+  if (graph_step) m_sync->params_ready();
   m_sync->begin(step);
   // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop]
   double local[4] = {0, 0, 0, stop_requested ? 1.0 : 0.0};
@@ -100,7 +119,8 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
       m_sync->ready_from(0);  // all buckets at once: a graph gives no per-layer hook for the overlap
     } else {
       if (graph_step) be.fill(m_grads.data(), 0.0f, P);  // the recording would have zeroed them
-      m_model.forward(m_params.data(), m_x.data(), m_eps.data(), rows);
+      m_model.forward(m_params.data(), m_x.data(), m_eps.data(), rows,
+                      [this](size_t end) { m_sync->params_ready_until(end); });
       m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), rows, w, kw,
                        [this](size_t offset) { m_sync->ready_from(offset); });
     }
@@ -128,19 +148,27 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
 
 // The gradient sync finishes, the ranks agree on the losses (one all-reduce, which
 // also carries the non-finite and stop flags), and only when every rank's loss is
-// finite does the optimizer take the norm, clip and update. This is the seam for a
-// sharded optimizer (ZeRO-1): reduce-scatter instead of the all-reduce, update this
-// rank's slice, all-gather the parameters; the loop around it stays as it is.
+// finite does the optimizer take the norm, clip and update. Sharded (ZeRO-1,
+// dist.shard_optimizer): the sync was a reduce-scatter, the optimizer updates this
+// rank's slice, and the all-gather of the parameters starts here, finishing during
+// the next forward pass (params_ready_until).
 double Replica::sync_and_update(double lr, double sums[4]) {
   m_sync->finish();  // a rank without rows this step still joins every bucket's all-reduce
   m_comm.allreduce_sum(sums, 4);
   if (sums[2] != 0) return std::numeric_limits<double>::quiet_NaN();  // not applied if non-finite
-  return m_norm_with_losses ? m_optim.step(m_params.data(), m_grads.data(), lr, *m_squared_norm.data())
-                            : m_optim.step(m_params.data(), m_grads.data(), lr);
+  const double norm = m_norm_with_losses ? m_optim.step(m_params.data(), m_grads.data(), lr, *m_squared_norm.data())
+                                         : m_optim.step(m_params.data(), m_grads.data(), lr);
+  m_sync->gather_params();  // sharded: every rank's updated slice to every rank
+  return norm;
 }
 
 void Replica::update_ema() {
   const double d = m_spec.optim.ema;
+  // Sharded (dist.shard_optimizer): the average is kept whole on every rank, so it waits
+  // for the parameters' all-gather here, giving up its overlap with the next forward
+  // pass; averaging each rank's own slice and gathering the average only when it is
+  // read would keep it (left for when both are used together at scale).
+  m_sync->params_ready();
   m_be.axpby(m_n, static_cast<float>(1.0 - d), m_params.data(), static_cast<float>(d), m_ema.data());
 }
 
@@ -148,19 +176,45 @@ void Replica::download_ema(float* ema) { m_be.download(ema, m_ema.data(), m_n); 
 
 void Replica::load_ema(const float* ema) { m_be.upload(m_ema.data(), ema, m_n); }
 
-void Replica::download_state(float* params, float* exp_avg, float* exp_avg_sq) {
-  m_be.download(params, m_params.data(), m_n);
-  m_be.download(exp_avg, m_optim.first_moment().data(), m_n);
-  m_be.download(exp_avg_sq, m_optim.second_moment().data(), m_n);
+const float* Replica::params() {
+  m_sync->params_ready();  // a sharded optimizer's all-gather may still be in flight
+  return m_params.data();
 }
 
-void Replica::download_params(float* params) { m_be.download(params, m_params.data(), m_n); }
+void Replica::gather_state(float* params, float* exp_avg, float* exp_avg_sq) {
+  m_sync->params_ready();
+  if (const ShardPlan* shards = m_sync->shard_plan()) {
+    // Every rank sends its slice of the moments; the file holds them whole, so any
+    // world size resumes, sharded or not.
+    std::vector<float> m(m_optim.owned_elems()), v(m_optim.owned_elems());
+    m_optim.download_moments(m.data(), v.data());
+    gather_slices_to_root(m_comm, *shards, m.data(), v.data(), exp_avg, exp_avg_sq);
+  } else if (m_comm.is_root()) {
+    m_optim.download_moments(exp_avg, exp_avg_sq);
+  }
+  if (m_comm.is_root()) m_be.download(params, m_params.data(), m_n);
+}
+
+void Replica::download_params(float* params) {
+  m_sync->params_ready();
+  m_be.download(params, m_params.data(), m_n);
+}
 
 void Replica::load_state(const float* params, const float* exp_avg, const float* exp_avg_sq, int64_t adam_steps) {
+  m_sync->params_ready();  // nothing may still write the parameters
   m_be.upload(m_params.data(), params, m_n);
-  m_be.upload(m_optim.first_moment().data(), exp_avg, m_n);
-  m_be.upload(m_optim.second_moment().data(), exp_avg_sq, m_n);
+  m_optim.load_moments(exp_avg, exp_avg_sq);  // this rank's slice when sharded
   m_optim.set_steps_taken(adam_steps);
+}
+
+std::string Replica::describe_optimizer() const {
+  const double whole = 2.0 * static_cast<double>(m_n) * sizeof(float);
+  return m_spec.optim.type + ", moments " + format_bytes(2.0 * static_cast<double>(m_optim.owned_elems()) *
+                                                         sizeof(float)) + " per rank (" +
+         (m_sync->shard_plan() != nullptr ? "sharded over " + std::to_string(m_comm.size()) +
+                                                " rank(s), dist.shard_optimizer: true; whole: " + format_bytes(whole)
+                                          : std::string("whole on every rank")) +
+         ")";
 }
 
 AllreduceRate Replica::measure_allreduce(int iters) {

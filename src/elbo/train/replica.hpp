@@ -58,10 +58,12 @@ class Replica {
                   const std::function<void()>& while_device_runs);
 
   size_t num_params() const { return m_n; }
-  const float* params() const { return m_params.data(); }  // device memory, (num_params)
+  // Device memory, (num_params), complete (a sharded optimizer's all-gather finished).
+  const float* params();
   int64_t adam_steps() const { return m_optim.steps_taken(); }
-  // The state a checkpoint holds, as host copies of (num_params) values each.
-  void download_state(float* params, float* exp_avg, float* exp_avg_sq);
+  // The state a checkpoint holds, as host copies of (num_params) values each, on rank
+  // 0 (others pass nullptr). Collective: a sharded optimizer gathers its moments.
+  void gather_state(float* params, float* exp_avg, float* exp_avg_sq);
   void download_params(float* params);
   // The state of a checkpoint (every rank passes the same values).
   void load_state(const float* params, const float* exp_avg, const float* exp_avg_sq, int64_t adam_steps);
@@ -74,9 +76,12 @@ class Replica {
   void load_ema(const float* ema);  // every rank passes the same values
   // What evaluation, image grids and model.h5 use: the moving average when there is
   // one, else the parameters (device memory, (num_params)).
-  const float* eval_params() const { return has_ema() ? m_ema.data() : m_params.data(); }
+  const float* eval_params() { return has_ema() ? m_ema.data() : params(); }
 
   std::string describe_gradient_sync() const { return m_sync->describe(); }
+  // "adam, moments 2.61 MB per rank (sharded over 2 rank(s) ...)", for the log.
+  std::string describe_optimizer() const;
+  bool sharded() const { return m_sync->shard_plan() != nullptr; }
   bool uses_graph() const { return m_use_graph; }
   // The gradient buffer's all-reduce bandwidth (zeroes the gradients).
   AllreduceRate measure_allreduce(int iters);
@@ -97,7 +102,7 @@ class Replica {
   Buffer<float> m_grads;                  // (m_n), the one flat gradient buffer
   std::unique_ptr<GradientSync> m_sync;   // reduces m_grads over the ranks
   Vae<float> m_model;                     // activations for m_local_rows rows
-  Adam<float> m_optim;                    // moments (m_n) each
+  Adam<float> m_optim;                    // moments (m_n) each, or this rank's slice when sharded
   Buffer<float> m_ema;                    // (m_n) with optim.ema > 0, else empty
   Buffer<float> m_x, m_eps;               // (m_local_rows, m_dim), (m_local_rows, m_latent)
   // The per-sample losses come back in pinned memory: two copies, one wait.

@@ -141,11 +141,12 @@ Checkpoints::~Checkpoints() {
 }
 
 void Checkpoints::save(const TrainState& state, bool wait_for_it) {
-  if (!m_root) return;
-  const size_t P = m_replica.num_params();
+  // Every rank: a sharded optimizer gathers its moments to rank 0 here.
+  const size_t P = m_root ? m_replica.num_params() : 0;
   auto hp = std::make_shared<std::vector<float>>(P), hm = std::make_shared<std::vector<float>>(P),
        hv = std::make_shared<std::vector<float>>(P);
-  m_replica.download_state(hp->data(), hm->data(), hv->data());
+  m_replica.gather_state(hp->data(), hm->data(), hv->data());
+  if (!m_root) return;
   std::shared_ptr<std::vector<float>> he;
   if (m_replica.has_ema()) {
     he = std::make_shared<std::vector<float>>(P);

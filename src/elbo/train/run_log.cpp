@@ -148,6 +148,7 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
                                             : " (GPU " + std::to_string(place.gpu) + " on rank 0)")
         << " (" << place.why << ")\n"
         << "gradients: " << replica.describe_gradient_sync() << "\n"
+        << "optimizer: " << replica.describe_optimizer() << "\n"
         << "step graph: "
         << (replica.uses_graph() ? "on (steady-state forward/backward replayed as one recorded graph)" : "off")
         << "\n"

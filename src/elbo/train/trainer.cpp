@@ -123,7 +123,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   MemoryEstimate need;
   collectively(comm, [&] {
     plan = plan_steps(spec, data.n, world);
-    need = estimate_train_memory(layout, local_rows, place.device);
+    need = estimate_train_memory(layout, local_rows, place.device, spec.dist.shard_optimizer ? world : 1);
     if (spec.optim.ema > 0) add_ema_memory(need, layout);
     if (data.test)
       add_eval_memory(need, layout, data::rank_slice(data.test->size(), rank, world).count, spec.eval.iw_samples,
@@ -149,9 +149,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     // A startup figure for the interconnect, comparable with nccl-tests' busbw.
     const AllreduceRate r = replica.measure_allreduce(20);
     char line[200];
-    std::snprintf(line, sizeof(line), "all-reduce self-test: %.2f MB gradient buffer in %.3f ms | algbw %.2f GB/s | "
-                  "busbw %.2f GB/s", static_cast<double>(replica.num_params()) * sizeof(float) / 1e6, r.seconds * 1e3,
-                  r.algbw_gbs, r.busbw_gbs);
+    std::snprintf(line, sizeof(line), "%s self-test: %.2f MB gradient buffer in %.3f ms | algbw %.2f GB/s | "
+                  "busbw %.2f GB/s", replica.sharded() ? "reduce-scatter + all-gather" : "all-reduce",
+                  static_cast<double>(replica.num_params()) * sizeof(float) / 1e6, r.seconds * 1e3, r.algbw_gbs,
+                  r.busbw_gbs);
     run_log.line(line);
   }
   // A stop asked for during start-up (data loading, the self-test): nothing new to
@@ -273,10 +274,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     return result;
   }
   // The final checkpoint: the run can be extended later (more epochs) with --resume.
-  collectively(comm, [&] {
-    checkpoints.wait();
-    checkpoints.save(st, true);
-  });
+  // (save() waits for the previous write, and its failure surfaces there, after every
+  // rank took part in the moments gather.)
+  collectively(comm, [&] { checkpoints.save(st, true); });
   result.checkpoint_path = checkpoints.last_path();
 
   // --- outputs: rank 0 writes, everyone agrees it worked ---
