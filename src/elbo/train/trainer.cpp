@@ -225,6 +225,9 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
           if (record_evaluation(st, step, bound))
             collectively(comm, [&] {  // best.h5 before any checkpoint that names this step as the best
               if (!root) return;
+              // Model files and checkpoints are built as an in-memory HDF5 file of one
+              // name, one at a time: a checkpoint still being written goes first.
+              checkpoints.wait();
               std::vector<float> host, raw;
               ModelFileExtras extras;
               model_arrays(replica, spec.optim.ema, host, raw, extras);
