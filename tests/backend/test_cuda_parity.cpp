@@ -120,7 +120,7 @@ TEST_F(CudaParity, LinearForwardWithFusedEpilogues) {
     if (act == Activation::Identity)
       EXPECT_PARITY(norm_err(get(gpre), pre), 1e-5, "linear fwd identity");
     else
-      EXPECT_PARITY(norm_err(get(gy), y), 1e-5, "linear fwd " << activation_name(act));
+      EXPECT_PARITY(norm_err(get(gy), y), 1e-5, "linear fwd " << choice_name(act));
   }
 }
 
@@ -187,9 +187,9 @@ TEST_F(CudaParity, ChannelBiasActivationAndGroupNorm) {
     Buffer<float> gp = put(pre), gb = put(bias), gdout = put(dout), gdb = put(db0), gout(*gpu, len), gdpre(*gpu, len);
     gpu->channel_bias_act_forward(act, n, c, hw, gb.data(), gp.data(), gout.data());
     gpu->channel_bias_act_backward(act, n, c, hw, gp.data(), gout.data(), gdout.data(), gdpre.data(), gdb.data());
-    EXPECT_PARITY(norm_err(get(gout), out), 1e-6, "channel bias+act fwd " << activation_name(act));
-    EXPECT_PARITY(norm_err(get(gdpre), dpre), 1e-6, "channel act bwd " << activation_name(act));
-    EXPECT_PARITY(norm_err(get(gdb), db), 1e-6, "channel bias grad " << activation_name(act));
+    EXPECT_PARITY(norm_err(get(gout), out), 1e-6, "channel bias+act fwd " << choice_name(act));
+    EXPECT_PARITY(norm_err(get(gdpre), dpre), 1e-6, "channel act bwd " << choice_name(act));
+    EXPECT_PARITY(norm_err(get(gdb), db), 1e-6, "channel bias grad " << choice_name(act));
   }
   Vec x = random_vec(len, rng, -3, 3), gamma = random_vec(c, rng, 0.5f, 1.5f), beta = random_vec(c, rng),
       dy = random_vec(len, rng), y(len), st(size_t(n) * groups * 2), dx(len), dg(c, 0.0f), dbeta(c, 0.0f);
@@ -231,7 +231,7 @@ TEST_F(CudaParity, WholeVaeForwardBackwardAndAdam) {
       Vec rec_c(vc.rec(), vc.rec() + rows), kl_c(vc.kl(), vc.kl() + rows), rec_g(rows), kl_g(rows);
       gpu->download(rec_g.data(), vg.rec(), rows);
       gpu->download(kl_g.data(), vg.kl(), rows);
-      std::string tag = std::string(likelihood_name(lik)) + "/" + activation_name(act);
+      std::string tag = std::string(choice_name(lik)) + "/" + choice_name(act);
       EXPECT_PARITY(norm_err(rec_g, rec_c), 1e-5, tag << " rec");
       EXPECT_PARITY(norm_err(kl_g, kl_c), 1e-5, tag << " kl");
       EXPECT_PARITY(norm_err(get(dg), gc), 1e-4, tag << " all gradients");

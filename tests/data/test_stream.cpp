@@ -209,28 +209,28 @@ TEST(Stream, ACacheSmallerThanABlockStillServesExactRows) {
 }
 
 TEST(Stream, ResolveLoader) {
-  EXPECT_EQ(resolve_loader("auto", 1.0, 1 << 20), "memory");
-  EXPECT_EQ(resolve_loader("auto", 1.0, (1 << 20) + 1), "stream");
-  EXPECT_EQ(resolve_loader("memory", 1.0, int64_t{1} << 40), "memory");
-  EXPECT_EQ(resolve_loader("stream", 1e6, 10), "stream");
+  EXPECT_EQ(resolve_loader(Loader::Auto, 1.0, 1 << 20), Loader::Memory);
+  EXPECT_EQ(resolve_loader(Loader::Auto, 1.0, (1 << 20) + 1), Loader::Stream);
+  EXPECT_EQ(resolve_loader(Loader::Memory, 1.0, int64_t{1} << 40), Loader::Memory);
+  EXPECT_EQ(resolve_loader(Loader::Stream, 1e6, 10), Loader::Stream);
 }
 
 TEST(Stream, SpecKeysParseValidateAndDump) {
   const std::string base = "data: {train: d, ";
   ExperimentSpec s = parse_spec(base + "shuffle: blocks, loader: stream, cache_mb: 64}\n", "t.yaml");
-  EXPECT_TRUE(s.data.shuffle && s.data.shuffle_blocks);
-  EXPECT_EQ(s.data.loader, "stream");
+  EXPECT_EQ(s.data.shuffle, Shuffle::Blocks);
+  EXPECT_EQ(s.data.loader, Loader::Stream);
   EXPECT_EQ(s.data.cache_mb, 64.0);
   const std::string dumped = dump_spec(s);
   EXPECT_NE(dumped.find("shuffle: blocks"), std::string::npos) << dumped;
   ExperimentSpec again = parse_spec(dumped, "dump");
-  EXPECT_TRUE(again.data.shuffle_blocks);
-  EXPECT_EQ(again.data.loader, "stream");
+  EXPECT_EQ(again.data.shuffle, Shuffle::Blocks);
+  EXPECT_EQ(again.data.loader, Loader::Stream);
   EXPECT_EQ(again.data.cache_mb, 64.0);
   ExperimentSpec d = parse_spec(base + "}\n", "t.yaml");
-  EXPECT_EQ(d.data.loader, "auto");
-  EXPECT_TRUE(d.data.shuffle && !d.data.shuffle_blocks);
-  EXPECT_FALSE(parse_spec(base + "shuffle: false}\n", "t.yaml").data.shuffle);
+  EXPECT_EQ(d.data.loader, Loader::Auto);
+  EXPECT_EQ(d.data.shuffle, Shuffle::Global);
+  EXPECT_EQ(parse_spec(base + "shuffle: false}\n", "t.yaml").data.shuffle, Shuffle::Off);
   const auto error_of = [&](const std::string& yaml) {
     try {
       parse_spec(yaml, "t.yaml");
@@ -247,7 +247,7 @@ TEST(Stream, SpecKeysParseValidateAndDump) {
   e = error_of(base + "shuffle: sometimes}\n");
   EXPECT_NE(e.find("data.shuffle: must be true (a global permutation), false or blocks"), std::string::npos) << e;
   EXPECT_NE(e.find("got 'sometimes'"), std::string::npos) << e;
-  EXPECT_FALSE(parse_spec(base + "shuffle: no}\n", "t.yaml").data.shuffle);
+  EXPECT_EQ(parse_spec(base + "shuffle: no}\n", "t.yaml").data.shuffle, Shuffle::Off);
 }
 
 }  // namespace

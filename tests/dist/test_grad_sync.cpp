@@ -26,7 +26,7 @@ TEST(GradSync, BucketedAllReduceSumsExactlyForEveryBucketSize) {
   const size_t n = 1009;
   Buffer<float> g(*be, n);
   for (size_t bucket : {size_t{0}, size_t{1}, size_t{7}, size_t{250}, n - 1, n, 3 * n}) {
-    auto sync = make_gradient_sync("mpi", comm, *be, g.data(), n, bucket);
+    auto sync = make_gradient_sync(CommKind::Mpi, comm, *be, g.data(), n, bucket);
     std::mt19937 rng(1234u + static_cast<unsigned>(comm.rank()) * 77u + static_cast<unsigned>(bucket));
     for (int step = 0; step < 3; ++step) {
       for (size_t i = 0; i < n; ++i) g.data()[i] = value(i, comm.rank(), step);
@@ -61,7 +61,7 @@ TEST(ShardedSync, ReduceScatterThenAllGatherForEveryBucketSize) {
   const size_t n = 1009;
   Buffer<float> g(*be, n), p(*be, n);
   for (size_t bucket : {size_t{0}, size_t{1}, size_t{7}, size_t{250}, n - 1, n, 3 * n}) {
-    auto sync = make_sharded_sync("mpi", comm, *be, g.data(), p.data(), n, bucket);
+    auto sync = make_sharded_sync(CommKind::Mpi, comm, *be, g.data(), p.data(), n, bucket);
     const ShardPlan* plan = sync->shard_plan();
     ASSERT_NE(plan, nullptr);
     ASSERT_EQ(plan->ranks, W);
@@ -123,7 +123,7 @@ TEST(GradSync, SelfTestReportsBusBandwidthAsNcclTestsDefinesIt) {
   auto be = make_backend<float>(DeviceKind::Cpu, 1);
   const size_t n = 1 << 16;
   Buffer<float> g(*be, n);
-  auto sync = make_gradient_sync("mpi", comm, *be, g.data(), n, 4096);
+  auto sync = make_gradient_sync(CommKind::Mpi, comm, *be, g.data(), n, 4096);
   AllreduceRate r = measure_allreduce(*sync, *be, g.data(), n, comm.size(), 3);
   EXPECT_GT(r.seconds, 0.0);
   EXPECT_NEAR(r.algbw_gbs, n * 4.0 / r.seconds / 1e9, 1e-9 * r.algbw_gbs);
@@ -135,7 +135,7 @@ TEST(GradSync, NcclNeedsTheCudaBackend) {
   auto be = make_backend<float>(DeviceKind::Cpu, 1);
   Buffer<float> g(*be, 8);
   try {
-    make_gradient_sync("nccl", *g_comm, *be, g.data(), 8, 0);
+    make_gradient_sync(CommKind::Nccl, *g_comm, *be, g.data(), 8, 0);
     FAIL() << "nccl accepted a CPU buffer";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("dist.communicator: nccl"), std::string::npos) << e.what();

@@ -47,36 +47,36 @@ std::string error_of(const ExperimentSpec& s, const WorldInfo& w, const BackendR
 TEST(Placement, AutoPicksTheGpuWhenOneIsVisibleAndTheCpuOtherwise) {
   Placement p = resolve_placement(spec_with("auto", "auto"), node(0, 1), gpus(0));
   EXPECT_EQ(p.device, DeviceKind::Cpu);
-  EXPECT_EQ(p.communicator, "mpi");
+  EXPECT_EQ(p.communicator, CommKind::Mpi);
   p = resolve_placement(spec_with("auto", "auto"), node(0, 1), gpus(2, false));
   EXPECT_EQ(p.device, DeviceKind::Cpu) << "a CPU-only build never picks CUDA";
   p = resolve_placement(spec_with("auto", "auto"), node(1, 2), gpus(2));
   EXPECT_EQ(p.device, DeviceKind::Cuda);
   EXPECT_EQ(p.gpu, 1);
-  EXPECT_EQ(p.communicator, "nccl");
+  EXPECT_EQ(p.communicator, CommKind::Nccl);
 }
 
 TEST(Placement, AutoWithOneRankSyncsNothingButAnExplicitNcclStillRunsIt) {
   Placement p = resolve_placement(spec_with("cuda", "auto"), node(0, 1), gpus(1));
   EXPECT_EQ(p.device, DeviceKind::Cuda);
-  EXPECT_EQ(p.communicator, "none") << "one replica's gradient already is the sum";
+  EXPECT_EQ(p.communicator, CommKind::None) << "one replica's gradient already is the sum";
   p = resolve_placement(spec_with("cuda", "nccl"), node(0, 1), gpus(1));
-  EXPECT_EQ(p.communicator, "nccl") << "asked for by name, NCCL runs even with one rank";
+  EXPECT_EQ(p.communicator, CommKind::Nccl) << "asked for by name, NCCL runs even with one rank";
   WorldInfo two_nodes = node(0, 1);
   two_nodes.size = 2;  // one rank on this node, another elsewhere
   p = resolve_placement(spec_with("cuda", "auto"), two_nodes, gpus(1));
-  EXPECT_EQ(p.communicator, "nccl");
+  EXPECT_EQ(p.communicator, CommKind::Nccl);
 }
 
 TEST(Placement, RanksMapToGpusByLocalRankAndShareThemRoundRobin) {
   for (int lr = 0; lr < 6; ++lr) {
     Placement p = resolve_placement(spec_with("cuda", "mpi"), node(lr, 6), gpus(4));
     EXPECT_EQ(p.gpu, lr % 4);
-    EXPECT_EQ(p.communicator, "mpi");
+    EXPECT_EQ(p.communicator, CommKind::Mpi);
   }
   Placement p = resolve_placement(spec_with("cuda", "auto"), node(2, 3), gpus(1));
   EXPECT_EQ(p.gpu, 0);
-  EXPECT_EQ(p.communicator, "mpi") << "auto falls back to MPI staging when ranks share a GPU";
+  EXPECT_EQ(p.communicator, CommKind::Mpi) << "auto falls back to MPI staging when ranks share a GPU";
   EXPECT_NE(p.why.find("3 ranks share 1 GPU(s) on node7"), std::string::npos) << p.why;
 }
 

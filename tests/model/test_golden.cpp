@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -57,6 +59,15 @@ struct Case {
   double loss = 0;
 };
 
+// A choice the golden file stores by its name (the names of config/choices.hpp).
+template <class E>
+E choice_attr(hid_t g, const char* attr) {
+  const std::string text = h5::read_attr_string(g, attr);
+  const std::optional<E> e = parse_choice<E>(text);
+  if (!e) throw std::runtime_error(std::string("golden attribute ") + attr + ": unknown value '" + text + "'");
+  return *e;
+}
+
 Case load_case(hid_t file, const std::string& name, const VaeLayout** layout_out, std::unique_ptr<VaeLayout>& holder) {
   h5::Id g(ELBO_CHECK_H5(H5Gopen2(file, name.c_str(), H5P_DEFAULT)), H5Gclose);
   Case c;
@@ -69,11 +80,8 @@ Case load_case(hid_t file, const std::string& name, const VaeLayout** layout_out
     c.spec = parse_spec(h5::read_attr_string(g, "spec"), name + " (golden spec)").model;
     holder = std::make_unique<VaeLayout>(c.spec, int_array_attr(g, "shape"));
   } else {
-    std::string act = h5::read_attr_string(g, "activation"), lik = h5::read_attr_string(g, "likelihood");
-    c.spec.activation = act == "relu" ? Activation::Relu : act == "tanh" ? Activation::Tanh : Activation::Softplus;
-    c.spec.likelihood = lik == "bernoulli"        ? Likelihood::Bernoulli
-                        : lik == "gaussian_fixed" ? Likelihood::GaussianFixed
-                                                  : Likelihood::GaussianLearned;
+    c.spec.activation = choice_attr<Activation>(g, "activation");
+    c.spec.likelihood = choice_attr<Likelihood>(g, "likelihood");
     c.spec.sigma = h5::read_attr_double(g, "sigma");
     c.spec.encoder = int_array_attr(g, "encoder");
     c.spec.decoder = int_array_attr(g, "decoder");
@@ -177,7 +185,7 @@ TEST_P(Golden, ThreeOptimizerStepsMatchTorchOptim) {
   Case c = load_case(file, GetParam(), &layout, holder);
   h5::Id g(ELBO_CHECK_H5(H5Gopen2(file, (GetParam() + "/adam").c_str(), H5P_DEFAULT)), H5Gclose);
   OptimSpec o;
-  o.type = h5::read_attr_string(g, "optimizer");
+  o.type = choice_attr<OptimizerType>(g, "optimizer");
   o.lr = h5::read_attr_double(g, "lr");
   o.beta1 = h5::read_attr_double(g, "beta1");
   o.beta2 = h5::read_attr_double(g, "beta2");

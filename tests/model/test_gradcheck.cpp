@@ -48,7 +48,7 @@ TEST_P(OpGrad, BiasActivationBackwardMatchesFiniteDifferences) {
 INSTANTIATE_TEST_SUITE_P(Activations, OpGrad,
                          ::testing::Values(Activation::Identity, Activation::Relu, Activation::Tanh,
                                            Activation::Softplus),
-                         [](const auto& info) { return std::string(activation_name(info.param)); });
+                         [](const auto& info) { return std::string(choice_name(info.param)); });
 
 TEST(OpGrad, GemmBothTransposesMatchFiniteDifferences) {
   CpuBackend<double> be;
@@ -136,7 +136,7 @@ TEST(Likelihood, BernoulliIsBinaryCrossEntropyWithLogits) {
 INSTANTIATE_TEST_SUITE_P(Likelihoods, LikGrad,
                          ::testing::Values(Likelihood::Bernoulli, Likelihood::GaussianFixed,
                                            Likelihood::GaussianLearned),
-                         [](const auto& info) { return std::string(likelihood_name(info.param)); });
+                         [](const auto& info) { return std::string(choice_name(info.param)); });
 
 struct VaeCase {
   const char* name;

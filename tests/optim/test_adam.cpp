@@ -17,14 +17,14 @@ TEST(Schedule, WarmupThenCosineToMinLr) {
   o.lr = 1.0;
   o.min_lr = 0.1;
   o.warmup_steps = 10;
-  o.schedule = "cosine";
+  o.schedule = LrSchedule::Cosine;
   EXPECT_DOUBLE_EQ(learning_rate(o, 0, 110), 0.1);
   EXPECT_DOUBLE_EQ(learning_rate(o, 9, 110), 1.0);
   EXPECT_NEAR(learning_rate(o, 10, 110), 1.0, 1e-12);
   EXPECT_NEAR(learning_rate(o, 109, 110), 0.1, 1e-12);
   EXPECT_NEAR(learning_rate(o, 10 + 99 / 2.0, 110), 0.55, 0.01);
   for (int s = 11; s < 110; ++s) EXPECT_LE(learning_rate(o, s, 110), learning_rate(o, s - 1, 110) + 1e-15);
-  o.schedule = "constant";
+  o.schedule = LrSchedule::Constant;
   EXPECT_DOUBLE_EQ(learning_rate(o, 50, 110), 1.0);
 }
 
@@ -57,7 +57,7 @@ TEST(Adam, ClipsToGlobalNormAndReportsTheNormBeforeClipping) {
 TEST(Adam, AdamWDecaysWeightsWithoutGradient) {
   CpuBackend<double> be;
   OptimSpec o;
-  o.type = "adamw";
+  o.type = OptimizerType::AdamW;
   o.lr = 0.1;
   o.weight_decay = 0.5;
   Adam<double> opt(o, be, 1);

@@ -33,8 +33,8 @@ struct Split {
 };
 
 struct Case {
-  std::string loader;
-  std::string shuffle;  // "true" or "blocks"
+  Loader loader;
+  Shuffle shuffle;  // Global or Blocks
   int world;
 };
 std::ostream& operator<<(std::ostream& os, const Case& c) {
@@ -62,8 +62,7 @@ TEST_P(BatchPrepCase, EveryRankGetsItsRowsOfEveryBatch) {
   ExperimentSpec spec;
   spec.seed = 7;
   spec.data.binarize = true;  // keyed by (seed, epoch, index): a wrong epoch or index shows
-  spec.data.shuffle = true;
-  spec.data.shuffle_blocks = c.shuffle == "blocks";
+  spec.data.shuffle = c.shuffle;
   spec.data.cache_mb = 0.25;
   spec.train.batch_size = 48;
   spec.train.epochs = 2;
@@ -81,12 +80,12 @@ TEST_P(BatchPrepCase, EveryRankGetsItsRowsOfEveryBatch) {
     // boundary), no prefetch at all, and a start at epoch 0 batch 5 (a resume).
     for (int pass = 0; pass < 3; ++pass) {
       TrainingData d;
-      d.train.emplace(data::ShardSet::open(s.path(), data::OpenOptions{c.loader == "memory", r, c.world}));
+      d.train.emplace(data::ShardSet::open(s.path(), data::OpenOptions{c.loader == Loader::Memory, r, c.world}));
       d.train_loader = c.loader;
       d.n = n;
       d.dim = dim;
       BatchPrep prep(*backend, d, spec, r, c.world, local_rows);
-      EXPECT_EQ(prep.stream() != nullptr, c.loader == "stream");
+      EXPECT_EQ(prep.stream() != nullptr, c.loader == Loader::Stream);
       for (int64_t e = 0; e < spec.train.epochs; ++e) {
         for (int64_t b = (pass == 2 && e == 0) ? 5 : 0; b < per_epoch; ++b) {
           const BatchPrep::Batch got = prep.get(e, b);
@@ -114,10 +113,13 @@ TEST_P(BatchPrepCase, EveryRankGetsItsRowsOfEveryBatch) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Loaders, BatchPrepCase,
-                         ::testing::Values(Case{"memory", "true", 1}, Case{"memory", "true", 3},
-                                           Case{"memory", "blocks", 2}, Case{"stream", "blocks", 1},
-                                           Case{"stream", "blocks", 2}, Case{"stream", "blocks", 3},
-                                           Case{"stream", "true", 2}));
+                         ::testing::Values(Case{Loader::Memory, Shuffle::Global, 1},
+                                           Case{Loader::Memory, Shuffle::Global, 3},
+                                           Case{Loader::Memory, Shuffle::Blocks, 2},
+                                           Case{Loader::Stream, Shuffle::Blocks, 1},
+                                           Case{Loader::Stream, Shuffle::Blocks, 2},
+                                           Case{Loader::Stream, Shuffle::Blocks, 3},
+                                           Case{Loader::Stream, Shuffle::Global, 2}));
 
 }  // namespace
 }  // namespace elbo

@@ -13,25 +13,6 @@
 
 namespace elbo {
 
-const char* activation_name(Activation a) {
-  switch (a) {
-    case Activation::Identity: return "identity";
-    case Activation::Relu: return "relu";
-    case Activation::Tanh: return "tanh";
-    case Activation::Softplus: return "softplus";
-  }
-  return "?";
-}
-
-const char* likelihood_name(Likelihood l) {
-  switch (l) {
-    case Likelihood::Bernoulli: return "bernoulli";
-    case Likelihood::GaussianFixed: return "gaussian_fixed";
-    case Likelihood::GaussianLearned: return "gaussian_learned";
-  }
-  return "?";
-}
-
 template <class T>
 void* Backend<T>::allocate_host(size_t bytes) {
   void* p = std::malloc(bytes == 0 ? 1 : bytes);

@@ -10,16 +10,12 @@
 #include <memory>
 #include <string>
 
+#include "elbo/config/choices.hpp"  // Activation, Likelihood and their names
 #include "elbo/util/philox.hpp"
 
 namespace elbo {
 
-enum class Activation { Identity, Relu, Tanh, Softplus };
-enum class Likelihood { Bernoulli, GaussianFixed, GaussianLearned };
 enum class DeviceKind { Cpu, Cuda };
-
-const char* activation_name(Activation a);
-const char* likelihood_name(Likelihood l);
 
 // Elements [begin, end) of a flat buffer: a gradient bucket, a rank's slice of the
 // optimizer state.

@@ -185,10 +185,7 @@ bool find_resume_checkpoint(const std::string& dir, Checkpoint* out, std::vector
 
 std::vector<std::string> check_resume_compatible(const ExperimentSpec& stored, const ExperimentSpec& now,
                                                  const std::string& checkpoint_path) {
-  // Keys whose change alters the model or the sequence of samples, eps and
-  // binarization draws: continuing under them would not be the same run.
-  static const char* const kFixed[] = {"model.",        "seed",           "data.shuffle", "data.binarize",
-                                       "data.max_samples", "train.batch_size", "train.drop_last"};
+  // Which keys must keep their values is the spec's key table's to say (fixed_on_resume).
   std::map<std::string, std::string> a, b;
   flatten(YAML::Load(dump_spec(stored)), "", &a);
   flatten(YAML::Load(dump_spec(now)), "", &b);
@@ -197,14 +194,10 @@ std::vector<std::string> check_resume_compatible(const ExperimentSpec& stored, c
     auto it = b.find(key);
     const std::string new_value = it == b.end() ? "(absent)" : it->second;
     if (new_value == old_value) continue;
-    for (const char* f : kFixed) {
-      const std::string fixed(f);
-      const bool match = fixed.back() == '.' ? key.rfind(fixed, 0) == 0 : key == fixed;
-      if (match)
-        throw config_error(now.source + ": " + key + ": cannot change on resume (the checkpoint " + checkpoint_path +
-                           " has " + old_value + ", the spec says " + new_value +
-                           "); it changes the model or the sample sequence. Start a new run in another output.dir");
-    }
+    if (fixed_on_resume(key))
+      throw config_error(now.source + ": " + key + ": cannot change on resume (the checkpoint " + checkpoint_path +
+                         " has " + old_value + ", the spec says " + new_value +
+                         "); it changes the model or the sample sequence. Start a new run in another output.dir");
     changes.push_back(key + ": " + old_value + " -> " + new_value);
   }
   return changes;

@@ -113,8 +113,8 @@ void write_model_file(const std::string& path, const ExperimentSpec& spec, const
     h5::write_attr_string(file, "spec", dump_spec(spec));
     detail::write_input_shape(file, input_shape);
     h5::write_attr_int(file, "latent", layout.latent());
-    h5::write_attr_string(file, "likelihood", likelihood_name(layout.spec().likelihood));
-    h5::write_attr_string(file, "activation", activation_name(layout.spec().activation));
+    h5::write_attr_string(file, "likelihood", choice_name(layout.spec().likelihood));
+    h5::write_attr_string(file, "activation", choice_name(layout.spec().activation));
     h5::write_attr_int(file, "step", step);
     h5::write_attr_int(file, "epochs_completed", epochs_completed);
     detail::write_param_views(file, "params", layout, params);

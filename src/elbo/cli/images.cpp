@@ -32,8 +32,11 @@ LoadedModel load_model(Communicator& comm, const std::string& command, const std
     m.layout = std::make_unique<VaeLayout>(m.file.spec.model, s);
     ExperimentSpec where = m.file.spec;  // inference needs no gradient communicator
     where.source = command + " --device";
-    where.device = device;
-    where.dist.communicator = "auto";
+    // The command line offers only the names of Device (add_choice below).
+    const std::optional<Device> wanted = parse_choice<Device>(device);
+    if (!wanted) throw usage_error(command + " --device: '" + device + "' is not one of " + choice_list<Device>());
+    where.device = *wanted;
+    where.dist.communicator = CommKind::Auto;
     const Placement place = resolve_placement(where, comm.world(), probe_backends());
     m.backend = make_backend<float>(place.device, threads_per_rank(static_cast<int>(threads), comm.world().local_size),
                                     place.gpu);

@@ -73,8 +73,11 @@ int run_eval(const EvalArgs& a, Communicator& comm) {
   std::optional<data::ShardSet> set;
   collectively(comm, [&] {
     // A test split larger than memory is read on demand, each rank its own rows.
-    const std::string how = data::resolve_loader(a.loader, a.cache_mb, data::split_bytes(a.data));
-    set.emplace(data::ShardSet::open(a.data, data::OpenOptions{how == "memory", comm.rank(), comm.size()}));
+    // --loader offers only the names of Loader (add_choice below).
+    const std::optional<Loader> loader = parse_choice<Loader>(a.loader);
+    if (!loader) throw usage_error("elbo eval --loader: '" + a.loader + "' is not one of " + choice_list<Loader>());
+    const Loader how = data::resolve_loader(*loader, a.cache_mb, data::split_bytes(a.data));
+    set.emplace(data::ShardSet::open(a.data, data::OpenOptions{how == Loader::Memory, comm.rank(), comm.size()}));
     cli::check_model_input(*set, a.data, m, a.model);
   });
   EvalOptions eo;

@@ -1,13 +1,17 @@
-// YAML -> ExperimentSpec with precise errors, --set overrides, and the resolved dump.
+// YAML -> ExperimentSpec with precise errors, --set overrides, the resolved dump and
+// the resume rule, all driven by one table of keys per section.
 #include "elbo/config/spec.hpp"
 
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
 #include "elbo/util/error.hpp"
 
@@ -32,7 +36,7 @@ std::string override_covering(const std::map<std::string, std::string>& override
 }
 
 struct Context {
-  std::string source;                           // file name for messages
+  std::string source;                            // file name for messages
   std::map<std::string, std::string> overrides;  // key path -> the --set argument that set it
 
   std::string override_for(const std::string& key) const { return override_covering(overrides, key); }
@@ -64,13 +68,15 @@ class MapReader {
     reject_duplicate_keys();
   }
 
+  // "model.latent" for "latent" read under model.
+  std::string path(const std::string& key) const { return m_prefix + key; }
+  const YAML::Node& node() const { return m_node; }
+
   [[noreturn]] void fail(const YAML::Node& at, const std::string& key, const std::string& what) const {
     throw config_error(m_ctx.where(key, at) + ": " + key + ": " + what);
   }
 
-  bool has(const std::string& key) {
-    return m_node && m_node.IsMap() && m_node[key] && !m_node[key].IsNull();
-  }
+  bool has(const std::string& key) { return m_node && m_node.IsMap() && m_node[key] && !m_node[key].IsNull(); }
 
   YAML::Node raw(const std::string& key) {
     m_seen.insert(key);
@@ -92,12 +98,14 @@ class MapReader {
     return convert<T>(n, m_prefix + key);
   }
 
-  std::string choice(const std::string& key, const std::string& fallback,
-                     const std::vector<std::string>& valid) {
-    std::string v = get<std::string>(key, fallback);
-    for (const auto& c : valid)
-      if (v == c) return v;
-    fail(raw(key), m_prefix + key, "unknown value '" + v + "'; valid choices: " + join(valid));
+  // A choice spelled as in its name table (choices.hpp); `allowed` narrows the table.
+  template <class E>
+  E choice(const std::string& key, E fallback, std::initializer_list<E> allowed = {}) {
+    YAML::Node n = raw(key);
+    if (!n || n.IsNull()) return fallback;
+    const std::string v = convert<std::string>(n, m_prefix + key);
+    if (std::optional<E> e = parse_choice<E>(v, allowed)) return *e;
+    fail(n, m_prefix + key, "unknown value '" + v + "'; valid choices: " + choice_list<E>(allowed));
   }
 
   std::vector<int> int_list(const std::string& key, std::vector<int> fallback) {
@@ -110,68 +118,7 @@ class MapReader {
   }
 
   MapReader sub(const std::string& key) { return MapReader(raw(key), m_prefix + key + ".", m_ctx); }
-
-  // A conv model's layer list: maps such as {type: conv2d, channels: 32, kernel: 4,
-  // stride: 2, padding: 1}, or bare names for entries without settings (relu, flatten).
-  std::vector<LayerSpec> layer_list(const std::string& key) {
-    YAML::Node n = raw(key);
-    const std::string where = m_prefix + key;
-    if (!n || n.IsNull()) fail(m_node, where, "is required for model.type conv (a list of layers)");
-    if (!n.IsSequence() || n.size() == 0)
-      fail(n, where, "must be a non-empty list of layers, e.g. [{type: conv2d, channels: 32, kernel: 4, stride: 2, "
-                     "padding: 1}, relu, ...]");
-    static const std::vector<std::string> kTypes = {"linear", "conv2d", "conv_transpose2d", "group_norm", "relu",
-                                                     "tanh", "softplus", "flatten", "reshape"};
-    std::vector<LayerSpec> out;
-    for (size_t i = 0; i < n.size(); ++i) {
-      const std::string at = where + "[" + std::to_string(i) + "]";
-      YAML::Node e = n[i];
-      LayerSpec l;
-      if (e.IsScalar()) {
-        l.type = e.Scalar();
-      } else {
-        MapReader r(e, at + ".", m_ctx);
-        l.type = r.required<std::string>("type");
-        if (std::find(kTypes.begin(), kTypes.end(), l.type) == kTypes.end())
-          fail(r.raw("type"), at + ".type", "unknown layer '" + l.type + "'; valid layers: " + join(kTypes));
-        if (l.type == "linear") {
-          l.features = r.required<int>("features");
-          r.check(l.features >= 1, "features", "must be >= 1", l.features);
-        } else if (l.type == "conv2d" || l.type == "conv_transpose2d") {
-          l.channels = r.required<int>("channels");
-          r.check(l.channels >= 1, "channels", "must be >= 1", l.channels);
-          l.kernel = r.get<int>("kernel", l.kernel);
-          r.check(l.kernel >= 1, "kernel", "must be >= 1", l.kernel);
-          l.stride = r.get<int>("stride", l.stride);
-          r.check(l.stride >= 1, "stride", "must be >= 1", l.stride);
-          l.padding = r.get<int>("padding", l.padding);
-          r.check(l.padding >= 0, "padding", "must be >= 0", l.padding);
-          if (l.type == "conv_transpose2d") {
-            l.output_padding = r.get<int>("output_padding", l.output_padding);
-            r.check(l.output_padding >= 0 && l.output_padding < l.stride, "output_padding",
-                    "must be >= 0 and smaller than the stride", l.output_padding);
-          }
-        } else if (l.type == "group_norm") {
-          l.groups = r.required<int>("groups");
-          r.check(l.groups >= 1, "groups", "must be >= 1", l.groups);
-        } else if (l.type == "reshape") {
-          l.shape = r.int_list("shape", {});
-          if (l.shape.size() != 3 || l.shape[0] < 1 || l.shape[1] < 1 || l.shape[2] < 1)
-            fail(r.raw("shape"), at + ".shape", "must be [C, H, W] with positive sizes");
-        }
-        r.finish({"type", "features", "channels", "kernel", "stride", "padding", "output_padding", "groups", "shape"});
-      }
-      if (std::find(kTypes.begin(), kTypes.end(), l.type) == kTypes.end())
-        fail(e, at + ".type", "unknown layer '" + l.type + "'; valid layers: " + join(kTypes));
-      if (l.type == "reshape" && l.shape.empty()) fail(e, at, "reshape needs a shape: {type: reshape, shape: [C, H, W]}");
-      if ((l.type == "linear" && l.features == 0) || ((l.type == "conv2d" || l.type == "conv_transpose2d") && l.channels == 0) ||
-          (l.type == "group_norm" && l.groups == 0))
-        fail(e, at, "'" + l.type + "' needs its settings as a mapping, e.g. {type: " + l.type +
-                        (l.type == "linear" ? ", features: 256}" : l.type == "group_norm" ? ", groups: 8}" : ", channels: 32, kernel: 3}"));
-      out.push_back(l);
-    }
-    return out;
-  }
+  MapReader entry(const YAML::Node& n, const std::string& prefix) const { return MapReader(n, prefix, m_ctx); }
 
   // yaml-cpp keeps every pair of a mapping and lookups return the first, so a key
   // given twice would silently lose its second value (often the one meant).
@@ -195,8 +142,7 @@ class MapReader {
     if (!m_node || !m_node.IsMap()) return;
     for (const auto& kv : m_node) {
       std::string k = kv.first.as<std::string>();
-      if (!m_seen.count(k))
-        fail(kv.first, m_prefix + k, "unknown key; valid keys here: " + join(known));
+      if (!m_seen.count(k)) fail(kv.first, m_prefix + k, "unknown key; valid keys here: " + join(known));
     }
   }
 
@@ -211,10 +157,10 @@ class MapReader {
  private:
   template <class T>
   T convert(const YAML::Node& n, const std::string& key) const {
-    const char* expected = std::is_same_v<T, bool>          ? "true or false"
-                           : std::is_integral_v<T>          ? "an integer"
-                           : std::is_floating_point_v<T>    ? "a number"
-                                                            : "a string";
+    const char* expected = std::is_same_v<T, bool>       ? "true or false"
+                           : std::is_integral_v<T>       ? "an integer"
+                           : std::is_floating_point_v<T> ? "a number"
+                                                         : "a string";
     if (!n.IsScalar()) fail(n, key, std::string("must be ") + expected);
     try {
       return n.as<T>();
@@ -228,6 +174,331 @@ class MapReader {
   const Context& m_ctx;
   std::set<std::string> m_seen;
 };
+
+// --- the key tables -----------------------------------------------------------------
+// Every key of the spec is one entry below: its name, how it is read and checked, how
+// it is written in the resolved dump, and whether a resumed run must keep it. The
+// entries' order is the dump's order and the order of "valid keys here" in messages.
+
+// One key as its entry reads it: the mapping's reader and the key's name.
+struct Field {
+  MapReader& r;
+  const std::string& key;
+
+  // Reads the value over `v`, which holds the default.
+  template <class T>
+  void read(T& v) {
+    if constexpr (std::is_enum_v<T>)
+      v = r.choice(key, v);
+    else
+      v = r.get<T>(key, v);
+  }
+  template <class T>
+  void require(T& v) {
+    v = r.required<T>(key);
+  }
+  template <class T>
+  void check(bool ok, const std::string& what, const T& got) {
+    r.check(ok, key, what, got);
+  }
+  [[noreturn]] void fail(const std::string& what) { r.fail(r.raw(key), r.path(key), what); }
+};
+
+// One key as its entry writes it: the emitter, and the key's name to put before a value.
+struct Out {
+  YAML::Emitter& e;
+  const std::string& key;
+
+  YAML::Emitter& value() { return e << YAML::Key << key << YAML::Value; }
+  template <class T>
+  void put(const T& v) {
+    if constexpr (std::is_enum_v<T>)
+      value() << choice_name(v);
+    else
+      value() << v;
+  }
+  void put(const std::vector<int>& v) {
+    value() << YAML::Flow << YAML::BeginSeq;
+    for (int x : v) e << x;
+    e << YAML::EndSeq;
+  }
+};
+
+enum class Resume { Free, Fixed };
+
+template <class Target>
+struct KeyOf {
+  std::string name;
+  std::function<void(Field&, Target&)> read;      // with the checks; may leave the default
+  std::function<void(Out&, const Target&)> dump;  // may write nothing (an optional key left out)
+  Resume resume = Resume::Free;                   // Fixed: a resumed run must keep the checkpoint's value
+};
+using Key = KeyOf<ExperimentSpec>;
+
+Key fixed(Key k) {
+  k.resume = Resume::Fixed;
+  return k;
+}
+
+template <class Target>
+std::vector<std::string> names(const std::vector<KeyOf<Target>>& keys) {
+  std::vector<std::string> out;
+  for (const auto& k : keys) out.push_back(k.name);
+  return out;
+}
+
+// Reads `keys` from `r` into `t`, then rejects any other key of the mapping.
+template <class Target>
+void read_keys(MapReader& r, const std::vector<KeyOf<Target>>& keys, Target& t) {
+  for (const auto& k : keys) {
+    Field f{r, k.name};
+    k.read(f, t);
+  }
+  r.finish(names(keys));
+}
+
+template <class Target>
+void dump_keys(YAML::Emitter& e, const std::vector<KeyOf<Target>>& keys, const Target& t) {
+  for (const auto& k : keys) {
+    Out o{e, k.name};
+    k.dump(o, t);
+  }
+}
+
+// A key held in one member of a section (ExperimentSpec::*section), read with the
+// member's default as fallback and, when `ok` is given, checked with it: `rule` is the
+// message when the check fails.
+template <class S>
+struct SectionKeys {
+  S ExperimentSpec::*section;
+
+  template <class T, class Ok = std::nullptr_t>
+  Key field(std::string name, T S::*member, Ok ok = nullptr, std::string rule = {}) const {
+    const auto sec = section;
+    return Key{std::move(name),
+               [=](Field& f, ExperimentSpec& s) {
+                 T& v = (s.*sec).*member;
+                 f.read(v);
+                 if constexpr (!std::is_null_pointer_v<Ok>) f.check(ok(v), rule, v);
+               },
+               [=](Out& o, const ExperimentSpec& s) { o.put((s.*sec).*member); }};
+  }
+};
+
+// A nested mapping (model.likelihood) read and dumped through its own keys.
+Key mapping(std::string name, const std::vector<Key>& keys) {
+  return Key{std::move(name),
+             [&keys](Field& f, ExperimentSpec& s) {
+               MapReader sub = f.r.sub(f.key);
+               read_keys(sub, keys, s);
+             },
+             [&keys](Out& o, const ExperimentSpec& s) {
+               o.value() << YAML::BeginMap;
+               dump_keys(o.e, keys, s);
+               o.e << YAML::EndMap;
+             }};
+}
+
+struct Section {
+  std::string name;  // "" = the top level
+  std::vector<Key> keys;
+};
+
+// --- model.likelihood: {type, variance, sigma} spells the enum Likelihood ---
+
+enum class LikelihoodType { Bernoulli, Gaussian };
+inline constexpr Named<LikelihoodType> kLikelihoodTypeNames[] = {{LikelihoodType::Bernoulli, "bernoulli"},
+                                                                 {LikelihoodType::Gaussian, "gaussian"}};
+constexpr const auto& choices_of(LikelihoodType) { return kLikelihoodTypeNames; }
+
+enum class Variance { Fixed, Learned };
+inline constexpr Named<Variance> kVarianceNames[] = {{Variance::Fixed, "fixed"}, {Variance::Learned, "learned"}};
+constexpr const auto& choices_of(Variance) { return kVarianceNames; }
+
+LikelihoodType type_of(Likelihood l) {
+  return l == Likelihood::Bernoulli ? LikelihoodType::Bernoulli : LikelihoodType::Gaussian;
+}
+Variance variance_of(Likelihood l) { return l == Likelihood::GaussianLearned ? Variance::Learned : Variance::Fixed; }
+// A Bernoulli likelihood has no variance: a variance given with it is ignored.
+Likelihood likelihood_of(LikelihoodType t, Variance v) {
+  if (t == LikelihoodType::Bernoulli) return Likelihood::Bernoulli;
+  return v == Variance::Learned ? Likelihood::GaussianLearned : Likelihood::GaussianFixed;
+}
+
+// type is read before variance: a Gaussian keeps the variance read so far (fixed by default).
+const std::vector<Key>& likelihood_keys() {
+  static const std::vector<Key> keys = {
+      {"type",
+       [](Field& f, ExperimentSpec& s) {
+         Likelihood& l = s.model.likelihood;
+         LikelihoodType t = type_of(l);
+         f.read(t);
+         l = likelihood_of(t, variance_of(l));
+       },
+       [](Out& o, const ExperimentSpec& s) { o.put(type_of(s.model.likelihood)); }},
+      {"variance",
+       [](Field& f, ExperimentSpec& s) {
+         Likelihood& l = s.model.likelihood;
+         Variance v = variance_of(l);
+         f.read(v);
+         l = likelihood_of(type_of(l), v);
+       },
+       [](Out& o, const ExperimentSpec& s) { o.put(variance_of(s.model.likelihood)); }},
+      SectionKeys<ModelSpec>{&ExperimentSpec::model}.field(
+          "sigma", &ModelSpec::sigma, [](double v) { return v > 0; }, "must be > 0"),
+  };
+  return keys;
+}
+
+// --- a conv model's layer lists ---
+
+// An entry's settings, in the order the dump writes them after `type`; each applies to
+// the layer types listed with it.
+struct LayerKey {
+  KeyOf<LayerSpec> key;
+  std::vector<LayerType> types;
+};
+
+bool is_activation(LayerType t) { return t == LayerType::Relu || t == LayerType::Tanh || t == LayerType::Softplus; }
+
+template <class Ok>
+KeyOf<LayerSpec> layer_int(std::string name, int LayerSpec::*member, bool required, Ok ok, std::string rule) {
+  return {std::move(name),
+          [=](Field& f, LayerSpec& l) {
+            if (required)
+              f.require(l.*member);
+            else
+              f.read(l.*member);
+            f.check(ok(l, l.*member), rule, l.*member);
+          },
+          [=](Out& o, const LayerSpec& l) { o.put(l.*member); }};
+}
+
+const std::vector<LayerKey>& layer_keys() {
+  using L = LayerType;
+  const auto positive = [](const LayerSpec&, int v) { return v >= 1; };
+  const auto non_negative = [](const LayerSpec&, int v) { return v >= 0; };
+  static const std::vector<LayerKey> keys = {
+      {layer_int("features", &LayerSpec::features, true, positive, "must be >= 1"), {L::Linear}},
+      {layer_int("channels", &LayerSpec::channels, true, positive, "must be >= 1"), {L::Conv2d, L::ConvTranspose2d}},
+      {layer_int("kernel", &LayerSpec::kernel, false, positive, "must be >= 1"), {L::Conv2d, L::ConvTranspose2d}},
+      {layer_int("stride", &LayerSpec::stride, false, positive, "must be >= 1"), {L::Conv2d, L::ConvTranspose2d}},
+      {layer_int("padding", &LayerSpec::padding, false, non_negative, "must be >= 0"), {L::Conv2d, L::ConvTranspose2d}},
+      {layer_int(
+           "output_padding", &LayerSpec::output_padding, false,
+           [](const LayerSpec& l, int v) { return v >= 0 && v < l.stride; },
+           "must be >= 0 and smaller than the stride"),
+       {L::ConvTranspose2d}},
+      {layer_int("groups", &LayerSpec::groups, true, positive, "must be >= 1"), {L::GroupNorm}},
+      {{"shape",
+        [](Field& f, LayerSpec& l) {
+          l.shape = f.r.int_list(f.key, {});
+          if (l.shape.size() != 3 || l.shape[0] < 1 || l.shape[1] < 1 || l.shape[2] < 1)
+            f.fail("must be [C, H, W] with positive sizes");
+        },
+        [](Out& o, const LayerSpec& l) { o.put(l.shape); }},
+       {L::Reshape}},
+  };
+  return keys;
+}
+
+bool applies(const LayerKey& k, LayerType t) { return std::find(k.types.begin(), k.types.end(), t) != k.types.end(); }
+
+// Maps such as {type: conv2d, channels: 32, kernel: 4, stride: 2, padding: 1}, or bare
+// names for entries without settings (relu, flatten).
+std::vector<LayerSpec> read_layer_list(Field& f) {
+  YAML::Node n = f.r.raw(f.key);
+  const std::string where = f.r.path(f.key);
+  if (!n || n.IsNull()) f.r.fail(f.r.node(), where, "is required for model.type conv (a list of layers)");
+  if (!n.IsSequence() || n.size() == 0)
+    f.r.fail(n, where,
+             "must be a non-empty list of layers, e.g. [{type: conv2d, channels: 32, kernel: 4, stride: 2, "
+             "padding: 1}, relu, ...]");
+  const auto unknown = [&](const YAML::Node& at, const std::string& key, const std::string& type) {
+    f.r.fail(at, key, "unknown layer '" + type + "'; valid layers: " + choice_list<LayerType>());
+  };
+  std::vector<LayerSpec> out;
+  for (size_t i = 0; i < n.size(); ++i) {
+    const std::string at = where + "[" + std::to_string(i) + "]";
+    YAML::Node e = n[i];
+    LayerSpec l;
+    bool settings = false;  // given as a mapping
+    if (e.IsScalar()) {
+      const std::optional<LayerType> t = parse_choice<LayerType>(e.Scalar());
+      if (!t) unknown(e, at + ".type", e.Scalar());
+      l.type = *t;
+    } else {
+      MapReader r = f.r.entry(e, at + ".");
+      const std::string type = r.required<std::string>("type");
+      const std::optional<LayerType> t = parse_choice<LayerType>(type);
+      if (!t) unknown(r.raw("type"), at + ".type", type);
+      l.type = *t;
+      settings = true;
+      std::vector<std::string> known = {"type"};
+      for (const LayerKey& k : layer_keys()) {
+        known.push_back(k.key.name);
+        if (!applies(k, l.type)) continue;
+        Field kf{r, k.key.name};
+        k.key.read(kf, l);
+      }
+      r.finish(known);
+    }
+    if (l.type == LayerType::Reshape && !settings)
+      f.r.fail(e, at, "reshape needs a shape: {type: reshape, shape: [C, H, W]}");
+    if (!settings && (l.type == LayerType::Linear || l.type == LayerType::Conv2d ||
+                      l.type == LayerType::ConvTranspose2d || l.type == LayerType::GroupNorm)) {
+      const std::string name = choice_name(l.type);
+      f.r.fail(e, at,
+               "'" + name + "' needs its settings as a mapping, e.g. {type: " + name +
+                   (l.type == LayerType::Linear      ? ", features: 256}"
+                    : l.type == LayerType::GroupNorm ? ", groups: 8}"
+                                                     : ", channels: 32, kernel: 3}"));
+    }
+    out.push_back(l);
+  }
+  return out;
+}
+
+// Entries without settings as bare names, the others as one-line mappings.
+void dump_layer_list(Out& o, const std::vector<LayerSpec>& list) {
+  YAML::Emitter& e = o.value();
+  e << YAML::BeginSeq;
+  for (const LayerSpec& l : list) {
+    if (is_activation(l.type) || l.type == LayerType::Flatten) {
+      e << choice_name(l.type);
+      continue;
+    }
+    e << YAML::Flow << YAML::BeginMap << YAML::Key << "type" << YAML::Value << choice_name(l.type);
+    for (const LayerKey& k : layer_keys()) {
+      if (!applies(k, l.type)) continue;
+      Out ko{e, k.key.name};
+      k.key.dump(ko, l);
+    }
+    e << YAML::EndMap;
+  }
+  e << YAML::EndSeq;
+}
+
+// model.encoder / model.decoder: hidden widths for an MLP, a layer list for a conv model.
+Key model_list(std::string name, std::vector<int> ModelSpec::*widths, std::vector<LayerSpec> ModelSpec::*layers) {
+  return fixed(Key{std::move(name),
+                   [=](Field& f, ExperimentSpec& s) {
+                     ModelSpec& m = s.model;
+                     if (m.type == ModelType::Conv) {
+                       (m.*widths).clear();
+                       m.*layers = read_layer_list(f);
+                       return;
+                     }
+                     m.*widths = f.r.int_list(f.key, m.*widths);
+                     for (int w : m.*widths) f.check(w > 0, "hidden widths must be >= 1", w);
+                   },
+                   [=](Out& o, const ExperimentSpec& s) {
+                     if (s.model.type == ModelType::Conv)
+                       dump_layer_list(o, s.model.*layers);
+                     else
+                       o.put(s.model.*widths);
+                   }});
+}
 
 void apply_override(YAML::Node& root, const std::string& text, Context& ctx) {
   size_t eq = text.find('=');
@@ -264,197 +535,250 @@ void apply_override(YAML::Node& root, const std::string& text, Context& ctx) {
   ctx.overrides[path] = text;
 }
 
+// The spec's keys: the top level's own keys, then one section per mapping.
+const std::vector<Section>& spec_sections() {
+  const SectionKeys<DataSpec> data{&ExperimentSpec::data};
+  const SectionKeys<ModelSpec> model{&ExperimentSpec::model};
+  const SectionKeys<LossSpec> loss{&ExperimentSpec::loss};
+  const SectionKeys<OptimSpec> optim{&ExperimentSpec::optim};
+  const SectionKeys<TrainSpec> train{&ExperimentSpec::train};
+  const SectionKeys<EvalSpec> eval{&ExperimentSpec::eval};
+  const SectionKeys<OutputSpec> output{&ExperimentSpec::output};
+  const SectionKeys<DistSpec> dist{&ExperimentSpec::dist};
+  const SectionKeys<CheckpointSpec> checkpoint{&ExperimentSpec::checkpoint};
+  const auto at_least_0 = [](auto v) { return v >= 0; };
+  const auto at_least_1 = [](auto v) { return v >= 1; };
+  const auto positive = [](auto v) { return v > 0; };
+  // Keys whose change alters the model or the sequence of samples, eps and
+  // binarization draws are fixed(): continuing under another value would not be the
+  // same run.
+  static const std::vector<Section> sections = {
+      {"",
+       {
+           {"name",
+            [](Field& f, ExperimentSpec& s) {
+              f.read(s.name);
+              f.check(!s.name.empty(), "must not be empty", "''");
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.name); }},
+           fixed({"seed",
+                  [](Field& f, ExperimentSpec& s) {
+                    int64_t seed = static_cast<int64_t>(s.seed);
+                    f.read(seed);
+                    f.check(seed >= 0, "must be >= 0", seed);
+                    s.seed = static_cast<uint64_t>(seed);
+                  },
+                  [](Out& o, const ExperimentSpec& s) { o.put(s.seed); }}),
+           {"device", [](Field& f, ExperimentSpec& s) { f.read(s.device); },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.device); }},
+       }},
+      {"data",
+       {
+           {"train", [](Field& f, ExperimentSpec& s) { f.require(s.data.train); },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.data.train); }},
+           data.field("test", &DataSpec::test),
+           {"shape",
+            [](Field& f, ExperimentSpec& s) {
+              auto& shape = s.data.shape;
+              shape = f.r.int_list(f.key, {});
+              if (shape.empty()) return;
+              const bool ok = shape.size() == 3 && shape[0] > 0 && shape[1] > 0 && shape[2] > 0;
+              f.check(ok, "must be [channels, height, width] with positive entries", shape.size());
+            },
+            [](Out& o, const ExperimentSpec& s) {
+              if (!s.data.shape.empty()) o.put(s.data.shape);  // optional: absent = taken from the shards
+            }},
+           fixed(data.field("binarize", &DataSpec::binarize)),
+           // Any YAML boolean spelling (yes, off, ...) for Global and Off.
+           fixed({"shuffle",
+                  [](Field& f, ExperimentSpec& s) {
+                    const std::string text = f.r.get<std::string>(f.key, choice_name(s.data.shuffle));
+                    bool flag = true;
+                    const std::optional<Shuffle> named = parse_choice<Shuffle>(text);
+                    f.check(named || YAML::convert<bool>::decode(YAML::Node(text), flag),
+                            "must be true (a global permutation), false or blocks (the locality-aware order for "
+                            "streaming)",
+                            "'" + text + "'");
+                    s.data.shuffle = named ? *named : flag ? Shuffle::Global : Shuffle::Off;
+                  },
+                  [](Out& o, const ExperimentSpec& s) {
+                    if (s.data.shuffle == Shuffle::Blocks)
+                      o.put(choice_name(s.data.shuffle));
+                    else
+                      o.put(s.data.shuffle == Shuffle::Global);  // a YAML boolean, as earlier versions wrote
+                  }}),
+           fixed(data.field("max_samples", &DataSpec::max_samples, at_least_0, "must be >= 0 (0 = all)")),
+           data.field("loader", &DataSpec::loader),
+           data.field(
+               "cache_mb", &DataSpec::cache_mb, [](double v) { return v > 0 && v <= 1e9; },
+               "must be > 0 (MiB per rank)"),
+       }},
+      {"model",
+       {
+           fixed(model.field("type", &ModelSpec::type)),
+           model_list("encoder", &ModelSpec::encoder, &ModelSpec::conv_encoder),
+           model_list("decoder", &ModelSpec::decoder, &ModelSpec::conv_decoder),
+           fixed(model.field("latent", &ModelSpec::latent, at_least_1, "must be >= 1")),
+           // An MLP's hidden activation; a conv model lists its activations as layers.
+           fixed({"activation",
+                  [](Field& f, ExperimentSpec& s) {
+                    ModelSpec& m = s.model;
+                    if (m.type == ModelType::Mlp) {
+                      m.activation =
+                          f.r.choice(f.key, m.activation, {Activation::Relu, Activation::Tanh, Activation::Softplus});
+                    } else if (f.r.has(f.key)) {
+                      f.fail(
+                          "conv models take activations as entries of the encoder and decoder lists (e.g. "
+                          "{type: relu})");
+                    }
+                  },
+                  [](Out& o, const ExperimentSpec& s) {
+                    if (s.model.type == ModelType::Mlp) o.put(s.model.activation);
+                  }}),
+           // A bare type ("bernoulli") or the mapping {type, variance, sigma}.
+           fixed({"likelihood",
+                  [](Field& f, ExperimentSpec& s) {
+                    if (f.r.has(f.key) && f.r.raw(f.key).IsScalar()) {
+                      LikelihoodType t = LikelihoodType::Bernoulli;
+                      f.read(t);
+                      s.model.likelihood = likelihood_of(t, Variance::Fixed);
+                    } else {
+                      mapping(f.key, likelihood_keys()).read(f, s);
+                    }
+                  },
+                  mapping("likelihood", likelihood_keys()).dump}),
+       }},
+      {"loss",
+       {
+           loss.field("beta", &LossSpec::beta, at_least_0, "must be >= 0"),
+           loss.field("kl_warmup_steps", &LossSpec::kl_warmup_steps, at_least_0, "must be >= 0"),
+       }},
+      {"optim",
+       {
+           optim.field("type", &OptimSpec::type),
+           optim.field("lr", &OptimSpec::lr, positive, "must be > 0"),
+           optim.field(
+               "beta1", &OptimSpec::beta1, [](double v) { return v >= 0 && v < 1; }, "must be in [0, 1)"),
+           optim.field(
+               "beta2", &OptimSpec::beta2, [](double v) { return v >= 0 && v < 1; }, "must be in [0, 1)"),
+           optim.field("eps", &OptimSpec::eps, positive, "must be > 0"),
+           {"weight_decay",
+            [](Field& f, ExperimentSpec& s) {
+              OptimSpec& o = s.optim;
+              o.weight_decay = o.type == OptimizerType::AdamW ? 0.01 : 0.0;  // AdamW's usual default
+              f.read(o.weight_decay);
+              f.check(o.weight_decay >= 0, "must be >= 0", o.weight_decay);
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.optim.weight_decay); }},
+           optim.field("grad_clip", &OptimSpec::grad_clip, at_least_0, "must be >= 0 (0 = off)"),
+           optim.field("schedule", &OptimSpec::schedule),
+           optim.field("warmup_steps", &OptimSpec::warmup_steps, at_least_0, "must be >= 0"),
+           {"min_lr",
+            [](Field& f, ExperimentSpec& s) {
+              OptimSpec& o = s.optim;
+              f.read(o.min_lr);
+              f.check(o.min_lr >= 0 && o.min_lr <= o.lr, "must be in [0, optim.lr]", o.min_lr);
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.optim.min_lr); }},
+           optim.field(
+               "ema", &OptimSpec::ema, [](double v) { return v >= 0 && v < 1; },
+               "must be in [0, 1) (0 = off; e.g. 0.9999)"),
+       }},
+      {"train",
+       {
+           fixed(train.field("batch_size", &TrainSpec::batch_size, at_least_1, "must be >= 1")),
+           train.field("epochs", &TrainSpec::epochs, at_least_1, "must be >= 1"),
+           train.field("max_steps", &TrainSpec::max_steps, at_least_0, "must be >= 0 (0 = no cap)"),
+           fixed(train.field("drop_last", &TrainSpec::drop_last)),
+           train.field("log_every", &TrainSpec::log_every, at_least_1, "must be >= 1"),
+           train.field("threads", &TrainSpec::threads, at_least_0, "must be >= 0 (0 = automatic)"),
+           train.field("on_nonfinite", &TrainSpec::on_nonfinite),
+           train.field("max_consecutive_skips", &TrainSpec::max_consecutive_skips, at_least_1, "must be >= 1"),
+           train.field(
+               "max_skip_fraction", &TrainSpec::max_skip_fraction, [](double v) { return v >= 0 && v <= 1; },
+               "must be in [0, 1]"),
+           train.field("cuda_graph", &TrainSpec::cuda_graph),
+           train.field("deterministic", &TrainSpec::deterministic),
+           train.field("patience", &TrainSpec::patience, at_least_0, "must be >= 0 (0 = never stop early)"),
+       }},
+      {"eval",
+       {
+           eval.field("at_end", &EvalSpec::at_end),
+           eval.field("iw_samples", &EvalSpec::iw_samples, at_least_0, "must be >= 0 (0 = skip the IWAE bound)"),
+           eval.field("batch_size", &EvalSpec::batch_size, at_least_1, "must be >= 1"),
+           {"every",
+            [](Field& f, ExperimentSpec& s) {
+              f.read(s.eval.every);
+              f.check(s.eval.every >= 0, "must be >= 0 (0 = only at the end)", s.eval.every);
+              f.check(s.eval.every == 0 || !s.data.test.empty(), "needs data.test, the held-out split to evaluate on",
+                      s.eval.every);
+              // train.patience (read before this section) counts these evaluations.
+              f.check(s.eval.every > 0 || s.train.patience == 0,
+                      "must be > 0 with train.patience: " + std::to_string(s.train.patience) +
+                          " (patience counts the evaluations during training)",
+                      s.eval.every);
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.eval.every); }},
+           eval.field("max_samples", &EvalSpec::max_samples, at_least_0, "must be >= 0 (0 = the whole split)"),
+           eval.field("images", &EvalSpec::images),
+       }},
+      {"output",
+       {
+           {"dir",
+            [](Field& f, ExperimentSpec& s) {
+              f.read(s.output.dir);
+              f.check(!s.output.dir.empty(), "must not be empty", "''");
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.output.dir); }},
+           output.field("overwrite", &OutputSpec::overwrite),
+       }},
+      {"dist",
+       {
+           {"communicator",
+            [](Field& f, ExperimentSpec& s) {
+              s.dist.communicator =
+                  f.r.choice(f.key, s.dist.communicator, {CommKind::Auto, CommKind::Nccl, CommKind::Mpi});
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.dist.communicator); }},
+           dist.field("bucket_mb", &DistSpec::bucket_mb, at_least_0,
+                      "must be >= 0 (0 = one all-reduce after backward)"),
+           dist.field("timeout_s", &DistSpec::timeout_s, at_least_0, "must be >= 0 (0 = wait forever)"),
+           dist.field("self_test", &DistSpec::self_test),
+           dist.field("shard_optimizer", &DistSpec::shard_optimizer),
+           dist.field("min_link_mbps", &DistSpec::min_link_mbps, at_least_0,
+                      "must be >= 0 (0 = never measure the links between nodes)"),
+       }},
+      {"checkpoint",
+       {
+           checkpoint.field("every", &CheckpointSpec::every, at_least_0,
+                            "must be >= 0 (0 = only at the end and on a stop signal)"),
+           checkpoint.field("keep", &CheckpointSpec::keep, at_least_0, "must be >= 0 (0 = keep all)"),
+           checkpoint.field("grace_s", &CheckpointSpec::grace_s, positive, "must be > 0"),
+       }},
+  };
+  return sections;
+}
+
 ExperimentSpec build(YAML::Node root, Context& ctx) {
   ExperimentSpec s;
   s.source = ctx.source;
   s.overrides = ctx.overrides;
   MapReader top(root, "", ctx);
-  s.name = top.get<std::string>("name", s.name);
-  top.check(!s.name.empty(), "name", "must not be empty", "''");
-  int64_t seed = top.get<int64_t>("seed", 1);
-  top.check(seed >= 0, "seed", "must be >= 0", seed);
-  s.seed = static_cast<uint64_t>(seed);
-  s.device = top.choice("device", s.device, {"auto", "cpu", "cuda"});
-
-  {
-    MapReader r = top.sub("data");
-    auto& d = s.data;
-    d.train = r.required<std::string>("train");
-    d.test = r.get<std::string>("test", "");
-    d.shape = r.int_list("shape", {});
-    if (!d.shape.empty()) {
-      bool ok = d.shape.size() == 3 && d.shape[0] > 0 && d.shape[1] > 0 && d.shape[2] > 0;
-      r.check(ok, "shape", "must be [channels, height, width] with positive entries", d.shape.size());
-    }
-    d.binarize = r.get<bool>("binarize", d.binarize);
-    const std::string shuffle = r.get<std::string>("shuffle", "true");
-    bool flag = true;
-    r.check(shuffle == "blocks" || YAML::convert<bool>::decode(YAML::Node(shuffle), flag), "shuffle",
-            "must be true (a global permutation), false or blocks (the locality-aware order for streaming)",
-            "'" + shuffle + "'");
-    d.shuffle = flag;
-    d.shuffle_blocks = shuffle == "blocks";
-    d.max_samples = r.get<int64_t>("max_samples", d.max_samples);
-    r.check(d.max_samples >= 0, "max_samples", "must be >= 0 (0 = all)", d.max_samples);
-    d.loader = r.choice("loader", d.loader, {"auto", "memory", "stream"});
-    d.cache_mb = r.get<double>("cache_mb", d.cache_mb);
-    r.check(d.cache_mb > 0 && d.cache_mb <= 1e9, "cache_mb", "must be > 0 (MiB per rank)", d.cache_mb);
-    r.finish({"train", "test", "shape", "binarize", "shuffle", "max_samples", "loader", "cache_mb"});
-  }
-  {
-    MapReader r = top.sub("model");
-    auto& m = s.model;
-    m.type = r.choice("type", m.type, {"mlp", "conv"});
-    if (m.type == "mlp") {
-      m.encoder = r.int_list("encoder", m.encoder);
-      m.decoder = r.int_list("decoder", m.decoder);
-      for (int w : m.encoder) r.check(w > 0, "encoder", "hidden widths must be >= 1", w);
-      for (int w : m.decoder) r.check(w > 0, "decoder", "hidden widths must be >= 1", w);
-      std::string act = r.choice("activation", "relu", {"relu", "tanh", "softplus"});
-      m.activation = act == "relu" ? Activation::Relu : act == "tanh" ? Activation::Tanh : Activation::Softplus;
+  std::vector<std::string> known;
+  for (const Section& sec : spec_sections()) {
+    if (sec.name.empty()) {
+      for (const Key& k : sec.keys) {
+        Field f{top, k.name};
+        k.read(f, s);
+        known.push_back(k.name);
+      }
     } else {
-      if (r.has("activation"))
-        r.fail(r.raw("activation"), "model.activation",
-               "conv models take activations as entries of the encoder and decoder lists (e.g. {type: relu})");
-      m.encoder.clear();
-      m.decoder.clear();
-      m.conv_encoder = r.layer_list("encoder");
-      m.conv_decoder = r.layer_list("decoder");
+      MapReader r = top.sub(sec.name);
+      read_keys(r, sec.keys, s);
+      known.push_back(sec.name);
     }
-    m.latent = r.get<int>("latent", m.latent);
-    r.check(m.latent >= 1, "latent", "must be >= 1", m.latent);
-
-    // likelihood: either a bare type ("bernoulli") or {type, variance, sigma}.
-    std::string type = "bernoulli", variance = "fixed";
-    if (r.has("likelihood") && r.raw("likelihood").IsScalar()) {
-      type = r.choice("likelihood", type, {"bernoulli", "gaussian"});
-    } else {
-      MapReader l = r.sub("likelihood");
-      type = l.choice("type", type, {"bernoulli", "gaussian"});
-      variance = l.choice("variance", variance, {"fixed", "learned"});
-      m.sigma = l.get<double>("sigma", m.sigma);
-      l.check(m.sigma > 0, "sigma", "must be > 0", m.sigma);
-      l.finish({"type", "variance", "sigma"});
-    }
-    m.likelihood = type == "bernoulli"   ? Likelihood::Bernoulli
-                   : variance == "fixed" ? Likelihood::GaussianFixed
-                                         : Likelihood::GaussianLearned;
-    r.finish({"type", "encoder", "decoder", "latent", "activation", "likelihood"});
   }
-  {
-    MapReader r = top.sub("loss");
-    s.loss.beta = r.get<double>("beta", s.loss.beta);
-    r.check(s.loss.beta >= 0, "beta", "must be >= 0", s.loss.beta);
-    s.loss.kl_warmup_steps = r.get<int64_t>("kl_warmup_steps", s.loss.kl_warmup_steps);
-    r.check(s.loss.kl_warmup_steps >= 0, "kl_warmup_steps", "must be >= 0", s.loss.kl_warmup_steps);
-    r.finish({"beta", "kl_warmup_steps"});
-  }
-  {
-    MapReader r = top.sub("optim");
-    auto& o = s.optim;
-    o.type = r.choice("type", o.type, {"adam", "adamw"});
-    o.lr = r.get<double>("lr", o.lr);
-    r.check(o.lr > 0, "lr", "must be > 0", o.lr);
-    o.beta1 = r.get<double>("beta1", o.beta1);
-    r.check(o.beta1 >= 0 && o.beta1 < 1, "beta1", "must be in [0, 1)", o.beta1);
-    o.beta2 = r.get<double>("beta2", o.beta2);
-    r.check(o.beta2 >= 0 && o.beta2 < 1, "beta2", "must be in [0, 1)", o.beta2);
-    o.eps = r.get<double>("eps", o.eps);
-    r.check(o.eps > 0, "eps", "must be > 0", o.eps);
-    o.weight_decay = r.get<double>("weight_decay", o.type == "adamw" ? 0.01 : 0.0);
-    r.check(o.weight_decay >= 0, "weight_decay", "must be >= 0", o.weight_decay);
-    o.grad_clip = r.get<double>("grad_clip", o.grad_clip);
-    r.check(o.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)", o.grad_clip);
-    o.schedule = r.choice("schedule", o.schedule, {"constant", "cosine"});
-    o.warmup_steps = r.get<int64_t>("warmup_steps", o.warmup_steps);
-    r.check(o.warmup_steps >= 0, "warmup_steps", "must be >= 0", o.warmup_steps);
-    o.min_lr = r.get<double>("min_lr", o.min_lr);
-    r.check(o.min_lr >= 0 && o.min_lr <= o.lr, "min_lr", "must be in [0, optim.lr]", o.min_lr);
-    o.ema = r.get<double>("ema", o.ema);
-    r.check(o.ema >= 0 && o.ema < 1, "ema", "must be in [0, 1) (0 = off; e.g. 0.9999)", o.ema);
-    r.finish({"type", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "schedule", "warmup_steps", "min_lr",
-              "ema"});
-  }
-  {
-    MapReader r = top.sub("train");
-    auto& t = s.train;
-    t.batch_size = r.get<int64_t>("batch_size", t.batch_size);
-    r.check(t.batch_size >= 1, "batch_size", "must be >= 1", t.batch_size);
-    t.epochs = r.get<int64_t>("epochs", t.epochs);
-    r.check(t.epochs >= 1, "epochs", "must be >= 1", t.epochs);
-    t.max_steps = r.get<int64_t>("max_steps", t.max_steps);
-    r.check(t.max_steps >= 0, "max_steps", "must be >= 0 (0 = no cap)", t.max_steps);
-    t.drop_last = r.get<bool>("drop_last", t.drop_last);
-    t.log_every = r.get<int64_t>("log_every", t.log_every);
-    r.check(t.log_every >= 1, "log_every", "must be >= 1", t.log_every);
-    t.threads = r.get<int>("threads", t.threads);
-    r.check(t.threads >= 0, "threads", "must be >= 0 (0 = automatic)", t.threads);
-    t.on_nonfinite = r.choice("on_nonfinite", t.on_nonfinite, {"abort", "skip"});
-    t.max_consecutive_skips = r.get<int64_t>("max_consecutive_skips", t.max_consecutive_skips);
-    r.check(t.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1", t.max_consecutive_skips);
-    t.max_skip_fraction = r.get<double>("max_skip_fraction", t.max_skip_fraction);
-    r.check(t.max_skip_fraction >= 0 && t.max_skip_fraction <= 1, "max_skip_fraction", "must be in [0, 1]",
-            t.max_skip_fraction);
-    t.cuda_graph = r.choice("cuda_graph", t.cuda_graph, {"auto", "on", "off"});
-    t.deterministic = r.get<bool>("deterministic", t.deterministic);
-    t.patience = r.get<int64_t>("patience", t.patience);
-    r.check(t.patience >= 0, "patience", "must be >= 0 (0 = never stop early)", t.patience);
-    r.finish({"batch_size", "epochs", "max_steps", "drop_last", "log_every", "threads", "on_nonfinite",
-              "max_consecutive_skips", "max_skip_fraction", "cuda_graph", "deterministic", "patience"});
-  }
-  MapReader train_keys = top.sub("train");  // train.patience is checked against eval.every below
-  {
-    MapReader r = top.sub("eval");
-    s.eval.at_end = r.get<bool>("at_end", s.eval.at_end);
-    s.eval.iw_samples = r.get<int>("iw_samples", s.eval.iw_samples);
-    r.check(s.eval.iw_samples >= 0, "iw_samples", "must be >= 0 (0 = skip the IWAE bound)", s.eval.iw_samples);
-    s.eval.batch_size = r.get<int64_t>("batch_size", s.eval.batch_size);
-    r.check(s.eval.batch_size >= 1, "batch_size", "must be >= 1", s.eval.batch_size);
-    s.eval.every = r.get<int64_t>("every", s.eval.every);
-    r.check(s.eval.every >= 0, "every", "must be >= 0 (0 = only at the end)", s.eval.every);
-    r.check(s.eval.every == 0 || !s.data.test.empty(), "every", "needs data.test, the held-out split to evaluate on",
-            s.eval.every);
-    // Patience counts the evaluations during training: without them it would never act.
-    train_keys.check(s.train.patience == 0 || s.eval.every > 0, "patience",
-                     "needs eval.every > 0 (and data.test): it counts the evaluations during training",
-                     s.train.patience);
-    s.eval.max_samples = r.get<int64_t>("max_samples", s.eval.max_samples);
-    r.check(s.eval.max_samples >= 0, "max_samples", "must be >= 0 (0 = the whole split)", s.eval.max_samples);
-    s.eval.images = r.get<bool>("images", s.eval.images);
-    r.finish({"at_end", "iw_samples", "batch_size", "every", "max_samples", "images"});
-  }
-  {
-    MapReader r = top.sub("output");
-    s.output.dir = r.get<std::string>("dir", s.output.dir);
-    r.check(!s.output.dir.empty(), "dir", "must not be empty", "''");
-    s.output.overwrite = r.get<bool>("overwrite", s.output.overwrite);
-    r.finish({"dir", "overwrite"});
-  }
-  {
-    MapReader r = top.sub("dist");
-    auto& d = s.dist;
-    d.communicator = r.choice("communicator", d.communicator, {"auto", "nccl", "mpi"});
-    d.bucket_mb = r.get<double>("bucket_mb", d.bucket_mb);
-    r.check(d.bucket_mb >= 0, "bucket_mb", "must be >= 0 (0 = one all-reduce after backward)", d.bucket_mb);
-    d.timeout_s = r.get<double>("timeout_s", d.timeout_s);
-    r.check(d.timeout_s >= 0, "timeout_s", "must be >= 0 (0 = wait forever)", d.timeout_s);
-    d.self_test = r.get<bool>("self_test", d.self_test);
-    d.shard_optimizer = r.get<bool>("shard_optimizer", d.shard_optimizer);
-    r.finish({"communicator", "bucket_mb", "timeout_s", "self_test", "shard_optimizer"});
-  }
-  {
-    MapReader r = top.sub("checkpoint");
-    auto& c = s.checkpoint;
-    c.every = r.get<int64_t>("every", c.every);
-    r.check(c.every >= 0, "every", "must be >= 0 (0 = only at the end and on a stop signal)", c.every);
-    c.keep = r.get<int>("keep", c.keep);
-    r.check(c.keep >= 0, "keep", "must be >= 0 (0 = keep all)", c.keep);
-    c.grace_s = r.get<double>("grace_s", c.grace_s);
-    r.check(c.grace_s > 0, "grace_s", "must be > 0", c.grace_s);
-    r.finish({"every", "keep", "grace_s"});
-  }
-  top.finish({"name", "seed", "device", "data", "model", "loss", "optim", "train", "eval", "output", "dist",
-              "checkpoint"});
+  top.finish(known);
   return s;
 }
 
@@ -491,133 +815,33 @@ ExperimentSpec load_spec(const std::string& path, const std::vector<std::string>
 std::string dump_spec(const ExperimentSpec& s) {
   YAML::Emitter e;
   e.SetDoublePrecision(17);
-  auto ints = [&](const std::vector<int>& v) {
-    e << YAML::Flow << YAML::BeginSeq;
-    for (int x : v) e << x;
-    e << YAML::EndSeq;
-  };
   e << YAML::BeginMap;
-  e << YAML::Key << "name" << YAML::Value << s.name;
-  e << YAML::Key << "seed" << YAML::Value << s.seed;
-  e << YAML::Key << "device" << YAML::Value << s.device;
-  e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "train" << YAML::Value << s.data.train;
-  e << YAML::Key << "test" << YAML::Value << s.data.test;
-  if (!s.data.shape.empty()) {
-    e << YAML::Key << "shape" << YAML::Value;
-    ints(s.data.shape);
-  }
-  e << YAML::Key << "binarize" << YAML::Value << s.data.binarize;
-  if (s.data.shuffle_blocks)
-    e << YAML::Key << "shuffle" << YAML::Value << "blocks";
-  else
-    e << YAML::Key << "shuffle" << YAML::Value << s.data.shuffle;
-  e << YAML::Key << "max_samples" << YAML::Value << s.data.max_samples;
-  e << YAML::Key << "loader" << YAML::Value << s.data.loader;
-  e << YAML::Key << "cache_mb" << YAML::Value << s.data.cache_mb;
-  e << YAML::EndMap;
-  e << YAML::Key << "model" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "type" << YAML::Value << s.model.type;
-  auto layers = [&](const std::vector<LayerSpec>& v) {
-    e << YAML::BeginSeq;
-    for (const LayerSpec& l : v) {
-      if (l.type == "relu" || l.type == "tanh" || l.type == "softplus" || l.type == "flatten") {
-        e << l.type;
-        continue;
-      }
-      e << YAML::Flow << YAML::BeginMap << YAML::Key << "type" << YAML::Value << l.type;
-      if (l.type == "linear") e << YAML::Key << "features" << YAML::Value << l.features;
-      if (l.type == "conv2d" || l.type == "conv_transpose2d") {
-        e << YAML::Key << "channels" << YAML::Value << l.channels << YAML::Key << "kernel" << YAML::Value << l.kernel
-          << YAML::Key << "stride" << YAML::Value << l.stride << YAML::Key << "padding" << YAML::Value << l.padding;
-        if (l.type == "conv_transpose2d") e << YAML::Key << "output_padding" << YAML::Value << l.output_padding;
-      }
-      if (l.type == "group_norm") e << YAML::Key << "groups" << YAML::Value << l.groups;
-      if (l.type == "reshape") {
-        e << YAML::Key << "shape" << YAML::Value;
-        ints(l.shape);
-      }
-      e << YAML::EndMap;
+  for (const Section& sec : spec_sections()) {
+    if (sec.name.empty()) {
+      dump_keys(e, sec.keys, s);
+      continue;
     }
-    e << YAML::EndSeq;
-  };
-  if (s.model.type == "mlp") {
-    e << YAML::Key << "encoder" << YAML::Value;
-    ints(s.model.encoder);
-    e << YAML::Key << "decoder" << YAML::Value;
-    ints(s.model.decoder);
-  } else {
-    e << YAML::Key << "encoder" << YAML::Value;
-    layers(s.model.conv_encoder);
-    e << YAML::Key << "decoder" << YAML::Value;
-    layers(s.model.conv_decoder);
+    e << YAML::Key << sec.name << YAML::Value << YAML::BeginMap;
+    dump_keys(e, sec.keys, s);
+    e << YAML::EndMap;
   }
-  e << YAML::Key << "latent" << YAML::Value << s.model.latent;
-  if (s.model.type == "mlp") e << YAML::Key << "activation" << YAML::Value << activation_name(s.model.activation);
-  e << YAML::Key << "likelihood" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "type" << YAML::Value
-    << (s.model.likelihood == Likelihood::Bernoulli ? "bernoulli" : "gaussian");
-  e << YAML::Key << "variance" << YAML::Value
-    << (s.model.likelihood == Likelihood::GaussianLearned ? "learned" : "fixed");
-  e << YAML::Key << "sigma" << YAML::Value << s.model.sigma;
-  e << YAML::EndMap << YAML::EndMap;
-  e << YAML::Key << "loss" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "beta" << YAML::Value << s.loss.beta;
-  e << YAML::Key << "kl_warmup_steps" << YAML::Value << s.loss.kl_warmup_steps;
-  e << YAML::EndMap;
-  e << YAML::Key << "optim" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "type" << YAML::Value << s.optim.type;
-  e << YAML::Key << "lr" << YAML::Value << s.optim.lr;
-  e << YAML::Key << "beta1" << YAML::Value << s.optim.beta1;
-  e << YAML::Key << "beta2" << YAML::Value << s.optim.beta2;
-  e << YAML::Key << "eps" << YAML::Value << s.optim.eps;
-  e << YAML::Key << "weight_decay" << YAML::Value << s.optim.weight_decay;
-  e << YAML::Key << "grad_clip" << YAML::Value << s.optim.grad_clip;
-  e << YAML::Key << "schedule" << YAML::Value << s.optim.schedule;
-  e << YAML::Key << "warmup_steps" << YAML::Value << s.optim.warmup_steps;
-  e << YAML::Key << "min_lr" << YAML::Value << s.optim.min_lr;
-  e << YAML::Key << "ema" << YAML::Value << s.optim.ema;
-  e << YAML::EndMap;
-  e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "batch_size" << YAML::Value << s.train.batch_size;
-  e << YAML::Key << "epochs" << YAML::Value << s.train.epochs;
-  e << YAML::Key << "max_steps" << YAML::Value << s.train.max_steps;
-  e << YAML::Key << "drop_last" << YAML::Value << s.train.drop_last;
-  e << YAML::Key << "log_every" << YAML::Value << s.train.log_every;
-  e << YAML::Key << "threads" << YAML::Value << s.train.threads;
-  e << YAML::Key << "on_nonfinite" << YAML::Value << s.train.on_nonfinite;
-  e << YAML::Key << "max_consecutive_skips" << YAML::Value << s.train.max_consecutive_skips;
-  e << YAML::Key << "max_skip_fraction" << YAML::Value << s.train.max_skip_fraction;
-  e << YAML::Key << "cuda_graph" << YAML::Value << s.train.cuda_graph;
-  e << YAML::Key << "deterministic" << YAML::Value << s.train.deterministic;
-  e << YAML::Key << "patience" << YAML::Value << s.train.patience;
-  e << YAML::EndMap;
-  e << YAML::Key << "eval" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "at_end" << YAML::Value << s.eval.at_end;
-  e << YAML::Key << "iw_samples" << YAML::Value << s.eval.iw_samples;
-  e << YAML::Key << "batch_size" << YAML::Value << s.eval.batch_size;
-  e << YAML::Key << "every" << YAML::Value << s.eval.every;
-  e << YAML::Key << "max_samples" << YAML::Value << s.eval.max_samples;
-  e << YAML::Key << "images" << YAML::Value << s.eval.images;
-  e << YAML::EndMap;
-  e << YAML::Key << "output" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "dir" << YAML::Value << s.output.dir;
-  e << YAML::Key << "overwrite" << YAML::Value << s.output.overwrite;
-  e << YAML::EndMap;
-  e << YAML::Key << "dist" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "communicator" << YAML::Value << s.dist.communicator;
-  e << YAML::Key << "bucket_mb" << YAML::Value << s.dist.bucket_mb;
-  e << YAML::Key << "timeout_s" << YAML::Value << s.dist.timeout_s;
-  e << YAML::Key << "self_test" << YAML::Value << s.dist.self_test;
-  e << YAML::Key << "shard_optimizer" << YAML::Value << s.dist.shard_optimizer;
-  e << YAML::EndMap;
-  e << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "every" << YAML::Value << s.checkpoint.every;
-  e << YAML::Key << "keep" << YAML::Value << s.checkpoint.keep;
-  e << YAML::Key << "grace_s" << YAML::Value << s.checkpoint.grace_s;
-  e << YAML::EndMap;
   e << YAML::EndMap;
   return std::string(e.c_str()) + "\n";
+}
+
+bool fixed_on_resume(const std::string& key) {
+  // "model.likelihood.sigma" is ruled by its key in a section, "model.likelihood";
+  // "seed" by a key of the top level.
+  const size_t dot = key.find('.');
+  const std::string section = dot == std::string::npos ? "" : key.substr(0, dot);
+  const std::string rest = dot == std::string::npos ? key : key.substr(dot + 1);
+  const std::string name = rest.substr(0, rest.find_first_of(".["));
+  for (const Section& sec : spec_sections()) {
+    if (sec.name != section) continue;
+    for (const Key& k : sec.keys)
+      if (k.name == name) return k.resume == Resume::Fixed;
+  }
+  return false;
 }
 
 }  // namespace elbo

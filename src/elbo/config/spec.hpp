@@ -1,6 +1,8 @@
 // ExperimentSpec: the typed, validated form of a YAML experiment file. Parsed once
 // (with --set overrides applied to the YAML tree first); every error names the
 // file, the line and the key, and lists the valid choices where there are some.
+// One table of keys per section (spec.cpp) drives parsing, the resolved dump and the
+// resume rule; the choices are enums with one name table each (choices.hpp).
 #pragma once
 
 #include <cstdint>
@@ -8,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "elbo/backend/backend.hpp"
+#include "elbo/config/choices.hpp"
 
 namespace elbo {
 
@@ -17,17 +19,16 @@ struct DataSpec {
   std::string test;              // optional: evaluated at the end of training
   std::vector<int> shape;        // optional [C, H, W]; checked against the shards when given
   bool binarize = false;         // dynamic binarization: x ~ Bernoulli(pixel) per step
-  bool shuffle = true;            // data.shuffle: true | false | blocks
-  bool shuffle_blocks = false;   // blocks: the locality-aware order (shuffled blocks, windows; data/sampler.hpp)
+  Shuffle shuffle = Shuffle::Global;  // blocks: the locality-aware order (shuffled blocks, windows; data/sampler.hpp)
   int64_t max_samples = 0;       // 0 = all; otherwise the first N samples of the split
-  std::string loader = "auto";   // auto | memory | stream: auto = memory when a split fits in cache_mb
+  Loader loader = Loader::Auto;  // auto = memory when a split fits in cache_mb
   double cache_mb = 1024.0;      // stream: pixels cached per rank; auto: the largest split held in memory
 };
 
 // One entry of a convolutional model's encoder or decoder list (model.type: conv),
 // in PyTorch's terms: the list reads like an nn.Sequential.
 struct LayerSpec {
-  std::string type;        // linear | conv2d | conv_transpose2d | group_norm | relu | tanh | softplus | flatten | reshape
+  LayerType type = LayerType::Linear;
   int features = 0;        // linear: output features
   int channels = 0;        // conv2d, conv_transpose2d: output channels
   int kernel = 3, stride = 1, padding = 0, output_padding = 0;
@@ -36,7 +37,7 @@ struct LayerSpec {
 };
 
 struct ModelSpec {
-  std::string type = "mlp";  // mlp | conv
+  ModelType type = ModelType::Mlp;
   std::vector<int> encoder{400};  // mlp: hidden widths
   std::vector<int> decoder{400};
   std::vector<LayerSpec> conv_encoder;  // conv: x -> ... (then a linear head to [mu | logvar])
@@ -53,14 +54,14 @@ struct LossSpec {
 };
 
 struct OptimSpec {
-  std::string type = "adam";     // adam | adamw
+  OptimizerType type = OptimizerType::Adam;
   double lr = 1e-3;
   double beta1 = 0.9;
   double beta2 = 0.999;
   double eps = 1e-8;
   double weight_decay = 0.0;
   double grad_clip = 0.0;        // max global gradient L2 norm; 0 = off
-  std::string schedule = "constant";  // constant | cosine
+  LrSchedule schedule = LrSchedule::Constant;
   int64_t warmup_steps = 0;      // linear warm-up from 0 to lr
   double min_lr = 0.0;           // floor of the cosine decay
   // Decay of the exponential moving average of the parameters (0 = off): after each
@@ -76,13 +77,13 @@ struct TrainSpec {
   bool drop_last = false;
   int64_t log_every = 100;       // steps between progress lines
   int threads = 0;               // BLAS threads per rank; 0 = cores / ranks on the node
-  std::string on_nonfinite = "abort";  // abort | skip: a NaN/Inf loss or gradient ends the run or drops the step
+  NonfinitePolicy on_nonfinite = NonfinitePolicy::Abort;
   // With skip, how much skipping a run may do before it ends with an error: this many
   // consecutive skipped steps, or more than this share of all steps (once the skips
   // also exceed max_consecutive_skips, so that an early burst alone does not count).
   int64_t max_consecutive_skips = 10;
   double max_skip_fraction = 0.05;
-  std::string cuda_graph = "auto";     // auto | on | off: replay the steady-state forward/backward as one CUDA graph
+  GraphMode cuda_graph = GraphMode::Auto;  // replay the steady-state forward/backward as one CUDA graph
   bool deterministic = true;           // false: cuDNN may pick faster, non-deterministic algorithms
   // Stop (like a finished run) after this many evaluations during training (eval.every)
   // without a better held-out bound than the best so far; 0 = never.
@@ -111,18 +112,19 @@ struct OutputSpec {
 
 // How replicas are placed and how they talk (the GPU path; the CPU path always uses MPI).
 struct DistSpec {
-  std::string communicator = "auto";  // auto | nccl | mpi (auto: nccl on GPUs unless ranks share one)
+  CommKind communicator = CommKind::Auto;  // auto | nccl | mpi (auto: nccl on GPUs unless ranks share one)
   double bucket_mb = 1.0;        // gradient all-reduce bucket size; 0 = one all-reduce after backward
   double timeout_s = 300.0;      // a collective unfinished after this long aborts the job; 0 = never
   bool self_test = true;         // time one all-reduce of the gradient buffer at startup (busbw in the log)
   bool shard_optimizer = false;  // ZeRO stage 1: reduce-scatter the gradients, Adam moments for 1/N of the
                                  // parameters per rank, all-gather the parameters (may change on resume)
+  double min_link_mbps = 10.0;   // a link between nodes measured slower ends the job (dist/link_check.cpp); 0 = off
 };
 
 struct ExperimentSpec {
   std::string name = "experiment";
   uint64_t seed = 1;
-  std::string device = "auto";   // auto | cpu | cuda (auto: cuda when a GPU is visible, else cpu)
+  Device device = Device::Auto;
   DataSpec data;
   ModelSpec model;
   LossSpec loss;
@@ -146,6 +148,12 @@ ExperimentSpec load_spec(const std::string& path, const std::vector<std::string>
 ExperimentSpec parse_spec(const std::string& yaml_text, const std::string& source,
                           const std::vector<std::string>& overrides = {});
 // The resolved spec as YAML: every key, defaults included; parse_spec(dump_spec(s)) == s.
+// Its text is stored in run directories and checkpoints: keep it stable.
 std::string dump_spec(const ExperimentSpec& spec);
+
+// Whether a key of the resolved spec ("seed", "data.shuffle", "model.likelihood.sigma",
+// "model.encoder") must keep a checkpoint's value when the run resumes: a change would
+// alter the model or the sequence of samples, eps and binarization draws.
+bool fixed_on_resume(const std::string& key);
 
 }  // namespace elbo

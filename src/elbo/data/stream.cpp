@@ -16,9 +16,9 @@
 
 namespace elbo::data {
 
-std::string resolve_loader(const std::string& loader, double cache_mb, int64_t split_bytes) {
-  if (loader != "auto") return loader;
-  return split_bytes >= 0 && static_cast<double>(split_bytes) > cache_mb * 1048576.0 ? "stream" : "memory";
+Loader resolve_loader(Loader loader, double cache_mb, int64_t split_bytes) {
+  if (loader != Loader::Auto) return loader;
+  return split_bytes >= 0 && static_cast<double>(split_bytes) > cache_mb * 1048576.0 ? Loader::Stream : Loader::Memory;
 }
 
 StreamReader::StreamReader(const ShardSet& set, const StreamOptions& options)

@@ -11,14 +11,15 @@
 #include <thread>
 #include <vector>
 
+#include "elbo/config/choices.hpp"
 #include "elbo/data/sampler.hpp"
 #include "elbo/data/shards.hpp"
 
 namespace elbo::data {
 
-// data.loader resolved for a split: "memory" or "stream". auto holds the split in memory
+// data.loader resolved for a split: Memory or Stream. Auto holds the split in memory
 // when its pixels fit in cache_mb, else streams it. split_bytes < 0 (unknown) = memory.
-std::string resolve_loader(const std::string& loader, double cache_mb, int64_t split_bytes);
+Loader resolve_loader(Loader loader, double cache_mb, int64_t split_bytes);
 
 struct StreamOptions {
   OrderSpec order;           // order.n may be below set.size() (data.max_samples)

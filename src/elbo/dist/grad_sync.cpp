@@ -332,20 +332,18 @@ class MpiShardedSync final : public BucketedSync {
 
 }  // namespace
 
-std::unique_ptr<GradientSync> make_sharded_sync(const std::string& communicator, Communicator& comm,
+std::unique_ptr<GradientSync> make_sharded_sync(CommKind communicator, Communicator& comm,
                                                 Backend<float>& be, float* grads, float* params, size_t n,
                                                 size_t bucket_elems) {
-  if (communicator == "nccl") {
+  if (communicator == CommKind::Nccl) {
 #ifdef ELBO_HAVE_CUDA
     return make_nccl_sync(comm, be, grads, n, bucket_elems, params);
 #else
     throw config_error("dist.communicator: nccl needs the CUDA backend, which this build does not have");
 #endif
   }
-  if (communicator != "mpi" && communicator != "none")
-    throw internal_error("unknown communicator '" + communicator + "'");
   if (comm.size() == 1) return std::make_unique<LocalShardedSync>(n, bucket_elems);
-  if (communicator == "none")
+  if (communicator == CommKind::None)
     throw internal_error("no gradient sync requested for " + std::to_string(comm.size()) + " ranks");
   auto* mpi = dynamic_cast<MpiCommunicator*>(&comm);
   if (mpi == nullptr) throw internal_error("a sharded MPI gradient sync needs an MpiCommunicator");
@@ -373,20 +371,21 @@ void gather_slices_to_root(Communicator& comm, const ShardPlan& plan, const floa
   }
 }
 
-std::unique_ptr<GradientSync> make_gradient_sync(const std::string& communicator, Communicator& comm,
+std::unique_ptr<GradientSync> make_gradient_sync(CommKind communicator, Communicator& comm,
                                                  Backend<float>& be, float* grads, size_t n, size_t bucket_elems) {
-  if (communicator == "nccl") {
+  if (communicator == CommKind::Nccl) {
 #ifdef ELBO_HAVE_CUDA
     return make_nccl_sync(comm, be, grads, n, bucket_elems);
 #else
     throw config_error("dist.communicator: nccl needs the CUDA backend, which this build does not have");
 #endif
   }
-  if (communicator == "none") {
+  if (communicator == CommKind::None) {
     if (comm.size() != 1) throw internal_error("no gradient sync requested for " + std::to_string(comm.size()) + " ranks");
     return std::make_unique<LocalSync>();
   }
-  if (communicator != "mpi") throw internal_error("unknown communicator '" + communicator + "'");
+  if (communicator != CommKind::Mpi)
+    throw internal_error(std::string("no gradient sync for dist.communicator '") + choice_name(communicator) + "'");
   if (comm.size() == 1) return std::make_unique<LocalSync>();
   auto* mpi = dynamic_cast<MpiCommunicator*>(&comm);
   if (mpi == nullptr) throw internal_error("an MPI gradient all-reduce needs an MpiCommunicator");

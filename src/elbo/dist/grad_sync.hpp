@@ -106,12 +106,12 @@ class BucketedSync : public GradientSync {
   int64_t m_step = 0;
 };
 
-// `communicator` is "mpi", "nccl" or "none" (dist/placement.hpp decides). grads must
-// stay valid for the lifetime of the result. On one rank with "mpi" or "none" nothing
-// is reduced; "nccl" on one rank still runs NCCL (the tests compare it with the rest).
-// With a CUDA backend, "mpi" stages buckets through pinned host memory (Debian's Open
-// MPI is not CUDA-aware); "nccl" reduces in device memory on its own stream.
-std::unique_ptr<GradientSync> make_gradient_sync(const std::string& communicator, Communicator& comm,
+// `communicator` is Mpi, Nccl or None (dist/placement.hpp decides). grads must
+// stay valid for the lifetime of the result. On one rank with Mpi or None nothing
+// is reduced; Nccl on one rank still runs NCCL (the tests compare it with the rest).
+// With a CUDA backend, Mpi stages buckets through pinned host memory (Debian's Open
+// MPI is not CUDA-aware); Nccl reduces in device memory on its own stream.
+std::unique_ptr<GradientSync> make_gradient_sync(CommKind communicator, Communicator& comm,
                                                  Backend<float>& be, float* grads, size_t n, size_t bucket_elems);
 
 // ZeRO stage 1 (dist.shard_optimizer): gradient buckets are reduce-scattered as backward
@@ -119,7 +119,7 @@ std::unique_ptr<GradientSync> make_gradient_sync(const std::string& communicator
 // after the optimizer step. `communicator` as for make_gradient_sync; on one rank nothing
 // is sent (the plan gives that rank the whole buffer), except that "nccl" still runs NCCL.
 // grads and params must stay valid for the lifetime of the result.
-std::unique_ptr<GradientSync> make_sharded_sync(const std::string& communicator, Communicator& comm,
+std::unique_ptr<GradientSync> make_sharded_sync(CommKind communicator, Communicator& comm,
                                                 Backend<float>& be, float* grads, float* params, size_t n,
                                                 size_t bucket_elems);
 

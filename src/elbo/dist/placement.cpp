@@ -8,7 +8,7 @@ Placement resolve_placement(const ExperimentSpec& spec, const WorldInfo& world, 
   const std::string where = "rank " + std::to_string(world.rank) + " on " + world.host;
   Placement p;
   bool cuda = false;
-  if (spec.device == "cuda") {
+  if (spec.device == Device::Cuda) {
     if (!machine.cuda_compiled)
       throw config_error(src + ": device: cuda, but this build of elbo has no CUDA backend (" + machine.cuda_detail +
                          "); rebuild with nvcc present or use device: cpu");
@@ -16,17 +16,17 @@ Placement resolve_placement(const ExperimentSpec& spec, const WorldInfo& world, 
       throw config_error(src + ": device: cuda, but " + where + " sees no usable GPU (" + machine.cuda_detail +
                          "); use device: auto or cpu");
     cuda = true;
-  } else if (spec.device == "auto") {
+  } else if (spec.device == Device::Auto) {
     cuda = machine.cuda_compiled && machine.cuda_devices > 0;
   }
 
   if (!cuda) {
-    if (spec.dist.communicator == "nccl")
+    if (spec.dist.communicator == CommKind::Nccl)
       throw config_error(src + ": dist.communicator: nccl reduces GPU buffers, but " + where + " runs on the CPU (device: " +
-                         spec.device + "); use dist.communicator: mpi or auto");
+                         choice_name(spec.device) + "); use dist.communicator: mpi or auto");
     p.device = DeviceKind::Cpu;
-    p.communicator = "mpi";
-    p.why = spec.device == "cpu" ? "device: cpu" : "device: auto and no usable GPU";
+    p.communicator = CommKind::Mpi;
+    p.why = spec.device == Device::Cpu ? "device: cpu" : "device: auto and no usable GPU";
     return p;
   }
 
@@ -36,21 +36,21 @@ Placement resolve_placement(const ExperimentSpec& spec, const WorldInfo& world, 
   const bool shared = world.local_size > machine.cuda_devices;
   const std::string sharing = std::to_string(world.local_size) + " ranks share " +
                               std::to_string(machine.cuda_devices) + " GPU(s) on " + world.host;
-  if (spec.dist.communicator == "nccl" && shared)
+  if (spec.dist.communicator == CommKind::Nccl && shared)
     throw config_error(src + ": dist.communicator: nccl cannot run several ranks on one GPU (" + sharing +
                        "); start at most one rank per GPU or use dist.communicator: mpi (or auto)");
-  if (spec.dist.communicator == "auto" && world.size == 1) {
+  if (spec.dist.communicator == CommKind::Auto && world.size == 1) {
     // One replica: its gradient already is the sum. NCCL would cost a communicator's
     // start-up and an all-reduce launch per bucket per step for a copy.
-    p.communicator = "none";
+    p.communicator = CommKind::None;
     p.why = "dist.communicator: auto and 1 rank: no gradient sync";
-  } else if (spec.dist.communicator == "auto") {
-    p.communicator = shared ? "mpi" : "nccl";
+  } else if (spec.dist.communicator == CommKind::Auto) {
+    p.communicator = shared ? CommKind::Mpi : CommKind::Nccl;
     p.why = shared ? "dist.communicator: auto and " + sharing + ": MPI through pinned host memory"
                    : "dist.communicator: auto: one rank per GPU";
   } else {
     p.communicator = spec.dist.communicator;
-    p.why = "dist.communicator: " + spec.dist.communicator;
+    p.why = std::string("dist.communicator: ") + choice_name(spec.dist.communicator);
   }
   return p;
 }

@@ -15,7 +15,7 @@ namespace elbo {
 struct Placement {
   DeviceKind device = DeviceKind::Cpu;
   int gpu = -1;                     // CUDA ordinal of this rank (local_rank % GPUs on the node)
-  std::string communicator = "mpi"; // "mpi", "nccl", or "none" (auto with a single rank)
+  CommKind communicator = CommKind::Mpi;  // Mpi, Nccl, or None (auto with a single rank); never Auto
   std::string why;                  // one line for the log
 };
 

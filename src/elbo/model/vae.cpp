@@ -22,8 +22,8 @@ size_t params_end(const Layer& l) {
 
 std::string shape_text(const TensorShape& s) { return shape_string(std::vector<int>{s.c, s.h, s.w}, "[]"); }
 
-Activation activation_of(const std::string& type) {
-  return type == "relu" ? Activation::Relu : type == "tanh" ? Activation::Tanh : Activation::Softplus;
+Activation activation_of(LayerType type) {
+  return type == LayerType::Relu ? Activation::Relu : type == LayerType::Tanh ? Activation::Tanh : Activation::Softplus;
 }
 
 }  // namespace
@@ -40,7 +40,7 @@ VaeLayout::VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape)
                       shape_string(input_shape, "[]") + ")");
   m_input = TensorShape{input_shape[0], input_shape[1], input_shape[2]};
   if (spec.latent < 1) throw model_error("model.latent must be >= 1 (got " + std::to_string(spec.latent) + ")");
-  if (spec.type == "conv")
+  if (spec.type == ModelType::Conv)
     build_conv();
   else
     build_mlp();
@@ -134,20 +134,20 @@ std::vector<Layer> VaeLayout::build_list(const std::vector<LayerSpec>& list, Ten
   bool may_activate = false;  // the previous entry is a layer whose output an activation may follow
   for (size_t i = 0; i < list.size(); ++i) {
     const LayerSpec& e = list[i];
-    const std::string at = "model." + key + "[" + std::to_string(i) + "] (" + e.type + ")";
+    const std::string at = "model." + key + "[" + std::to_string(i) + "] (" + choice_name(e.type) + ")";
     const std::string name = prefix + ".layers." + std::to_string(i);
     auto fail = [&](const std::string& why) { throw config_error(at + ": " + why); };
-    if (e.type == "relu" || e.type == "tanh" || e.type == "softplus") {
+    if (e.type == LayerType::Relu || e.type == LayerType::Tanh || e.type == LayerType::Softplus) {
       if (!may_activate) fail("an activation must follow a linear, conv2d, conv_transpose2d or group_norm layer");
       to.back().act = activation_of(e.type);
       may_activate = false;
       continue;
     }
-    if (e.type == "flatten") {
+    if (e.type == LayerType::Flatten) {
       shape = TensorShape{static_cast<int>(shape.size()), 1, 1};
       continue;
     }
-    if (e.type == "reshape") {
+    if (e.type == LayerType::Reshape) {
       const TensorShape t{e.shape[0], e.shape[1], e.shape[2]};
       if (t.size() != shape.size())
         fail("cannot reshape " + shape_text(shape) + " (" + std::to_string(shape.size()) + " values) to " +
@@ -157,17 +157,17 @@ std::vector<Layer> VaeLayout::build_list(const std::vector<LayerSpec>& list, Ten
     }
     Layer l;
     l.in = shape;
-    if (e.type == "linear") {
+    if (e.type == LayerType::Linear) {
       l.kind = LayerKind::Linear;
       l.out = TensorShape{e.features, 1, 1};
-    } else if (e.type == "group_norm") {
+    } else if (e.type == LayerType::GroupNorm) {
       l.kind = LayerKind::GroupNorm;
       if (shape.c % e.groups != 0)
         fail(std::to_string(shape.c) + " channels do not divide into " + std::to_string(e.groups) + " groups");
       l.groups = e.groups;
       l.out = shape;
     } else {
-      l.kind = e.type == "conv2d" ? LayerKind::Conv2d : LayerKind::ConvTranspose2d;
+      l.kind = e.type == LayerType::Conv2d ? LayerKind::Conv2d : LayerKind::ConvTranspose2d;
       if (shape.h == 1 && shape.w == 1 && !to.empty() && to.back().kind == LayerKind::Linear)
         fail("needs an image input, but the previous layer is linear; put {type: reshape, shape: [C, H, W]} between");
       l.kernel = e.kernel;
@@ -213,7 +213,7 @@ void VaeLayout::build_conv() {
   // A flat last layer of the right size is fine too: (n, C*H*W) is the same memory as NCHW.
   if (!(last.out == want) && !(last.kind == LayerKind::Linear && last.out.size() == want.size()))
     throw config_error("model.decoder: the last layer produces " + shape_text(last.out) + " per sample but the " +
-                       likelihood_name(s.likelihood) + " likelihood of " + shape_text(m_input) + " data needs " +
+                       choice_name(s.likelihood) + " likelihood of " + shape_text(m_input) + " data needs " +
                        shape_text(want));
   if (last.act != Activation::Identity)
     throw config_error("model.decoder: the last layer must have no activation (it gives the likelihood's "

@@ -12,7 +12,7 @@ namespace elbo {
 double learning_rate(const OptimSpec& o, int64_t step, int64_t total_steps) {
   if (o.warmup_steps > 0 && step < o.warmup_steps)
     return o.lr * static_cast<double>(step + 1) / static_cast<double>(o.warmup_steps);
-  if (o.schedule == "cosine") {
+  if (o.schedule == LrSchedule::Cosine) {
     int64_t span = std::max<int64_t>(1, total_steps - o.warmup_steps - 1);
     double t = std::min(1.0, static_cast<double>(step - o.warmup_steps) / static_cast<double>(span));
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + std::cos(M_PI * t));
@@ -75,7 +75,7 @@ double Adam<T>::step(T* params, T* grads, double lr, double squared_norm) {
   a.beta2 = m_spec.beta2;
   a.eps = m_spec.eps;
   a.weight_decay = m_spec.weight_decay;
-  a.decoupled = m_spec.type == "adamw";
+  a.decoupled = m_spec.type == OptimizerType::AdamW;
   a.step = m_steps;
   size_t off = 0;  // into the packed moments
   for (const auto& r : m_owned) {

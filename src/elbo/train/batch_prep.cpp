@@ -24,10 +24,10 @@ void open_training_data(const ExperimentSpec& spec, Communicator& comm, Training
   // data.loader per split: memory (every rank loads and verifies all of it) or stream
   // (metadata only; the ranks share the checksum verification, each reads its part).
   d.train_loader = data::resolve_loader(spec.data.loader, spec.data.cache_mb, data::split_bytes(spec.data.train));
-  const std::string test_loader = spec.data.test.empty() ? "memory"
+  const Loader test_loader = spec.data.test.empty() ? Loader::Memory
       : data::resolve_loader(spec.data.loader, spec.data.cache_mb, data::split_bytes(spec.data.test));
-  const auto open_options = [&](const std::string& loader) {
-    return data::OpenOptions{loader == "memory", rank, world};
+  const auto open_options = [&](Loader loader) {
+    return data::OpenOptions{loader == Loader::Memory, rank, world};
   };
   collectively(comm, [&] {
     d.train.emplace(data::ShardSet::open(spec.data.train, open_options(d.train_loader)));
@@ -58,8 +58,8 @@ data::OrderSpec training_order(const ExperimentSpec& spec, int64_t n, int dim) {
   o.n = n;
   o.batch_size = spec.train.batch_size;
   o.seed = spec.seed;
-  o.shuffle = spec.data.shuffle;
-  o.blocks = spec.data.shuffle_blocks;
+  o.shuffle = spec.data.shuffle != Shuffle::Off;
+  o.blocks = spec.data.shuffle == Shuffle::Blocks;
   o.block = data::shuffle_block_samples(dim);
   return o;
 }
@@ -69,7 +69,7 @@ BatchPrep::BatchPrep(Backend<float>& be, const TrainingData& data, const Experim
     : m_set(*data.train), m_spec(spec), m_order(training_order(spec, data.n, data.dim)), m_n(data.n), m_rank(rank),
       m_world(world), m_dim(data.dim), m_pixels(static_cast<size_t>(local_rows) * data.dim),
       m_idx(static_cast<size_t>(local_rows)) {
-  if (data.train_loader == "stream") {
+  if (data.train_loader == Loader::Stream) {
     data::StreamOptions so;
     so.order = m_order;
     so.rank = rank;

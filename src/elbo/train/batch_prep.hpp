@@ -25,7 +25,7 @@ namespace elbo {
 struct TrainingData {
   std::optional<data::ShardSet> train;
   std::optional<data::ShardSet> test;  // only when the run evaluates (eval.at_end or eval.every)
-  std::string train_loader;            // data.loader resolved for the training split: "memory" or "stream"
+  Loader train_loader = Loader::Memory;  // data.loader resolved for the training split: Memory or Stream
   std::vector<int> input_shape;        // [C, H, W]
   int64_t n = 0;                       // samples trained on: the split, or its first data.max_samples
   int dim = 0;                         // values per sample (C*H*W)

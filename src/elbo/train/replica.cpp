@@ -55,8 +55,8 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       // auto: on for one GPU replica, where nothing overlaps with the backward pass and
       // launch overhead is what a small batch pays for; with several ranks the per-layer
       // bucketed all-reduce is worth more than the saved launches.
-      m_use_graph(spec.train.cuda_graph == "on" ||
-                  (spec.train.cuda_graph == "auto" && place.device == DeviceKind::Cuda && comm.size() == 1)),
+      m_use_graph(spec.train.cuda_graph == GraphMode::On ||
+                  (spec.train.cuda_graph == GraphMode::Auto && place.device == DeviceKind::Cuda && comm.size() == 1)),
       m_warn(std::move(warn)) {
   std::vector<double> init = layout.init_params(spec.seed);
   std::vector<float> host(init.begin(), init.end());
@@ -209,7 +209,7 @@ void Replica::load_state(const float* params, const float* exp_avg, const float*
 
 std::string Replica::describe_optimizer() const {
   const double whole = 2.0 * static_cast<double>(m_n) * sizeof(float);
-  return m_spec.optim.type + ", moments " + format_bytes(2.0 * static_cast<double>(m_optim.owned_elems()) *
+  return std::string(choice_name(m_spec.optim.type)) + ", moments " + format_bytes(2.0 * static_cast<double>(m_optim.owned_elems()) *
                                                          sizeof(float)) + " per rank (" +
          (m_sync->shard_plan() != nullptr ? "sharded over " + std::to_string(m_comm.size()) +
                                                 " rank(s), dist.shard_optimizer: true; whole: " + format_bytes(whole)
@@ -229,7 +229,7 @@ std::string SkipPolicy::skip(Communicator& comm, const StepResult& r, TrainState
                                (r.nonfinite_ranks > 1
                                     ? " (and " + std::to_string(r.nonfinite_ranks - 1) + " other rank(s))"
                                     : "");
-  if (m_train.on_nonfinite == "abort")
+  if (m_train.on_nonfinite == NonfinitePolicy::Abort)
     throw AgreedError(ErrorKind::Numeric, what + "; lower optim.lr, set optim.grad_clip, or set "
                                                  "train.on_nonfinite: skip");
   ++st.skipped_steps;

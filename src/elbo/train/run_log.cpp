@@ -159,18 +159,18 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
   std::snprintf(mb, sizeof(mb), "%.1f MB", static_cast<double>(data.train->bytes()) / 1e6);
   m_log << "data: loader " << data.train_loader << " (data.loader: " << spec.data.loader << ", split " << mb
         << ", data.cache_mb: " << spec.data.cache_mb << ")"
-        << (data.train_loader == "stream" ? (spec.data.shuffle_blocks
+        << (data.train_loader == Loader::Stream ? (spec.data.shuffle == Shuffle::Blocks
                                                  ? " | order: shuffled blocks of " + std::to_string(block) +
                                                        " samples, each rank reads about 1/" + std::to_string(world) +
                                                        " of the split per epoch"
                                                  : std::string(" | order: ") +
-                                                       (spec.data.shuffle ? "a global permutation: each rank reads "
+                                                       (spec.data.shuffle == Shuffle::Global ? "a global permutation: each rank reads "
                                                                             "its samples one by one (data.shuffle: "
                                                                             "blocks reads runs)"
                                                                           : "sequential"))
                                            : std::string())
         << "\n";
-  if (data.train_loader == "stream" && spec.data.shuffle_blocks) {
+  if (data.train_loader == Loader::Stream && spec.data.shuffle == Shuffle::Blocks) {
     // A rank's working set: the current windows of its canonical streams (sampler.hpp).
     const int64_t streams = (data::kCanonicalStreams + world - 1) / world + (data::kCanonicalStreams % world ? 2 : 0);
     const double need = static_cast<double>(streams * (data::kShuffleWindow + 1) * block) * data.dim;

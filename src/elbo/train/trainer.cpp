@@ -73,6 +73,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   const int world = comm.size(), rank = comm.rank();
   const bool root = comm.is_root();
   comm.set_timeout(spec.dist.timeout_s);
+  comm.set_min_link_mbps(spec.dist.min_link_mbps);
 
   // Stop requests count from here (the handlers went in before MPI started): one during
   // start-up ends the job at the first agreement point with kExitStopped.
