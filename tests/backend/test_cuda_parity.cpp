@@ -84,6 +84,27 @@ TEST_F(CudaParity, GemmAllTransposes) {
     }
 }
 
+// The moving average of the parameters (optim.ema): 50 updates of axpby with a = 1 - d,
+// b = d on a buffer larger than one grid pass. Each product is rounded on both sides
+// (no FMA), so the GPU must give the CPU's bits: no element may differ.
+TEST_F(CudaParity, MovingAverageAxpbyMatchesTheCpuBitForBit) {
+  const size_t n = (size_t(1) << 20) + 37;
+  const float d = 0.999f, a = static_cast<float>(1.0 - 0.999), b = d;
+  Vec ema = random_vec(n, rng), cpu_ema = ema;
+  Buffer<float> g_ema = put(ema);
+  for (int t = 0; t < 50; ++t) {
+    Vec p = random_vec(n, rng);
+    Buffer<float> gp = put(p);
+    cpu.axpby(n, a, p.data(), b, cpu_ema.data());
+    gpu->axpby(n, a, gp.data(), b, g_ema.data());
+  }
+  const Vec got = get(g_ema);
+  size_t differ = 0;
+  for (size_t i = 0; i < n; ++i) differ += got[i] != cpu_ema[i];
+  EXPECT_PARITY(norm_err(got, cpu_ema), 1e-7, "axpby x50 (ema 0.999)");
+  EXPECT_EQ(differ, 0u) << "elements whose bits differ from the CPU's";
+}
+
 // Linear layers: cuBLASLt with the bias / bias+ReLU epilogue (Identity, ReLU) and the
 // GEMM + kernel path (tanh), against the CPU's GEMM + loop.
 TEST_F(CudaParity, LinearForwardWithFusedEpilogues) {

@@ -65,7 +65,8 @@ void write_at(const fs::path& dir, int64_t step) {
   st.step = step;
   st.adam_steps = step;
   st.world_size = 1;
-  write_checkpoint((dir / checkpoint_file_name(step)).string(), spec, shape, layout, p.data(), m.data(), v.data(), st);
+  write_checkpoint((dir / checkpoint_file_name(step)).string(), spec, shape, layout, p.data(), m.data(), v.data(),
+                   nullptr, st);
 }
 
 TEST(FindResumeCheckpoint, NewestVerifiedWinsOverAnOlderLatest) {
@@ -169,6 +170,92 @@ TEST(ModelFile, FileWithoutChecksumsLoadsUnverified) {
   const ModelFile mf = read_model_file(path);
   EXPECT_FALSE(mf.verified);
   expect_same_views(mf.params, Tiny(7));
+}
+
+// A checkpoint with the moving average (optim.ema) and the best-so-far: both read back
+// as written, the average is under the checksum, and one without them reads as before.
+TEST(CheckpointFormat, MovingAverageAndBestSoFarRoundTrip) {
+  TempDir d("ckpt-ema");
+  const Tiny t(12);
+  std::vector<float> m(t.params.size(), 0.5f), v(t.params.size(), 0.25f), ema(t.params.size());
+  for (size_t i = 0; i < ema.size(); ++i) ema[i] = 0.9f * t.params[i];
+  TrainState st;
+  st.step = 12;
+  st.adam_steps = 12;
+  st.best_bound = 123.456789;
+  st.best_step = 10;
+  st.evals_since_best = 2;
+  const std::string path = (d.path / checkpoint_file_name(12)).string();
+  write_checkpoint(path, t.spec, t.shape, t.layout, t.params.data(), m.data(), v.data(), ema.data(), st);
+  const Checkpoint c = read_checkpoint(path);
+  ASSERT_EQ(c.ema.size(), ema.size());
+  for (const auto& view : t.layout.views())
+    for (size_t i = 0; i < view.numel(); ++i) ASSERT_EQ(c.ema[view.offset + i], ema[view.offset + i]) << view.name;
+  EXPECT_EQ(c.state.best_bound, 123.456789);
+  EXPECT_EQ(c.state.best_step, 10);
+  EXPECT_EQ(c.state.evals_since_best, 2);
+  {
+    h5::Id f = h5::open_file(path);
+    EXPECT_TRUE(h5::exists(f, "optim/ema/encoder.mu.weight"));
+  }
+  // Without them: no /optim/ema, no best (-1), and the checksum of a checkpoint as before.
+  write_at(d.path, 10);
+  const Checkpoint plain = read_checkpoint((d.path / checkpoint_file_name(10)).string());
+  EXPECT_TRUE(plain.ema.empty());
+  EXPECT_EQ(plain.state.best_step, -1);
+
+  // One value of the average changed in place: the checksum catches it.
+  {
+    h5::Id f = h5::open_file(path, true);
+    h5::Id ds(H5Dopen2(f, "optim/ema/encoder.mu.bias", H5P_DEFAULT), H5Dclose);
+    ASSERT_TRUE(ds.valid());
+    std::vector<float> bias(t.layout.latent());
+    ASSERT_GE(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, bias.data()), 0);
+    bias[0] += 1.0f;
+    ASSERT_GE(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, bias.data()), 0);
+  }
+  try {
+    read_checkpoint(path);
+    FAIL() << "a changed moving average passed the checksum";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("checksum mismatch"));
+  }
+}
+
+// With optim.ema the model file's /params is the average (what every reader loads) and
+// /params_raw the parameters, each array with its checksum; best.h5's bound attribute.
+TEST(ModelFile, RawParametersBesideTheAverage) {
+  TempDir d("model-ema");
+  const Tiny avg(7), raw(9);
+  const std::string path = (d.path / "model.h5").string();
+  ModelFileExtras extras;
+  extras.raw_params = raw.params.data();
+  extras.ema = 0.999;
+  extras.has_bound = true;
+  extras.bound = 98.5;
+  extras.eval_samples = 200;
+  write_model_file(path, avg.spec, avg.shape, avg.layout, avg.params.data(), 7, 1, extras);
+  const ModelFile mf = read_model_file(path);
+  EXPECT_TRUE(mf.verified);
+  expect_same_views(mf.params, avg);
+  {
+    h5::Id f = h5::open_file(path);
+    EXPECT_EQ(h5::read_attr_double(f, "ema"), 0.999);
+    EXPECT_EQ(h5::read_attr_double(f, "test_neg_elbo"), 98.5);
+    EXPECT_EQ(h5::read_attr_int(f, "eval_samples"), 200);
+    std::vector<float> back;
+    detail::read_param_views(f, "params_raw", raw.layout, path, &back);
+    expect_same_views(back, raw);
+    for (const auto& v : raw.layout.views()) {
+      h5::Id ds(H5Dopen2(f, ("params_raw/" + v.name).c_str(), H5P_DEFAULT), H5Dclose);
+      EXPECT_TRUE(h5::has_attr(ds, "checksum_fnv1a64")) << v.name;
+    }
+  }
+  // Without extras: neither the attributes nor /params_raw.
+  write_model(d.path);
+  h5::Id g = h5::open_file((d.path / "model.h5").string());
+  EXPECT_FALSE(h5::has_attr(g, "ema"));
+  EXPECT_FALSE(h5::exists(g, "params_raw"));
 }
 
 }  // namespace

@@ -64,6 +64,28 @@ TEST(Spec, TrainingSafetyKeysHaveDefaultsAndRanges) {
   }
 }
 
+// optim.ema (0 = off, below 1) and train.patience (needs evaluations to count).
+TEST(Spec, EmaAndPatienceHaveDefaultsRangesAndRoundTrip) {
+  ExperimentSpec s = parse_spec(kMinimal, "exp.yaml");
+  EXPECT_EQ(s.optim.ema, 0.0);
+  EXPECT_EQ(s.train.patience, 0);
+  s = parse_spec(std::string(kMinimal) + "  test: /tmp/test\n", "exp.yaml",
+                 {"optim.ema=0.9999", "train.patience=3", "eval.every=100"});
+  EXPECT_DOUBLE_EQ(s.optim.ema, 0.9999);
+  EXPECT_EQ(s.train.patience, 3);
+  const ExperimentSpec t = parse_spec(dump_spec(s), "dump");
+  EXPECT_DOUBLE_EQ(t.optim.ema, 0.9999);
+  EXPECT_EQ(t.train.patience, 3);
+  std::string e = error_of(kMinimal, {"optim.ema=1"});
+  EXPECT_NE(e.find("optim.ema: must be in [0, 1)"), std::string::npos) << e;
+  e = error_of(kMinimal, {"optim.ema=-0.5"});
+  EXPECT_NE(e.find("optim.ema"), std::string::npos) << e;
+  e = error_of(kMinimal, {"train.patience=-1"});
+  EXPECT_NE(e.find("train.patience: must be >= 0"), std::string::npos) << e;
+  e = error_of(kMinimal, {"train.patience=2"});
+  EXPECT_NE(e.find("eval.every: must be > 0 with train.patience: 2"), std::string::npos) << e;
+}
+
 TEST(Spec, UnknownKeyNamesFileLineKeyAndValidKeys) {
   std::string e = error_of("data:\n  train: x\nmodel:\n  latnet: 3\n");
   EXPECT_NE(e.find("exp.yaml:4"), std::string::npos) << e;

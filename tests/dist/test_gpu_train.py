@@ -16,7 +16,11 @@ with ctest's skip code 77 and the reason otherwise):
      one-rank reduce-scatter and all-gather are copies; the step graph is on); 2 ranks
      sharing the GPU (mpi, staged) sharded vs replicated within 1e-5.
   6. train.accumulate: 3 (NCCL 1 rank, staged MPI 2 ranks, sharded on 2 ranks) vs one
-     pass of the same global batch: 1e-5 relative per tensor.
+     pass of the same global batch: 1e-5 relative per tensor;
+  7. optim.ema on the GPU: model.h5's /params (the moving average) and /params_raw
+     against the CPU run's (5e-3 relative), and the last update of the average,
+     read from the checkpoints at steps 49 and 50, equal to the recurrence computed
+     in float32 by numpy, bit for bit (the kernel rounds each product, as the CPU).
 A reseeded GPU run must differ, so the comparisons can fail."""
 import csv, os, re, subprocess, sys
 import h5py, numpy as np
@@ -112,6 +116,34 @@ for np_, comm, more in ((1, "nccl", ()), (2, "mpi", ()), (2, "mpi", shard)):
     print(f"accumulate=3 on {label} vs one pass: {err:.2e} ({name})")
     if err > 1e-5:
         failures.append(f"accumulation on the GPU ({label}) differs from one pass")
+
+EMA = ("--set", "optim.ema=0.9", "--set", "checkpoint.every=1", "--set", "checkpoint.keep=2")
+cpu_avg, _ = train(1, "cpu_ema", "--set", "device=cpu", *EMA)
+gpu_avg, _ = train(1, "gpu_ema", "--set", "device=cuda", *EMA)
+err, name = worst(gpu_avg, cpu_avg)
+print(f"optim.ema: GPU vs CPU moving average after 50 steps: {err:.2e} ({name})")
+if err > 5e-3:
+    failures.append("the GPU's moving average differs from the CPU's beyond tolerance")
+
+
+def arrays(path, group):
+    with h5py.File(path, "r") as f:
+        return {k: f[group][k][...] for k in f[group]}
+
+
+ck = os.path.join(a.work, "gpu_ema", "checkpoints")
+before, after = os.path.join(ck, "ckpt-000000049.h5"), os.path.join(ck, "ckpt-000000050.h5")
+d = np.float32(0.9)
+one_minus_d = np.float32(1.0 - 0.9)
+ema49, ema50, p50 = arrays(before, "optim/ema"), arrays(after, "optim/ema"), arrays(after, "params")
+exact = all(np.array_equal(ema50[k], (d * ema49[k]) + (one_minus_d * p50[k])) for k in p50)
+model = os.path.join(a.work, "gpu_ema", "model.h5")
+in_model = all(np.array_equal(arrays(model, "params")[k], ema50[k]) and
+               np.array_equal(arrays(model, "params_raw")[k], p50[k]) for k in p50)
+print(f"optim.ema on the GPU: step 50's update == numpy's float32 recurrence: {exact}; "
+      f"model.h5 /params, /params_raw == the checkpoint's average and parameters: {in_model}")
+if not exact or not in_model:
+    failures.append("the GPU's moving average is not the recurrence, or model.h5 does not hold it")
 
 reseeded, _ = train(1, "gpu_seed9", "--set", "device=cuda", "--set", "seed=9")
 err, _ = worst(reseeded, gpu)

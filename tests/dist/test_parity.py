@@ -10,8 +10,10 @@ the KL warm-up and the short last batch that run outside the recording, and thro
 the cyclical KL schedule (only its steps at beta replay the recording). Free bits with
 the cyclical schedule (the per-dimension KL floor on the GLOBAL batch mean, its sums
 all-reduced between forward and backward) on 1, 2 and 3 ranks: the same parameters,
-with groups clamped in some steps and not others. A run with another seed must
-differ, so the comparison itself is known to bite."""
+with groups clamped in some steps and not others. With optim.ema the moving average
+(model.h5's /params) and the parameters (/params_raw) agree on 1, 2 and 3 ranks within
+the same 1e-5. A run with another seed must differ, so the comparison itself is known
+to bite."""
 import os, shutil, subprocess, sys
 import h5py, numpy as np
 
@@ -64,6 +66,23 @@ err, name = worst(conv3, conv1)
 print(f"conv VAE np=3 (4 KB buckets) vs np=1: worst per-tensor relative error {err:.3e} ({name})")
 if err > 1e-5:
     failed = True
+def raw(tag):
+    with h5py.File(os.path.join(a.work, tag, "model.h5"), "r") as f:
+        return {k: f["params_raw"][k][...].astype(np.float64) for k in f["params_raw"]}
+
+EMA = ("--set", "optim.ema=0.9")
+ema1 = train(1, "ema_np1", *EMA)
+for n in (2, 3):
+    avg = train(n, f"ema_np{n}", *EMA)
+    err, name = worst(avg, ema1)
+    err_raw, name_raw = worst(raw(f"ema_np{n}"), raw("ema_np1"))
+    print(f"optim.ema np={n} vs np=1: moving average {err:.3e} ({name}), parameters {err_raw:.3e} ({name_raw})")
+    if err > 1e-5 or err_raw > 1e-5:
+        failed = True
+err, _ = worst(ema1, raw("ema_np1"))
+print(f"optim.ema np=1: the average differs from the parameters by {err:.3e} (must be large)")
+if err < 1e-3:
+    sys.exit("model.h5's /params is not the moving average: the EMA comparison cannot fail")
 warm = ("--set", "loss.kl_warmup_steps=6")
 replayed = train(2, "np2_graph_on", *warm, "--set", "train.cuda_graph=on")
 eager = train(2, "np2_graph_off", *warm, "--set", "train.cuda_graph=off")

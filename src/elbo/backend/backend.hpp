@@ -168,6 +168,9 @@ class Backend {
   // The same, delivered into `host` (from allocate_host) by the next synchronize().
   virtual void sum_squares_async(size_t n, const T* x, double* host) { *host = sum_squares(n, x); }
   virtual void scale(size_t n, T s, T* x) = 0;
+  // y = a * x + b * y over n values, each product rounded before the sum (no fused
+  // multiply-add), so every backend gives the same bits; the EMA of the parameters.
+  virtual void axpby(size_t n, T a, const T* x, T b, T* y) = 0;
 };
 
 // A move-only array in a backend's memory.

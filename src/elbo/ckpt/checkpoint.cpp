@@ -45,7 +45,7 @@ std::string checkpoint_file_name(int64_t step) {
 
 void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
                       const VaeLayout& layout, const float* params, const float* exp_avg, const float* exp_avg_sq,
-                      const TrainState& st) {
+                      const float* ema, const TrainState& st) {
   const std::string tmp = path + ".tmp";
   try {
     {
@@ -64,10 +64,18 @@ void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const
       h5::write_attr_int(file, "world_size", st.world_size);
       h5::write_attr_int(file, "train_samples", st.train_samples);
       h5::write_attr_string(file, "seed", std::to_string(st.seed));  // uint64 does not fit int64 attrs
-      h5::write_attr_string(file, "checksum_fnv1a64", detail::checksum_views({params, exp_avg, exp_avg_sq}, layout));
+      if (st.best_step >= 0) {  // only runs that evaluate during training have a best
+        h5::write_attr_double(file, "best_bound", st.best_bound);
+        h5::write_attr_int(file, "best_step", st.best_step);
+        h5::write_attr_int(file, "evals_since_best", st.evals_since_best);
+      }
+      h5::write_attr_string(file, "checksum_fnv1a64",
+                            ema != nullptr ? detail::checksum_views({params, exp_avg, exp_avg_sq, ema}, layout)
+                                           : detail::checksum_views({params, exp_avg, exp_avg_sq}, layout));
       detail::write_param_views(file, "params", layout, params);
       detail::write_param_views(file, "optim/exp_avg", layout, exp_avg);
       detail::write_param_views(file, "optim/exp_avg_sq", layout, exp_avg_sq);
+      if (ema != nullptr) detail::write_param_views(file, "optim/ema", layout, ema);
       // Built in memory, so a full disk fails our own write, and the temporary file is
       // removed only after HDF5 has let go of everything.
       h5::save_memory_file(std::move(file), tmp);
@@ -109,12 +117,22 @@ Checkpoint read_checkpoint(const std::string& path) {
     detail::read_param_views(file, "params", layout, path, &c.params);
     detail::read_param_views(file, "optim/exp_avg", layout, path, &c.exp_avg);
     detail::read_param_views(file, "optim/exp_avg_sq", layout, path, &c.exp_avg_sq);
-    const std::string sum = detail::checksum_views({c.params.data(), c.exp_avg.data(), c.exp_avg_sq.data()}, layout);
+    if (h5::has_attr(file, "best_step")) {
+      st.best_bound = h5::read_attr_double(file, "best_bound");
+      st.best_step = h5::read_attr_int(file, "best_step");
+      st.evals_since_best = h5::read_attr_int(file, "evals_since_best");
+    }
+    const bool has_ema = h5::exists(file, "optim/ema");
+    if (has_ema) detail::read_param_views(file, "optim/ema", layout, path, &c.ema);
+    const std::string sum =
+        has_ema ? detail::checksum_views({c.params.data(), c.exp_avg.data(), c.exp_avg_sq.data(), c.ema.data()}, layout)
+                : detail::checksum_views({c.params.data(), c.exp_avg.data(), c.exp_avg_sq.data()}, layout);
     const std::string stored = h5::read_attr_string(file, "checksum_fnv1a64");
     if (stored != sum)
       throw model_error(path + ": checksum mismatch (stored " + stored + ", computed " + sum +
                         "): the checkpoint is corrupted");
-    if (st.step < 0 || st.epoch < 0 || st.batch_in_epoch < 0 || st.adam_steps < 0 || st.world_size < 1)
+    if (st.step < 0 || st.epoch < 0 || st.batch_in_epoch < 0 || st.adam_steps < 0 || st.world_size < 1 ||
+        st.best_step > st.step || st.evals_since_best < 0)
       throw model_error(path + ": inconsistent loop counters in the checkpoint");
   } catch (const Error& e) {
     if (e.kind() == ErrorKind::Model) throw;

@@ -1,7 +1,8 @@
 // Training checkpoints: everything needed to continue a run bit-exactly, in HDF5
 // that h5py reads like a PyTorch state_dict. Parameters sit under /params/<name>
 // (as in model.h5), Adam's moments under /optim/exp_avg/<name> and
-// /optim/exp_avg_sq/<name>; the loop position, counters, world size and resolved spec
+// /optim/exp_avg_sq/<name>, the parameters' moving average (optim.ema) under
+// /optim/ema/<name>; the loop position, counters, world size and resolved spec
 // are attributes. A checksum over all arrays catches silent corruption; truncation
 // fails the HDF5 open. Files are written to a temporary name, fsynced, renamed, and
 // the directory fsynced: a crash at any instant leaves the previous checkpoint valid.
@@ -30,6 +31,13 @@ struct TrainState {
   int64_t world_size = 1;
   int64_t train_samples = 0;   // the epoch order is a permutation of this many samples
   uint64_t seed = 0;
+  // The best held-out bound of the evaluations during training (eval.every) so far, the
+  // step it was reached at (-1: none yet; its parameters are best.h5) and the
+  // evaluations since then without a better one (train.patience counts them). Kept so
+  // that a resumed run makes the same best.h5 and early-stopping decisions.
+  double best_bound = 0;
+  int64_t best_step = -1;
+  int64_t evals_since_best = 0;
 };
 
 struct Checkpoint {
@@ -37,12 +45,15 @@ struct Checkpoint {
   ExperimentSpec spec;           // the resolved spec of the run that wrote it
   std::vector<int> input_shape;  // [C, H, W]
   std::vector<float> params, exp_avg, exp_avg_sq;  // flat, VaeLayout order
+  std::vector<float> ema;  // the parameters' moving average (optim.ema); empty when the run kept none
   TrainState state;
 };
 
+// `ema` (may be null: no moving average) goes to /optim/ema/<name> and into the checksum
+// after the other arrays; without it the file is what it was before EMA existed.
 void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
                       const VaeLayout& layout, const float* params, const float* exp_avg, const float* exp_avg_sq,
-                      const TrainState& state);
+                      const float* ema, const TrainState& state);
 
 // Reads and verifies one checkpoint (format, version, shapes, checksum); every
 // problem is a Model error naming the file.

@@ -103,7 +103,8 @@ std::vector<int> read_input_shape(int64_t file) {
 }  // namespace detail
 
 void write_model_file(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
-                      const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed) {
+                      const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed,
+                      const ModelFileExtras& extras) {
   const std::string tmp = path + ".tmp";
   try {
     h5::Id file = h5::create_memory_file();
@@ -118,9 +119,23 @@ void write_model_file(const std::string& path, const ExperimentSpec& spec, const
     h5::write_attr_int(file, "epochs_completed", epochs_completed);
     detail::write_param_views(file, "params", layout, params);
     h5::write_attr_string(file, kChecksumAttr, detail::checksum_views({params}, layout));
-    for (const auto& v : layout.views()) {
-      h5::Id ds(ELBO_CHECK_H5(H5Dopen2(file, ("params/" + v.name).c_str(), H5P_DEFAULT)), H5Dclose);
-      h5::write_attr_string(ds, kChecksumAttr, view_checksum(params, v));
+    // The root checksum covers /params only (what every reader loads); each array,
+    // /params_raw's too, carries its own.
+    const auto array_checksums = [&](const std::string& group, const float* flat) {
+      for (const auto& v : layout.views()) {
+        h5::Id ds(ELBO_CHECK_H5(H5Dopen2(file, (group + "/" + v.name).c_str(), H5P_DEFAULT)), H5Dclose);
+        h5::write_attr_string(ds, kChecksumAttr, view_checksum(flat, v));
+      }
+    };
+    array_checksums("params", params);
+    if (extras.raw_params != nullptr) {
+      h5::write_attr_double(file, "ema", extras.ema);
+      detail::write_param_views(file, "params_raw", layout, extras.raw_params);
+      array_checksums("params_raw", extras.raw_params);
+    }
+    if (extras.has_bound) {
+      h5::write_attr_double(file, "test_neg_elbo", extras.bound);
+      h5::write_attr_int(file, "eval_samples", extras.eval_samples);
     }
     // Built in memory (see checkpoint.cpp): a full disk fails our write, not HDF5's close.
     h5::save_memory_file(std::move(file), tmp);

@@ -23,10 +23,25 @@ struct ModelFile {
   bool verified = false;
 };
 
+// What a model file may hold besides the parameters that eval and sample use.
+struct ModelFileExtras {
+  // With optim.ema > 0 /params holds the moving average and /params_raw/<name> the
+  // trained parameters themselves (each array with its checksum); attribute `ema` is
+  // the decay. Null: no /params_raw, no `ema` attribute.
+  const float* raw_params = nullptr;
+  double ema = 0;
+  // best.h5: the held-out bound that made these parameters the best so far (attribute
+  // `test_neg_elbo`, nats per sample on the first `eval_samples` test samples).
+  bool has_bound = false;
+  double bound = 0;
+  int64_t eval_samples = 0;
+};
+
 // Writes `path` atomically (temporary file, then rename): a crash never leaves a
 // half-written model where a good one was.
 void write_model_file(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
-                      const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed);
+                      const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed,
+                      const ModelFileExtras& extras = {});
 
 // Reads and validates a model file; every problem is a Model error naming the file
 // (and, for a checksum mismatch, the array). A file without checksums (written by an

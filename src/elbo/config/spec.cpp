@@ -702,6 +702,9 @@ const std::vector<Section>& spec_sections() {
               f.check(o.min_lr >= 0 && o.min_lr <= o.lr, "must be in [0, optim.lr]", o.min_lr);
             },
             [](Out& o, const ExperimentSpec& s) { o.put(s.optim.min_lr); }},
+           optim.field(
+               "ema", &OptimSpec::ema, [](double v) { return v >= 0 && v < 1; },
+               "must be in [0, 1) (0 = off; e.g. 0.9999)"),
        }},
       {"train",
        {
@@ -733,6 +736,7 @@ const std::vector<Section>& spec_sections() {
             [](Out& o, const ExperimentSpec& s) { o.put(s.train.accumulate); }},
            train.field("cuda_graph", &TrainSpec::cuda_graph),
            train.field("deterministic", &TrainSpec::deterministic),
+           train.field("patience", &TrainSpec::patience, at_least_0, "must be >= 0 (0 = never stop early)"),
        }},
       {"eval",
        {
@@ -744,6 +748,11 @@ const std::vector<Section>& spec_sections() {
               f.read(s.eval.every);
               f.check(s.eval.every >= 0, "must be >= 0 (0 = only at the end)", s.eval.every);
               f.check(s.eval.every == 0 || !s.data.test.empty(), "needs data.test, the held-out split to evaluate on",
+                      s.eval.every);
+              // train.patience (read before this section) counts these evaluations.
+              f.check(s.eval.every > 0 || s.train.patience == 0,
+                      "must be > 0 with train.patience: " + std::to_string(s.train.patience) +
+                          " (patience counts the evaluations during training)",
                       s.eval.every);
             },
             [](Out& o, const ExperimentSpec& s) { o.put(s.eval.every); }},

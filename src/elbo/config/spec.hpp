@@ -70,6 +70,10 @@ struct OptimSpec {
   LrSchedule schedule = LrSchedule::Constant;
   int64_t warmup_steps = 0;      // linear warm-up from 0 to lr
   double min_lr = 0.0;           // floor of the cosine decay
+  // Decay of the exponential moving average of the parameters (0 = off): after each
+  // applied update ema = ema * d + params * (1 - d), starting from the initial
+  // parameters. Evaluation, image grids, model.h5 and best.h5 use it.
+  double ema = 0.0;
 };
 
 struct TrainSpec {
@@ -95,6 +99,9 @@ struct TrainSpec {
   int64_t accumulate = 1;
   GraphMode cuda_graph = GraphMode::Auto;  // replay the steady-state forward/backward as one CUDA graph
   bool deterministic = true;           // false: cuDNN may pick faster, non-deterministic algorithms
+  // Stop (like a finished run) after this many evaluations during training (eval.every)
+  // without a better held-out bound than the best so far; 0 = never.
+  int64_t patience = 0;
 };
 
 struct CheckpointSpec {

@@ -126,6 +126,19 @@ MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, Devi
   return e;
 }
 
+MemoryItem ema_memory(const VaeLayout& layout) {
+  return {"moving average of the parameters (" + num(static_cast<int64_t>(layout.num_params())) + " floats)",
+          "optim.ema (0 = off), model.encoder, model.decoder or model.latent",
+          static_cast<double>(layout.num_params()) * kFloat, true};
+}
+
+void add_ema_memory(MemoryEstimate& e, const VaeLayout& layout) {
+  e.items.push_back(ema_memory(layout));
+  // A checkpoint's copy, and at resume the file's and the broadcast copies.
+  e.items.push_back({"host copies of the moving average (checkpoints, resume)", "optim.ema (0 = off)",
+                     3 * static_cast<double>(layout.num_params()) * kFloat, false});
+}
+
 void add_eval_memory(MemoryEstimate& e, const VaeLayout& layout, int64_t rank_samples, int K, int64_t batch_size,
                      const std::string& keys) {
   const EvalChunks c = eval_chunks(K, batch_size, rank_samples);

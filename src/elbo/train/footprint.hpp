@@ -57,6 +57,11 @@ double vae_activation_bytes(const VaeLayout& layout, int64_t rows);
 MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows_per_rank, DeviceKind device,
                                      int optimizer_shards = 1, int64_t micro_rows = 0);
 
+// The parameters' moving average (optim.ema): one more (num_params) buffer in the
+// backend's memory, and its host copies for checkpoints and resume.
+MemoryItem ema_memory(const VaeLayout& layout);
+void add_ema_memory(MemoryEstimate& est, const VaeLayout& layout);
+
 // Evaluation's buffers on a rank holding `rank_samples` test samples (see evaluate()).
 // `keys` names what sizes them (eval.batch_size/eval.iw_samples or the CLI options).
 void add_eval_memory(MemoryEstimate& est, const VaeLayout& layout, int64_t rank_samples, int iw_samples,

@@ -56,6 +56,8 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
                          [&] { return Vae<float>(layout, be, m_micro_rows); })),
       m_optim(allocating(need.items[MemoryEstimate::kModelState], spec.source,
                          [&] { return make_optimizer(spec.optim, be, m_n, *m_sync, comm); })),
+      m_ema(spec.optim.ema > 0 ? allocating(ema_memory(layout), spec.source, [&] { return Buffer<float>(be, m_n); })
+                               : Buffer<float>()),
       m_x(be, static_cast<size_t>(m_micro_rows) * dim),
       m_eps(be, static_cast<size_t>(m_micro_rows) * m_latent),
       m_free_bits(spec.loss.free_bits > 0),
@@ -83,6 +85,9 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
   // guarantee rather than an assumption about libm on heterogeneous nodes.
   comm.broadcast(host.data(), host.size() * sizeof(float), 0);
   be.upload(m_params.data(), host.data(), m_n);
+  // The average starts at the initial parameters (no bias correction, as VDVAE and
+  // timm do): with d near 1 it stays near them for about 1 / (1 - d) steps.
+  if (has_ema()) be.upload(m_ema.data(), host.data(), m_n);
 }
 
 StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double beta, double lr, bool stop_requested,
@@ -188,6 +193,8 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   }
   result.nonfinite_here = local[2] > 0;
   sync_and_update(lr, local, result);
+  // The update was applied (every loss and the norm finite, not over the threshold).
+  if (has_ema() && std::isfinite(result.grad_norm) && !result.over_threshold) update_ema();
   result.rec = local[0];
   result.kl = local[1];
   result.nonfinite_ranks = static_cast<int>(local[2]);
@@ -239,6 +246,20 @@ FreeBits Replica::exchange_kl(int rows, int64_t global_rows, float kl_weight) {
   }
   return fb;
 }
+
+void Replica::update_ema() {
+  const double d = m_spec.optim.ema;
+  // Sharded (dist.shard_optimizer): the average is kept whole on every rank, so it waits
+  // for the parameters' all-gather here, giving up its overlap with the next forward
+  // pass; averaging each rank's own slice and gathering the average only when it is
+  // read would keep it (left for when both are used together at scale).
+  m_sync->params_ready();
+  m_be.axpby(m_n, static_cast<float>(1.0 - d), m_params.data(), static_cast<float>(d), m_ema.data());
+}
+
+void Replica::download_ema(float* ema) { m_be.download(ema, m_ema.data(), m_n); }
+
+void Replica::load_ema(const float* ema) { m_be.upload(m_ema.data(), ema, m_n); }
 
 const float* Replica::params() {
   m_sync->params_ready();  // a sharded optimizer's all-gather may still be in flight

@@ -77,6 +77,16 @@ class Replica {
   // The state of a checkpoint (every rank passes the same values).
   void load_state(const float* params, const float* exp_avg, const float* exp_avg_sq, int64_t adam_steps);
 
+  // The parameters' exponential moving average (optim.ema > 0; see update_ema). Kept
+  // out of download_state/load_state so that the optimizer state's seam stays the
+  // optimizer's alone.
+  bool has_ema() const { return m_ema.size() > 0; }
+  void download_ema(float* ema);    // (num_params) host values; only with has_ema()
+  void load_ema(const float* ema);  // every rank passes the same values
+  // What evaluation, image grids and model.h5 use: the moving average when there is
+  // one, else the parameters (device memory, (num_params)).
+  const float* eval_params() { return has_ema() ? m_ema.data() : params(); }
+
   std::string describe_gradient_sync() const { return m_sync->describe(); }
   GradientSync::Counts gradient_sync_counts() const { return m_sync->counts(); }
   // "adam, moments 2.61 MB per rank (sharded over 2 rank(s) ...)", for the log.
@@ -95,6 +105,9 @@ class Replica {
   // per-dimension KL sums of the forward pass just run on `rows` rows; the result's
   // per-dimension weights (kl_weight where unclamped) go to m_kl_weights.
   FreeBits exchange_kl(int rows, int64_t global_rows, float kl_weight);
+  // ema = d * ema + (1 - d) * params (d = optim.ema), after every applied update and
+  // on every rank alike (the parameters are the same everywhere, so is their average).
+  void update_ema();
 
   const ExperimentSpec& m_spec;
   Communicator& m_comm;
@@ -107,6 +120,7 @@ class Replica {
   const int m_micro_rows;                 // rows per pass: m_local_rows / train.accumulate
   Vae<float> m_model;                     // activations for m_micro_rows rows
   Adam<float> m_optim;                    // moments (m_n) each, or this rank's slice when sharded
+  Buffer<float> m_ema;                    // (m_n) with optim.ema > 0, else empty
   Buffer<float> m_x, m_eps;               // (m_micro_rows, m_dim), (m_micro_rows, m_latent)
   const bool m_free_bits;                 // loss.free_bits > 0
   Buffer<float> m_kl_weights;             // (m_latent) free bits: per-dimension KL weights of the backward

@@ -1,16 +1,43 @@
 // Resuming a run and writing the checkpoints it resumes from (see resume.hpp).
 #include "elbo/train/resume.hpp"
 
+#include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <sstream>
 
 #include "elbo/util/error.hpp"
 #include "elbo/util/files.hpp"
+#include "elbo/util/h5.hpp"
 
 namespace elbo {
 
 namespace fs = std::filesystem;
+
+namespace {
+
+// best.h5 is the model at the checkpoint's best_step, unless the interrupted job wrote a
+// newer one after the checkpoint, or the run continues in another directory: say so.
+void best_h5_note(const fs::path& best, const Checkpoint& ck, std::ostream& notes) {
+  if (ck.state.best_step < 0) return;
+  int64_t step = -1;
+  try {
+    if (fs::exists(best)) step = h5::read_attr_int(h5::open_file(best.string()), "step");
+  } catch (const Error&) {
+    step = -2;  // unreadable: the next improvement replaces it
+  }
+  if (step == ck.state.best_step) return;
+  char bound[32];
+  std::snprintf(bound, sizeof(bound), "%.4f", ck.state.best_bound);
+  notes << "resume: the best test -ELBO so far is " << bound << " at step " << ck.state.best_step << ", but "
+        << (step == -1   ? best.string() + " does not exist (it is in the directory of the run that reached it)"
+            : step == -2 ? best.string() + " cannot be read"
+                         : best.string() + " holds step " + std::to_string(step) +
+                               " (written after the checkpoint by the interrupted job)")
+        << "; it is replaced at the next evaluation that improves on that bound\n";
+}
+
+}  // namespace
 
 ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Communicator& comm,
                        const TrainingData& data, const TrainState& fresh, Replica& replica) {
@@ -55,6 +82,15 @@ ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Co
       throw config_error(spec.source + ": data.train: " + spec.data.train + " yields " + std::to_string(data.n) +
                          " training samples but the checkpoint " + ck.path + " was trained on " +
                          std::to_string(ck.state.train_samples) + "; the sample order would change");
+    // optim.ema may change on resume: the average never feeds back into training, so
+    // the parameters continue bit for bit whatever it is; only what it averages changes.
+    if (replica.has_ema() && ck.ema.empty())
+      notes << "resume: " << ck.path << " holds no moving average of the parameters; optim.ema (" << spec.optim.ema
+            << ") starts from its parameters at step " << ck.state.step << "\n";
+    else if (!replica.has_ema() && !ck.ema.empty())
+      notes << "resume: optim.ema is 0: the moving average in " << ck.path << " is not used, and later "
+            << "checkpoints, model.h5 and evaluations leave it out\n";
+    best_h5_note(out_dir / "best.h5", ck, notes);
     notes << "resume: continuing from " << ck.path << " at step " << ck.state.step << " (epoch "
           << ck.state.epoch + 1 << ", batch " << ck.state.batch_in_epoch << "), written by "
           << ck.state.world_size << " rank(s)\n";
@@ -78,6 +114,17 @@ ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Co
   comm.broadcast(host_m.data(), P * sizeof(float), 0);
   comm.broadcast(host_v.data(), P * sizeof(float), 0);
   replica.load_state(host_p.data(), host_m.data(), host_v.data(), st.adam_steps);
+  if (replica.has_ema()) {
+    int stored = root && !ck.ema.empty() ? 1 : 0;
+    comm.broadcast(&stored, sizeof(stored), 0);
+    if (stored) {
+      if (root) host_m = ck.ema;  // host_m's values are loaded: reuse its memory
+      comm.broadcast(host_m.data(), P * sizeof(float), 0);
+      replica.load_ema(host_m.data());
+    } else {
+      replica.load_ema(host_p.data());  // said in the notes: the average starts here
+    }
+  }
   // The LR schedule's horizon follows the current spec (train.epochs/max_steps may grow).
   st.total_steps = fresh.total_steps;
   st.world_size = fresh.world_size;
@@ -100,13 +147,19 @@ void Checkpoints::save(const TrainState& state, bool wait_for_it) {
        hv = std::make_shared<std::vector<float>>(P);
   m_replica.gather_state(hp->data(), hm->data(), hv->data());
   if (!m_root) return;
+  std::shared_ptr<std::vector<float>> he;
+  if (m_replica.has_ema()) {
+    he = std::make_shared<std::vector<float>>(P);
+    m_replica.download_ema(he->data());
+  }
   const TrainState snap = state;
   const std::string name = checkpoint_file_name(snap.step);
   m_last_path = (fs::path(m_dir) / name).string();
   wait();
-  m_thread = std::thread([this, hp, hm, hv, snap, name, path = m_last_path] {
+  m_thread = std::thread([this, hp, hm, hv, he, snap, name, path = m_last_path] {
     try {
-      write_checkpoint(path, m_spec, m_input_shape, m_layout, hp->data(), hm->data(), hv->data(), snap);
+      write_checkpoint(path, m_spec, m_input_shape, m_layout, hp->data(), hm->data(), hv->data(),
+                       he ? he->data() : nullptr, snap);
       publish_checkpoint(m_dir, name, m_spec.checkpoint.keep);
     } catch (...) {
       m_error = std::current_exception();

@@ -31,8 +31,9 @@ struct ResumePoint {
 // "auto" (the newest checkpoint in output.dir/checkpoints that verifies; fresh when
 // there is none, but an error over a finished model or over checkpoints that all fail
 // to verify) or a checkpoint path. A checkpoint must match the data (sample shape and
-// count) and pass the spec's resume rules; its parameters and Adam state go into
-// `replica`, its TrainState comes back with this run's total_steps and world_size.
+// count) and pass the spec's resume rules; its parameters, Adam state and moving
+// average (optim.ema; from its parameters when it holds none) go into `replica`, its
+// TrainState comes back with this run's total_steps and world_size.
 ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Communicator& comm,
                        const TrainingData& data, const TrainState& fresh, Replica& replica);
 

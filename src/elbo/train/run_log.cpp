@@ -34,7 +34,8 @@ std::string hms(double seconds) {
 }
 
 // Files of a finished or running job; refusing to reuse the directory protects them.
-const char* const kRunFiles[] = {"model.h5", "metrics.csv", "spec.yaml", "eval.yaml", "samples.png", "recon.png"};
+const char* const kRunFiles[] = {"model.h5",    "metrics.csv", "spec.yaml", "eval.yaml",
+                                 "samples.png", "recon.png",   "best.h5"};
 // Directories a run fills; output.overwrite removes them with the files above.
 const char* const kRunDirs[] = {"checkpoints", "images", "tensorboard"};
 
@@ -199,7 +200,15 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
     if (set != nullptr && !set->verification_note().empty()) m_log << "data: " << set->verification_note() << "\n";
   m_log << "model: " << layout.num_values() << " parameters | " << plan.total << " steps (" << plan.per_epoch
         << " per epoch)\n"
-        << resumed.notes << "resolved spec:\n" << resolved << std::flush;
+        << resumed.notes;
+  if (spec.optim.ema > 0)
+    m_log << "ema: evaluations, image grids, model.h5 and best.h5 use the moving average of the parameters "
+             "(optim.ema: "
+          << spec.optim.ema << "); model.h5 keeps the parameters themselves under /params_raw\n";
+  if (spec.train.patience > 0)
+    m_log << "patience: training stops after " << spec.train.patience << " evaluation(s) (every " << spec.eval.every
+          << " steps) without a better test -ELBO than the best so far\n";
+  m_log << "resolved spec:\n" << resolved << std::flush;
   write_text_file_atomic((out_dir / "spec.yaml").string(), resolved);
   const fs::path csv_path = out_dir / "metrics.csv";
   if (resumed.resumed && fs::exists(csv_path)) {
@@ -355,10 +364,28 @@ void RunLog::stream_summary(Communicator& comm, const data::StreamStats& ss, dou
 }
 
 void RunLog::write_model(const std::string& path, const std::vector<int>& input_shape, const VaeLayout& layout,
-                         const float* host_params, int64_t step, int64_t epoch) {
+                         const float* host_params, int64_t step, int64_t epoch, const ModelFileExtras& extras) {
   if (!m_root) return;
-  write_model_file(path, m_spec, input_shape, layout, host_params, step, epoch);
-  m_log << "wrote " << path << " (" << layout.num_values() << " parameters, step " << step << ")\n" << std::flush;
+  write_model_file(path, m_spec, input_shape, layout, host_params, step, epoch, extras);
+  m_log << "wrote " << path << " (" << layout.num_values() << " parameters, step " << step
+        << (extras.raw_params != nullptr ? "; /params: their moving average, /params_raw: the parameters" : "") << ")\n"
+        << std::flush;
+}
+
+void RunLog::write_best(const std::vector<int>& input_shape, const VaeLayout& layout, const float* host_params,
+                        const TrainState& st, const TrainState& previous, const ModelFileExtras& extras) {
+  if (!m_root) return;
+  const std::string path = (fs::path(m_spec.output.dir) / "best.h5").string();
+  write_model_file(path, m_spec, input_shape, layout, host_params, st.best_step, st.epoch, extras);
+  char text[240];
+  if (previous.best_step >= 0)
+    std::snprintf(text, sizeof(text), "best: test -ELBO %.4f at step %lld improves on %.4f at step %lld", st.best_bound,
+                  static_cast<long long>(st.best_step), previous.best_bound,
+                  static_cast<long long>(previous.best_step));
+  else
+    std::snprintf(text, sizeof(text), "best: test -ELBO %.4f at step %lld", st.best_bound,
+                  static_cast<long long>(st.best_step));
+  line(std::string(text) + ": wrote " + path);
 }
 
 void RunLog::final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const VaeLayout& layout,

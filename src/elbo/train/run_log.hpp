@@ -17,6 +17,7 @@
 
 #include "elbo/backend/backend.hpp"
 #include "elbo/ckpt/checkpoint.hpp"
+#include "elbo/ckpt/model_file.hpp"
 #include "elbo/config/spec.hpp"
 #include "elbo/data/shards.hpp"
 #include "elbo/data/stream.hpp"
@@ -87,9 +88,15 @@ class RunLog {
                      const float* params, const data::ShardSet& test);
   // Collective: how much of the split streaming read per rank per epoch.
   void stream_summary(Communicator& comm, const data::StreamStats& mine, double epochs_run, double split_bytes);
-  // Rank 0: model.h5 from host parameters.
+  // Rank 0: model.h5 from host parameters (the moving average, with the raw
+  // parameters in `extras`, under optim.ema).
   void write_model(const std::string& path, const std::vector<int>& input_shape, const VaeLayout& layout,
-                   const float* host_params, int64_t step, int64_t epoch);
+                   const float* host_params, int64_t step, int64_t epoch, const ModelFileExtras& extras = {});
+  // Rank 0: output.dir/best.h5, the model file of the evaluation at `state.best_step`
+  // (its bound in `extras`), replacing the previous best; `previous` is the state before
+  // this evaluation, for the log line.
+  void write_best(const std::vector<int>& input_shape, const VaeLayout& layout, const float* host_params,
+                  const TrainState& state, const TrainState& previous, const ModelFileExtras& extras);
   // Rank 0: the final evaluation's line, eval.yaml and output.dir's image grids (in
   // TensorBoard at `step`, the last one trained).
   void final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const VaeLayout& layout,

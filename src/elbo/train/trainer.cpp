@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "elbo/train/batch_prep.hpp"
+#include "elbo/train/best_model.hpp"
 #include "elbo/train/footprint.hpp"
 #include "elbo/train/replica.hpp"
 #include "elbo/train/resume.hpp"
@@ -42,6 +43,22 @@ EvalOptions eval_options(const ExperimentSpec& spec, bool at_end) {
     eo.progress = false;
   }
   return eo;
+}
+
+// Rank 0: the arrays of a model file (model.h5, best.h5). With optim.ema, /params is
+// the moving average (what eval and sample load) and the parameters go beside it.
+void model_arrays(Replica& replica, double ema, std::vector<float>& params, std::vector<float>& raw,
+                  ModelFileExtras& extras) {
+  params.resize(replica.num_params());
+  if (!replica.has_ema()) {
+    replica.download_params(params.data());
+    return;
+  }
+  replica.download_ema(params.data());
+  raw.resize(replica.num_params());
+  replica.download_params(raw.data());
+  extras.raw_params = raw.data();
+  extras.ema = ema;
 }
 
 }  // namespace
@@ -116,6 +133,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     plan = plan_steps(spec, data.n, world);
     need = estimate_train_memory(layout, local_rows, place.device, spec.dist.shard_optimizer ? world : 1,
                                  local_rows / spec.train.accumulate);
+    if (spec.optim.ema > 0) add_ema_memory(need, layout);
     if (data.test)
       add_eval_memory(need, layout, data::rank_slice(data.test->size(), rank, world).count, spec.eval.iw_samples,
                       spec.eval.batch_size, "eval.batch_size or eval.iw_samples");
@@ -161,10 +179,18 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   // --- the loop ---
   const int64_t first_step = st.step;
   SkipPolicy skips(spec.train, first_step, st.skipped_steps);
+  // A run that stopped early continues as a finished one: no more training, the final
+  // checkpoint, model.h5 and evaluation again (unless train.patience was raised).
+  bool early_stop = data.test && patience_exhausted(spec.train, st);
+  result.early_stopped = early_stop;
+  if (early_stop)
+    run_log.line("train.patience (" + std::to_string(spec.train.patience) + ") was exhausted at step " +
+                 std::to_string(st.step) + " (best test -ELBO at step " + std::to_string(st.best_step) +
+                 "): no further training");
   run_log.begin_training(first_step, total_steps);
   int64_t step = st.step;
   int64_t epoch = st.epoch;
-  for (; epoch < spec.train.epochs && step < total_steps && !result.stopped; ++epoch) {
+  for (; epoch < spec.train.epochs && step < total_steps && !result.stopped && !early_stop; ++epoch) {
     const int64_t first_batch = epoch == st.epoch ? st.batch_in_epoch : 0;
     run_log.begin_epoch(epoch, per_epoch);
     for (int64_t b = first_batch; b < per_epoch && step < total_steps; ++b) {
@@ -197,8 +223,28 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
       run_log.batch_done(b + 1);
       if (eval_now)
         run_log.untimed([&] {
-          test_now = evaluate(layout, be, replica.params(), *data.test, comm, eval_options(spec, false));
-          collectively(comm, [&] { run_log.periodic_eval(step, test_now, layout, be, replica.params(), *data.test); });
+          test_now = evaluate(layout, be, replica.eval_params(), *data.test, comm, eval_options(spec, false));
+          collectively(comm,
+                       [&] { run_log.periodic_eval(step, test_now, layout, be, replica.eval_params(), *data.test); });
+          // Rank 0's bound decides, so that every rank takes the same branch even if the
+          // all-reduced sums were to differ in the last bit between ranks.
+          double bound = test_now.neg_elbo;
+          comm.broadcast(&bound, sizeof(bound), 0);
+          const TrainState before = st;
+          if (record_evaluation(st, step, bound))
+            collectively(comm, [&] {  // best.h5 before any checkpoint that names this step as the best
+              if (!root) return;
+              // Model files and checkpoints are built as an in-memory HDF5 file of one
+              // name, one at a time: a checkpoint still being written goes first.
+              checkpoints.wait();
+              std::vector<float> host, raw;
+              ModelFileExtras extras;
+              model_arrays(replica, spec.optim.ema, host, raw, extras);
+              extras.has_bound = true;
+              extras.bound = bound;
+              extras.eval_samples = test_now.samples;
+              run_log.write_best(data.input_shape, layout, host.data(), st, before, extras);
+            });
         });
       if (step % spec.train.log_every == 0 || last_in_epoch || step == total_steps || eval_now)
         run_log.end_interval(st, epoch, beta, lr, eval_now ? &test_now : nullptr);
@@ -209,6 +255,17 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
         result.stop_signal = stop.signal_number();
         run_log.line("stop requested (signal on " + std::to_string(r.stop_ranks) + " rank(s)) at step " +
                      std::to_string(step) + ": wrote " + checkpoints.last_path() + "; continue with --resume auto");
+        break;
+      }
+      if (eval_now && patience_exhausted(spec.train, st)) {  // ends like a finished run, below
+        early_stop = true;
+        result.early_stopped = true;
+        char best[32];
+        std::snprintf(best, sizeof(best), "%.4f", st.best_bound);
+        run_log.line("early stop at step " + std::to_string(step) + ": " + std::to_string(st.evals_since_best) +
+                     " evaluation(s) without a better test -ELBO than " + best + " at step " +
+                     std::to_string(st.best_step) + " (train.patience: " + std::to_string(spec.train.patience) +
+                     "); best.h5 holds that model");
         break;
       }
       if (spec.checkpoint.every > 0 && step % spec.checkpoint.every == 0 && step < total_steps)
@@ -245,9 +302,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   result.model_path = (std::filesystem::path(spec.output.dir) / "model.h5").string();
   collectively(comm, [&] {
     if (!root) return;
-    std::vector<float> host(replica.num_params());
-    replica.download_params(host.data());
-    run_log.write_model(result.model_path, data.input_shape, layout, host.data(), step, epoch);
+    std::vector<float> host, raw;
+    ModelFileExtras extras;
+    model_arrays(replica, spec.optim.ema, host, raw, extras);
+    run_log.write_model(result.model_path, data.input_shape, layout, host.data(), step, epoch, extras);
   });
 
   // Everything the run must keep is on disk now. A stop from here on (the final
@@ -265,10 +323,10 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
     return result;
   }
   if (data.test && spec.eval.at_end) {
-    result.eval = evaluate(layout, be, replica.params(), *data.test, comm, eval_options(spec, true));
+    result.eval = evaluate(layout, be, replica.eval_params(), *data.test, comm, eval_options(spec, true));
     result.evaluated = true;
     collectively(comm, [&] {
-      run_log.final_eval(result.steps, result.eval, result.model_path, layout, be, replica.params(), *data.test);
+      run_log.final_eval(result.steps, result.eval, result.model_path, layout, be, replica.eval_params(), *data.test);
     });
   }
   return result;

@@ -22,6 +22,7 @@ struct TrainOptions {
 struct TrainResult {
   int64_t steps = 0;
   bool stopped = false;        // a stop signal ended the run early, after a checkpoint
+  bool early_stopped = false;  // train.patience ended training (the outputs are written as for a finished run)
   int stop_signal = 0;
   std::string checkpoint_path; // the last checkpoint written
   int64_t epochs_completed = 0;

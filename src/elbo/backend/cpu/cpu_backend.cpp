@@ -355,6 +355,14 @@ void CpuBackend<T>::scale(size_t n, T s, T* x) {
   for (size_t i = 0; i < n; ++i) x[i] *= s;
 }
 
+template <class T>
+void CpuBackend<T>::axpby(size_t n, T a, const T* x, T b, T* y) {
+  // Each product rounded, then the sum: the x86-64 baseline this file is built for has
+  // no FMA to contract into (a -march with FMA would change that, and this note), and
+  // the CUDA kernel rounds the products explicitly, so CPU and GPU agree bit for bit.
+  for (size_t i = 0; i < n; ++i) y[i] = a * x[i] + b * y[i];
+}
+
 template class CpuBackend<float>;
 template class CpuBackend<double>;
 

@@ -52,6 +52,7 @@ class CpuBackend final : public Backend<T> {
   void adam_step(const AdamArgs& args, size_t n, T* params, const T* grads, T* m, T* v) override;
   double sum_squares(size_t n, const T* x) override;
   void scale(size_t n, T s, T* x) override;
+  void axpby(size_t n, T a, const T* x, T b, T* y) override;
 
  private:
   // Convolution scratch (im2col columns and the GEMM's channel-major result), kept

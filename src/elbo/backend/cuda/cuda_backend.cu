@@ -201,6 +201,13 @@ __global__ void scale_kernel(size_t n, float s, float* x) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) x[i] *= s;
 }
 
+// y = a x + b y with each product rounded (__fmul_rn is never contracted into an FMA):
+// the same bits as the CPU's loop.
+__global__ void axpby_kernel(size_t n, float a, const float* x, float b, float* y) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    y[i] = __fadd_rn(__fmul_rn(a, x[i]), __fmul_rn(b, y[i]));
+}
+
 int lik_code(Likelihood l) { return l == Likelihood::Bernoulli ? 0 : l == Likelihood::GaussianFixed ? 1 : 2; }
 
 }  // namespace
@@ -473,6 +480,11 @@ double CudaBackend::sum_squares(size_t n, const float* x) {
 void CudaBackend::scale(size_t n, float s, float* x) {
   scale_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(n, s, x);
   CHECK_LAUNCH(scale_kernel);
+}
+
+void CudaBackend::axpby(size_t n, float a, const float* x, float b, float* y) {
+  axpby_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(n, a, x, b, y);
+  CHECK_LAUNCH(axpby_kernel);
 }
 
 }  // namespace elbo

@@ -82,6 +82,7 @@ class CudaBackend final : public Backend<float> {
   double sum_squares(size_t n, const float* x) override;
   void sum_squares_async(size_t n, const float* x, double* host) override;
   void scale(size_t n, float s, float* x) override;
+  void axpby(size_t n, float a, const float* x, float b, float* y) override;
 
  // Defined in cuda_internal.hpp, for the backend's .cu files only.
   struct State;
