@@ -57,6 +57,50 @@ def on_nodes(nodes, np_, out, *extra):
     return r.returncode, r.stdout + r.stderr
 
 
+def start_long_job(nodes, out):
+    """A 2-rank job on n1 and n2 (the hostfile's) that trains until stopped."""
+    env = dict(os.environ, NP="2", HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0", ELBO=a.elbo)
+    return subprocess.Popen(nodes.command(["bash", MPIRUN_SH, a.spec, *sets(out, "--set", "train.epochs=100000")]),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def rows(out):
+    metrics = os.path.join(out, "metrics.csv")
+    return len(open(metrics).read().splitlines()) if os.path.exists(metrics) else 0
+
+
+def wait_rows(p, out, count, seconds, poll=0.05):
+    """Until metrics.csv has `count` lines, the job ends or `seconds` pass."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and p.poll() is None and rows(out) < count:
+        time.sleep(poll)
+
+
+def finish(p, nodes, timeout=90):
+    """The job's output once it ends; past `timeout` it is killed, with whatever still
+    runs on the nodes (a cut-off daemon would hold the pipe)."""
+    try:
+        return p.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        nodes.kill_all()
+        return p.communicate()[0]
+
+
+def pids_named(nodes, node, name):
+    """The processes called `name` on `node`."""
+    found = []
+    for pid in subprocess.run(["ip", "netns", "pids", f"{nodes.prefix}-{node}"], capture_output=True,
+                              text=True).stdout.split():
+        try:
+            if open(f"/proc/{pid}/comm").read().strip() == name:
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def same(p, q):
     return all(np.array_equal(p[k], q[k]) for k in q)
 
@@ -129,34 +173,15 @@ try:
             f.write("n1 slots=1\nn2 slots=1\n")
         for how in ("link_down", "orted_killed"):
             out = os.path.join(a.work, "loss_" + how)
-            env = dict(os.environ, NP="2", HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0",
-                       ELBO=a.elbo)
-            p = subprocess.Popen(nodes.command(["bash", MPIRUN_SH, a.spec, *sets(out, "--set", "train.epochs=100000")]),
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)
-            metrics = os.path.join(out, "metrics.csv")
-            deadline = time.time() + 60
-            while time.time() < deadline and p.poll() is None and not (
-                    os.path.exists(metrics) and len(open(metrics).read().splitlines()) > 2):
-                time.sleep(0.05)
+            p = start_long_job(nodes, out)
+            wait_rows(p, out, 3, 60)
             t0 = time.time()
             if how == "link_down":
                 nodes.link("n2", False)
             else:
-                pids = subprocess.run(["ip", "netns", "pids", f"{nodes.prefix}-n2"], capture_output=True,
-                                      text=True).stdout.split()
-                for pid in pids:
-                    try:
-                        if open(f"/proc/{pid}/comm").read().strip() == "orted":
-                            os.kill(int(pid), signal.SIGKILL)
-                    except (OSError, ValueError):
-                        pass
-            try:
-                text, _ = p.communicate(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                nodes.kill_all()
-                text, _ = p.communicate()
+                for pid in pids_named(nodes, "n2", "orted"):
+                    os.kill(pid, signal.SIGKILL)
+            text = finish(p, nodes)
             took = time.time() - t0
             check(p.returncode not in (0, 75) and took < 60 and "on node n2" in text,
                   f"{how}: the job ends in {took:.0f} s (exit {p.returncode}), naming node n2", text[-2000:])
@@ -165,81 +190,47 @@ try:
         # 6. A 5-second link flap is survived: training goes on after it, and the job
         #    still stops cleanly on request.
         out = os.path.join(a.work, "flap")
-        env = dict(os.environ, NP="2", HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0", ELBO=a.elbo)
-        p = subprocess.Popen(nodes.command(["bash", MPIRUN_SH, a.spec, *sets(out, "--set", "train.epochs=100000")]),
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-        metrics = os.path.join(out, "metrics.csv")
-        rows = lambda: len(open(metrics).read().splitlines()) if os.path.exists(metrics) else 0  # noqa: E731
-        deadline = time.time() + 60
-        while time.time() < deadline and p.poll() is None and rows() < 3:
-            time.sleep(0.05)
+        p = start_long_job(nodes, out)
+        wait_rows(p, out, 3, 60)
         nodes.link("n2", False)
         time.sleep(5)
         nodes.link("n2", True)
-        before = rows()
-        deadline = time.time() + 45
-        while time.time() < deadline and p.poll() is None and rows() < before + 5:
-            time.sleep(0.1)
-        alive = p.poll() is None and rows() >= before + 5
+        before = rows(out)
+        wait_rows(p, out, before + 5, 45, poll=0.1)
+        alive = p.poll() is None and rows(out) >= before + 5
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGUSR1)  # mpirun forwards it: checkpoint and stop
-        try:
-            text, _ = p.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            nodes.kill_all()
-            text, _ = p.communicate()
+        text = finish(p, nodes)
         check(alive and "stop requested" in text, f"a 5 s link flap: training went on after it (exit {p.returncode})",
               text[-2000:])
         # 7. A degraded link: 1 Mbit/s fails no TCP check, so only elbo's own link probe
         #    can end the job; 100 Mbit/s is slow but healthy, and the job trains on.
         for rate in ("1mbit", "100mbit"):
             out = os.path.join(a.work, "throttle_" + rate)
-            env = dict(os.environ, NP="2", HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0",
-                       ELBO=a.elbo)
-            p = subprocess.Popen(nodes.command(["bash", MPIRUN_SH, a.spec, *sets(out, "--set", "train.epochs=100000")]),
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)
-            metrics = os.path.join(out, "metrics.csv")
-            deadline = time.time() + 60
-            while time.time() < deadline and p.poll() is None and rows() < 3:
-                time.sleep(0.05)
+            p = start_long_job(nodes, out)
+            wait_rows(p, out, 3, 60)
             nodes.throttle("n2", rate)
             t0 = time.time()
             if rate == "1mbit":
-                try:
-                    text, _ = p.communicate(timeout=90)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    nodes.kill_all()
-                    text, _ = p.communicate()
+                text = finish(p, nodes)
                 took = time.time() - t0
                 check(p.returncode == 3 and took < 60 and "node n2" in text and "dist.min_link_mbps" in text,
                       f"a link throttled to 1 Mbit/s: the job ends in {took:.0f} s (exit {p.returncode}), naming "
                       "node n2", text[-2000:])
             else:
                 # A long wait on rank 0 (n2's rank stopped for 4 s) makes it probe the links.
-                elbo_pids = [int(pid) for pid in subprocess.run(["ip", "netns", "pids", f"{nodes.prefix}-n2"],
-                                                                 capture_output=True, text=True).stdout.split()
-                             if os.path.exists(f"/proc/{pid}/comm") and open(f"/proc/{pid}/comm").read().strip() == "elbo"]
+                elbo_pids = pids_named(nodes, "n2", "elbo")
                 for pid in elbo_pids:
                     os.kill(pid, signal.SIGSTOP)
                 time.sleep(4)
                 for pid in elbo_pids:
                     os.kill(pid, signal.SIGCONT)
-                before = rows()
-                while time.time() < t0 + 30 and p.poll() is None and rows() < before + 5:
-                    time.sleep(0.1)
-                alive = p.poll() is None and rows() >= before + 5
+                before = rows(out)
+                wait_rows(p, out, before + 5, t0 + 30 - time.time(), poll=0.1)
+                alive = p.poll() is None and rows(out) >= before + 5
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGUSR1)
-                try:
-                    text, _ = p.communicate(timeout=90)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    nodes.kill_all()
-                    text, _ = p.communicate()
+                text = finish(p, nodes)
                 check(alive and "stop requested" in text and "dist.min_link_mbps" not in text,
                       f"a link throttled to 100 Mbit/s, n2's rank stopped for 4 s: training goes on "
                       f"(exit {p.returncode})", text[-2000:])
