@@ -17,105 +17,24 @@ netns_nodes.py), started with the project's launch/mpirun.sh as a user would
      trains on, also when n2's rank is stopped for 4 s (rank 0's long wait starts a
      probe, which measures the link at about 100 Mbit/s and lets the job go on).
 Skips (77) with the reason where network namespaces cannot be made (not root)."""
-import os, re, signal, subprocess, sys, time
-import h5py, numpy as np
+import os, re, signal, sys, time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import harness  # noqa: E402
 from netns_nodes import Nodes, NodesUnavailable  # noqa: E402
+from node_jobs import Jobs, finish, params, pids_named, rows, same, wait_rows, worst_rel  # noqa: E402
 
 a = harness.parse_args(__doc__)
 check = harness.Checks()
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MPIRUN_SH = os.path.join(ROOT, "launch", "mpirun.sh")
-
-
-def sets(out, *extra):
-    s = ["--set", "device=cpu", "--set", f"data.train={a.data}/train", "--set", "data.test=",
-         "--set", "data.max_samples=2400", "--set", "train.batch_size=48", "--set", "train.epochs=1",
-         "--set", "train.threads=1", "--set", "train.log_every=10", "--set", f"output.dir={out}", *extra]
-    return s
-
-
-def params(out):
-    with h5py.File(os.path.join(out, "model.h5"), "r") as f:
-        return {k: f["params"][k][...] for k in f["params"]}
-
-
-def on_host(np_, out, *extra):
-    r = subprocess.run(["mpirun", "-np", str(np_), "--oversubscribe", a.elbo, "train", a.spec, *sets(out, *extra)],
-                       capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        sys.exit(f"host run {out} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    return r.stdout
-
-
-def on_nodes(nodes, np_, out, *extra):
-    env = dict(os.environ, NP=str(np_), HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0", ELBO=a.elbo)
-    r = nodes.run(["bash", MPIRUN_SH, a.spec, *sets(out, *extra)], capture_output=True, text=True, timeout=600,
-                  env=env)
-    return r.returncode, r.stdout + r.stderr
-
-
-def start_long_job(nodes, out):
-    """A 2-rank job on n1 and n2 (the hostfile's) that trains until stopped."""
-    env = dict(os.environ, NP="2", HOSTFILE=nodes.hostfile, RSH_AGENT=nodes.agent, IFACE="eth0", ELBO=a.elbo)
-    return subprocess.Popen(nodes.command(["bash", MPIRUN_SH, a.spec, *sets(out, "--set", "train.epochs=100000")]),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def rows(out):
-    metrics = os.path.join(out, "metrics.csv")
-    return len(open(metrics).read().splitlines()) if os.path.exists(metrics) else 0
-
-
-def wait_rows(p, out, count, seconds, poll=0.05):
-    """Until metrics.csv has `count` lines, the job ends or `seconds` pass."""
-    deadline = time.time() + seconds
-    while time.time() < deadline and p.poll() is None and rows(out) < count:
-        time.sleep(poll)
-
-
-def finish(p, nodes, timeout=90):
-    """The job's output once it ends; past `timeout` it is killed, with whatever still
-    runs on the nodes (a cut-off daemon would hold the pipe)."""
-    try:
-        return p.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        nodes.kill_all()
-        return p.communicate()[0]
-
-
-def pids_named(nodes, node, name):
-    """The processes called `name` on `node`."""
-    found = []
-    for pid in subprocess.run(["ip", "netns", "pids", f"{nodes.prefix}-{node}"], capture_output=True,
-                              text=True).stdout.split():
-        try:
-            if open(f"/proc/{pid}/comm").read().strip() == name:
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-def same(p, q):
-    return all(np.array_equal(p[k], q[k]) for k in q)
-
-
-def worst_rel(p, q):
-    return max(float(np.linalg.norm(p[k] - q[k]) / max(np.linalg.norm(q[k]), 1e-30)) for k in q)
-
+jobs = Jobs(a)
 
 try:
     with Nodes(4, os.path.join(a.work, "nodes"), slots=2) as nodes:
         # 1. 2 nodes x 2 ranks against 4 ranks on one host.
-        on_host(4, os.path.join(a.work, "host4"))
+        jobs.on_host(4, os.path.join(a.work, "host4"))
         with open(nodes.hostfile, "w") as f:
             f.write("n1 slots=2\nn2 slots=2\n")
-        rc, text = on_nodes(nodes, 4, os.path.join(a.work, "nodes2x2"))
+        rc, text = jobs.on_nodes(nodes, 4, os.path.join(a.work, "nodes2x2"))
         check(rc == 0, f"2 nodes x 2 ranks: mpirun.sh exits 0 ({rc})", text[-3000:])
         check("4 rank(s) on 2 node(s) via mpirun" in text, "the log says 4 ranks on 2 nodes", text[:2000])
         if rc == 0:
@@ -133,10 +52,10 @@ try:
               "elbo info: each node numbers its own ranks 0, 1 (the local rank a GPU is chosen by)", r.stdout)
 
         # 3. 3 nodes x 1 rank against 3 ranks on one host.
-        on_host(3, os.path.join(a.work, "host3"))
+        jobs.on_host(3, os.path.join(a.work, "host3"))
         with open(nodes.hostfile, "w") as f:
             f.write("n1 slots=1\nn2 slots=1\nn3 slots=1\n")
-        rc, text = on_nodes(nodes, 3, os.path.join(a.work, "nodes3x1"))
+        rc, text = jobs.on_nodes(nodes, 3, os.path.join(a.work, "nodes3x1"))
         check(rc == 0 and "3 rank(s) on 3 node(s)" in text, f"3 nodes x 1 rank: runs on 3 nodes ({rc})",
               text[-3000:])
         if rc == 0:
@@ -145,22 +64,22 @@ try:
 
         # 4. Checkpoint on 2 x 2, resume on 1 x 4 and on 4 x 1.
         full = os.path.join(a.work, "full")
-        on_host(4, full, "--set", "train.epochs=2")
+        jobs.on_host(4, full, "--set", "train.epochs=2")
         with open(nodes.hostfile, "w") as f:
             f.write("n1 slots=2\nn2 slots=2\n")
         for name, np_, hosts in (("on_1x4", 4, None), ("on_4x1", 4, "n1 slots=1\nn2 slots=1\nn3 slots=1\nn4 slots=1\n")):
             out = os.path.join(a.work, "resume_" + name)
             with open(nodes.hostfile, "w") as f:
                 f.write("n1 slots=2\nn2 slots=2\n")
-            rc, text = on_nodes(nodes, 4, out)  # epoch 1 of 2 on 2 nodes x 2 ranks
+            rc, text = jobs.on_nodes(nodes, 4, out)  # epoch 1 of 2 on 2 nodes x 2 ranks
             check(rc == 0, f"{name}: the first half ran on 2 nodes x 2 ranks ({rc})", text[-2000:])
             if hosts is None:
-                text = on_host(4, out, "--set", "train.epochs=2", "--resume", "auto")
+                text = jobs.on_host(4, out, "--set", "train.epochs=2", "--resume", "auto")
                 rc = 0
             else:
                 with open(nodes.hostfile, "w") as f:
                     f.write(hosts)
-                rc, text = on_nodes(nodes, 4, out, "--set", "train.epochs=2", "--resume", "auto")
+                rc, text = jobs.on_nodes(nodes, 4, out, "--set", "train.epochs=2", "--resume", "auto")
             m = re.search(r"continuing from \S+ at step (\d+)", text)
             check(rc == 0 and m is not None and int(m.group(1)) == 50,
                   f"{name}: resumed from the step-50 checkpoint written on 2 nodes", text[-2000:])
@@ -173,7 +92,7 @@ try:
             f.write("n1 slots=1\nn2 slots=1\n")
         for how in ("link_down", "orted_killed"):
             out = os.path.join(a.work, "loss_" + how)
-            p = start_long_job(nodes, out)
+            p = jobs.start_long_job(nodes, out)
             wait_rows(p, out, 3, 60)
             t0 = time.time()
             if how == "link_down":
@@ -190,7 +109,7 @@ try:
         # 6. A 5-second link flap is survived: training goes on after it, and the job
         #    still stops cleanly on request.
         out = os.path.join(a.work, "flap")
-        p = start_long_job(nodes, out)
+        p = jobs.start_long_job(nodes, out)
         wait_rows(p, out, 3, 60)
         nodes.link("n2", False)
         time.sleep(5)
@@ -207,7 +126,7 @@ try:
         #    can end the job; 100 Mbit/s is slow but healthy, and the job trains on.
         for rate in ("1mbit", "100mbit"):
             out = os.path.join(a.work, "throttle_" + rate)
-            p = start_long_job(nodes, out)
+            p = jobs.start_long_job(nodes, out)
             wait_rows(p, out, 3, 60)
             nodes.throttle("n2", rate)
             t0 = time.time()
