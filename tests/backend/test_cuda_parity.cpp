@@ -421,5 +421,60 @@ model:
   }
 }
 
+// The hierarchical model's ops: channel copies, pooling, unpooling and the Gaussian groups.
+TEST_F(CudaParity, HierarchicalOps) {
+  const int n = 5, c = 6, h = 12, w = 8, f = 4, zc = 3, hw = h * w;
+  {
+    const Vec src = random_vec(size_t(n) * c * hw, rng), dst0 = random_vec(size_t(n) * (c + 2) * hw, rng);
+    for (int acc = 0; acc < 2; ++acc) {
+      Vec want = dst0;
+      cpu.channel_copy(n, hw, 4, src.data(), c, 1, want.data(), c + 2, 3, acc);
+      Buffer<float> ds = put(src), dd = put(dst0);
+      gpu->channel_copy(n, hw, 4, ds.data(), c, 1, dd.data(), c + 2, 3, acc);
+      EXPECT_PARITY(norm_err(get(dd), want), 1e-7, "channel_copy accumulate " << acc);
+    }
+  }
+  {
+    const Vec x = random_vec(size_t(n) * c * hw, rng), small = random_vec(size_t(n) * c * hw / (f * f), rng);
+    Vec pooled(small.size()), dx(x.size()), up(x.size()), dsmall(small.size());
+    cpu.avg_pool_forward(n, c, h, w, f, x.data(), pooled.data());
+    cpu.avg_pool_backward(n, c, h, w, f, small.data(), dx.data());
+    cpu.unpool_forward(n, c, h / f, w / f, f, small.data(), up.data());
+    cpu.unpool_backward(n, c, h / f, w / f, f, x.data(), dsmall.data());
+    Buffer<float> gx = put(x), gs = put(small), g_pooled = put(pooled), g_dx = put(dx), g_up = put(up),
+                  g_dsmall = put(dsmall);
+    gpu->avg_pool_forward(n, c, h, w, f, gx.data(), g_pooled.data());
+    gpu->avg_pool_backward(n, c, h, w, f, gs.data(), g_dx.data());
+    gpu->unpool_forward(n, c, h / f, w / f, f, gs.data(), g_up.data());
+    gpu->unpool_backward(n, c, h / f, w / f, f, gx.data(), g_dsmall.data());
+    EXPECT_PARITY(norm_err(get(g_pooled), pooled), 1e-6, "avg_pool_forward");
+    EXPECT_PARITY(norm_err(get(g_dx), dx), 1e-6, "avg_pool_backward");
+    EXPECT_PARITY(norm_err(get(g_up), up), 1e-7, "unpool_forward");
+    EXPECT_PARITY(norm_err(get(g_dsmall), dsmall), 1e-6, "unpool_backward");
+  }
+  {
+    const size_t len = size_t(zc) * hw, qs = 2 * len + 3, ps = 2 * len + 7, es = len + 5;
+    const Vec q = random_vec(n * qs, rng, -2, 2), p = random_vec(n * ps, rng, -2, 2), eps = random_vec(n * es, rng),
+              dz = random_vec(n * len, rng), weight = {0.6f};
+    Vec z(n * len), kl(2 * n), ratio(2 * n), dq(q.size(), 0.0f), dpv(p.size(), 0.0f);
+    cpu.gaussian_sample(n, zc, hw, q.data(), qs, eps.data(), es, z.data());
+    cpu.gaussian_kl_forward(n, zc, hw, q.data(), qs, p.data(), ps, eps.data(), es, kl.data(), ratio.data(), 2);
+    cpu.gaussian_kl_backward(n, zc, hw, q.data(), qs, p.data(), ps, eps.data(), es, dz.data(), weight.data(), dq.data(),
+                             dpv.data());
+    Buffer<float> gq = put(q), gp = put(p), ge = put(eps), gdz = put(dz), gw = put(weight), gz = put(z),
+                  gkl = put(Vec(2 * n, 0.0f)), gr = put(Vec(2 * n, 0.0f)), gdq = put(Vec(q.size(), 0.0f)),
+                  gdp = put(Vec(p.size(), 0.0f));
+    gpu->gaussian_sample(n, zc, hw, gq.data(), qs, ge.data(), es, gz.data());
+    gpu->gaussian_kl_forward(n, zc, hw, gq.data(), qs, gp.data(), ps, ge.data(), es, gkl.data(), gr.data(), 2);
+    gpu->gaussian_kl_backward(n, zc, hw, gq.data(), qs, gp.data(), ps, ge.data(), es, gdz.data(), gw.data(),
+                              gdq.data(), gdp.data());
+    EXPECT_PARITY(norm_err(get(gz), z), 1e-6, "gaussian_sample");
+    EXPECT_PARITY(norm_err(get(gkl), kl), 1e-5, "gaussian_kl_forward kl");
+    EXPECT_PARITY(norm_err(get(gr), ratio), 1e-5, "gaussian_kl_forward log_ratio");
+    EXPECT_PARITY(norm_err(get(gdq), dq), 1e-5, "gaussian_kl_backward dq");
+    EXPECT_PARITY(norm_err(get(gdp), dpv), 1e-5, "gaussian_kl_backward dp");
+  }
+}
+
 }  // namespace
 }  // namespace elbo
