@@ -13,6 +13,7 @@
 #include "elbo/backend/cuda/cuda_backend.hpp"
 #endif
 #include "elbo/config/spec.hpp"
+#include "elbo/model/hvae.hpp"
 #include "elbo/model/vae.hpp"
 
 namespace elbo {
@@ -474,6 +475,56 @@ TEST_F(CudaParity, HierarchicalOps) {
     EXPECT_PARITY(norm_err(get(gdq), dq), 1e-5, "gaussian_kl_backward dq");
     EXPECT_PARITY(norm_err(get(gdp), dpv), 1e-5, "gaussian_kl_backward dp");
   }
+}
+
+// A whole hierarchical VAE (three resolutions, pooling and unpooling, groups at each)
+// on the GPU against the CPU: forward, per-group KL, log-ratio, every gradient, sampling.
+TEST_F(CudaParity, WholeHierarchicalVaeForwardBackwardAndSampling) {
+  const ExperimentSpec spec = parse_spec(R"(
+data: {train: unused}
+model:
+  type: hierarchical
+  width: 8
+  bottleneck: 4
+  activation: relu
+  stages: [{down: 1, blocks: 1, groups: 1, latent: 2}, {down: 2, blocks: 2, groups: 2, latent: 3},
+           {down: 4, blocks: 1, groups: 2, latent: 4}]
+)", "hierarchical parity spec");
+  const HvaeLayout layout(spec.model, std::vector<int>{1, 16, 16});
+  const int rows = 7, D = layout.input_dim(), G = layout.num_groups();
+  const size_t E = layout.latent_size();
+  std::vector<double> init = layout.init_params(5);
+  Vec p(init.begin(), init.end());
+  for (auto& v : p) v += 0.05f * random_vec(1, rng)[0];  // move the priors and h_top off their zero start
+  const Vec x = random_vec(size_t(rows) * D, rng, 0, 1), eps = random_vec(rows * E, rng),
+            kl_w = random_vec(G, rng, 0, 1);
+  Hvae<float> mc(layout, cpu, rows), mg(layout, *gpu, rows);
+  Vec gc(p.size(), 0.0f);
+  mc.forward(p.data(), x.data(), eps.data(), rows);
+  mc.backward(p.data(), gc.data(), x.data(), eps.data(), rows, 1.0f / rows, kl_w.data());
+  Buffer<float> dp = put(p), dx = put(x), de = put(eps), dw = put(kl_w), dg = put(Vec(p.size(), 0.0f));
+  mg.forward(dp.data(), dx.data(), de.data(), rows);
+  mg.backward(dp.data(), dg.data(), dx.data(), de.data(), rows, 1.0f / rows, dw.data());
+  auto fetch = [&](const float* d, size_t n) {
+    Vec out(n);
+    gpu->download(out.data(), d, n);
+    return out;
+  };
+  EXPECT_PARITY(norm_err(fetch(mg.rec(), rows), Vec(mc.rec(), mc.rec() + rows)), 1e-5, "hvae rec");
+  EXPECT_PARITY(norm_err(fetch(mg.kl_groups(), rows * G), Vec(mc.kl_groups(), mc.kl_groups() + rows * G)), 1e-5,
+                "hvae kl per group");
+  EXPECT_PARITY(norm_err(fetch(mg.log_ratio(), rows), Vec(mc.log_ratio(), mc.log_ratio() + rows)), 1e-4,
+                "hvae log ratio");
+  const Vec grads_g = get(dg);
+  for (const auto& v : layout.views()) {
+    Vec a(grads_g.begin() + v.offset, grads_g.begin() + v.offset + v.numel()),
+        b(gc.begin() + v.offset, gc.begin() + v.offset + v.numel());
+    EXPECT_PARITY(norm_err(a, b), 1e-4, "gradient of " << v.name);
+  }
+  mc.sample(p.data(), eps.data(), rows);
+  mg.sample(dp.data(), de.data(), rows);
+  const size_t n_out = size_t(rows) * layout.output_width();
+  EXPECT_PARITY(norm_err(fetch(mg.output(), n_out), Vec(mc.output(), mc.output() + n_out)), 1e-5, "hvae prior sample");
 }
 
 }  // namespace
