@@ -23,7 +23,7 @@ namespace {
 // metrics.csv's columns; new ones go at the end so that column numbers stay valid.
 constexpr const char* kMetricsHeader =
     "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s,test_neg_elbo,test_rec,test_kl,"
-    "skipped_steps,kl_clamped_dims";
+    "skipped_steps,kl_clamped_dims,neg_iwae";
 
 std::string hms(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
@@ -275,6 +275,7 @@ void RunLog::count(const StepResult& r, int64_t global_rows, double data_wait_s)
   }
   m_iv.rec += r.rec;
   m_iv.kl += r.kl;
+  m_iv.iw_bound += r.iw_bound;
   m_iv.samples += static_cast<double>(global_rows);
   m_iv.grad_norm += r.grad_norm;
   if (r.kl_clamped_dims >= 0) m_iv.kl_clamped_dims += r.kl_clamped_dims;
@@ -288,7 +289,7 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
     if (m_root) {
       std::ostringstream row;
       row << step << "," << epoch + 1 << "," << st.samples_seen << ",,,," << beta << "," << lr << ",,,"
-          << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",\n";
+          << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",,\n";
       write_row(row.str());
     }
     m_iv = Interval{};
@@ -305,17 +306,23 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
   // stays the true KL, so this says how much of it the objective floored).
   const bool free_bits = m_spec.loss.free_bits > 0;
   const double clamped = m_iv.kl_clamped_dims / static_cast<double>(m_iv.steps);
+  // loss.type iwae: the bound it trains (at the step's beta), per sample; rec and kl stay
+  // the ELBO's (mean nll over the samples, closed-form KL), comparable with an elbo run.
+  const bool iwae = m_spec.loss.type == LossType::Iwae;
+  const double neg_iwae = m_iv.iw_bound / m_iv.samples;
   if (m_root) {
-    char clamp_note[64] = "";
+    char note[64] = "";
     if (free_bits)
-      std::snprintf(clamp_note, sizeof(clamp_note), " | clamped %.3g/%d", clamped, m_spec.model.latent);
+      std::snprintf(note, sizeof(note), " | clamped %.3g/%d", clamped, m_spec.model.latent);
+    if (iwae)
+      std::snprintf(note, sizeof(note), " | -iwae(k=%d) %.3f", m_spec.loss.samples, neg_iwae);
     char line[400];
     std::snprintf(line, sizeof(line),
                   "epoch %lld/%lld step %lld/%lld | -elbo %.3f (rec %.3f, kl %.3f) | beta %.3g%s | lr %.3e | "
                   "|g| %.3g | %.0f samples/s | eta %s | data wait %.0f%%\n",
                   static_cast<long long>(epoch + 1), static_cast<long long>(m_spec.train.epochs),
                   static_cast<long long>(step), static_cast<long long>(m_total_steps), r + k, r, k, beta,
-                  clamp_note, lr, m_iv.grad_norm / static_cast<double>(m_iv.steps), rate, hms(eta).c_str(),
+                  note, lr, m_iv.grad_norm / static_cast<double>(m_iv.steps), rate, hms(eta).c_str(),
                   100.0 * std::min(1.0, m_iv.data_s / std::max(secs, 1e-9)));
     clear_bar();
     m_log << line << std::flush;
@@ -329,8 +336,9 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
     else
       len += std::snprintf(row + len, sizeof(row) - len, ",,,");
     len += std::snprintf(row + len, sizeof(row) - len, "%lld,", static_cast<long long>(st.skipped_steps));
-    if (free_bits) std::snprintf(row + len, sizeof(row) - len, "%.6g\n", clamped);
-    else std::snprintf(row + len, sizeof(row) - len, "\n");
+    if (free_bits) len += std::snprintf(row + len, sizeof(row) - len, "%.6g", clamped);
+    if (iwae) std::snprintf(row + len, sizeof(row) - len, ",%.6f\n", neg_iwae);
+    else std::snprintf(row + len, sizeof(row) - len, ",\n");
     write_row(row);
   }
   m_iv = Interval{};
