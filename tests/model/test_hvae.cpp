@@ -11,7 +11,9 @@
 
 #include "elbo/backend/cpu/cpu_backend.hpp"
 #include "elbo/config/spec.hpp"
+#include "elbo/model/generate.hpp"
 #include "elbo/model/hvae.hpp"
+#include "elbo/model/model.hpp"
 #include "elbo/util/error.hpp"
 #include "test_util.hpp"
 
@@ -243,6 +245,83 @@ TEST(Hvae, PriorSamplingMatchesThePosteriorPassWhenTheyAgree) {
   model.sample(params.data(), eps2.data(), rows);
   const Vec prior2(model.output(), model.output() + rows * L.output_width());
   EXPECT_NE(prior2, prior);
+}
+
+}  // namespace
+}  // namespace elbo
+
+namespace elbo {
+namespace {
+
+TEST(ModelInterface, FactoriesPickTheModelByTypeAndRunItThroughTheInterface) {
+  const ModelSpec hs = small_spec(Activation::Softplus);
+  std::unique_ptr<ModelLayout> hl = make_layout(hs, {1, 4, 4});
+  ASSERT_NE(dynamic_cast<const HvaeLayout*>(hl.get()), nullptr);
+  EXPECT_EQ(hl->kl_parts(), 3);
+  EXPECT_EQ(hl->eps_per_row(), 32u);
+  ModelSpec vs;
+  vs.latent = 5;
+  std::unique_ptr<ModelLayout> vl = make_layout(vs, {1, 4, 4});
+  ASSERT_NE(dynamic_cast<const VaeLayout*>(vl.get()), nullptr);
+  EXPECT_EQ(vl->kl_parts(), 5);
+  EXPECT_EQ(vl->eps_per_row(), 5u);
+  EXPECT_EQ(vl->view("encoder.mu.weight").shape, (std::vector<int>{5, 400}));
+
+  // Through the interface, the same numbers as the concrete class.
+  CpuBackend<double> be;
+  const int rows = 2;
+  std::mt19937_64 rng(8);
+  for (const ModelLayout* L : {hl.get(), vl.get()}) {
+    const Vec params = random_vec(L->num_params(), rng, -0.3, 0.3), x = random_vec(rows * 16, rng, 0, 1),
+              eps = random_vec(rows * L->eps_per_row(), rng);
+    std::unique_ptr<Model<double>> m = make_model(*L, be, rows);
+    EXPECT_EQ(&m->model_layout(), L);
+    m->forward(params.data(), x.data(), eps.data(), rows);
+    Vec g(L->num_params(), 0.0);
+    m->backward(params.data(), g.data(), x.data(), eps.data(), rows, 1.0, 1.0);
+    Vec rec(m->rec(), m->rec() + rows), kl(m->kl(), m->kl() + rows);
+    Vec g2(L->num_params(), 0.0);
+    if (const auto* h = dynamic_cast<const HvaeLayout*>(L)) {
+      Hvae<double> direct(*h, be, rows);
+      direct.forward(params.data(), x.data(), eps.data(), rows);
+      direct.backward(params.data(), g2.data(), x.data(), eps.data(), rows, 1.0, 1.0);
+      EXPECT_EQ(rec, Vec(direct.rec(), direct.rec() + rows));
+      EXPECT_EQ(kl, Vec(direct.kl(), direct.kl() + rows));
+    } else {
+      Vae<double> direct(dynamic_cast<const VaeLayout&>(*L), be, rows);
+      direct.forward(params.data(), x.data(), eps.data(), rows);
+      direct.backward(params.data(), g2.data(), x.data(), eps.data(), rows, 1.0, 1.0);
+      EXPECT_EQ(rec, Vec(direct.rec(), direct.rec() + rows));
+    }
+    EXPECT_EQ(g, g2);
+  }
+}
+
+TEST(ModelInterface, HierarchicalSamplesAndReconstructions) {
+  const ModelSpec hs = small_spec(Activation::Relu);
+  const HvaeLayout L(hs, {1, 4, 4});
+  CpuBackend<float> be;
+  const std::vector<double> init = L.init_params(2);
+  std::vector<float> params(init.begin(), init.end());
+  // 300 samples span two passes of 256: the first 10 are those of a 10-sample call.
+  const std::vector<float> many = sample_from_prior(L, be, params.data(), 300, 7);
+  const std::vector<float> few = sample_from_prior(L, be, params.data(), 10, 7);
+  ASSERT_EQ(many.size(), 300u * 16);
+  EXPECT_EQ(std::vector<float>(many.begin(), many.begin() + 160), few);
+  for (float v : many) ASSERT_TRUE(v > 0.0f && v < 1.0f) << v;  // Bernoulli means
+  EXPECT_NE(std::vector<float>(many.begin(), many.begin() + 16), std::vector<float>(many.begin() + 16, many.begin() + 32));
+  EXPECT_NE(sample_from_prior(L, be, params.data(), 10, 8), few);
+  // Reconstructions: the posterior pass with eps = 0, as its means.
+  std::mt19937_64 rng(3);
+  const Vec xd = random_vec(3 * 16, rng, 0, 1);
+  const std::vector<float> x(xd.begin(), xd.end());
+  const std::vector<float> r = reconstruct(L, be, params.data(), x.data(), 3);
+  Hvae<float> model(L, be, 3);
+  const std::vector<float> zeros(3 * L.latent_size(), 0.0f);
+  model.forward(params.data(), x.data(), zeros.data(), 3);
+  std::vector<float> want(3 * 16);
+  be.likelihood_mean(Likelihood::Bernoulli, 3, 16, model.output(), want.data());
+  EXPECT_EQ(r, want);
 }
 
 }  // namespace

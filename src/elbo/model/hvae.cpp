@@ -121,12 +121,6 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
   m_out = conv(TensorShape{W, m_input.h, m_input.w}, out_c, 1, Activation::Identity, "decoder.out");
 }
 
-const ParamView& HvaeLayout::view(const std::string& name) const {
-  for (const auto& v : m_views)
-    if (v.name == name) return v;
-  throw model_error("no parameter named '" + name + "' in this model");
-}
-
 std::vector<double> HvaeLayout::init_params(uint64_t seed) const {
   std::vector<double> p(m_num_params, 0.0);  // alignment gaps stay zero
   // Keyed by the value's position among all values (the views' order), not by its

@@ -46,7 +46,8 @@
 
 #include "elbo/backend/backend.hpp"
 #include "elbo/config/spec.hpp"
-#include "elbo/model/vae.hpp"  // ParamView, TensorShape, Layer
+#include "elbo/model/model.hpp"
+#include "elbo/model/vae.hpp"  // Layer
 
 namespace elbo {
 
@@ -82,23 +83,23 @@ struct HvaeStage {
   std::vector<int> blocks;  // indices into encoder_blocks()
 };
 
-class HvaeLayout {
+class HvaeLayout final : public ModelLayout {
  public:
   // `input_shape` is [C, H, W] from the data. Errors name the stage (model.stages[i]).
   HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape);
 
-  const ModelSpec& spec() const { return m_spec; }
-  const TensorShape& input_shape() const { return m_input; }
-  int input_dim() const { return static_cast<int>(m_input.size()); }
+  const ModelSpec& spec() const override { return m_spec; }
+  const TensorShape& input_shape() const override { return m_input; }
   // Width of the decoder output: D, or 2D ([mean | logvar]) for a learned variance.
-  int output_width() const { return static_cast<int>(m_out.out.size()); }
+  int output_width() const override { return static_cast<int>(m_out.out.size()); }
   int num_groups() const { return static_cast<int>(m_groups.size()); }
   // Latent values per sample: the length of a row of eps.
   size_t latent_size() const { return m_latent_size; }
-  size_t num_params() const { return m_num_params; }
-  size_t num_values() const { return m_num_values; }
-  const std::vector<ParamView>& views() const { return m_views; }
-  const ParamView& view(const std::string& name) const;
+  size_t eps_per_row() const override { return m_latent_size; }
+  int kl_parts() const override { return num_groups(); }  // one KL weight per group
+  size_t num_params() const override { return m_num_params; }
+  size_t num_values() const override { return m_num_values; }
+  const std::vector<ParamView>& views() const override { return m_views; }
 
   const Layer& stem() const { return m_stem; }
   const std::vector<HvaeStage>& stages() const { return m_stages; }
@@ -114,7 +115,7 @@ class HvaeLayout {
   // biases) with the residual scaling and the prior's start described at the top of
   // this file; drawn from Philox keyed by (seed, the value's index): identical on
   // every rank.
-  std::vector<double> init_params(uint64_t seed) const;
+  std::vector<double> init_params(uint64_t seed) const override;
 
  private:
   Layer conv(TensorShape in, int out_channels, int kernel, Activation act, const std::string& name);
@@ -134,37 +135,39 @@ class HvaeLayout {
 
 // A forward/backward workspace for up to `max_rows` samples, allocated once.
 template <class T>
-class Hvae {
+class Hvae final : public Model<T> {
  public:
   Hvae(const HvaeLayout& layout, Backend<T>& backend, int max_rows);
 
   const HvaeLayout& layout() const { return m_layout; }
-  int max_rows() const { return m_max_rows; }
+  const ModelLayout& model_layout() const override { return m_layout; }
+  int max_rows() const override { return m_max_rows; }
 
   // x (rows, D), eps (rows, latent_size()) -> rec[r] = -log p(x_r | z), kl[r] = sum of
   // kl_groups()[r, l], log_ratio[r] = log q(z|x_r) - log p(z) at the sampled z.
   // `params_needed(end)` as in Vae::forward: layers run in flat-buffer order.
   void forward(const T* params, const T* x, const T* eps, int rows,
-               const std::function<void(size_t)>& params_needed = {});
+               const std::function<void(size_t)>& params_needed = {}) override;
   // grads += d/dparams [ rec_weight * sum_r rec[r] + sum_l kl_weights[l] * sum_r KL_l[r] ]
   // for the last forward pass (same params, x, eps, rows); kl_weights (num_groups(),
   // backend memory): free bits' per-group weights. `grads_ready(offset)` after each
   // layer: grads[offset, P) are final (offsets decrease), for the bucketed all-reduce.
   void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, const T* kl_weights,
-                const std::function<void(size_t)>& grads_ready = {});
+                const std::function<void(size_t)>& grads_ready = {}) override;
   // The same with one KL weight for every group.
   void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T kl_weight,
-                const std::function<void(size_t)>& grads_ready = {});
+                const std::function<void(size_t)>& grads_ready = {}) override;
   // Top-down from the prior: z_l = mu_p + sigma_p * eps_l; output() then holds the
   // decoder output (likelihood_mean gives E[x|z]).
   void sample(const T* params, const T* eps, int rows);
+  void sample_prior(const T* params, const T* eps, int rows) override { sample(params, eps, rows); }
 
   // Results of the last pass, in backend memory.
-  const T* rec() const { return m_rec.data(); }
-  const T* kl() const { return m_kl.data(); }
+  const T* rec() const override { return m_rec.data(); }
+  const T* kl() const override { return m_kl.data(); }
   const T* kl_groups() const { return m_kl_groups.data(); }  // (rows, num_groups())
   const T* log_ratio() const { return m_log_ratio.data(); }
-  const T* output() const { return m_output.data(); }  // (rows, output_width())
+  const T* output() const override { return m_output.data(); }  // (rows, output_width())
 
  private:
   // The activations a branch keeps for its backward pass.

@@ -222,12 +222,6 @@ void VaeLayout::build_conv() {
                        "parameters, e.g. Bernoulli logits)");
 }
 
-const ParamView& VaeLayout::view(const std::string& name) const {
-  for (const auto& v : m_views)
-    if (v.name == name) return v;
-  throw model_error("no parameter named '" + name + "' in this model");
-}
-
 std::vector<double> VaeLayout::init_params(uint64_t seed) const {
   std::vector<double> p(m_num_params, 0.0);  // the alignment gaps stay zero
   // Draws are keyed by the value's position among all values (not its offset in the
