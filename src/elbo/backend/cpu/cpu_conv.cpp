@@ -28,10 +28,22 @@ int chunk_samples(const ConvShape& s) {
   return static_cast<int>(std::clamp<size_t>(kMaxColumns / std::max<size_t>(per, 1), 1, static_cast<size_t>(s.n)));
 }
 
+// A 1x1 convolution with stride 1 and no padding reads each input plane as it is:
+// its column rows are the planes, copied (or added back) whole. The same values in
+// the same places as the general loops, without their per-element bounds checks.
+bool is_pointwise(const ConvShape& s) { return s.r == 1 && s.s == 1 && s.stride == 1 && s.pad == 0; }
+
 template <class T>
 void im2col(const ConvShape& s, const T* x, int nb, T* cols) {
   const int OH = s.out_h(), OW = s.out_w(), P = OH * OW;
   const size_t ld = static_cast<size_t>(nb) * P;
+  if (is_pointwise(s)) {
+    for (int ch = 0; ch < s.c; ++ch)
+      for (int b = 0; b < nb; ++b)
+        std::memcpy(cols + static_cast<size_t>(ch) * ld + static_cast<size_t>(b) * P,
+                    x + (static_cast<size_t>(b) * s.c + ch) * P, sizeof(T) * P);
+    return;
+  }
   for (int ch = 0; ch < s.c; ++ch)
     for (int i = 0; i < s.r; ++i)
       for (int j = 0; j < s.s; ++j) {
@@ -61,6 +73,15 @@ template <class T>
 void col2im(const ConvShape& s, const T* cols, int nb, T* dx) {
   const int OH = s.out_h(), OW = s.out_w(), P = OH * OW;
   const size_t ld = static_cast<size_t>(nb) * P;
+  if (is_pointwise(s)) {
+    for (int ch = 0; ch < s.c; ++ch)
+      for (int b = 0; b < nb; ++b) {
+        const T* in = cols + static_cast<size_t>(ch) * ld + static_cast<size_t>(b) * P;
+        T* out = dx + (static_cast<size_t>(b) * s.c + ch) * P;
+        for (int p = 0; p < P; ++p) out[p] += in[p];
+      }
+    return;
+  }
   for (int ch = 0; ch < s.c; ++ch)
     for (int i = 0; i < s.r; ++i)
       for (int j = 0; j < s.s; ++j) {
