@@ -95,6 +95,13 @@ TEST(HvaeLayout, ErrorsNameTheStage) {
   m = small_spec();
   m.stages = {StageSpec{1, 1, 0, 1}};
   EXPECT_THROW(HvaeLayout(m, {1, 4, 4}), Error);
+  // The mlp/conv layout refuses a hierarchical spec instead of building an MLP from it.
+  try {
+    VaeLayout v(small_spec(), {1, 4, 4});
+    FAIL() << "VaeLayout must refuse model.type hierarchical";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.type hierarchical: the trainer"), std::string::npos) << e.what();
+  }
 }
 
 TEST(HvaeLayout, InitScalesResidualBranchesAndStartsPriorsAtStandardNormal) {

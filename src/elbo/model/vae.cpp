@@ -40,7 +40,8 @@ VaeLayout::VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape)
                       shape_string(input_shape, "[]") + ")");
   m_input = TensorShape{input_shape[0], input_shape[1], input_shape[2]};
   if (spec.type == ModelType::Hierarchical)
-    throw model_error("model.type hierarchical is built by HvaeLayout (model/hvae.hpp), not VaeLayout");
+    throw model_error("model.type hierarchical: the trainer, evaluation and model files do not take hierarchical "
+                      "models yet (the model itself: src/elbo/model/hvae.hpp, issue 15)");
   if (spec.latent < 1) throw model_error("model.latent must be >= 1 (got " + std::to_string(spec.latent) + ")");
   if (spec.type == ModelType::Conv)
     build_conv();
