@@ -59,6 +59,14 @@ void im2col(const ConvShape& s, const T* x, int nb, T* cols) {
               continue;
             }
             const T* in = plane + static_cast<size_t>(ih) * s.w;
+            if (s.stride == 1) {
+              // iw = ow - pad + j: zeros left and right of one contiguous run of the row.
+              const int lo = std::clamp(s.pad - j, 0, OW), hi = std::clamp(s.w + s.pad - j, lo, OW);
+              std::fill(o, o + lo, T(0));
+              std::copy(in + lo - s.pad + j, in + hi - s.pad + j, o + lo);
+              std::fill(o + hi, o + OW, T(0));
+              continue;
+            }
             for (int ow = 0; ow < OW; ++ow) {
               const int iw = ow * s.stride - s.pad + j;
               o[ow] = (iw >= 0 && iw < s.w) ? in[iw] : T(0);
@@ -94,6 +102,12 @@ void col2im(const ConvShape& s, const T* cols, int nb, T* dx) {
             if (ih < 0 || ih >= s.h) continue;
             T* out = plane + static_cast<size_t>(ih) * s.w;
             const T* c = in + static_cast<size_t>(oh) * OW;
+            if (s.stride == 1) {  // the same sums over one contiguous run, as in im2col
+              const int lo = std::clamp(s.pad - j, 0, OW), hi = std::clamp(s.w + s.pad - j, lo, OW);
+              const int shift = j - s.pad;
+              for (int ow = lo; ow < hi; ++ow) out[ow + shift] += c[ow];
+              continue;
+            }
             for (int ow = 0; ow < OW; ++ow) {
               const int iw = ow * s.stride - s.pad + j;
               if (iw >= 0 && iw < s.w) out[iw] += c[ow];
