@@ -60,6 +60,9 @@ const ConvShape kShapes[] = {
     {3, 2, 8, 8, 5, 4, 4, 2, 1},
     {1, 4, 7, 9, 2, 3, 2, 2, 0},
     {2, 1, 5, 5, 3, 5, 5, 1, 2},
+    {3, 4, 5, 6, 3, 1, 1, 1, 0},  // 1x1, stride 1, no padding: the pointwise path (the hierarchical model's)
+    {2, 3, 6, 6, 2, 1, 1, 2, 0},  // 1x1 with stride 2: the general path
+    {2, 2, 3, 4, 3, 5, 3, 1, 3},  // stride 1, padding wider than the image: rows of zeros only
 };
 
 class Conv : public ::testing::TestWithParam<ConvShape> {};

@@ -14,6 +14,7 @@
 #include "elbo/backend/cuda/cuda_backend.hpp"
 #endif
 #include "elbo/config/spec.hpp"
+#include "elbo/model/hvae.hpp"
 #include "elbo/model/vae.hpp"
 
 namespace elbo {
@@ -496,6 +497,111 @@ model:
         b(gc.begin() + v.offset, gc.begin() + v.offset + v.numel());
     EXPECT_PARITY(norm_err(a, b), 1e-4, "gradient of " << v.name);
   }
+}
+
+// The hierarchical model's ops: channel copies, pooling, unpooling and the Gaussian groups.
+TEST_F(CudaParity, HierarchicalOps) {
+  const int n = 5, c = 6, h = 12, w = 8, f = 4, zc = 3, hw = h * w;
+  {
+    const Vec src = random_vec(size_t(n) * c * hw, rng), dst0 = random_vec(size_t(n) * (c + 2) * hw, rng);
+    for (int acc = 0; acc < 2; ++acc) {
+      Vec want = dst0;
+      cpu.channel_copy(n, hw, 4, src.data(), c, 1, want.data(), c + 2, 3, acc);
+      Buffer<float> ds = put(src), dd = put(dst0);
+      gpu->channel_copy(n, hw, 4, ds.data(), c, 1, dd.data(), c + 2, 3, acc);
+      EXPECT_PARITY(norm_err(get(dd), want), 1e-7, "channel_copy accumulate " << acc);
+    }
+  }
+  {
+    const Vec x = random_vec(size_t(n) * c * hw, rng), small = random_vec(size_t(n) * c * hw / (f * f), rng);
+    Vec pooled(small.size()), dx(x.size()), up(x.size()), dsmall(small.size());
+    cpu.avg_pool_forward(n, c, h, w, f, x.data(), pooled.data());
+    cpu.avg_pool_backward(n, c, h, w, f, small.data(), dx.data());
+    cpu.unpool_forward(n, c, h / f, w / f, f, small.data(), up.data());
+    cpu.unpool_backward(n, c, h / f, w / f, f, x.data(), dsmall.data());
+    Buffer<float> gx = put(x), gs = put(small), g_pooled = put(pooled), g_dx = put(dx), g_up = put(up),
+                  g_dsmall = put(dsmall);
+    gpu->avg_pool_forward(n, c, h, w, f, gx.data(), g_pooled.data());
+    gpu->avg_pool_backward(n, c, h, w, f, gs.data(), g_dx.data());
+    gpu->unpool_forward(n, c, h / f, w / f, f, gs.data(), g_up.data());
+    gpu->unpool_backward(n, c, h / f, w / f, f, gx.data(), g_dsmall.data());
+    EXPECT_PARITY(norm_err(get(g_pooled), pooled), 1e-6, "avg_pool_forward");
+    EXPECT_PARITY(norm_err(get(g_dx), dx), 1e-6, "avg_pool_backward");
+    EXPECT_PARITY(norm_err(get(g_up), up), 1e-7, "unpool_forward");
+    EXPECT_PARITY(norm_err(get(g_dsmall), dsmall), 1e-6, "unpool_backward");
+  }
+  {
+    const size_t len = size_t(zc) * hw, qs = 2 * len + 3, ps = 2 * len + 7, es = len + 5;
+    const Vec q = random_vec(n * qs, rng, -2, 2), p = random_vec(n * ps, rng, -2, 2), eps = random_vec(n * es, rng),
+              dz = random_vec(n * len, rng), weight = {0.6f};
+    Vec z(n * len), kl(2 * n), ratio(2 * n), dq(q.size(), 0.0f), dpv(p.size(), 0.0f);
+    cpu.gaussian_sample(n, zc, hw, q.data(), qs, eps.data(), es, z.data());
+    cpu.gaussian_kl_forward(n, zc, hw, q.data(), qs, p.data(), ps, eps.data(), es, kl.data(), ratio.data(), 2);
+    cpu.gaussian_kl_backward(n, zc, hw, q.data(), qs, p.data(), ps, eps.data(), es, dz.data(), weight.data(), dq.data(),
+                             dpv.data());
+    Buffer<float> gq = put(q), gp = put(p), ge = put(eps), gdz = put(dz), gw = put(weight), gz = put(z),
+                  gkl = put(Vec(2 * n, 0.0f)), gr = put(Vec(2 * n, 0.0f)), gdq = put(Vec(q.size(), 0.0f)),
+                  gdp = put(Vec(p.size(), 0.0f));
+    gpu->gaussian_sample(n, zc, hw, gq.data(), qs, ge.data(), es, gz.data());
+    gpu->gaussian_kl_forward(n, zc, hw, gq.data(), qs, gp.data(), ps, ge.data(), es, gkl.data(), gr.data(), 2);
+    gpu->gaussian_kl_backward(n, zc, hw, gq.data(), qs, gp.data(), ps, ge.data(), es, gdz.data(), gw.data(),
+                              gdq.data(), gdp.data());
+    EXPECT_PARITY(norm_err(get(gz), z), 1e-6, "gaussian_sample");
+    EXPECT_PARITY(norm_err(get(gkl), kl), 1e-5, "gaussian_kl_forward kl");
+    EXPECT_PARITY(norm_err(get(gr), ratio), 1e-5, "gaussian_kl_forward log_ratio");
+    EXPECT_PARITY(norm_err(get(gdq), dq), 1e-5, "gaussian_kl_backward dq");
+    EXPECT_PARITY(norm_err(get(gdp), dpv), 1e-5, "gaussian_kl_backward dp");
+  }
+}
+
+// A whole hierarchical VAE (three resolutions, pooling and unpooling, groups at each)
+// on the GPU against the CPU: forward, per-group KL, log-ratio, every gradient, sampling.
+TEST_F(CudaParity, WholeHierarchicalVaeForwardBackwardAndSampling) {
+  const ExperimentSpec spec = parse_spec(R"(
+data: {train: unused}
+model:
+  type: hierarchical
+  width: 8
+  bottleneck: 4
+  activation: relu
+  stages: [{down: 1, blocks: 1, groups: 1, latent: 2}, {down: 2, blocks: 2, groups: 2, latent: 3},
+           {down: 4, blocks: 1, groups: 2, latent: 4}]
+)", "hierarchical parity spec");
+  const HvaeLayout layout(spec.model, std::vector<int>{1, 16, 16});
+  const int rows = 7, D = layout.input_dim(), G = layout.num_groups();
+  const size_t E = layout.latent_size();
+  std::vector<double> init = layout.init_params(5);
+  Vec p(init.begin(), init.end());
+  for (auto& v : p) v += 0.05f * random_vec(1, rng)[0];  // move the priors and h_top off their zero start
+  const Vec x = random_vec(size_t(rows) * D, rng, 0, 1), eps = random_vec(rows * E, rng),
+            kl_w = random_vec(G, rng, 0, 1);
+  Hvae<float> mc(layout, cpu, rows), mg(layout, *gpu, rows);
+  Vec gc(p.size(), 0.0f);
+  mc.forward(p.data(), x.data(), eps.data(), rows);
+  mc.backward(p.data(), gc.data(), x.data(), eps.data(), rows, 1.0f / rows, kl_w.data());
+  Buffer<float> dp = put(p), dx = put(x), de = put(eps), dw = put(kl_w), dg = put(Vec(p.size(), 0.0f));
+  mg.forward(dp.data(), dx.data(), de.data(), rows);
+  mg.backward(dp.data(), dg.data(), dx.data(), de.data(), rows, 1.0f / rows, dw.data());
+  auto fetch = [&](const float* d, size_t n) {
+    Vec out(n);
+    gpu->download(out.data(), d, n);
+    return out;
+  };
+  EXPECT_PARITY(norm_err(fetch(mg.rec(), rows), Vec(mc.rec(), mc.rec() + rows)), 1e-5, "hvae rec");
+  EXPECT_PARITY(norm_err(fetch(mg.kl_groups(), rows * G), Vec(mc.kl_groups(), mc.kl_groups() + rows * G)), 1e-5,
+                "hvae kl per group");
+  EXPECT_PARITY(norm_err(fetch(mg.log_ratio(), rows), Vec(mc.log_ratio(), mc.log_ratio() + rows)), 1e-4,
+                "hvae log ratio");
+  const Vec grads_g = get(dg);
+  for (const auto& v : layout.views()) {
+    Vec a(grads_g.begin() + v.offset, grads_g.begin() + v.offset + v.numel()),
+        b(gc.begin() + v.offset, gc.begin() + v.offset + v.numel());
+    EXPECT_PARITY(norm_err(a, b), 1e-4, "gradient of " << v.name);
+  }
+  mc.sample(p.data(), eps.data(), rows);
+  mg.sample(dp.data(), de.data(), rows);
+  const size_t n_out = size_t(rows) * layout.output_width();
+  EXPECT_PARITY(norm_err(fetch(mg.output(), n_out), Vec(mc.output(), mc.output() + n_out)), 1e-5, "hvae prior sample");
 }
 
 }  // namespace

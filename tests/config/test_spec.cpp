@@ -282,3 +282,79 @@ TEST(Spec, TensorboardIsOnByDefaultAndDumped) {
 
 }  // namespace
 }  // namespace elbo
+
+namespace elbo {
+namespace {
+
+const char* kHvae =
+    "data:\n  train: x\n"
+    "model:\n"
+    "  type: hierarchical\n"
+    "  width: 24\n"
+    "  bottleneck: 8\n"
+    "  activation: tanh\n"
+    "  stages:\n"
+    "    - {down: 1, blocks: 2, groups: 1, latent: 2}\n"
+    "    - {down: 2, blocks: 1, groups: 3, latent: 4}\n"
+    "    - {down: 7, groups: 2}\n";
+
+TEST(SpecHierarchical, StagesParseDumpAndRoundTrip) {
+  ExperimentSpec s = parse_spec(kHvae, "exp.yaml");
+  EXPECT_EQ(s.model.type, ModelType::Hierarchical);
+  EXPECT_EQ(s.model.width, 24);
+  EXPECT_EQ(s.model.bottleneck, 8);
+  EXPECT_EQ(s.model.activation, Activation::Tanh);
+  ASSERT_EQ(s.model.stages.size(), 3u);
+  EXPECT_EQ(s.model.stages[0], (StageSpec{1, 2, 1, 2}));
+  EXPECT_EQ(s.model.stages[1], (StageSpec{2, 1, 3, 4}));
+  EXPECT_EQ(s.model.stages[2], (StageSpec{7, 1, 2, 4}));  // blocks and latent take their defaults
+  const std::string text = dump_spec(s);
+  EXPECT_NE(text.find("stages"), std::string::npos) << text;
+  EXPECT_EQ(text.find("latent: 20"), std::string::npos) << "model.latent means nothing here:\n" << text;
+  EXPECT_EQ(text.find("encoder"), std::string::npos) << text;
+  const ExperimentSpec t = parse_spec(text, "dump");
+  EXPECT_EQ(dump_spec(t), text);
+  EXPECT_EQ(t.model.stages, s.model.stages);
+  EXPECT_TRUE(fixed_on_resume("model.stages"));
+  EXPECT_TRUE(fixed_on_resume("model.width"));
+  EXPECT_TRUE(fixed_on_resume("model.bottleneck"));
+}
+
+TEST(SpecHierarchical, OtherModelTypesNeitherTakeNorDumpItsKeys) {
+  const std::string mlp = dump_spec(parse_spec("data:\n  train: x\n", "exp.yaml"));
+  EXPECT_EQ(mlp.find("stages"), std::string::npos) << mlp;
+  EXPECT_EQ(mlp.find("width"), std::string::npos) << mlp;
+  EXPECT_EQ(mlp.find("bottleneck"), std::string::npos) << mlp;
+  EXPECT_NE(mlp.find("latent: 20"), std::string::npos) << mlp;
+  std::string e = error_of("data:\n  train: x\nmodel:\n  width: 8\n");
+  EXPECT_NE(e.find("exp.yaml:4: model.width: applies to model.type hierarchical only (this model is mlp)"),
+            std::string::npos)
+      << e;
+}
+
+TEST(SpecHierarchical, ErrorsNameTheStageAndKey) {
+  const std::string head = "data:\n  train: x\nmodel:\n  type: hierarchical\n";
+  std::string e = error_of(head + "  stages:\n    - {down: 1}\n    - {down: 0, groups: 1}\n");
+  EXPECT_NE(e.find("exp.yaml:7: model.stages[1].down: must be >= 1"), std::string::npos) << e;
+  e = error_of(head + "  stages:\n    - {down: 1, latent: 0}\n");
+  EXPECT_NE(e.find("model.stages[0].latent: must be >= 1"), std::string::npos) << e;
+  e = error_of(head + "  stages:\n    - {down: 1, grups: 2}\n");
+  EXPECT_NE(e.find("model.stages[0].grups: unknown key; valid keys here: down, blocks, groups, latent"),
+            std::string::npos)
+      << e;
+  e = error_of(head + "  stages:\n    - {down: 1, groups: 0}\n    - {down: 2, groups: 0}\n");
+  EXPECT_NE(e.find("model.stages: has no latent group"), std::string::npos) << e;
+  e = error_of(head + "  width: 8\n");
+  EXPECT_NE(e.find("model.stages: is required for model.type hierarchical"), std::string::npos) << e;
+  e = error_of(head + "  latent: 8\n  stages: [{groups: 1}]\n");
+  EXPECT_NE(e.find("model.latent: a hierarchical model's latent channels are model.stages[i].latent"),
+            std::string::npos)
+      << e;
+  e = error_of(head + "  encoder: [400]\n  stages: [{groups: 1}]\n");
+  EXPECT_NE(e.find("model.encoder: a hierarchical model is described by"), std::string::npos) << e;
+  e = error_of(head + "  stages: [{groups: 1}]\n  bottleneck: 0\n");
+  EXPECT_NE(e.find("model.bottleneck: must be >= 1"), std::string::npos) << e;
+}
+
+}  // namespace
+}  // namespace elbo

@@ -55,7 +55,7 @@ TEST(Choices, EveryNameRoundTrips) {
   expect_table_round_trips<Device>(3);
   expect_table_round_trips<Loader>(3);
   expect_table_round_trips<Shuffle>(3);
-  expect_table_round_trips<ModelType>(2);
+  expect_table_round_trips<ModelType>(3);
   expect_table_round_trips<LayerType>(9);
   expect_table_round_trips<Activation>(4);
   expect_table_round_trips<Likelihood>(3);
@@ -100,8 +100,9 @@ TEST(Choices, ASpecOffersOnlyItsSubsetAndNamesIt) {
                    "padding, output_padding, groups, shape"),
             std::string::npos)
       << e;
-  e = error_of("data: {train: x}\nmodel: {latent: 4, width: 3}\n");
-  EXPECT_NE(e.find("model.width: unknown key; valid keys here: type, encoder, decoder, latent, activation, likelihood"),
+  e = error_of("data: {train: x}\nmodel: {latent: 4, depth: 3}\n");
+  EXPECT_NE(e.find("model.depth: unknown key; valid keys here: type, encoder, decoder, latent, activation, likelihood, "
+                   "width, bottleneck, stages"),
             std::string::npos)
       << e;
 }

@@ -137,6 +137,35 @@ class Backend {
   virtual void group_norm_backward(int n, int c, int hw, int groups, const T* x, const T* gamma, const T* stats,
                                    const T* dy, T* dx, T* dgamma, T* dbeta) = 0;
 
+  // --- the hierarchical model's ops (model/hvae.hpp), over NCHW tensors ---
+  // Channels [src_off, src_off + count) of src (n, src_c, hw) into channels [dst_off,
+  // dst_off + count) of dst (n, dst_c, hw), written or (accumulate) added: the
+  // concatenation along channels and its backward, the split.
+  virtual void channel_copy(int n, int hw, int count, const T* src, int src_c, int src_off, T* dst, int dst_c,
+                            int dst_off, bool accumulate) = 0;
+  // y (n, c, h/f, w/f) = the mean of each f x f block of x (n, c, h, w), written; f divides h and w.
+  virtual void avg_pool_forward(int n, int c, int h, int w, int f, const T* x, T* y) = 0;
+  // dx (n, c, h, w) = dy / f^2 over each block (written).
+  virtual void avg_pool_backward(int n, int c, int h, int w, int f, const T* dy, T* dx) = 0;
+  // Nearest-neighbour unpooling: y (n, c, h*f, w*f) repeats each value of x (n, c, h, w) f x f times.
+  virtual void unpool_forward(int n, int c, int h, int w, int f, const T* x, T* y) = 0;
+  // dx (n, c, h, w) = the sum of dy over each f x f block (written).
+  virtual void unpool_backward(int n, int c, int h, int w, int f, const T* dy, T* dx) = 0;
+  // A diagonal Gaussian group of zc channels over hw positions: sample r's parameters
+  // start at par + r * stride as [mu (zc, hw) | raw (zc, hw)], scale softplus(raw).
+  // z (n, zc, hw) = mu + softplus(raw) * eps with eps (n, zc * hw) in rows of eps_stride.
+  virtual void gaussian_sample(int n, int zc, int hw, const T* par, size_t stride, const T* eps, size_t eps_stride,
+                               T* z) = 0;
+  // kl[r * out_stride] = KL(q || p) summed over the group and log_ratio[r * out_stride] =
+  // log q(z) - log p(z) at z = mu_q + sigma_q * eps (written), q and p laid out as above.
+  virtual void gaussian_kl_forward(int n, int zc, int hw, const T* q, size_t q_stride, const T* p, size_t p_stride,
+                                   const T* eps, size_t eps_stride, T* kl, T* log_ratio, size_t out_stride) = 0;
+  // The [mu | raw] parts of dq and dp (strides of q and p; written) from dz (n, zc, hw),
+  // the gradient reaching z = mu_q + sigma_q * eps, and kl_weight[0] (backend memory) * KL.
+  virtual void gaussian_kl_backward(int n, int zc, int hw, const T* q, size_t q_stride, const T* p, size_t p_stride,
+                                    const T* eps, size_t eps_stride, const T* dz, const T* kl_weight, T* dq,
+                                    T* dp) = 0;
+
   // --- randomness: out[r, j] = N(0,1) keyed by (seed, stream, step, first_item + r, j) ---
   virtual void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows,
                       int cols, T* out) = 0;

@@ -38,8 +38,10 @@ inline constexpr Named<Shuffle> kShuffleNames[] = {
     {Shuffle::Global, "true"}, {Shuffle::Off, "false"}, {Shuffle::Blocks, "blocks"}};
 constexpr const auto& choices_of(Shuffle) { return kShuffleNames; }
 
-enum class ModelType { Mlp, Conv };
-inline constexpr Named<ModelType> kModelTypeNames[] = {{ModelType::Mlp, "mlp"}, {ModelType::Conv, "conv"}};
+// hierarchical: the top-down latent hierarchy of model/hvae.hpp (VDVAE's structure).
+enum class ModelType { Mlp, Conv, Hierarchical };
+inline constexpr Named<ModelType> kModelTypeNames[] = {
+    {ModelType::Mlp, "mlp"}, {ModelType::Conv, "conv"}, {ModelType::Hierarchical, "hierarchical"}};
 constexpr const auto& choices_of(ModelType) { return kModelTypeNames; }
 
 // An entry of a conv model's encoder or decoder list (LayerSpec).

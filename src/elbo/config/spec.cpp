@@ -485,6 +485,13 @@ Key model_list(std::string name, std::vector<int> ModelSpec::*widths, std::vecto
   return fixed(Key{std::move(name),
                    [=](Field& f, ExperimentSpec& s) {
                      ModelSpec& m = s.model;
+                     if (m.type == ModelType::Hierarchical) {
+                       if (f.r.has(f.key))
+                         f.fail("a hierarchical model is described by model.width, model.bottleneck and "
+                                "model.stages, not by encoder and decoder lists");
+                       (m.*widths).clear();
+                       return;
+                     }
                      if (m.type == ModelType::Conv) {
                        (m.*widths).clear();
                        m.*layers = read_layer_list(f);
@@ -494,11 +501,72 @@ Key model_list(std::string name, std::vector<int> ModelSpec::*widths, std::vecto
                      for (int w : m.*widths) f.check(w > 0, "hidden widths must be >= 1", w);
                    },
                    [=](Out& o, const ExperimentSpec& s) {
+                     if (s.model.type == ModelType::Hierarchical) return;
                      if (s.model.type == ModelType::Conv)
                        dump_layer_list(o, s.model.*layers);
                      else
                        o.put(s.model.*widths);
                    }});
+}
+
+// --- a hierarchical model's stages ---
+
+const std::vector<KeyOf<StageSpec>>& stage_keys() {
+  const auto int_key = [](std::string name, int StageSpec::*member, int min, std::string rule) {
+    return KeyOf<StageSpec>{std::move(name),
+                            [=](Field& f, StageSpec& st) {
+                              f.read(st.*member);
+                              f.check(st.*member >= min, rule, st.*member);
+                            },
+                            [=](Out& o, const StageSpec& st) { o.put(st.*member); }};
+  };
+  static const std::vector<KeyOf<StageSpec>> keys = {
+      int_key("down", &StageSpec::down, 1, "must be >= 1 (the pooling factor from the previous stage; 1 = none)"),
+      int_key("blocks", &StageSpec::blocks, 0, "must be >= 0 (encoder residual blocks)"),
+      int_key("groups", &StageSpec::groups, 0, "must be >= 0 (decoder blocks, one latent group each)"),
+      int_key("latent", &StageSpec::latent, 1, "must be >= 1 (latent channels per position of each group)"),
+  };
+  return keys;
+}
+
+// model.stages: mappings {down, blocks, groups, latent}, the input's resolution first.
+std::vector<StageSpec> read_stages(Field& f) {
+  YAML::Node n = f.r.raw(f.key);
+  const std::string where = f.r.path(f.key);
+  if (!n || n.IsNull()) f.r.fail(f.r.node(), where, "is required for model.type hierarchical (a list of stages)");
+  if (!n.IsSequence() || n.size() == 0)
+    f.r.fail(n, where,
+             "must be a non-empty list of stages, the input's resolution first, e.g. [{down: 1, blocks: 2, "
+             "groups: 2, latent: 4}, {down: 2, blocks: 2, groups: 4, latent: 4}]");
+  std::vector<StageSpec> out;
+  int groups = 0;
+  for (size_t i = 0; i < n.size(); ++i) {
+    MapReader r = f.r.entry(n[i], where + "[" + std::to_string(i) + "].");
+    if (!n[i].IsMap()) r.fail(n[i], where + "[" + std::to_string(i) + "]", "must be a mapping {down, blocks, groups, latent}");
+    StageSpec st;
+    read_keys(r, stage_keys(), st);
+    groups += st.groups;
+    out.push_back(st);
+  }
+  if (groups == 0) f.r.fail(n, where, "has no latent group: give at least one stage groups >= 1");
+  return out;
+}
+
+// Keys that only one model type reads: given for another type they would be ignored,
+// so they are refused; dumped only for their type (a dump of another type is unchanged).
+Key model_key_of(ModelType type, Key k) {
+  const auto read = k.read;
+  const auto dump = k.dump;
+  k.read = [=](Field& f, ExperimentSpec& s) {
+    if (s.model.type == type) return read(f, s);
+    if (f.r.has(f.key))
+      f.fail(std::string("applies to model.type ") + choice_name(type) + " only (this model is " +
+             choice_name(s.model.type) + ")");
+  };
+  k.dump = [=](Out& o, const ExperimentSpec& s) {
+    if (s.model.type == type) dump(o, s);
+  };
+  return k;
 }
 
 void apply_override(YAML::Node& root, const std::string& text, Context& ctx) {
@@ -619,12 +687,26 @@ const std::vector<Section>& spec_sections() {
            fixed(model.field("type", &ModelSpec::type)),
            model_list("encoder", &ModelSpec::encoder, &ModelSpec::conv_encoder),
            model_list("decoder", &ModelSpec::decoder, &ModelSpec::conv_decoder),
-           fixed(model.field("latent", &ModelSpec::latent, at_least_1, "must be >= 1")),
-           // An MLP's hidden activation; a conv model lists its activations as layers.
+           // A hierarchical model's latents are its stages' groups.
+           fixed({"latent",
+                  [](Field& f, ExperimentSpec& s) {
+                    if (s.model.type == ModelType::Hierarchical) {
+                      if (f.r.has(f.key))
+                        f.fail("a hierarchical model's latent channels are model.stages[i].latent (per group)");
+                      return;
+                    }
+                    f.read(s.model.latent);
+                    f.check(s.model.latent >= 1, "must be >= 1", s.model.latent);
+                  },
+                  [](Out& o, const ExperimentSpec& s) {
+                    if (s.model.type != ModelType::Hierarchical) o.put(s.model.latent);
+                  }}),
+           // The hidden activation of an MLP and of a hierarchical model's residual
+           // blocks; a conv model lists its activations as layers.
            fixed({"activation",
                   [](Field& f, ExperimentSpec& s) {
                     ModelSpec& m = s.model;
-                    if (m.type == ModelType::Mlp) {
+                    if (m.type == ModelType::Mlp || m.type == ModelType::Hierarchical) {
                       m.activation =
                           f.r.choice(f.key, m.activation, {Activation::Relu, Activation::Tanh, Activation::Softplus});
                     } else if (f.r.has(f.key)) {
@@ -634,7 +716,7 @@ const std::vector<Section>& spec_sections() {
                     }
                   },
                   [](Out& o, const ExperimentSpec& s) {
-                    if (s.model.type == ModelType::Mlp) o.put(s.model.activation);
+                    if (s.model.type != ModelType::Conv) o.put(s.model.activation);
                   }}),
            // A bare type ("bernoulli") or the mapping {type, variance, sigma}.
            fixed({"likelihood",
@@ -648,6 +730,24 @@ const std::vector<Section>& spec_sections() {
                     }
                   },
                   mapping("likelihood", likelihood_keys()).dump}),
+           fixed(model_key_of(ModelType::Hierarchical,
+                              model.field("width", &ModelSpec::width, at_least_1,
+                                          "must be >= 1 (channels of the residual stream)"))),
+           fixed(model_key_of(ModelType::Hierarchical,
+                              model.field("bottleneck", &ModelSpec::bottleneck, at_least_1,
+                                          "must be >= 1 (channels inside a residual block)"))),
+           fixed(model_key_of(ModelType::Hierarchical,
+                              {"stages", [](Field& f, ExperimentSpec& s) { s.model.stages = read_stages(f); },
+                               [](Out& o, const ExperimentSpec& s) {
+                                 YAML::Emitter& e = o.value();
+                                 e << YAML::BeginSeq;
+                                 for (const StageSpec& st : s.model.stages) {
+                                   e << YAML::Flow << YAML::BeginMap;
+                                   dump_keys(e, stage_keys(), st);
+                                   e << YAML::EndMap;
+                                 }
+                                 e << YAML::EndSeq;
+                               }})),
        }},
       {"loss",
        {

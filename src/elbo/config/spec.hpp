@@ -36,6 +36,18 @@ struct LayerSpec {
   std::vector<int> shape;  // reshape: [C, H, W]
 };
 
+// One resolution of a hierarchical model (model.type: hierarchical), listed from the
+// input's resolution down: the encoder average-pools its input by `down` and runs
+// `blocks` residual blocks; the decoder, on its way back up, runs `groups` blocks
+// with a latent group of `latent` channels per position each, then unpools by `down`.
+struct StageSpec {
+  int down = 1;    // pooling factor from the previous stage (the first: from the input)
+  int blocks = 1;  // encoder residual blocks
+  int groups = 1;  // decoder blocks, one latent group each
+  int latent = 4;  // latent channels per position in each group
+  bool operator==(const StageSpec&) const = default;
+};
+
 struct ModelSpec {
   ModelType type = ModelType::Mlp;
   std::vector<int> encoder{400};  // mlp: hidden widths
@@ -46,6 +58,11 @@ struct ModelSpec {
   Activation activation = Activation::Relu;
   Likelihood likelihood = Likelihood::Bernoulli;
   double sigma = 1.0;  // standard deviation of the fixed-variance Gaussian likelihood
+  // hierarchical: the residual stream's channels, the residual blocks' bottleneck
+  // channels and the stages (model/hvae.hpp); activation is the blocks' activation.
+  int width = 32;
+  int bottleneck = 16;
+  std::vector<StageSpec> stages;
 };
 
 // The objective, and its KL term (optim/kl.hpp has the formulas).

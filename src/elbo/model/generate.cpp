@@ -38,15 +38,22 @@ std::vector<float> decode_means(const VaeLayout& layout, Backend<float>& be, con
   return out;
 }
 
-std::vector<float> sample_from_prior(const VaeLayout& layout, Backend<float>& be, const float* params, int n,
+std::vector<float> sample_from_prior(const ModelLayout& layout, Backend<float>& be, const float* params, int n,
                                      uint64_t seed) {
   ELBO_ASSERT(n >= 1, "sample_from_prior: no samples");
-  const int L = layout.latent();
-  Buffer<float> z(be, static_cast<size_t>(n) * L);
-  be.normal(seed, RngStream::Sample, 0, 0, n, L, z.data());
-  std::vector<float> zh(static_cast<size_t>(n) * L);
-  be.download(zh.data(), z.data(), zh.size());
-  return decode_means(layout, be, params, zh.data(), n);
+  const int D = layout.input_dim(), cap = std::min(n, kRows);
+  const size_t E = layout.eps_per_row();
+  std::unique_ptr<Model<float>> model = make_model(layout, be, cap);
+  Buffer<float> eps(be, static_cast<size_t>(cap) * E), mean(be, static_cast<size_t>(cap) * D);
+  std::vector<float> out(static_cast<size_t>(n) * D);
+  in_chunks(n, [&](int first, int rows) {
+    // Keyed by the sample's index: the chunking does not change the draws.
+    be.normal(seed, RngStream::Sample, 0, static_cast<uint64_t>(first), rows, static_cast<int>(E), eps.data());
+    model->sample_prior(params, eps.data(), rows);
+    be.likelihood_mean(layout.spec().likelihood, rows, D, model->output(), mean.data());
+    be.download(out.data() + static_cast<size_t>(first) * D, mean.data(), static_cast<size_t>(rows) * D);
+  });
+  return out;
 }
 
 std::vector<float> posterior_means(const VaeLayout& layout, Backend<float>& be, const float* params, const float* x,
@@ -67,10 +74,27 @@ std::vector<float> posterior_means(const VaeLayout& layout, Backend<float>& be, 
   return mu;
 }
 
-std::vector<float> reconstruct(const VaeLayout& layout, Backend<float>& be, const float* params, const float* x,
+std::vector<float> reconstruct(const ModelLayout& layout, Backend<float>& be, const float* params, const float* x,
                                int rows) {
-  const std::vector<float> mu = posterior_means(layout, be, params, x, rows);
-  return decode_means(layout, be, params, mu.data(), rows);
+  if (const auto* vae = dynamic_cast<const VaeLayout*>(&layout)) {
+    const std::vector<float> mu = posterior_means(*vae, be, params, x, rows);
+    return decode_means(*vae, be, params, mu.data(), rows);
+  }
+  // Hierarchical: the posterior pass with eps = 0 takes z_l = mu_q(z_>l, x) in every group.
+  ELBO_ASSERT(rows >= 1, "reconstruct: no rows");
+  const int D = layout.input_dim(), cap = std::min(rows, kRows);
+  std::unique_ptr<Model<float>> model = make_model(layout, be, cap);
+  Buffer<float> xd(be, static_cast<size_t>(cap) * D), eps(be, static_cast<size_t>(cap) * layout.eps_per_row()),
+      mean(be, static_cast<size_t>(cap) * D);
+  be.fill(eps.data(), 0.0f, eps.size());
+  std::vector<float> out(static_cast<size_t>(rows) * D);
+  in_chunks(rows, [&](int first, int n) {
+    be.upload(xd.data(), x + static_cast<size_t>(first) * D, static_cast<size_t>(n) * D);
+    model->forward(params, xd.data(), eps.data(), n);
+    be.likelihood_mean(layout.spec().likelihood, n, D, model->output(), mean.data());
+    be.download(out.data() + static_cast<size_t>(first) * D, mean.data(), static_cast<size_t>(n) * D);
+  });
+  return out;
 }
 
 std::vector<float> gray_inputs(const data::ShardSet& set, const std::vector<int64_t>& items, const std::string& what) {

@@ -13,8 +13,9 @@
 
 namespace elbo {
 
-// n decoded samples, z ~ N(0, I) keyed by (seed, RngStream::Sample, item): (n, D).
-std::vector<float> sample_from_prior(const VaeLayout& layout, Backend<float>& be, const float* params, int n,
+// n decoded samples from the prior, eps ~ N(0, I) keyed by (seed, RngStream::Sample,
+// item): z = eps for a Vae, the top-down pass for a hierarchical model: (n, D).
+std::vector<float> sample_from_prior(const ModelLayout& layout, Backend<float>& be, const float* params, int n,
                                      uint64_t seed);
 
 // Posterior means mu(x) for host inputs x (rows, D): (rows, L).
@@ -25,8 +26,9 @@ std::vector<float> posterior_means(const VaeLayout& layout, Backend<float>& be, 
 std::vector<float> decode_means(const VaeLayout& layout, Backend<float>& be, const float* params, const float* z,
                                 int rows);
 
-// Reconstructions E[x | z = mu(x)] (the posterior mean, no sampling noise): (rows, D).
-std::vector<float> reconstruct(const VaeLayout& layout, Backend<float>& be, const float* params, const float* x,
+// Reconstructions E[x | z = mu(x)] (the posterior mean, no sampling noise; for a
+// hierarchical model each group's posterior mean given the groups above): (rows, D).
+std::vector<float> reconstruct(const ModelLayout& layout, Backend<float>& be, const float* params, const float* x,
                                int rows);
 
 // Dataset items of `set` as gray inputs in [0, 1], no binarization (pictures show the

@@ -39,6 +39,9 @@ VaeLayout::VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape)
     throw model_error("model input shape must be [C, H, W] with positive sizes (got " +
                       shape_string(input_shape, "[]") + ")");
   m_input = TensorShape{input_shape[0], input_shape[1], input_shape[2]};
+  if (spec.type == ModelType::Hierarchical)
+    throw model_error("model.type hierarchical: the trainer, evaluation and model files do not take hierarchical "
+                      "models yet (the model itself: src/elbo/model/hvae.hpp, issue 15)");
   if (spec.latent < 1) throw model_error("model.latent must be >= 1 (got " + std::to_string(spec.latent) + ")");
   if (spec.type == ModelType::Conv)
     build_conv();
@@ -218,12 +221,6 @@ void VaeLayout::build_conv() {
   if (last.act != Activation::Identity)
     throw config_error("model.decoder: the last layer must have no activation (it gives the likelihood's "
                        "parameters, e.g. Bernoulli logits)");
-}
-
-const ParamView& VaeLayout::view(const std::string& name) const {
-  for (const auto& v : m_views)
-    if (v.name == name) return v;
-  throw model_error("no parameter named '" + name + "' in this model");
 }
 
 std::vector<double> VaeLayout::init_params(uint64_t seed) const {

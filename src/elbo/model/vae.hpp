@@ -11,28 +11,9 @@
 
 #include "elbo/backend/backend.hpp"
 #include "elbo/config/spec.hpp"
+#include "elbo/model/model.hpp"  // ModelLayout, Model, ParamView, TensorShape
 
 namespace elbo {
-
-// A named tensor inside the flat buffer, in PyTorch nn.Linear layout
-// (weight (out, in), bias (out)), so exported names read like a state_dict.
-struct ParamView {
-  std::string name;
-  size_t offset = 0;
-  std::vector<int> shape;
-  size_t numel() const {
-    size_t n = 1;
-    for (int d : shape) n *= static_cast<size_t>(d);
-    return n;
-  }
-};
-
-// Per-sample tensor shape (C, H, W); a feature vector is (F, 1, 1).
-struct TensorShape {
-  int c = 1, h = 1, w = 1;
-  size_t size() const { return static_cast<size_t>(c) * h * w; }
-  bool operator==(const TensorShape&) const = default;
-};
 
 enum class LayerKind { Linear, Conv2d, ConvTranspose2d, GroupNorm };
 
@@ -52,25 +33,26 @@ struct Layer {
 // Shape-only description of the network, shared by all replicas and both dtypes:
 // encoder layers (the last is the linear head to [mu | logvar]) and decoder layers
 // (the last produces the likelihood's parameters in the input's shape).
-class VaeLayout {
+class VaeLayout final : public ModelLayout {
  public:
   // `input_shape` is [C, H, W] from the data; an MLP flattens it.
   VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape);
   VaeLayout(const ModelSpec& spec, int input_dim) : VaeLayout(spec, std::vector<int>{1, 1, input_dim}) {}
 
-  const ModelSpec& spec() const { return m_spec; }
-  int input_dim() const { return static_cast<int>(m_input.size()); }
-  const TensorShape& input_shape() const { return m_input; }
+  const ModelSpec& spec() const override { return m_spec; }
+  const TensorShape& input_shape() const override { return m_input; }
   int latent() const { return m_spec.latent; }
   // Width of the decoder output: D, or 2D ([mean | logvar]) for a learned variance.
-  int output_width() const { return static_cast<int>(m_dec.back().out.size()); }
+  int output_width() const override { return static_cast<int>(m_dec.back().out.size()); }
   // Length of the flat buffers (the views plus alignment gaps between layers).
-  size_t num_params() const { return m_num_params; }
+  size_t num_params() const override { return m_num_params; }
   // Trainable values: the sum of the views' sizes, what a user calls the model's size.
-  size_t num_values() const { return m_num_values; }
+  size_t num_values() const override { return m_num_values; }
   static constexpr size_t kParamAlign = 16;  // floats: 64 bytes
-  const std::vector<ParamView>& views() const { return m_views; }
-  const ParamView& view(const std::string& name) const;
+  const std::vector<ParamView>& views() const override { return m_views; }
+  // eps (rows, L); the KL's parts are the L latent dimensions.
+  size_t eps_per_row() const override { return static_cast<size_t>(latent()); }
+  int kl_parts() const override { return latent(); }
 
   const std::vector<Layer>& encoder() const { return m_enc; }
   const std::vector<Layer>& decoder() const { return m_dec; }
@@ -80,7 +62,7 @@ class VaeLayout {
   // weights and biases (fan_in of ConvTranspose2d from weight dim 1, as PyTorch
   // computes it), gamma = 1 and beta = 0 for GroupNorm; drawn from Philox keyed by
   // (seed, element index): identical on every rank.
-  std::vector<double> init_params(uint64_t seed) const;
+  std::vector<double> init_params(uint64_t seed) const override;
 
  private:
   void build_mlp();
@@ -103,14 +85,15 @@ class VaeLayout {
 // Activations of one forward pass, sized for up to `rows` samples. Kept by the
 // caller so repeated steps allocate nothing.
 template <class T>
-class Vae {
+class Vae final : public Model<T> {
  public:
   // iw_samples > 0 also sizes the importance-weighted passes (forward_iw, backward_iw)
   // for that many samples per input: the decoder's workspace holds max_rows * k rows.
   Vae(const VaeLayout& layout, Backend<T>& backend, int max_rows, int iw_samples = 0);
 
   const VaeLayout& layout() const { return m_layout; }
-  int max_rows() const { return m_max_rows; }
+  const ModelLayout& model_layout() const override { return m_layout; }
+  int max_rows() const override { return m_max_rows; }
   int iw_samples() const { return m_k; }
 
   // x (rows, D), eps (rows, L) -> rec[r] = -log p(x_r|z_r), kl[r] = KL(q(z|x_r) || p(z)).
@@ -118,18 +101,18 @@ class Vae {
   // final, where end is past the layer's last parameter: a sharded optimizer's
   // all-gather of the later layers then overlaps the earlier layers' forward pass.
   void forward(const T* params, const T* x, const T* eps, int rows,
-               const std::function<void(size_t)>& params_needed = {});
+               const std::function<void(size_t)>& params_needed = {}) override;
   // grads += d/dparams [ rec_weight * sum_r rec[r] + kl_weight * sum_r kl[r] ] for the
   // last forward pass (same params, x, eps, rows). Layers sit in the flat buffer in
   // forward order, so backward finalises it from the end: after each layer,
   // `grads_ready(offset)` (when given) says grads[offset, P) are final, which lets the
   // gradient all-reduce start while the earlier layers are still being differentiated.
   void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T kl_weight,
-                const std::function<void(size_t)>& grads_ready = {});
+                const std::function<void(size_t)>& grads_ready = {}) override;
   // The same with one KL weight per latent dimension: kl_weights (L, backend memory)
   // weighs sum_r KL_rj (free bits: 0 for the dimensions of a clamped group).
   void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, const T* kl_weights,
-                const std::function<void(size_t)>& grads_ready = {});
+                const std::function<void(size_t)>& grads_ready = {}) override;
   // The importance-weighted bound (Burda et al. 2015) with k = iw_samples() samples per
   // input: eps (rows*k, L), sample i of input r in row r*k + i. The encoder runs once per
   // input, the decoder once per sample. With log w = -(nll + beta (log q - log p)) per
@@ -148,13 +131,15 @@ class Vae {
   void encode(const T* params, const T* x, int rows, const std::function<void(size_t)>& params_needed = {});
   // Decoder only: z (rows, L) -> decoder output (rows, output_width).
   void decode(const T* params, const T* z, int rows);
+  // The prior is N(0, I): z = eps (rows, L), decoded.
+  void sample_prior(const T* params, const T* eps, int rows) override { decode(params, eps, rows); }
 
   // Results of the last pass, in backend memory.
-  const T* rec() const { return m_rec.data(); }  // after forward_iw: (rows*k), per sample
-  const T* kl() const { return m_kl.data(); }
+  const T* rec() const override { return m_rec.data(); }  // after forward_iw: (rows*k), per sample
+  const T* kl() const override { return m_kl.data(); }
   const T* mulv() const { return m_enc_acts.back().out(); }  // (rows, 2L) = [mu | logvar]
   const T* z() const { return m_z.data(); }                     // (rows, L)
-  const T* output() const { return m_dec_acts.back().out(); }   // (rows, output_width); forward_iw: rows*k
+  const T* output() const override { return m_dec_acts.back().out(); }   // (rows, output_width); forward_iw: rows*k
   const T* iw_bound() const { return m_bound.data(); }          // (rows), after forward_iw
   const T* iw_rec() const { return m_rec_mean.data(); }         // (rows), after forward_iw
 

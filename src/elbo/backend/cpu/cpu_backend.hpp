@@ -38,6 +38,19 @@ class CpuBackend final : public Backend<T> {
                           T* stats) override;
   void group_norm_backward(int n, int c, int hw, int groups, const T* x, const T* gamma, const T* stats, const T* dy,
                            T* dx, T* dgamma, T* dbeta) override;
+  // The hierarchical model's ops (cpu_hier.cpp).
+  void channel_copy(int n, int hw, int count, const T* src, int src_c, int src_off, T* dst, int dst_c, int dst_off,
+                    bool accumulate) override;
+  void avg_pool_forward(int n, int c, int h, int w, int f, const T* x, T* y) override;
+  void avg_pool_backward(int n, int c, int h, int w, int f, const T* dy, T* dx) override;
+  void unpool_forward(int n, int c, int h, int w, int f, const T* x, T* y) override;
+  void unpool_backward(int n, int c, int h, int w, int f, const T* dy, T* dx) override;
+  void gaussian_sample(int n, int zc, int hw, const T* par, size_t stride, const T* eps, size_t eps_stride,
+                       T* z) override;
+  void gaussian_kl_forward(int n, int zc, int hw, const T* q, size_t q_stride, const T* p, size_t p_stride,
+                           const T* eps, size_t eps_stride, T* kl, T* log_ratio, size_t out_stride) override;
+  void gaussian_kl_backward(int n, int zc, int hw, const T* q, size_t q_stride, const T* p, size_t p_stride,
+                            const T* eps, size_t eps_stride, const T* dz, const T* kl_weight, T* dq, T* dp) override;
   void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows, int cols,
               T* out) override;
   void posterior_forward(int rows, int latent, const T* mulv, const T* eps, T* z, T* kl) override;

@@ -28,10 +28,22 @@ int chunk_samples(const ConvShape& s) {
   return static_cast<int>(std::clamp<size_t>(kMaxColumns / std::max<size_t>(per, 1), 1, static_cast<size_t>(s.n)));
 }
 
+// A 1x1 convolution with stride 1 and no padding reads each input plane as it is:
+// its column rows are the planes, copied (or added back) whole. The same values in
+// the same places as the general loops, without their per-element bounds checks.
+bool is_pointwise(const ConvShape& s) { return s.r == 1 && s.s == 1 && s.stride == 1 && s.pad == 0; }
+
 template <class T>
 void im2col(const ConvShape& s, const T* x, int nb, T* cols) {
   const int OH = s.out_h(), OW = s.out_w(), P = OH * OW;
   const size_t ld = static_cast<size_t>(nb) * P;
+  if (is_pointwise(s)) {
+    for (int ch = 0; ch < s.c; ++ch)
+      for (int b = 0; b < nb; ++b)
+        std::memcpy(cols + static_cast<size_t>(ch) * ld + static_cast<size_t>(b) * P,
+                    x + (static_cast<size_t>(b) * s.c + ch) * P, sizeof(T) * P);
+    return;
+  }
   for (int ch = 0; ch < s.c; ++ch)
     for (int i = 0; i < s.r; ++i)
       for (int j = 0; j < s.s; ++j) {
@@ -47,6 +59,14 @@ void im2col(const ConvShape& s, const T* x, int nb, T* cols) {
               continue;
             }
             const T* in = plane + static_cast<size_t>(ih) * s.w;
+            if (s.stride == 1) {
+              // iw = ow - pad + j: zeros left and right of one contiguous run of the row.
+              const int lo = std::clamp(s.pad - j, 0, OW), hi = std::clamp(s.w + s.pad - j, lo, OW);
+              std::fill(o, o + lo, T(0));
+              std::copy(in + lo - s.pad + j, in + hi - s.pad + j, o + lo);
+              std::fill(o + hi, o + OW, T(0));
+              continue;
+            }
             for (int ow = 0; ow < OW; ++ow) {
               const int iw = ow * s.stride - s.pad + j;
               o[ow] = (iw >= 0 && iw < s.w) ? in[iw] : T(0);
@@ -61,6 +81,15 @@ template <class T>
 void col2im(const ConvShape& s, const T* cols, int nb, T* dx) {
   const int OH = s.out_h(), OW = s.out_w(), P = OH * OW;
   const size_t ld = static_cast<size_t>(nb) * P;
+  if (is_pointwise(s)) {
+    for (int ch = 0; ch < s.c; ++ch)
+      for (int b = 0; b < nb; ++b) {
+        const T* in = cols + static_cast<size_t>(ch) * ld + static_cast<size_t>(b) * P;
+        T* out = dx + (static_cast<size_t>(b) * s.c + ch) * P;
+        for (int p = 0; p < P; ++p) out[p] += in[p];
+      }
+    return;
+  }
   for (int ch = 0; ch < s.c; ++ch)
     for (int i = 0; i < s.r; ++i)
       for (int j = 0; j < s.s; ++j) {
@@ -73,6 +102,12 @@ void col2im(const ConvShape& s, const T* cols, int nb, T* dx) {
             if (ih < 0 || ih >= s.h) continue;
             T* out = plane + static_cast<size_t>(ih) * s.w;
             const T* c = in + static_cast<size_t>(oh) * OW;
+            if (s.stride == 1) {  // the same sums over one contiguous run, as in im2col
+              const int lo = std::clamp(s.pad - j, 0, OW), hi = std::clamp(s.w + s.pad - j, lo, OW);
+              const int shift = j - s.pad;
+              for (int ow = lo; ow < hi; ++ow) out[ow + shift] += c[ow];
+              continue;
+            }
             for (int ow = 0; ow < OW; ++ow) {
               const int iw = ow * s.stride - s.pad + j;
               if (iw >= 0 && iw < s.w) out[iw] += c[ow];

@@ -66,6 +66,21 @@ class CudaBackend final : public Backend<float> {
                           const float* beta, float* y, float* stats) override;
   void group_norm_backward(int n, int c, int hw, int groups, const float* x, const float* gamma, const float* stats,
                            const float* dy, float* dx, float* dgamma, float* dbeta) override;
+  // The hierarchical model's kernels (cuda_hier.cu).
+  void channel_copy(int n, int hw, int count, const float* src, int src_c, int src_off, float* dst, int dst_c,
+                    int dst_off, bool accumulate) override;
+  void avg_pool_forward(int n, int c, int h, int w, int f, const float* x, float* y) override;
+  void avg_pool_backward(int n, int c, int h, int w, int f, const float* dy, float* dx) override;
+  void unpool_forward(int n, int c, int h, int w, int f, const float* x, float* y) override;
+  void unpool_backward(int n, int c, int h, int w, int f, const float* dy, float* dx) override;
+  void gaussian_sample(int n, int zc, int hw, const float* par, size_t stride, const float* eps, size_t eps_stride,
+                       float* z) override;
+  void gaussian_kl_forward(int n, int zc, int hw, const float* q, size_t q_stride, const float* p, size_t p_stride,
+                           const float* eps, size_t eps_stride, float* kl, float* log_ratio,
+                           size_t out_stride) override;
+  void gaussian_kl_backward(int n, int zc, int hw, const float* q, size_t q_stride, const float* p, size_t p_stride,
+                            const float* eps, size_t eps_stride, const float* dz, const float* kl_weight, float* dq,
+                            float* dp) override;
   void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows, int cols,
               float* out) override;
   void posterior_forward(int rows, int latent, const float* mulv, const float* eps, float* z, float* kl) override;

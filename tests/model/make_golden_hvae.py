@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Writes the golden reference for tests/model/test_golden_hvae.cpp: the hierarchical
+VAE (model.type: hierarchical, src/elbo/model/hvae.hpp) written independently in
+PyTorch (float64), its inputs, weights, eps, forward values (rec, per-group KL from
+torch.distributions, the log-ratio), every parameter gradient, and three torch.optim
+steps. Usage: make_golden_hvae.py OUT.h5"""
+import json, math, sys
+import h5py, numpy as np, torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+torch.set_default_dtype(torch.float64)
+ACT = {"relu": F.relu, "tanh": torch.tanh, "softplus": F.softplus}
+
+
+def branch(cin, bottleneck, cout):
+    """act -> 1x1 -> act -> 3x3 -> act -> 1x1; the activations are applied in forward."""
+    b = nn.Module()
+    b.c1 = nn.Conv2d(cin, bottleneck, 1)
+    b.c2 = nn.Conv2d(bottleneck, bottleneck, 3, padding=1)
+    b.c3 = nn.Conv2d(bottleneck, cout, 1)
+    return b
+
+
+class Hvae(nn.Module):
+    def __init__(self, shape, width, bottleneck, stages, act, lik):
+        super().__init__()
+        C, H, W_ = shape
+        self.shape, self.stages, self.act, self.lik, self.width = shape, stages, ACT[act], lik, width
+        self.encoder = nn.Module()
+        self.encoder.__setattr__("in", nn.Conv2d(C, width, 3, padding=1))
+        self.encoder.stages = nn.ModuleList()
+        self.res = []
+        h, w = H, W_
+        for st in stages:
+            h, w = h // st["down"], w // st["down"]
+            self.res.append((h, w))
+            m = nn.Module()
+            m.blocks = nn.ModuleList([branch(width, bottleneck, width) for _ in range(st["blocks"])])
+            self.encoder.stages.append(m)
+        self.decoder = nn.Module()
+        th, tw = self.res[-1]
+        self.decoder.h_top = nn.Parameter(0.1 * torch.randn(width, th, tw))
+        self.decoder.stages = nn.ModuleList()
+        for st in stages:
+            m = nn.Module()
+            m.groups = nn.ModuleList()
+            for _ in range(st["groups"]):
+                g = nn.Module()
+                zc = st["latent"]
+                g.q = branch(2 * width, bottleneck, 2 * zc)
+                g.prior = branch(width, bottleneck, 2 * zc + width)
+                g.z_proj = nn.Conv2d(zc, width, 1)
+                g.resnet = branch(width, bottleneck, width)
+                m.groups.append(g)
+            self.decoder.stages.append(m)
+        self.decoder.out = nn.Conv2d(width, 2 * C if lik == "gaussian_learned" else C, 1)
+
+    def run(self, b, x):
+        a = self.act
+        return b.c3(a(b.c2(a(b.c1(a(x))))))
+
+    def forward(self, x, eps):
+        B = x.shape[0]
+        C, H, W_ = self.shape
+        h = getattr(self.encoder, "in")(x.view(B, C, H, W_))
+        es = []
+        for st, m in zip(self.stages, self.encoder.stages):
+            if st["down"] > 1:
+                h = F.avg_pool2d(h, st["down"])
+            for b in m.blocks:
+                h = h + self.run(b, h)
+            es.append(h)
+        h = self.decoder.h_top.unsqueeze(0).expand(B, -1, -1, -1)
+        kls, ratios, off = [], [], 0
+        for s in reversed(range(len(self.stages))):
+            st, m = self.stages[s], self.decoder.stages[s]
+            zc = st["latent"]
+            rh, rw = self.res[s]
+            for g in m.groups:
+                qo = self.run(g.q, torch.cat([h, es[s]], 1))
+                po = self.run(g.prior, h)
+                q = Normal(qo[:, :zc], F.softplus(qo[:, zc:]))
+                p = Normal(po[:, :zc], F.softplus(po[:, zc:2 * zc]))
+                e = eps[:, off:off + zc * rh * rw].reshape(B, zc, rh, rw)
+                off += zc * rh * rw
+                z = q.loc + q.scale * e
+                kls.append(kl_divergence(q, p).sum((1, 2, 3)))
+                ratios.append((q.log_prob(z) - p.log_prob(z)).sum((1, 2, 3)))
+                h = h + po[:, 2 * zc:] + g.z_proj(z)
+                h = h + self.run(g.resnet, h)
+            if st["down"] > 1:
+                h = F.interpolate(h, scale_factor=st["down"], mode="nearest")
+        out = self.decoder.out(h)
+        if self.lik == "bernoulli":
+            rec = F.binary_cross_entropy_with_logits(out.flatten(1), x, reduction="none").sum(1)
+        else:
+            mean, lv = out[:, :C].flatten(1), out[:, C:].flatten(1)
+            rec = 0.5 * ((x - mean) ** 2 * torch.exp(-lv) + lv + math.log(2 * math.pi)).sum(1)
+        kl_groups = torch.stack(kls, 1)
+        return rec, kl_groups, sum(ratios), out.flatten(1), off
+
+
+CASES = [
+    dict(name="hvae_bern_relu", shape=(1, 8, 8), width=4, bottleneck=3, act="relu", lik="bernoulli",
+         stages=[dict(down=1, blocks=1, groups=1, latent=1), dict(down=2, blocks=2, groups=2, latent=2),
+                 dict(down=4, blocks=1, groups=1, latent=3)], beta=1.0, B=3, opt="adam", wd=0.0),
+    dict(name="hvae_gauss_learned_softplus", shape=(2, 4, 6), width=3, bottleneck=2, act="softplus",
+         lik="gaussian_learned", stages=[dict(down=2, blocks=1, groups=2, latent=2),
+                                         dict(down=1, blocks=0, groups=1, latent=1)],
+         beta=0.7, B=2, opt="adamw", wd=0.05),
+]
+
+
+def main(path):
+    torch.manual_seed(4321)
+    with h5py.File(path, "w") as f:
+        f.attrs["version"] = 1
+        for c in CASES:
+            m = Hvae(c["shape"], c["width"], c["bottleneck"], c["stages"], c["act"], c["lik"])
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if n.endswith("bias"):
+                        p.add_(0.1 * torch.randn_like(p))  # nonzero biases exercise their gradients
+            D = int(np.prod(c["shape"]))
+            x = torch.rand(c["B"], D)
+            with torch.no_grad():
+                _, _, _, _, E = m(x, torch.zeros(c["B"], 100000))
+            eps = torch.randn(c["B"], E)
+            init = {n: p.detach().clone() for n, p in m.named_parameters()}
+            rec, kl_groups, ratio, out, _ = m(x, eps)
+            kl = kl_groups.sum(1)
+            loss = (rec + c["beta"] * kl).mean()
+            m.zero_grad()
+            loss.backward()
+            g = f.create_group(c["name"])
+            g.attrs["B"], g.attrs["beta"] = c["B"], c["beta"]
+            lik = {"bernoulli": "bernoulli", "gaussian_learned": {"type": "gaussian", "variance": "learned"}}
+            g.attrs["spec"] = json.dumps({"data": {"train": "unused"}, "model": {
+                "type": "hierarchical", "width": c["width"], "bottleneck": c["bottleneck"], "activation": c["act"],
+                "stages": c["stages"], "likelihood": lik[c["lik"]]}})
+            g.attrs["shape"] = np.array(c["shape"], dtype=np.int32)
+            for k, v in dict(x=x, eps=eps, rec=rec, kl=kl, kl_groups=kl_groups, log_ratio=ratio, out=out).items():
+                g[k] = v.detach().numpy()
+            g["loss"] = np.array([loss.item()])
+            for n, p in m.named_parameters():
+                g[f"params/{n}"] = init[n].numpy()
+                g[f"grads/{n}"] = p.grad.numpy()
+
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    p.copy_(init[n])
+            kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=c["wd"])
+            opt = torch.optim.AdamW(m.parameters(), **kw) if c["opt"] == "adamw" else torch.optim.Adam(m.parameters(), **kw)
+            losses = []
+            for _ in range(3):
+                rec, kl_groups, *_ = m(x, eps)
+                loss = (rec + c["beta"] * kl_groups.sum(1)).mean()
+                losses.append(loss.item())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            a = g.create_group("adam")
+            a.attrs["optimizer"], a.attrs["lr"], a.attrs["beta1"], a.attrs["beta2"] = c["opt"], 1e-2, 0.9, 0.999
+            a.attrs["eps"], a.attrs["weight_decay"] = 1e-8, c["wd"]
+            a["losses"] = np.array(losses)
+            for n, p in m.named_parameters():
+                a[f"params_after/{n}"] = p.detach().numpy()
+            print(f"{c['name']}: {sum(1 for _ in m.parameters())} tensors, loss {losses[0]:.6f} -> {losses[-1]:.6f} "
+                  f"after 3 {c['opt']} steps")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: make_golden_hvae.py OUT.h5")
+    main(sys.argv[1])
