@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "elbo/ckpt/checkpoint.hpp"
+#include "elbo/model/vae.hpp"
 #include "elbo/ckpt/model_file.hpp"
 #include "elbo/util/h5.hpp"
 

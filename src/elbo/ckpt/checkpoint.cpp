@@ -44,7 +44,7 @@ std::string checkpoint_file_name(int64_t step) {
 }
 
 void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
-                      const VaeLayout& layout, const float* params, const float* exp_avg, const float* exp_avg_sq,
+                      const ModelLayout& layout, const float* params, const float* exp_avg, const float* exp_avg_sq,
                       const float* ema, const TrainState& st) {
   const std::string tmp = path + ".tmp";
   try {
@@ -113,7 +113,8 @@ Checkpoint read_checkpoint(const std::string& path) {
     st.world_size = h5::read_attr_int(file, "world_size");
     st.train_samples = h5::read_attr_int(file, "train_samples");
     st.seed = std::stoull(h5::read_attr_string(file, "seed"));
-    VaeLayout layout(c.spec.model, c.input_shape);
+    const std::unique_ptr<ModelLayout> layout_holder = make_layout(c.spec.model, c.input_shape);
+    const ModelLayout& layout = *layout_holder;
     detail::read_param_views(file, "params", layout, path, &c.params);
     detail::read_param_views(file, "optim/exp_avg", layout, path, &c.exp_avg);
     detail::read_param_views(file, "optim/exp_avg_sq", layout, path, &c.exp_avg_sq);

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "elbo/config/spec.hpp"
-#include "elbo/model/vae.hpp"
+#include "elbo/model/model.hpp"
 
 namespace elbo {
 
@@ -44,7 +44,7 @@ struct Checkpoint {
   std::string path;
   ExperimentSpec spec;           // the resolved spec of the run that wrote it
   std::vector<int> input_shape;  // [C, H, W]
-  std::vector<float> params, exp_avg, exp_avg_sq;  // flat, VaeLayout order
+  std::vector<float> params, exp_avg, exp_avg_sq;  // flat, layout order
   std::vector<float> ema;  // the parameters' moving average (optim.ema); empty when the run kept none
   TrainState state;
 };
@@ -52,7 +52,7 @@ struct Checkpoint {
 // `ema` (may be null: no moving average) goes to /optim/ema/<name> and into the checksum
 // after the other arrays; without it the file is what it was before EMA existed.
 void write_checkpoint(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
-                      const VaeLayout& layout, const float* params, const float* exp_avg, const float* exp_avg_sq,
+                      const ModelLayout& layout, const float* params, const float* exp_avg, const float* exp_avg_sq,
                       const float* ema, const TrainState& state);
 
 // Reads and verifies one checkpoint (format, version, shapes, checksum); every

@@ -32,7 +32,7 @@ std::string attr_on(hid_t file, const std::string& object, const std::string& at
 }
 
 // Every array against its own checksum first (the error names it), then the whole set.
-void verify_params(hid_t file, const std::string& path, const VaeLayout& layout, const std::vector<float>& flat) {
+void verify_params(hid_t file, const std::string& path, const ModelLayout& layout, const std::vector<float>& flat) {
   for (const auto& v : layout.views()) {
     const std::string name = "params/" + v.name;
     const std::string stored = attr_on(file, name, kChecksumAttr);
@@ -54,7 +54,7 @@ void verify_params(hid_t file, const std::string& path, const VaeLayout& layout,
 
 namespace detail {
 
-void write_param_views(int64_t file, const std::string& group, const VaeLayout& layout, const float* flat) {
+void write_param_views(int64_t file, const std::string& group, const ModelLayout& layout, const float* flat) {
   h5::Id g = h5::ensure_group(file, group);
   for (const auto& v : layout.views()) {
     std::vector<hsize_t> shape(v.shape.begin(), v.shape.end());
@@ -62,7 +62,7 @@ void write_param_views(int64_t file, const std::string& group, const VaeLayout& 
   }
 }
 
-void read_param_views(int64_t file, const std::string& group, const VaeLayout& layout, const std::string& path,
+void read_param_views(int64_t file, const std::string& group, const ModelLayout& layout, const std::string& path,
                       std::vector<float>* flat) {
   flat->assign(layout.num_params(), 0.0f);
   for (const auto& v : layout.views()) {
@@ -84,7 +84,7 @@ void write_input_shape(int64_t file, const std::vector<int>& input_shape) {
   h5::write_attr_int(file, "input_width", input_shape.at(2));
 }
 
-std::string checksum_views(std::initializer_list<const float*> arrays, const VaeLayout& layout) {
+std::string checksum_views(std::initializer_list<const float*> arrays, const ModelLayout& layout) {
   // In buffer order (the views list mu's weight and bias before logvar's).
   std::vector<ParamView> views = layout.views();
   std::sort(views.begin(), views.end(), [](const ParamView& a, const ParamView& b) { return a.offset < b.offset; });
@@ -103,7 +103,7 @@ std::vector<int> read_input_shape(int64_t file) {
 }  // namespace detail
 
 void write_model_file(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
-                      const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed,
+                      const ModelLayout& layout, const float* params, int64_t step, int64_t epochs_completed,
                       const ModelFileExtras& extras) {
   const std::string tmp = path + ".tmp";
   try {
@@ -112,7 +112,8 @@ void write_model_file(const std::string& path, const ExperimentSpec& spec, const
     h5::write_attr_int(file, "format_version", kFormatVersion);
     h5::write_attr_string(file, "spec", dump_spec(spec));
     detail::write_input_shape(file, input_shape);
-    h5::write_attr_int(file, "latent", layout.latent());
+    // Latent values per sample: the Vae's L, the sum of a hierarchical model's groups.
+    h5::write_attr_int(file, "latent", static_cast<int64_t>(layout.eps_per_row()));
     h5::write_attr_string(file, "likelihood", choice_name(layout.spec().likelihood));
     h5::write_attr_string(file, "activation", choice_name(layout.spec().activation));
     h5::write_attr_int(file, "step", step);
@@ -161,7 +162,8 @@ ModelFile read_model_file(const std::string& path) {
     mf.input_shape = detail::read_input_shape(file);
     mf.step = h5::read_attr_int(file, "step");
     mf.epochs_completed = h5::read_attr_int(file, "epochs_completed");
-    VaeLayout layout(mf.spec.model, mf.input_shape);
+    const std::unique_ptr<ModelLayout> layout_holder = make_layout(mf.spec.model, mf.input_shape);
+    const ModelLayout& layout = *layout_holder;
     detail::read_param_views(file, "params", layout, path, &mf.params);
     mf.verified = h5::has_attr(file, kChecksumAttr);
     if (mf.verified) verify_params(file, path, layout, mf.params);

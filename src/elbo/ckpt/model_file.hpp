@@ -8,14 +8,14 @@
 #include <vector>
 
 #include "elbo/config/spec.hpp"
-#include "elbo/model/vae.hpp"
+#include "elbo/model/model.hpp"
 
 namespace elbo {
 
 struct ModelFile {
   ExperimentSpec spec;
   std::vector<int> input_shape;  // [C, H, W]
-  std::vector<float> params;     // flat, in VaeLayout order
+  std::vector<float> params;     // flat, in layout order
   int64_t step = 0;
   int64_t epochs_completed = 0;
   // False for a file written before model files carried checksums: it loaded, but
@@ -40,7 +40,7 @@ struct ModelFileExtras {
 // Writes `path` atomically (temporary file, then rename): a crash never leaves a
 // half-written model where a good one was.
 void write_model_file(const std::string& path, const ExperimentSpec& spec, const std::vector<int>& input_shape,
-                      const VaeLayout& layout, const float* params, int64_t step, int64_t epochs_completed,
+                      const ModelLayout& layout, const float* params, int64_t step, int64_t epochs_completed,
                       const ModelFileExtras& extras = {});
 
 // Reads and validates a model file; every problem is a Model error naming the file
@@ -51,8 +51,8 @@ ModelFile read_model_file(const std::string& path);
 // Shared by the model file and checkpoints (ckpt/checkpoint.cpp): one dataset per
 // named view under `group`, in PyTorch layout; the input shape as three attributes.
 namespace detail {
-void write_param_views(int64_t file, const std::string& group, const VaeLayout& layout, const float* flat);
-void read_param_views(int64_t file, const std::string& group, const VaeLayout& layout, const std::string& path,
+void write_param_views(int64_t file, const std::string& group, const ModelLayout& layout, const float* flat);
+void read_param_views(int64_t file, const std::string& group, const ModelLayout& layout, const std::string& path,
                       std::vector<float>* flat);
 void write_input_shape(int64_t file, const std::vector<int>& input_shape);
 std::vector<int> read_input_shape(int64_t file);
@@ -61,7 +61,7 @@ std::vector<int> read_input_shape(int64_t file);
 // alignment padding between layers is not part of the format. For a layout without
 // gaps this is the hash of the whole flat buffers, as checkpoints had it before the
 // padding: those still verify.
-std::string checksum_views(std::initializer_list<const float*> arrays, const VaeLayout& layout);
+std::string checksum_views(std::initializer_list<const float*> arrays, const ModelLayout& layout);
 }  // namespace detail
 
 }  // namespace elbo

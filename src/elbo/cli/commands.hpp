@@ -12,7 +12,7 @@
 #include "elbo/cli/args.hpp"
 #include "elbo/data/shards.hpp"
 #include "elbo/dist/comm.hpp"
-#include "elbo/model/vae.hpp"
+#include "elbo/model/model.hpp"
 
 namespace elbo::cli {
 
@@ -25,7 +25,7 @@ struct Command {
 
 struct LoadedModel {
   ModelFile file;
-  std::unique_ptr<VaeLayout> layout;
+  std::unique_ptr<ModelLayout> layout;  // by model.type (make_layout)
   std::unique_ptr<Backend<float>> backend;
   Buffer<float> params;  // in the backend's memory
 };

@@ -13,6 +13,7 @@
 #include "elbo/data/shards.hpp"
 #include "elbo/dist/placement.hpp"
 #include "elbo/model/generate.hpp"
+#include "elbo/model/vae.hpp"
 #include "elbo/train/trainer.hpp"
 #include "elbo/util/error.hpp"
 #include "elbo/util/files.hpp"
@@ -29,7 +30,7 @@ LoadedModel load_model(Communicator& comm, const std::string& command, const std
       std::cerr << "note: " << path << " carries no checksums (written by an older elbo): its parameters are not "
                    "verified\n";
     const auto& s = m.file.input_shape;
-    m.layout = std::make_unique<VaeLayout>(m.file.spec.model, s);
+    m.layout = make_layout(m.file.spec.model, s);
     ExperimentSpec where = m.file.spec;  // inference needs no gradient communicator
     where.source = command + " --device";
     // The command line offers only the names of Device (add_choice below).
@@ -172,14 +173,24 @@ int run_interpolate(const InterpolateArgs& a, Communicator& comm) {
   const ImageOptions& o = a.o;
   LoadedModel m = load_model(comm, "elbo interpolate", o.model, o.device, o.threads);
   collectively(comm, [&] {
+    // A hierarchical model's latents are groups at several resolutions, each group's
+    // posterior conditioned on the groups sampled above it: there is no one posterior
+    // mean per input to draw a line between, so the command says so instead of
+    // choosing a convention (such as the top group only) behind the user's back.
+    if (dynamic_cast<const VaeLayout*>(m.layout.get()) == nullptr)
+      throw usage_error("elbo interpolate: " + o.model + " is a " + choice_name(m.file.spec.model.type) +
+                        " model, whose latents are groups conditioned on one another, with no single latent "
+                        "vector to interpolate; interpolate works with mlp and conv models (use elbo sample or "
+                        "elbo reconstruct)");
     if (!comm.is_root()) return;
     const data::ShardSet set = open_matching(a.data, m, o.model);
     const std::vector<float> x = gray_inputs(set, {a.from, a.to}, a.data);
-    const std::vector<float> mu = posterior_means(*m.layout, *m.backend, m.params.data(), x.data(), 2);
-    const int L = m.layout->latent();
+    const VaeLayout& vae = dynamic_cast<const VaeLayout&>(*m.layout);
+    const std::vector<float> mu = posterior_means(vae, *m.backend, m.params.data(), x.data(), 2);
+    const int L = vae.latent();
     const int steps = static_cast<int>(a.steps);
     const std::vector<float> z = interpolate_latents(mu.data(), mu.data() + L, L, steps);
-    const std::vector<float> dec = decode_means(*m.layout, *m.backend, m.params.data(), z.data(), steps);
+    const std::vector<float> dec = decode_means(vae, *m.backend, m.params.data(), z.data(), steps);
     const size_t D = set.sample_dim();
     std::vector<float> row(x.begin(), x.begin() + D);
     row.insert(row.end(), dec.begin(), dec.end());

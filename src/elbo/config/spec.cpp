@@ -751,7 +751,16 @@ const std::vector<Section>& spec_sections() {
        }},
       {"loss",
        {
-           loss.field("type", &LossSpec::type),
+           {"type",
+            [](Field& f, ExperimentSpec& s) {
+              f.read(s.loss.type);
+              // The importance-weighted passes (forward_iw/backward_iw) exist for the
+              // Vae alone; the hierarchical model's IWAE bound is an evaluation figure.
+              if (s.loss.type == LossType::Iwae && s.model.type == ModelType::Hierarchical)
+                f.fail("iwae training is built for mlp and conv models; model.type: hierarchical trains the ELBO "
+                       "(loss.type: elbo) and reports its IWAE bound in evaluation (eval.iw_samples)");
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.loss.type); }},
            {"samples",
             [](Field& f, ExperimentSpec& s) {
               LossSpec& l = s.loss;
@@ -796,6 +805,12 @@ const std::vector<Section>& spec_sections() {
               // The floor acts on the closed-form KL, which the importance-weighted bound does not have.
               f.check(l.free_bits == 0 || l.type == LossType::Elbo,
                       "floors the ELBO's closed-form KL; loss.type: iwae has none (set one of them off)", l.free_bits);
+              // Free bits weight the KL per latent dimension from the Vae's [mu | logvar];
+              // the hierarchical model's per-group floor is not built yet.
+              f.check(l.free_bits == 0 || s.model.type != ModelType::Hierarchical,
+                      "is built for mlp and conv models; model.type: hierarchical does not support free bits yet "
+                      "(set loss.free_bits: 0)",
+                      l.free_bits);
             },
             [](Out& o, const ExperimentSpec& s) { o.put(s.loss.free_bits); }},
            loss.field("free_bits_group", &LossSpec::free_bits_group, at_least_1,

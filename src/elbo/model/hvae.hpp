@@ -167,6 +167,9 @@ class Hvae final : public Model<T> {
   const T* kl() const override { return m_kl.data(); }
   const T* kl_groups() const { return m_kl_groups.data(); }  // (rows, num_groups())
   const T* log_ratio() const { return m_log_ratio.data(); }
+  // Group l's posterior head from the last forward pass, (rows, 2 * numel): mu_q (zc
+  // channels), then r_q; evaluation counts active units from mu_q.
+  const T* posterior(int l) const { return m_group_acts[static_cast<size_t>(l)].q.out.data(); }
   const T* output() const override { return m_output.data(); }  // (rows, output_width())
 
  private:

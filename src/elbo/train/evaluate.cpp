@@ -33,11 +33,11 @@ EvalChunks eval_chunks(int K, int64_t batch_size, int64_t rank_samples) {
   return c;
 }
 
-namespace {
+namespace detail {
 
 // Refuses evaluation buffers that cannot fit in this rank's share of the machine's memory
 // (CPU backend; a GPU's own limit shows as a failed allocation).
-void check_eval_memory(const VaeLayout& layout, Backend<float>& be, Communicator& comm, int64_t rank_samples,
+void check_eval_memory(const ModelLayout& layout, Backend<float>& be, Communicator& comm, int64_t rank_samples,
                        const EvalOptions& opt) {
   collectively(comm, [&] {
     MemoryEstimate need;
@@ -60,15 +60,18 @@ std::string duration_words(double s) {
   return buf;
 }
 
-}  // namespace
+}  // namespace detail
 
-EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* params,
+EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const float* params,
                     const data::ShardSet& set, Communicator& comm, const EvalOptions& opt) {
+  if (const auto* h = dynamic_cast<const HvaeLayout*>(&model_layout))
+    return evaluate_hierarchical(*h, be, params, set, comm, opt);
+  const VaeLayout& layout = dynamic_cast<const VaeLayout&>(model_layout);
   const int64_t n = opt.max_samples > 0 ? std::min(opt.max_samples, set.size()) : set.size();
   const int D = layout.input_dim(), L = layout.latent();
   const int K = opt.iw_samples;
   const data::Slice mine = data::rank_slice(n, comm.rank(), comm.size());
-  check_eval_memory(layout, be, comm, mine.count, opt);
+  detail::check_eval_memory(layout, be, comm, mine.count, opt);
   const EvalChunks chunks = eval_chunks(K, opt.batch_size, mine.count);
   const int kc = chunks.kc, xb = chunks.xb, cap = static_cast<int>(chunks.cap);
 
@@ -121,8 +124,8 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
       throw AgreedError(opt.error_kind,
                         opt.source + ": " + opt.iw_samples_name + ": the IWAE bound with k = " + std::to_string(K) +
                             " on " + std::to_string(n) + " samples decodes " + work + " samples, estimated at " +
-                            duration_words(secs) + " (from a timed pass of " + std::to_string(cap) +
-                            " rows), over the limit of " + duration_words(opt.max_seconds) + "; lower " +
+                            detail::duration_words(secs) + " (from a timed pass of " + std::to_string(cap) +
+                            " rows), over the limit of " + detail::duration_words(opt.max_seconds) + "; lower " +
                             opt.iw_samples_name +
                             (opt.max_samples_name.empty() ? "" : " or " + opt.max_samples_name) +
                             (opt.max_seconds_hint.empty() ? "" : ", or " + opt.max_seconds_hint));
@@ -245,8 +248,16 @@ std::string format_eval(const EvalResult& r) {
 }
 
 std::string format_kl_per_dim(const EvalResult& r) {
+  char buf[64];
+  if (!r.kl_groups.empty()) {  // hierarchical: per latent group, top first
+    std::string s = "KL per latent group (nats; active units/elements):";
+    for (size_t l = 0; l < r.kl_groups.size(); ++l) {
+      std::snprintf(buf, sizeof(buf), " %.4f (%d/%d)", r.kl_groups[l], r.active_groups[l], r.group_sizes[l]);
+      s += buf;
+    }
+    return s;
+  }
   std::string s = "KL per latent dimension (nats):";
-  char buf[32];
   for (double v : r.kl_per_dim) {
     std::snprintf(buf, sizeof(buf), " %.4f", v);
     s += buf;
@@ -272,7 +283,25 @@ std::string eval_yaml(const EvalResult& r, const std::string& model, const std::
     std::snprintf(buf, sizeof(buf), "%s%.9g", j > 0 ? ", " : "", r.kl_per_dim[j]);
     s += buf;
   }
-  return s + "]\n";
+  s += "]\n";
+  if (!r.kl_groups.empty()) {  // hierarchical: per latent group, top first
+    const auto list = [&](const char* key, auto&& item) {
+      s += key;
+      s += ": [";
+      for (size_t l = 0; l < r.kl_groups.size(); ++l) {
+        s += l > 0 ? ", " : "";
+        s += item(l);
+      }
+      s += "]\n";
+    };
+    list("kl_groups", [&](size_t l) {
+      std::snprintf(buf, sizeof(buf), "%.9g", r.kl_groups[l]);
+      return std::string(buf);
+    });
+    list("active_groups", [&](size_t l) { return std::to_string(r.active_groups[l]); });
+    list("group_sizes", [&](size_t l) { return std::to_string(r.group_sizes[l]); });
+  }
+  return s;
 }
 
 }  // namespace elbo

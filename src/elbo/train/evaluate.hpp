@@ -10,6 +10,7 @@
 #include "elbo/backend/backend.hpp"
 #include "elbo/data/shards.hpp"
 #include "elbo/dist/comm.hpp"
+#include "elbo/model/hvae.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/util/error.hpp"
 
@@ -57,10 +58,30 @@ struct EvalResult {
   // KL(q(z_j|x) || N(0, 1)) of each latent dimension, nats, mean over the samples: sums
   // to `kl` (up to float rounding); near 0 for a collapsed unit.
   std::vector<double> kl_per_dim;
+  // Hierarchical models (empty for the others): each latent group's KL (nats, mean
+  // over the samples; sums to `kl`), its active units (elements of the group with
+  // Var_x(E_q[z | x, z_<l]) > kActiveUnitThreshold, the posterior mean given the
+  // sampled groups above it) and its size (elements per sample).
+  std::vector<double> kl_groups;
+  std::vector<int> active_groups, group_sizes;
 };
 
-EvalResult evaluate(const VaeLayout& layout, Backend<float>& backend, const float* params,
+EvalResult evaluate(const ModelLayout& layout, Backend<float>& backend, const float* params,
                     const data::ShardSet& set, Communicator& comm, const EvalOptions& opt);
+
+// The hierarchical model's evaluation (evaluate() calls it for an HvaeLayout): the
+// ELBO from one pass per input, the IWAE bound from K full passes per input (log w =
+// -(rec + log q(z|x) - log p(z))), chunked and keyed as the Vae's.
+EvalResult evaluate_hierarchical(const HvaeLayout& layout, Backend<float>& backend, const float* params,
+                                 const data::ShardSet& set, Communicator& comm, const EvalOptions& opt);
+
+namespace detail {
+// Shared by both evaluations: refuses buffers beyond this rank's memory (collective),
+// and "3.2 hours" for the IWAE bound's time limit.
+void check_eval_memory(const ModelLayout& layout, Backend<float>& be, Communicator& comm, int64_t rank_samples,
+                       const EvalOptions& opt);
+std::string duration_words(double seconds);
+}  // namespace detail
 
 // "test -ELBO 101.23 nats (rec 90.1, KL 11.1) | IWAE(k=50) NLL 97.5 | 10000 samples"
 std::string format_eval(const EvalResult& r);

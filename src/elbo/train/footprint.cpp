@@ -80,33 +80,91 @@ double vae_activation_bytes(const VaeLayout& layout, int64_t rows, int iw_sample
   return per_row * static_cast<double>(rows) * kFloat;
 }
 
+double hvae_activation_bytes(const HvaeLayout& layout, int64_t rows) {
+  const auto branch = [](const HvaeBranch& b) {  // a0, p1, a1, p2, a2, out
+    return static_cast<double>(b.c1.in.size() + 2 * b.c1.out.size() + 2 * b.c2.out.size() + b.c3.out.size());
+  };
+  const TensorShape& in = layout.input_shape();
+  const double full = static_cast<double>(layout.spec().width) * in.h * in.w;
+  double max_stream = full, per_row = full;  // the stem's output
+  for (size_t s = 0; s < layout.stages().size(); ++s) {
+    const HvaeStage& st = layout.stages()[s];
+    const double here = static_cast<double>(st.shape.size());
+    per_row += here;  // d(e_s)
+    if (st.down > 1) per_row += here + (s == 0 ? full : static_cast<double>(layout.stages()[s - 1].shape.size()));
+    max_stream = std::max(max_stream, here);
+  }
+  for (const HvaeEncBlock& b : layout.encoder_blocks()) per_row += branch(b.branch) + b.branch.c3.out.size();
+  per_row += static_cast<double>(layout.top_shape().size());
+  double max_q = 0, max_p = 0, max_z = 0, max_qin = 0;
+  for (const HvaeGroup& g : layout.groups()) {
+    const double sz = static_cast<double>(g.shape.size()), pos = static_cast<double>(g.shape.h) * g.shape.w;
+    per_row += 2 * sz + branch(g.q) + branch(g.prior) + branch(g.resnet) + 4 * sz + static_cast<double>(g.numel());
+    max_q = std::max(max_q, 2.0 * g.numel());
+    max_p = std::max(max_p, (2.0 * g.zc + layout.spec().width) * pos);
+    max_z = std::max(max_z, static_cast<double>(g.numel()));
+    max_qin = std::max(max_qin, 2 * sz);
+  }
+  const double G = layout.num_groups();
+  per_row += layout.output_width() + 3 + 2 * G;           // output, rec, KL, log-ratio; per-group KL and ratio
+  per_row += 2.0 * static_cast<double>(layout.max_width());  // branch gradients, ping-pong
+  per_row += 3 * max_stream + max_q + max_p + max_z + max_qin;  // stream gradients, pooling, the heads' gradients
+  return per_row * static_cast<double>(rows) * kFloat;
+}
+
+double activation_bytes(const ModelLayout& layout, int64_t rows, int iw_samples) {
+  if (const auto* h = dynamic_cast<const HvaeLayout*>(&layout)) return hvae_activation_bytes(*h, rows);
+  return vae_activation_bytes(dynamic_cast<const VaeLayout&>(layout), rows, iw_samples);
+}
+
 namespace {
+
+// Every layer of the model, for the convolution scratch.
+std::vector<const Layer*> all_layers(const ModelLayout& layout) {
+  std::vector<const Layer*> out;
+  if (const auto* v = dynamic_cast<const VaeLayout*>(&layout)) {
+    for (const auto* list : {&v->encoder(), &v->decoder()})
+      for (const Layer& l : *list) out.push_back(&l);
+  } else if (const auto* h = dynamic_cast<const HvaeLayout*>(&layout)) {
+    const auto add = [&](const HvaeBranch& b) { out.insert(out.end(), {&b.c1, &b.c2, &b.c3}); };
+    out.push_back(&h->stem());
+    for (const HvaeEncBlock& b : h->encoder_blocks()) add(b.branch);
+    for (const HvaeGroup& g : h->groups()) {
+      add(g.q);
+      add(g.prior);
+      add(g.resnet);
+      out.push_back(&g.z_proj);
+    }
+    out.push_back(&h->out());
+  }
+  return out;
+}
 
 // The CPU convolutions' im2col columns and GEMM output for one chunk of samples (about
 // 2^24 floats of columns, or one sample's when that is larger), per the largest layer.
-double conv_scratch_bytes(const VaeLayout& layout, int64_t rows) {
+double conv_scratch_bytes(const ModelLayout& layout, int64_t rows) {
   double worst = 0;
-  for (const auto* list : {&layout.encoder(), &layout.decoder()})
-    for (const Layer& l : *list) {
+  for (const Layer* lp : all_layers(layout)) {
+      const Layer& l = *lp;
       if (l.kind != LayerKind::Conv2d && l.kind != LayerKind::ConvTranspose2d) continue;
       const ConvShape s = l.conv(1);
       const double cols = static_cast<double>(s.c) * s.r * s.s * s.out_h() * s.out_w();
       const double out = static_cast<double>(s.k) * s.out_h() * s.out_w();
       const double chunk = std::clamp(std::floor(double(1 << 24) / std::max(cols, 1.0)), 1.0, double(rows));
       worst = std::max(worst, chunk * (cols + out) * kFloat);
-    }
+  }
   return worst;
 }
 
 }  // namespace
 
-MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, DeviceKind device, int optimizer_shards,
+MemoryEstimate estimate_train_memory(const ModelLayout& layout, int64_t rows, DeviceKind device, int optimizer_shards,
                                      int64_t micro_rows, int iw_samples) {
   const double P = static_cast<double>(layout.num_params()), R = static_cast<double>(rows);
   // The model's buffers hold one micro-batch (train.accumulate); the host batch all of the rank's rows.
   const int64_t pass = micro_rows > 0 ? micro_rows : rows;
   const double M = static_cast<double>(pass);
-  const double D = layout.input_dim(), L = layout.latent();
+  const double D = layout.input_dim(), L = static_cast<double>(layout.eps_per_row());
   const std::string rows_keys = "train.batch_size, or spread it over more ranks or micro-batches (train.accumulate)";
   MemoryEstimate e;
   if (optimizer_shards <= 1)
@@ -118,7 +176,7 @@ MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, Devi
                        "model.encoder, model.decoder or model.latent",
                        (2 * P + 2 * std::ceil(P / optimizer_shards)) * kFloat, true});
   e.items.push_back({"activations for " + num(pass) + " rows per rank", rows_keys,
-                     vae_activation_bytes(layout, pass, iw_samples) + M * (D + L * std::max(1, iw_samples)) * kFloat,
+                     activation_bytes(layout, pass, iw_samples) + M * (D + L * std::max(1, iw_samples)) * kFloat,
                      true});
   if (device == DeviceKind::Cpu && conv_scratch_bytes(layout, pass) > 0)
     e.items.push_back({"convolution scratch (im2col)", rows_keys, conv_scratch_bytes(layout, pass), true});
@@ -132,25 +190,25 @@ MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, Devi
   return e;
 }
 
-MemoryItem ema_memory(const VaeLayout& layout) {
+MemoryItem ema_memory(const ModelLayout& layout) {
   return {"moving average of the parameters (" + num(static_cast<int64_t>(layout.num_params())) + " floats)",
           "optim.ema (0 = off), model.encoder, model.decoder or model.latent",
           static_cast<double>(layout.num_params()) * kFloat, true};
 }
 
-void add_ema_memory(MemoryEstimate& e, const VaeLayout& layout) {
+void add_ema_memory(MemoryEstimate& e, const ModelLayout& layout) {
   e.items.push_back(ema_memory(layout));
   // A checkpoint's copy, and at resume the file's and the broadcast copies.
   e.items.push_back({"host copies of the moving average (checkpoints, resume)", "optim.ema (0 = off)",
                      3 * static_cast<double>(layout.num_params()) * kFloat, false});
 }
 
-void add_eval_memory(MemoryEstimate& e, const VaeLayout& layout, int64_t rank_samples, int K, int64_t batch_size,
+void add_eval_memory(MemoryEstimate& e, const ModelLayout& layout, int64_t rank_samples, int K, int64_t batch_size,
                      const std::string& keys) {
   const EvalChunks c = eval_chunks(K, batch_size, rank_samples);
   const double cap = static_cast<double>(c.cap), xb = c.xb;
-  const double D = layout.input_dim(), L = layout.latent();
-  double dev = vae_activation_bytes(layout, c.cap) + (xb * D + cap * L) * kFloat;
+  const double D = layout.input_dim(), L = static_cast<double>(layout.eps_per_row());
+  double dev = activation_bytes(layout, c.cap) + (xb * D + cap * L) * kFloat;
   if (K > 0) dev += cap * (D + 3 * L + 3) * kFloat;  // repeated inputs and posteriors, z, three per-row results
   e.items.push_back({"evaluation buffers (" + num(c.cap) + " rows per pass)", keys, dev, true});
   const double host = xb * D + (xb * D + cap * std::max(D, 2 * L) + 2 * cap + xb + xb * 2 * L) * kFloat +

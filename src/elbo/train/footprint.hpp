@@ -10,6 +10,7 @@
 
 #include "elbo/backend/backend.hpp"
 #include "elbo/config/spec.hpp"
+#include "elbo/model/hvae.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/util/error.hpp"
 
@@ -48,6 +49,12 @@ struct MemoryEstimate {
 // gradients), as Vae's constructor allocates them; with iw_samples k > 0 the decoder's
 // side holds rows * k samples, plus the importance-weighted passes' buffers.
 double vae_activation_bytes(const VaeLayout& layout, int64_t rows, int iw_samples = 0);
+// Activations of an Hvae<float> for `rows` samples, as its constructor allocates them
+// (the encoder's and every group's branches and streams, the per-group KL, the
+// activation-gradient scratch).
+double hvae_activation_bytes(const HvaeLayout& layout, int64_t rows);
+// Either of the above by the layout's type (iw_samples only for a Vae).
+double activation_bytes(const ModelLayout& layout, int64_t rows, int iw_samples = 0);
 
 // One training replica with `rows_per_rank` rows of each global batch: parameters,
 // gradients and Adam's two moments (4 x P floats; the moments of 1/optimizer_shards of
@@ -55,17 +62,17 @@ double vae_activation_bytes(const VaeLayout& layout, int64_t rows, int iw_sample
 // host batch buffers, the host copies of the state for checkpoints and resume, and the
 // CPU convolution scratch. With accumulation the model's buffers hold one micro-batch
 // of `micro_rows` rows (0: all rows_per_rank in one pass); iw_samples as above (loss.type iwae).
-MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows_per_rank, DeviceKind device,
+MemoryEstimate estimate_train_memory(const ModelLayout& layout, int64_t rows_per_rank, DeviceKind device,
                                      int optimizer_shards = 1, int64_t micro_rows = 0, int iw_samples = 0);
 
 // The parameters' moving average (optim.ema): one more (num_params) buffer in the
 // backend's memory, and its host copies for checkpoints and resume.
-MemoryItem ema_memory(const VaeLayout& layout);
-void add_ema_memory(MemoryEstimate& est, const VaeLayout& layout);
+MemoryItem ema_memory(const ModelLayout& layout);
+void add_ema_memory(MemoryEstimate& est, const ModelLayout& layout);
 
 // Evaluation's buffers on a rank holding `rank_samples` test samples (see evaluate()).
 // `keys` names what sizes them (eval.batch_size/eval.iw_samples or the CLI options).
-void add_eval_memory(MemoryEstimate& est, const VaeLayout& layout, int64_t rank_samples, int iw_samples,
+void add_eval_memory(MemoryEstimate& est, const ModelLayout& layout, int64_t rank_samples, int iw_samples,
                      int64_t batch_size, const std::string& keys);
 
 // Memory one rank may use: the machine's physical memory (or the cgroup limit, when

@@ -41,19 +41,28 @@ int micro_rows(int local_rows, int64_t accumulate) {
   return static_cast<int>(local_rows / accumulate);
 }
 
+// The model for the layout's type; the Vae keeps its importance-weighted workspaces
+// (loss.type iwae), which only it has.
+std::unique_ptr<Model<float>> make_train_model(const ModelLayout& layout, Backend<float>& be, int rows, int iw) {
+  if (const auto* v = dynamic_cast<const VaeLayout*>(&layout)) return std::make_unique<Vae<float>>(*v, be, rows, iw);
+  return make_model<float>(layout, be, rows);
+}
+
 }  // namespace
 
-Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>& be, const VaeLayout& layout,
+Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>& be, const ModelLayout& layout,
                  const Placement& place, const MemoryEstimate& need, int local_rows, int dim,
                  std::function<void(const std::string&)> warn)
-    : m_spec(spec), m_comm(comm), m_be(be), m_local_rows(local_rows), m_dim(dim), m_latent(layout.latent()),
+    : m_spec(spec), m_comm(comm), m_be(be), m_local_rows(local_rows), m_dim(dim), m_latent(static_cast<int>(layout.eps_per_row())),
       m_n(layout.num_params()),
       m_params(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_grads(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_sync(make_sync(spec, comm, place, be, m_grads.data(), m_params.data(), m_n)),
       m_micro_rows(micro_rows(local_rows, spec.train.accumulate)),
       m_model(allocating(need.items[MemoryEstimate::kActivations], spec.source,
-                         [&] { return Vae<float>(layout, be, m_micro_rows, iw_samples(spec.loss)); })),
+                         [&] { return make_train_model(layout, be, m_micro_rows, iw_samples(spec.loss)); })),
+      m_vae(dynamic_cast<Vae<float>*>(m_model.get())),
+      m_hvae(dynamic_cast<Hvae<float>*>(m_model.get())),
       m_optim(allocating(need.items[MemoryEstimate::kModelState], spec.source,
                          [&] { return make_optimizer(spec.optim, be, m_n, *m_sync, comm); })),
       m_ema(spec.optim.ema > 0 ? allocating(ema_memory(layout), spec.source, [&] { return Buffer<float>(be, m_n); })
@@ -66,6 +75,7 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       m_kl_weights(be, m_free_bits ? static_cast<size_t>(m_latent) : 0),
       m_mulv_host(m_free_bits ? static_cast<size_t>(local_rows) * 2 * m_latent : 0),
       m_losses(be, 3 * static_cast<size_t>(local_rows)),
+      m_kl_groups(be, m_hvae ? static_cast<size_t>(local_rows) * m_hvae->layout().num_groups() : 0),
       m_norm_with_losses(comm.size() == 1),
       m_squared_norm(be, 1),
       // auto: on for one GPU replica, where nothing overlaps with the backward pass and
@@ -78,6 +88,9 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
                   (spec.train.cuda_graph == GraphMode::On ||
                    (spec.train.cuda_graph == GraphMode::Auto && place.device == DeviceKind::Cuda && comm.size() == 1))),
       m_warn(std::move(warn)) {
+  // The config refuses what only the Vae has (iwae training, free bits) for other models.
+  if ((m_iwae || m_free_bits) && m_vae == nullptr)
+    throw internal_error("loss.type iwae and loss.free_bits need an mlp or conv model");
   if (spec.train.accumulate > 1 && spec.train.cuda_graph == GraphMode::On)
     m_warn("train.cuda_graph: on is not used with train.accumulate: " + std::to_string(spec.train.accumulate) +
            " (micro-batches run op by op)");
@@ -132,9 +145,12 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     // The one-pass results: rec and KL per row, and for iwae the bound (rec is then the
     // mean over the samples; the ELBO's pieces stay comparable with an elbo run's).
     const auto download_losses = [&](int first, int n) {
-      be.download_async(rec + first, m_iwae ? m_model.iw_rec() : m_model.rec(), n);
-      be.download_async(kl + first, m_model.kl(), n);
-      if (m_iwae) be.download_async(bound + first, m_model.iw_bound(), n);
+      be.download_async(rec + first, m_iwae ? m_vae->iw_rec() : m_model->rec(), n);
+      be.download_async(kl + first, m_model->kl(), n);
+      if (m_iwae) be.download_async(bound + first, m_vae->iw_bound(), n);
+      if (m_hvae)
+        be.download_async(m_kl_groups.data() + static_cast<size_t>(first) * m_hvae->layout().num_groups(),
+                          m_hvae->kl_groups(), static_cast<size_t>(n) * m_hvae->layout().num_groups());
     };
     if (graph_step) {  // the recorded step reads the whole slice (no accumulation with graphs)
       be.upload_async(m_x.data(), batch.x, static_cast<size_t>(rows) * m_dim);
@@ -143,12 +159,12 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     }
     if (graph_step && !m_graph) {
       try {
-        m_graph = be.capture([&model = m_model, &be = m_be, p = m_params.data(), g = m_grads.data(), xp = m_x.data(),
+        m_graph = be.capture([&model = *m_model, vae = m_vae, &be = m_be, p = m_params.data(), g = m_grads.data(), xp = m_x.data(),
                               ep = m_eps.data(), rows, w, kw, b, dreg, iwae = m_iwae, P] {
           be.fill(g, 0.0f, P);
           if (iwae) {
-            model.forward_iw(p, xp, ep, rows, b);
-            model.backward_iw(p, g, xp, ep, rows, w, b, dreg);
+            vae->forward_iw(p, xp, ep, rows, b);
+            vae->backward_iw(p, g, xp, ep, rows, w, b, dreg);
           } else {
             model.forward(p, xp, ep, rows);
             model.backward(p, g, xp, ep, rows, w, kw);
@@ -186,17 +202,17 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
         const auto ready = [this](size_t offset) { m_sync->ready_from(offset); };
         const auto no_hook = std::function<void(size_t)>();
         if (m_iwae) {
-          m_model.forward_iw(m_params.data(), m_x.data(), m_eps.data(), n, b, needed);
-          m_model.backward_iw(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, b, dreg,
+          m_vae->forward_iw(m_params.data(), m_x.data(), m_eps.data(), n, b, needed);
+          m_vae->backward_iw(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, b, dreg,
                               last ? ready : no_hook);
         } else {
-          m_model.forward(m_params.data(), m_x.data(), m_eps.data(), n, needed);
+          m_model->forward(m_params.data(), m_x.data(), m_eps.data(), n, needed);
           if (m_free_bits) {
             result.kl_clamped_dims = exchange_kl(n, g_rows, kw).clamped_dims;
-            m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, m_kl_weights.data(),
+            m_model->backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, m_kl_weights.data(),
                              ready);
           } else {
-            m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw,
+            m_model->backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw,
                              last ? ready : no_hook);
           }
         }
@@ -213,6 +229,16 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
       if (m_iwae) local[5] += bound[r];
     }
     if (!std::isfinite(local[0]) || !std::isfinite(local[1]) || !std::isfinite(local[5])) local[2] = 1;
+  }
+  // Hierarchical: each group's KL summed over this rank's rows, then over the ranks (an
+  // all-reduce only this model pays; the others' steps are unchanged).
+  if (m_hvae) {
+    const int G = m_hvae->layout().num_groups();
+    result.kl_groups.assign(static_cast<size_t>(G), 0.0);
+    for (int r = 0; r < rows; ++r)
+      for (int l = 0; l < G; ++l)
+        result.kl_groups[static_cast<size_t>(l)] += m_kl_groups.data()[static_cast<size_t>(r) * G + l];
+    m_comm.allreduce_sum(result.kl_groups.data(), result.kl_groups.size());
   }
   result.nonfinite_here = local[2] > 0;
   sync_and_update(lr, local, result);
@@ -259,7 +285,7 @@ FreeBits Replica::exchange_kl(int rows, int64_t global_rows, float kl_weight) {
   if (rows > 0) {
     // L sums in double from [mu | logvar]: the same closed form as the per-row KL, kept
     // per dimension. A few KB from the device; the step waits here anyway (the all-reduce).
-    m_be.download(m_mulv_host.data(), m_model.mulv(), static_cast<size_t>(rows) * 2 * m_latent);
+    m_be.download(m_mulv_host.data(), m_vae->mulv(), static_cast<size_t>(rows) * 2 * m_latent);
     add_kl_per_dim(rows, m_latent, m_mulv_host.data(), sums.data());
   }
   m_comm.allreduce_sum(sums.data(), sums.size());

@@ -20,6 +20,8 @@
 #include "elbo/dist/comm.hpp"
 #include "elbo/dist/grad_sync.hpp"
 #include "elbo/dist/placement.hpp"
+#include "elbo/model/hvae.hpp"
+#include "elbo/model/model.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/optim/adam.hpp"
 #include "elbo/optim/kl.hpp"
@@ -38,6 +40,7 @@ struct StepResult {
   double grad_norm = std::numeric_limits<double>::quiet_NaN();  // before clipping; NaN: a loss not finite
   bool over_threshold = false;   // grad_norm > train.skip_threshold (on some rank, so on all): not applied
   int kl_clamped_dims = -1;      // free bits: latent dimensions whose group sat at its floor; -1: off
+  std::vector<double> kl_groups;  // hierarchical: each latent group's KL sum over the global batch; empty otherwise
   // Whether the update was applied (finite losses on every rank, a finite gradient
   // norm, not over train.skip_threshold).
   bool applied() const { return nonfinite_ranks == 0 && std::isfinite(grad_norm) && !over_threshold; }
@@ -49,7 +52,7 @@ class Replica {
   // `need`), sets up the gradient sync (collectively) and initialises the parameters
   // from spec.seed, broadcast from rank 0. `warn` reports what costs speed, not the
   // run (a step that cannot be recorded as a graph).
-  Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>& be, const VaeLayout& layout,
+  Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>& be, const ModelLayout& layout,
           const Placement& place, const MemoryEstimate& need, int local_rows, int dim,
           std::function<void(const std::string&)> warn);
   Replica(const Replica&) = delete;
@@ -113,13 +116,18 @@ class Replica {
   const ExperimentSpec& m_spec;
   Communicator& m_comm;
   Backend<float>& m_be;
-  const int m_local_rows, m_dim, m_latent;
+  const int m_local_rows, m_dim;
+  const int m_latent;                     // eps per sample of one pass (the Vae's latent dimensions)
   const size_t m_n;                       // parameters
   Buffer<float> m_params;                 // (m_n), the one flat parameter buffer
   Buffer<float> m_grads;                  // (m_n), the one flat gradient buffer
   std::unique_ptr<GradientSync> m_sync;   // reduces m_grads over the ranks
   const int m_micro_rows;                 // rows per pass: m_local_rows / train.accumulate
-  Vae<float> m_model;                     // activations for m_micro_rows rows
+  std::unique_ptr<Model<float>> m_model;  // activations for m_micro_rows rows
+  // The same model where its type matters: the Vae's importance-weighted passes and
+  // per-dimension KL (free bits), the Hvae's per-group KL. Exactly one is set.
+  Vae<float>* m_vae = nullptr;
+  Hvae<float>* m_hvae = nullptr;
   Adam<float> m_optim;                    // moments (m_n) each, or this rank's slice when sharded
   Buffer<float> m_ema;                    // (m_n) with optim.ema > 0, else empty
   const bool m_iwae;                      // loss.type: iwae
@@ -130,6 +138,7 @@ class Replica {
   std::vector<float> m_mulv_host;         // (m_local_rows, 2 m_latent) free bits: [mu | logvar] on the host
   // The per-sample losses come back in pinned memory: two copies, one wait.
   HostBuffer<float, float> m_losses;      // (3, m_local_rows): rec, KL, then the IWAE bound (iwae)
+  HostBuffer<float, float> m_kl_groups;   // (m_local_rows, groups) hierarchical: per-group KL; else empty
   // With one rank the gradients are final when backward ends: their norm comes back
   // with the losses, and the optimizer step needs no wait of its own.
   const bool m_norm_with_losses;

@@ -132,7 +132,7 @@ ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Co
 }
 
 Checkpoints::Checkpoints(const ExperimentSpec& spec, bool root, const std::vector<int>& input_shape,
-                         const VaeLayout& layout, Replica& replica)
+                         const ModelLayout& layout, Replica& replica)
     : m_spec(spec), m_root(root), m_input_shape(input_shape), m_layout(layout), m_replica(replica),
       m_dir((fs::path(spec.output.dir) / "checkpoints").string()) {}
 

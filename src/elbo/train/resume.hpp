@@ -43,7 +43,7 @@ ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Co
 // wait(). On other ranks every call does nothing.
 class Checkpoints {
  public:
-  Checkpoints(const ExperimentSpec& spec, bool root, const std::vector<int>& input_shape, const VaeLayout& layout,
+  Checkpoints(const ExperimentSpec& spec, bool root, const std::vector<int>& input_shape, const ModelLayout& layout,
               Replica& replica);
   ~Checkpoints();
   Checkpoints(const Checkpoints&) = delete;
@@ -60,7 +60,7 @@ class Checkpoints {
   const ExperimentSpec& m_spec;
   const bool m_root;
   const std::vector<int>& m_input_shape;
-  const VaeLayout& m_layout;
+  const ModelLayout& m_layout;
   Replica& m_replica;
   const std::string m_dir;
   std::string m_last_path;

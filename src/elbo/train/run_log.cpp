@@ -62,7 +62,7 @@ bool inside(const fs::path& file, const fs::path& dir) {
 // z every time, so successive grids show the model learning) and the first 32 test
 // inputs beside their reconstructions; DIR/samplesTAG.png and DIR/reconTAG.png, and
 // the same images at `step` in TensorBoard when `tb` is given.
-void write_grids(const fs::path& dir, const std::string& tag, const VaeLayout& layout, Backend<float>& be,
+void write_grids(const fs::path& dir, const std::string& tag, const ModelLayout& layout, Backend<float>& be,
                  const float* params, const ExperimentSpec& spec, const data::ShardSet& test, int64_t step,
                  viz::EventWriter* tb) {
   const std::vector<int> shape = {test.channels(), test.height(), test.width()};  // the training shape (checked)
@@ -144,7 +144,7 @@ RunLog::RunLog(const ExperimentSpec& spec, std::ostream& log, bool root) : m_spe
 
 void RunLog::start(const Communicator& comm, const Backend<float>& be, const Placement& place, int threads,
                    const Replica& replica, const TrainingData& data, const BatchPrep& batches,
-                   const VaeLayout& layout, const StepPlan& plan, const ResumePoint& resumed) {
+                   const ModelLayout& layout, const StepPlan& plan, const ResumePoint& resumed) {
   if (!m_root) return;
   const ExperimentSpec& spec = m_spec;
   const int world = comm.size();
@@ -344,7 +344,7 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
   m_iv = Interval{};
 }
 
-void RunLog::periodic_eval(int64_t step, const EvalResult& r, const VaeLayout& layout, Backend<float>& be,
+void RunLog::periodic_eval(int64_t step, const EvalResult& r, const ModelLayout& layout, Backend<float>& be,
                            const float* params, const data::ShardSet& test) {
   if (!m_root) return;
   m_log << "eval at step " << step << ": " << format_eval(r) << "\n" << std::flush;
@@ -371,7 +371,7 @@ void RunLog::stream_summary(Communicator& comm, const data::StreamStats& ss, dou
   m_log << line << std::flush;
 }
 
-void RunLog::write_model(const std::string& path, const std::vector<int>& input_shape, const VaeLayout& layout,
+void RunLog::write_model(const std::string& path, const std::vector<int>& input_shape, const ModelLayout& layout,
                          const float* host_params, int64_t step, int64_t epoch, const ModelFileExtras& extras) {
   if (!m_root) return;
   write_model_file(path, m_spec, input_shape, layout, host_params, step, epoch, extras);
@@ -380,7 +380,7 @@ void RunLog::write_model(const std::string& path, const std::vector<int>& input_
         << std::flush;
 }
 
-void RunLog::write_best(const std::vector<int>& input_shape, const VaeLayout& layout, const float* host_params,
+void RunLog::write_best(const std::vector<int>& input_shape, const ModelLayout& layout, const float* host_params,
                         const TrainState& st, const TrainState& previous, const ModelFileExtras& extras) {
   if (!m_root) return;
   const std::string path = (fs::path(m_spec.output.dir) / "best.h5").string();
@@ -396,7 +396,7 @@ void RunLog::write_best(const std::vector<int>& input_shape, const VaeLayout& la
   line(std::string(text) + ": wrote " + path);
 }
 
-void RunLog::final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const VaeLayout& layout,
+void RunLog::final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const ModelLayout& layout,
                         Backend<float>& be, const float* params, const data::ShardSet& test) {
   if (!m_root) return;
   const fs::path out_dir(m_spec.output.dir);

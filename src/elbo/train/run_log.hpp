@@ -52,7 +52,7 @@ class RunLog {
   // spec), spec.yaml, metrics.csv (a fresh one, or the resumed run's cut at its step)
   // and, with output.tensorboard, a new event file (earlier ones cut at the step too).
   void start(const Communicator& comm, const Backend<float>& be, const Placement& place, int threads,
-             const Replica& replica, const TrainingData& data, const BatchPrep& batches, const VaeLayout& layout,
+             const Replica& replica, const TrainingData& data, const BatchPrep& batches, const ModelLayout& layout,
              const StepPlan& plan, const ResumePoint& resumed);
   // Rank 0: one line, below any epoch bar. warning() prefixes "warning: ".
   void line(const std::string& text);
@@ -84,22 +84,22 @@ class RunLog {
 
   // Rank 0: an evaluation during training; its image grids go to output.dir/images
   // (and TensorBoard).
-  void periodic_eval(int64_t step, const EvalResult& r, const VaeLayout& layout, Backend<float>& be,
+  void periodic_eval(int64_t step, const EvalResult& r, const ModelLayout& layout, Backend<float>& be,
                      const float* params, const data::ShardSet& test);
   // Collective: how much of the split streaming read per rank per epoch.
   void stream_summary(Communicator& comm, const data::StreamStats& mine, double epochs_run, double split_bytes);
   // Rank 0: model.h5 from host parameters (the moving average, with the raw
   // parameters in `extras`, under optim.ema).
-  void write_model(const std::string& path, const std::vector<int>& input_shape, const VaeLayout& layout,
+  void write_model(const std::string& path, const std::vector<int>& input_shape, const ModelLayout& layout,
                    const float* host_params, int64_t step, int64_t epoch, const ModelFileExtras& extras = {});
   // Rank 0: output.dir/best.h5, the model file of the evaluation at `state.best_step`
   // (its bound in `extras`), replacing the previous best; `previous` is the state before
   // this evaluation, for the log line.
-  void write_best(const std::vector<int>& input_shape, const VaeLayout& layout, const float* host_params,
+  void write_best(const std::vector<int>& input_shape, const ModelLayout& layout, const float* host_params,
                   const TrainState& state, const TrainState& previous, const ModelFileExtras& extras);
   // Rank 0: the final evaluation's line, eval.yaml and output.dir's image grids (in
   // TensorBoard at `step`, the last one trained).
-  void final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const VaeLayout& layout,
+  void final_eval(int64_t step, const EvalResult& r, const std::string& model_path, const ModelLayout& layout,
                   Backend<float>& be, const float* params, const data::ShardSet& test);
 
  private:
