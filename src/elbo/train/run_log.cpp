@@ -21,9 +21,12 @@ namespace fs = std::filesystem;
 namespace {
 
 // metrics.csv's columns; new ones go at the end so that column numbers stay valid.
+// kl_groups (hierarchical models; empty for the others) is one cell holding each
+// latent group's KL per sample, top group first, separated by ';' (a group count that
+// depends on the model does not fit fixed columns); TensorBoard gets train/kl_group_L.
 constexpr const char* kMetricsHeader =
     "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s,test_neg_elbo,test_rec,test_kl,"
-    "skipped_steps,kl_clamped_dims,neg_iwae";
+    "skipped_steps,kl_clamped_dims,neg_iwae,kl_groups";
 
 std::string hms(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
@@ -279,6 +282,8 @@ void RunLog::count(const StepResult& r, int64_t global_rows, double data_wait_s)
   m_iv.samples += static_cast<double>(global_rows);
   m_iv.grad_norm += r.grad_norm;
   if (r.kl_clamped_dims >= 0) m_iv.kl_clamped_dims += r.kl_clamped_dims;
+  m_iv.kl_groups.resize(r.kl_groups.size(), 0.0);
+  for (size_t l = 0; l < r.kl_groups.size(); ++l) m_iv.kl_groups[l] += r.kl_groups[l];
   ++m_iv.steps;
 }
 
@@ -289,7 +294,7 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
     if (m_root) {
       std::ostringstream row;
       row << step << "," << epoch + 1 << "," << st.samples_seen << ",,,," << beta << "," << lr << ",,,"
-          << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",,\n";
+          << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",,,\n";
       write_row(row.str());
     }
     m_iv = Interval{};
@@ -337,9 +342,15 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
       len += std::snprintf(row + len, sizeof(row) - len, ",,,");
     len += std::snprintf(row + len, sizeof(row) - len, "%lld,", static_cast<long long>(st.skipped_steps));
     if (free_bits) len += std::snprintf(row + len, sizeof(row) - len, "%.6g", clamped);
-    if (iwae) std::snprintf(row + len, sizeof(row) - len, ",%.6f\n", neg_iwae);
-    else std::snprintf(row + len, sizeof(row) - len, ",\n");
-    write_row(row);
+    if (iwae) std::snprintf(row + len, sizeof(row) - len, ",%.6f,", neg_iwae);
+    else std::snprintf(row + len, sizeof(row) - len, ",,");
+    std::string full = row;
+    for (size_t l = 0; l < m_iv.kl_groups.size(); ++l) {
+      char cell[32];
+      std::snprintf(cell, sizeof(cell), "%s%.6f", l > 0 ? ";" : "", m_iv.kl_groups[l] / m_iv.samples);
+      full += cell;
+    }
+    write_row(full + "\n");
   }
   m_iv = Interval{};
 }

@@ -191,6 +191,21 @@ MetricsRow metrics_row(std::string_view header, std::string_view row) {
   MetricsRow out;
   for (size_t i = 0; i < cols.size(); ++i) {
     if (cells[i].empty()) continue;
+    if (cols[i] == "kl_groups") {  // one value per latent group, ';'-separated
+      std::string_view rest = cells[i];
+      for (int l = 0;; ++l) {
+        const size_t semi = rest.find(';');
+        const std::string v(rest.substr(0, semi));
+        char* end = nullptr;
+        const double x = std::strtod(v.c_str(), &end);
+        ELBO_ASSERT(!v.empty() && end == v.c_str() + v.size(),
+                    "metrics_row: '" + std::string(cells[i]) + "' in column kl_groups is no list of numbers");
+        out.scalars.emplace_back("train/kl_group_" + std::to_string(l), x);
+        if (semi == std::string_view::npos) break;
+        rest.remove_prefix(semi + 1);
+      }
+      continue;
+    }
     char* end = nullptr;
     const double v = std::strtod(cells[i].c_str(), &end);  // not stod: it throws on subnormals
     ELBO_ASSERT(end == cells[i].c_str() + cells[i].size(),
