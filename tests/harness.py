@@ -42,3 +42,9 @@ SMALL_CONV_MODEL = (
     "flatten], decoder: [{type: linear, features: 392}, relu, {type: reshape, shape: [8, 7, 7]}, "
     "{type: conv_transpose2d, channels: 4, kernel: 4, stride: 2, padding: 1}, relu, "
     "{type: conv_transpose2d, channels: 1, kernel: 4, stride: 2, padding: 1}]}")
+
+# A tiny hierarchical VAE for 28x28 data (model.type: hierarchical): stages at 14x14
+# and 7x7, three latent groups (98 + 98 + 392 elements per sample). A --set value.
+SMALL_HVAE_MODEL = (
+    "model={type: hierarchical, width: 8, bottleneck: 4, likelihood: bernoulli, "
+    "stages: [{down: 2, blocks: 1, groups: 1, latent: 2}, {down: 2, blocks: 1, groups: 2, latent: 2}]}")

@@ -25,6 +25,9 @@ with ctest's skip code 77 and the reason otherwise):
      1e-3 relative, parameters within 2e-2 (the importance weights amplify rounding
      differences; the CPU's own np 1 vs 3 gap is 2e-5 after 20 steps); the step replayed
      as a CUDA graph vs op by op through a KL warm-up: bit-identical.
+  9. a hierarchical model (model.type: hierarchical) on the GPU against the CPU: the
+     logged losses within 1e-3 relative, parameters within 5e-3 (as 1.); the step
+     replayed as a CUDA graph vs op by op through a KL warm-up: bit-identical.
 A reseeded GPU run must differ, so the comparisons can fail."""
 import csv, os, re, subprocess, sys
 import h5py, numpy as np
@@ -164,6 +167,21 @@ same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
 print(f"iwae: CUDA graph replay vs eager launches: bit-identical = {same}")
 if not same:
     failures.append("the graph-replayed IWAE steps differ from eagerly launched ones")
+
+HV = ("--set", harness.SMALL_HVAE_MODEL)
+cpu_hv, cpu_hv_loss = train(1, "cpu_hvae", "--set", "device=cpu", *HV)
+gpu_hv, gpu_hv_loss = train(1, "gpu_hvae", "--set", "device=cuda", *HV)
+loss_err = float(np.max(np.abs(gpu_hv_loss - cpu_hv_loss) / np.abs(cpu_hv_loss)))
+err, name = worst(gpu_hv, cpu_hv)
+print(f"hierarchical, GPU vs CPU, 50 steps: losses within {loss_err:.2e} relative; parameters {err:.2e} ({name})")
+if loss_err > 1e-3 or err > 5e-3:
+    failures.append("the hierarchical model on the GPU differs from the CPU beyond tolerance")
+graphed, _ = train(1, "gpu_hvae_graph_on", *mixed, *HV, "--set", "train.cuda_graph=on")
+eager, _ = train(1, "gpu_hvae_graph_off", *mixed, *HV, "--set", "train.cuda_graph=off")
+same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
+print(f"hierarchical: CUDA graph replay vs eager launches: bit-identical = {same}")
+if not same:
+    failures.append("the graph-replayed hierarchical steps differ from eagerly launched ones")
 
 reseeded, _ = train(1, "gpu_seed9", "--set", "device=cuda", "--set", "seed=9")
 err, _ = worst(reseeded, gpu)
