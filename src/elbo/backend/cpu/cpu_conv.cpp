@@ -187,8 +187,11 @@ template <class T>
 int CpuBackend<T>::conv_scratch(const ConvShape& s) {
   const int nb_max = chunk_samples(s);
   const size_t P = static_cast<size_t>(s.out_h()) * s.out_w();
-  m_cols.resize(static_cast<size_t>(s.c) * s.r * s.s * nb_max * P);
-  m_gemm.resize(static_cast<size_t>(s.k) * nb_max * P);
+  // Grown only: resize() zero-fills whatever it adds, so following each layer's size
+  // up and down would clear megabytes per call (every element is written before use).
+  const size_t cols = static_cast<size_t>(s.c) * s.r * s.s * nb_max * P, gemm = static_cast<size_t>(s.k) * nb_max * P;
+  if (m_cols.size() < cols) m_cols.resize(cols);
+  if (m_gemm.size() < gemm) m_gemm.resize(gemm);
   return nb_max;
 }
 
