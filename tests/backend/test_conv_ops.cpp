@@ -61,6 +61,7 @@ const ConvShape kShapes[] = {
     {1, 4, 7, 9, 2, 3, 2, 2, 0},
     {2, 1, 5, 5, 3, 5, 5, 1, 2},
     {3, 4, 5, 6, 3, 1, 1, 1, 0},  // 1x1, stride 1, no padding: the pointwise path (the hierarchical model's)
+    {4, 5, 1, 1, 3, 1, 1, 1, 0},  // 1x1 on a 1x1 image: the pointwise path as one GEMM over the batch
     {2, 3, 6, 6, 2, 1, 1, 2, 0},  // 1x1 with stride 2: the general path
     {2, 2, 3, 4, 3, 5, 3, 1, 3},  // stride 1, padding wider than the image: rows of zeros only
 };

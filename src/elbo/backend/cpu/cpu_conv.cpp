@@ -28,22 +28,13 @@ int chunk_samples(const ConvShape& s) {
   return static_cast<int>(std::clamp<size_t>(kMaxColumns / std::max<size_t>(per, 1), 1, static_cast<size_t>(s.n)));
 }
 
-// A 1x1 convolution with stride 1 and no padding reads each input plane as it is:
-// its column rows are the planes, copied (or added back) whole. The same values in
-// the same places as the general loops, without their per-element bounds checks.
+// A 1x1 convolution with stride 1 and no padding: no columns needed (pointwise_* below).
 bool is_pointwise(const ConvShape& s) { return s.r == 1 && s.s == 1 && s.stride == 1 && s.pad == 0; }
 
 template <class T>
 void im2col(const ConvShape& s, const T* x, int nb, T* cols) {
   const int OH = s.out_h(), OW = s.out_w(), P = OH * OW;
   const size_t ld = static_cast<size_t>(nb) * P;
-  if (is_pointwise(s)) {
-    for (int ch = 0; ch < s.c; ++ch)
-      for (int b = 0; b < nb; ++b)
-        std::memcpy(cols + static_cast<size_t>(ch) * ld + static_cast<size_t>(b) * P,
-                    x + (static_cast<size_t>(b) * s.c + ch) * P, sizeof(T) * P);
-    return;
-  }
   for (int ch = 0; ch < s.c; ++ch)
     for (int i = 0; i < s.r; ++i)
       for (int j = 0; j < s.s; ++j) {
@@ -62,9 +53,12 @@ void im2col(const ConvShape& s, const T* x, int nb, T* cols) {
             if (s.stride == 1) {
               // iw = ow - pad + j: zeros left and right of one contiguous run of the row.
               const int lo = std::clamp(s.pad - j, 0, OW), hi = std::clamp(s.w + s.pad - j, lo, OW);
-              std::fill(o, o + lo, T(0));
-              std::copy(in + lo - s.pad + j, in + hi - s.pad + j, o + lo);
-              std::fill(o + hi, o + OW, T(0));
+              // Plain loops: the runs are a few floats (7 or 14 on Fashion-MNIST's stages),
+              // where a memmove call costs more than the copy.
+              const T* src = in - s.pad + j;
+              for (int t = 0; t < lo; ++t) o[t] = T(0);
+              for (int t = lo; t < hi; ++t) o[t] = src[t];
+              for (int t = hi; t < OW; ++t) o[t] = T(0);
               continue;
             }
             for (int ow = 0; ow < OW; ++ow) {
@@ -81,15 +75,6 @@ template <class T>
 void col2im(const ConvShape& s, const T* cols, int nb, T* dx) {
   const int OH = s.out_h(), OW = s.out_w(), P = OH * OW;
   const size_t ld = static_cast<size_t>(nb) * P;
-  if (is_pointwise(s)) {
-    for (int ch = 0; ch < s.c; ++ch)
-      for (int b = 0; b < nb; ++b) {
-        const T* in = cols + static_cast<size_t>(ch) * ld + static_cast<size_t>(b) * P;
-        T* out = dx + (static_cast<size_t>(b) * s.c + ch) * P;
-        for (int p = 0; p < P; ++p) out[p] += in[p];
-      }
-    return;
-  }
   for (int ch = 0; ch < s.c; ++ch)
     for (int i = 0; i < s.r; ++i)
       for (int j = 0; j < s.s; ++j) {
@@ -154,20 +139,66 @@ void check_shape(const ConvShape& s, const char* op) {
                          ", stride " + std::to_string(s.stride) + ", pad " + std::to_string(s.pad) + ")");
 }
 
+// A pointwise convolution on NCHW needs no columns: sample b's input plane stack is
+// already the (c, P) matrix, and its output (k, P) is where NCHW wants it. So one GEMM
+// per sample reads and writes the tensors in place, where the general path copies both
+// sides (the hierarchical model's blocks are mostly 1x1 at small resolutions, where
+// the copies cost more than the GEMMs). With P = 1 the tensors are (n, c) and (n, k)
+// matrices and the whole batch is one GEMM.
+template <class T>
+void pointwise_forward(const ConvShape& s, const T* x, const T* w, T* y) {
+  const int P = s.h * s.w;
+  if (P == 1) {  // y (n, k) = x (n, c) . w^T
+    gemm_rm<T>(false, true, s.n, s.k, s.c, T(1), x, s.c, w, s.c, T(0), y, s.k);
+    return;
+  }
+  for (int b = 0; b < s.n; ++b)  // y_b (k, P) = w (k, c) . x_b (c, P)
+    gemm_rm<T>(false, false, s.k, P, s.c, T(1), w, s.c, x + static_cast<size_t>(b) * s.c * P, P, T(0),
+               y + static_cast<size_t>(b) * s.k * P, P);
+}
+
+template <class T>
+void pointwise_backward_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
+  const int P = s.h * s.w;
+  if (P == 1) {  // dx (n, c) = dy (n, k) . w
+    gemm_rm<T>(false, false, s.n, s.c, s.k, T(1), dy, s.k, w, s.c, T(0), dx, s.c);
+    return;
+  }
+  for (int b = 0; b < s.n; ++b)  // dx_b (c, P) = w^T (c, k) . dy_b (k, P)
+    gemm_rm<T>(true, false, s.c, P, s.k, T(1), w, s.c, dy + static_cast<size_t>(b) * s.k * P, P, T(0),
+               dx + static_cast<size_t>(b) * s.c * P, P);
+}
+
+template <class T>
+void pointwise_backward_filter(const ConvShape& s, const T* x, const T* dy, T* dw) {
+  const int P = s.h * s.w;
+  if (P == 1) {  // dw (k, c) += dy^T (k, n) . x (n, c)
+    gemm_rm<T>(true, false, s.k, s.c, s.n, T(1), dy, s.k, x, s.c, T(1), dw, s.c);
+    return;
+  }
+  for (int b = 0; b < s.n; ++b)  // dw (k, c) += dy_b (k, P) . x_b^T (P, c), samples in order
+    gemm_rm<T>(false, true, s.k, s.c, P, T(1), dy + static_cast<size_t>(b) * s.k * P, P,
+               x + static_cast<size_t>(b) * s.c * P, P, T(1), dw, s.c);
+}
+
 }  // namespace
 
 template <class T>
 int CpuBackend<T>::conv_scratch(const ConvShape& s) {
   const int nb_max = chunk_samples(s);
   const size_t P = static_cast<size_t>(s.out_h()) * s.out_w();
-  m_cols.resize(static_cast<size_t>(s.c) * s.r * s.s * nb_max * P);
-  m_gemm.resize(static_cast<size_t>(s.k) * nb_max * P);
+  // Grown only: resize() zero-fills whatever it adds, so following each layer's size
+  // up and down would clear megabytes per call (every element is written before use).
+  const size_t cols = static_cast<size_t>(s.c) * s.r * s.s * nb_max * P, gemm = static_cast<size_t>(s.k) * nb_max * P;
+  if (m_cols.size() < cols) m_cols.resize(cols);
+  if (m_gemm.size() < gemm) m_gemm.resize(gemm);
   return nb_max;
 }
 
 template <class T>
 void CpuBackend<T>::conv2d_forward(const ConvShape& s, const T* x, const T* w, T* y) {
   check_shape(s, "conv2d_forward");
+  if (is_pointwise(s)) return pointwise_forward(s, x, w, y);
   const int P = s.out_h() * s.out_w(), CRS = s.c * s.r * s.s;
   const int nb_max = conv_scratch(s);
   for (int n0 = 0; n0 < s.n; n0 += nb_max) {
@@ -183,6 +214,7 @@ void CpuBackend<T>::conv2d_forward(const ConvShape& s, const T* x, const T* w, T
 template <class T>
 void CpuBackend<T>::conv2d_backward_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
   check_shape(s, "conv2d_backward_data");
+  if (is_pointwise(s)) return pointwise_backward_data(s, dy, w, dx);
   const int P = s.out_h() * s.out_w(), CRS = s.c * s.r * s.s;
   const int nb_max = conv_scratch(s);
   std::fill(dx, dx + static_cast<size_t>(s.n) * s.c * s.h * s.w, T(0));
@@ -199,6 +231,7 @@ void CpuBackend<T>::conv2d_backward_data(const ConvShape& s, const T* dy, const 
 template <class T>
 void CpuBackend<T>::conv2d_backward_filter(const ConvShape& s, const T* x, const T* dy, T* dw) {
   check_shape(s, "conv2d_backward_filter");
+  if (is_pointwise(s)) return pointwise_backward_filter(s, x, dy, dw);
   const int P = s.out_h() * s.out_w(), CRS = s.c * s.r * s.s;
   const int nb_max = conv_scratch(s);
   for (int n0 = 0; n0 < s.n; n0 += nb_max) {

@@ -67,8 +67,11 @@ void CpuBackend<T>::avg_pool_backward(int n, int c, int h, int w, int f, const T
   for (size_t plane = 0; plane < static_cast<size_t>(n) * c; ++plane) {
     const T* gp = dy + plane * oh * ow;
     T* dp = dx + plane * h * w;
-    for (int i = 0; i < h; ++i)
-      for (int j = 0; j < w; ++j) dp[i * w + j] = gp[(i / f) * ow + j / f] * inv;
+    for (int i = 0; i < oh; ++i) {  // as unpool_forward, scaled
+      T* row = dp + static_cast<size_t>(i) * f * w;
+      for (int j = 0; j < ow; ++j) std::fill_n(row + j * f, f, gp[i * ow + j] * inv);
+      for (int a = 1; a < f; ++a) std::copy_n(row, w, row + static_cast<size_t>(a) * w);
+    }
   }
 }
 
@@ -78,8 +81,12 @@ void CpuBackend<T>::unpool_forward(int n, int c, int h, int w, int f, const T* x
   for (size_t plane = 0; plane < static_cast<size_t>(n) * c; ++plane) {
     const T* xp = x + plane * h * w;
     T* yp = y + plane * oh * ow;
-    for (int i = 0; i < oh; ++i)
-      for (int j = 0; j < ow; ++j) yp[i * ow + j] = xp[(i / f) * w + j / f];
+    // Each input row once into its first output row, which the next f - 1 rows copy.
+    for (int i = 0; i < h; ++i) {
+      T* row = yp + static_cast<size_t>(i) * f * ow;
+      for (int j = 0; j < w; ++j) std::fill_n(row + j * f, f, xp[i * w + j]);
+      for (int a = 1; a < f; ++a) std::copy_n(row, ow, row + static_cast<size_t>(a) * ow);
+    }
   }
 }
 
