@@ -19,7 +19,8 @@ of log w of hundreds of nats, so rounding differences between ranks' row blocks 
 the ELBO's gradient feels at 1e-7 reach the IWAE gradient at about 1e-5 after 20 Adam
 steps; a wrong eps key or weight would differ by 1e-1), a recorded step bit-identical to
 op-by-op steps. A hierarchical model (model.type: hierarchical) on 1 and 3 ranks: the
-same parameters within 1e-5 and the same logged per-group KL within 1e-5. A run with
+same parameters within 1e-5 and the same logged per-group KL within 1e-5, and with free
+bits per latent group the same parameters and clamped groups. A run with
 another seed must differ, so the comparison itself is known to bite."""
 import os, shutil, subprocess, sys
 import h5py, numpy as np
@@ -159,6 +160,19 @@ gerr = max(abs(x - y) / max(abs(y), 1e-12) for r3, r1 in zip(g3, g1) for x, y in
 print(f"hierarchical np=3 (4 KB buckets) vs np=1: worst per-tensor relative error {err:.3e} ({name}), "
       f"per-group KL {gerr:.2e} over {len(g1)} rows of {len(g1[0])} groups")
 if err > 1e-5 or gerr > 1e-5 or len(g3) != len(g1) or len(g1[0]) != 3:
+    failed = True
+# Free bits per latent group (floor 0.03 nats x 98, 98, 392 elements) on the cyclical
+# schedule: the floors see the global batch's per-group KL on any number of ranks.
+HFB = (*HV, *cyc, "--set", "loss.free_bits=0.03")
+hfb1 = train(1, "hvae_fb_np1", *HFB)
+hclamped = [float(r["kl_clamped_dims"]) for r in metrics("hvae_fb_np1")]
+hfb3 = train(3, "hvae_fb_np3", *HFB)
+err, name = worst(hfb3, hfb1)
+print(f"hierarchical free bits np=3 vs np=1: worst per-tensor relative error {err:.3e} ({name}); "
+      f"clamped elements per interval {hclamped}")
+if not any(c > 0 for c in hclamped) or worst(hfb1, hv1)[0] < 1e-3:
+    sys.exit("hierarchical free bits: no group clamped, or nothing changed: the comparison checks nothing")
+if err > 1e-5 or [float(r["kl_clamped_dims"]) for r in metrics("hvae_fb_np3")] != hclamped:
     failed = True
 reseeded = train(2, "np2_seed9", "--set", "seed=9")
 err, _ = worst(reseeded, ref)

@@ -8,7 +8,8 @@
      that cuts each input's importance samples into several passes;
   3. elbo sample and elbo reconstruct write their grids; elbo interpolate refuses the
      model with a message that says why;
-  4. the config refuses loss.type iwae and loss.free_bits with a hierarchical model."""
+  4. the config refuses loss.type iwae and loss.free_bits_group with a hierarchical model;
+  5. free bits per latent group (loss.free_bits x the group's elements) clamp some groups."""
 import os, subprocess, sys
 
 import yaml
@@ -94,7 +95,18 @@ check(r.returncode != 0 and "no single latent vector to interpolate" in r.stderr
 r = train(os.path.join(a.work, "iw"), "--set", "loss.type=iwae", "--set", "loss.samples=3", expect=None)
 check(r.returncode != 0 and "iwae training is built for mlp and conv models" in r.stderr,
       "loss.type iwae with a hierarchical model is refused", r.stderr)
-r = train(os.path.join(a.work, "fb"), "--set", "loss.free_bits=0.5", expect=None)
-check(r.returncode != 0 and "loss.free_bits" in r.stderr and "hierarchical" in r.stderr,
-      "loss.free_bits with a hierarchical model is refused", r.stderr)
+r = train(os.path.join(a.work, "fbg"), "--set", "loss.free_bits=0.05", "--set", "loss.free_bits_group=2", expect=None)
+check(r.returncode != 0 and "loss.free_bits_group" in r.stderr and "hierarchical" in r.stderr,
+      "loss.free_bits_group with a hierarchical model is refused", r.stderr)
+
+# 5. Free bits per latent group: floor = free_bits x the group's elements (98, 98, 392).
+fb_dir = os.path.join(a.work, "fb")
+r = train(fb_dir, "--set", "loss.free_bits=0.03")
+with open(os.path.join(fb_dir, "metrics.csv")) as f:
+    lines = f.read().splitlines()
+fb_rows = [dict(zip(lines[0].split(","), l.split(","))) for l in lines[1:]]
+clamped = [float(r_["kl_clamped_dims"]) for r_ in fb_rows]
+check(all(0 <= c <= 588 for c in clamped) and any(c > 0 for c in clamped),
+      "free bits: some groups clamped (kl_clamped_dims counts latent elements, at most 588)", str(clamped))
+check("clamped" in r.stdout and "/588" in r.stdout, "the progress line shows clamped X/588", r.stdout)
 check.finish()

@@ -805,16 +805,21 @@ const std::vector<Section>& spec_sections() {
               // The floor acts on the closed-form KL, which the importance-weighted bound does not have.
               f.check(l.free_bits == 0 || l.type == LossType::Elbo,
                       "floors the ELBO's closed-form KL; loss.type: iwae has none (set one of them off)", l.free_bits);
-              // Free bits weight the KL per latent dimension from the Vae's [mu | logvar];
-              // the hierarchical model's per-group floor is not built yet.
-              f.check(l.free_bits == 0 || s.model.type != ModelType::Hierarchical,
-                      "is built for mlp and conv models; model.type: hierarchical does not support free bits yet "
-                      "(set loss.free_bits: 0)",
-                      l.free_bits);
             },
             [](Out& o, const ExperimentSpec& s) { o.put(s.loss.free_bits); }},
-           loss.field("free_bits_group", &LossSpec::free_bits_group, at_least_1,
-                      "must be >= 1 (latent dimensions per group)"),
+           {"free_bits_group",
+            [](Field& f, ExperimentSpec& s) {
+              f.read(s.loss.free_bits_group);
+              f.check(s.loss.free_bits_group >= 1, "must be >= 1 (latent dimensions per group)",
+                      s.loss.free_bits_group);
+              // A hierarchical model's free-bits groups are its latent groups.
+              f.check(s.loss.free_bits_group == 1 || s.model.type != ModelType::Hierarchical,
+                      "groups the latent dimensions of mlp and conv models; with model.type: hierarchical free "
+                      "bits floor each latent group (model.stages) at loss.free_bits times its elements (drop "
+                      "loss.free_bits_group)",
+                      s.loss.free_bits_group);
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.loss.free_bits_group); }},
        }},
       {"optim",
        {

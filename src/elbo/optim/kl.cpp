@@ -53,4 +53,19 @@ FreeBits free_bits(const LossSpec& l, const double* kl_sums, int latent, int64_t
   return out;
 }
 
+FreeBits free_bits_groups(const LossSpec& l, const double* group_sums, const std::vector<int>& group_sizes,
+                          int64_t global_rows) {
+  FreeBits out;
+  out.clamped.assign(group_sizes.size(), 0);
+  const double n = static_cast<double>(std::max<int64_t>(global_rows, 1));
+  for (size_t g = 0; g < group_sizes.size(); ++g) {
+    const double kl = group_sums[g] / n, floor = l.free_bits * group_sizes[g];
+    out.objective_kl += std::max(floor, kl);
+    if (kl > floor) continue;
+    out.clamped_dims += group_sizes[g];
+    out.clamped[g] = 1;
+  }
+  return out;
+}
+
 }  // namespace elbo

@@ -47,5 +47,12 @@ struct FreeBits {
 };
 // `kl_sums` (L) are the per-dimension KL sums over all ranks' rows of the step.
 FreeBits free_bits(const LossSpec& l, const double* kl_sums, int latent, int64_t global_rows);
+// The same for a hierarchical model, whose free-bits groups are its latent groups: group
+// l (group_sizes[l] latent elements) has the floor free_bits * group_sizes[l] on its KL
+// averaged over the global batch, KLbar_l = group_sums[l] / global_rows. clamped and
+// weights() are per group (the model's backward takes one KL weight per group);
+// clamped_dims counts latent elements.
+FreeBits free_bits_groups(const LossSpec& l, const double* group_sums, const std::vector<int>& group_sizes,
+                          int64_t global_rows);
 
 }  // namespace elbo

@@ -72,8 +72,9 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       m_x(be, static_cast<size_t>(m_micro_rows) * dim),
       m_eps(be, static_cast<size_t>(m_micro_rows) * m_eps_cols),
       m_free_bits(spec.loss.free_bits > 0),
-      m_kl_weights(be, m_free_bits ? static_cast<size_t>(m_latent) : 0),
-      m_mulv_host(m_free_bits ? static_cast<size_t>(local_rows) * 2 * m_latent : 0),
+      // Free bits: one KL weight per part (the Vae's latent dimensions, the Hvae's groups).
+      m_kl_weights(be, m_free_bits ? static_cast<size_t>(layout.kl_parts()) : 0),
+      m_mulv_host(m_free_bits && m_vae ? static_cast<size_t>(local_rows) * 2 * m_latent : 0),
       m_losses(be, 3 * static_cast<size_t>(local_rows)),
       m_kl_groups(be, m_hvae ? static_cast<size_t>(local_rows) * m_hvae->layout().num_groups() : 0),
       m_norm_with_losses(comm.size() == 1),
@@ -88,9 +89,8 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
                   (spec.train.cuda_graph == GraphMode::On ||
                    (spec.train.cuda_graph == GraphMode::Auto && place.device == DeviceKind::Cuda && comm.size() == 1))),
       m_warn(std::move(warn)) {
-  // The config refuses what only the Vae has (iwae training, free bits) for other models.
-  if ((m_iwae || m_free_bits) && m_vae == nullptr)
-    throw internal_error("loss.type iwae and loss.free_bits need an mlp or conv model");
+  // The config refuses what only the Vae has (iwae training) for other models.
+  if (m_iwae && m_vae == nullptr) throw internal_error("loss.type iwae needs an mlp or conv model");
   if (spec.train.accumulate > 1 && spec.train.cuda_graph == GraphMode::On)
     m_warn("train.cuda_graph: on is not used with train.accumulate: " + std::to_string(spec.train.accumulate) +
            " (micro-batches run op by op)");
@@ -281,6 +281,27 @@ FreeBits Replica::exchange_kl(int rows, int64_t global_rows, float kl_weight) {
   // A sharded optimizer's parameter all-gather is complete after a forward pass; a rank
   // without rows waits for it here, so that no collective overlaps this one.
   m_sync->params_ready();
+  if (m_hvae) {
+    // The groups' KL summed over this rank's rows (the model's own per-group KL, in
+    // double), then over the ranks: the floor sees the global batch's mean.
+    const HvaeLayout& hl = m_hvae->layout();
+    const int G = hl.num_groups();
+    std::vector<double> sums(static_cast<size_t>(G), 0.0);
+    if (rows > 0) {
+      m_be.download(m_kl_groups.data(), m_hvae->kl_groups(), static_cast<size_t>(rows) * G);
+      for (int r = 0; r < rows; ++r)
+        for (int l = 0; l < G; ++l) sums[static_cast<size_t>(l)] += m_kl_groups.data()[static_cast<size_t>(r) * G + l];
+    }
+    m_comm.allreduce_sum(sums.data(), sums.size());
+    std::vector<int> sizes;
+    for (const HvaeGroup& g : hl.groups()) sizes.push_back(static_cast<int>(g.numel()));
+    FreeBits fb = free_bits_groups(m_spec.loss, sums.data(), sizes, global_rows);
+    if (rows > 0) {
+      const std::vector<float> w = fb.weights(kl_weight);
+      m_be.upload(m_kl_weights.data(), w.data(), w.size());
+    }
+    return fb;
+  }
   std::vector<double> sums(static_cast<size_t>(m_latent), 0.0);
   if (rows > 0) {
     // L sums in double from [mu | logvar]: the same closed form as the per-row KL, kept

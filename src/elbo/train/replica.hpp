@@ -63,7 +63,8 @@ class Replica {
   // gradients add up (the buckets' all-reduces overlapping the last one's backward),
   // then sync_and_update. With free bits (loss.free_bits > 0; one micro-batch) the
   // ranks' per-dimension KL sums are all-reduced between forward and backward, so that
-  // the floor applies to the KL averaged over the global batch, as on one rank.
+  // the floor applies to the KL averaged over the global batch, as on one rank (a
+  // hierarchical model's floors are per latent group: loss.free_bits x its elements).
   // `while_device_runs` is host work done while the device computes (preparing the next
   // batch); it runs only on a rank with rows this step.
   // `stop_requested` travels in the losses' all-reduce, so all ranks learn of it.
@@ -106,7 +107,7 @@ class Replica {
   // non-finite, stop, over threshold, IWAE bound], the sums over the ranks on return.
   void sync_and_update(double lr, double sums[6], StepResult& result);
   // Free bits: every rank (also one without rows this step) joins the all-reduce of the
-  // per-dimension KL sums of the forward pass just run on `rows` rows; the result's
+  // per-dimension (Vae) or per-group (Hvae) KL sums of the forward pass just run on `rows` rows; the result's
   // per-dimension weights (kl_weight where unclamped) go to m_kl_weights.
   FreeBits exchange_kl(int rows, int64_t global_rows, float kl_weight);
   // ema = d * ema + (1 - d) * params (d = optim.ema), after every applied update and
@@ -134,7 +135,7 @@ class Replica {
   const int m_eps_cols;                   // eps per input: m_latent, times loss.samples for iwae
   Buffer<float> m_x, m_eps;               // (m_micro_rows, m_dim), (m_micro_rows, m_eps_cols)
   const bool m_free_bits;                 // loss.free_bits > 0
-  Buffer<float> m_kl_weights;             // (m_latent) free bits: per-dimension KL weights of the backward
+  Buffer<float> m_kl_weights;             // (kl_parts) free bits: the backward's KL weights, per Vae latent dimension or Hvae group
   std::vector<float> m_mulv_host;         // (m_local_rows, 2 m_latent) free bits: [mu | logvar] on the host
   // The per-sample losses come back in pinned memory: two copies, one wait.
   HostBuffer<float, float> m_losses;      // (3, m_local_rows): rec, KL, then the IWAE bound (iwae)

@@ -148,6 +148,7 @@ RunLog::RunLog(const ExperimentSpec& spec, std::ostream& log, bool root) : m_spe
 void RunLog::start(const Communicator& comm, const Backend<float>& be, const Placement& place, int threads,
                    const Replica& replica, const TrainingData& data, const BatchPrep& batches,
                    const ModelLayout& layout, const StepPlan& plan, const ResumePoint& resumed) {
+  m_latent_values = static_cast<int>(layout.eps_per_row());
   if (!m_root) return;
   const ExperimentSpec& spec = m_spec;
   const int world = comm.size();
@@ -318,7 +319,7 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
   if (m_root) {
     char note[64] = "";
     if (free_bits)
-      std::snprintf(note, sizeof(note), " | clamped %.3g/%d", clamped, m_spec.model.latent);
+      std::snprintf(note, sizeof(note), " | clamped %.3g/%d", clamped, m_latent_values);
     if (iwae)
       std::snprintf(note, sizeof(note), " | -iwae(k=%d) %.3f", m_spec.loss.samples, neg_iwae);
     char line[400];

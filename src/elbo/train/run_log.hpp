@@ -127,6 +127,7 @@ class RunLog {
   Clock::time_point m_t0 = Clock::now();
   int64_t m_first_step = 0, m_total_steps = 0;
   double m_last_neg_elbo = 0;
+  int m_latent_values = 0;  // latent values per sample (the free-bits note's denominator)
 };
 
 }  // namespace elbo
