@@ -76,6 +76,22 @@ TEST(FreeBits, ClampsGroupsAtOrBelowTheirFloorAndWeighsTheRest) {
   EXPECT_DOUBLE_EQ(fb.objective_kl, 3.85);
 }
 
+// A hierarchical model's free-bits groups are its latent groups, each floored at
+// free_bits times its elements; one weight per group, clamped_dims in elements.
+TEST(FreeBits, HierarchicalGroupsFloorAtFreeBitsTimesTheirElements) {
+  LossSpec l;
+  l.free_bits = 0.25;
+  // Global batch of 2 rows; group means 3.0, 1.0, 8.0 against floors 2.0, 2.0, 8.0.
+  const std::vector<double> sums = {6.0, 2.0, 16.0};
+  const std::vector<int> sizes = {8, 8, 32};
+  const FreeBits fb = free_bits_groups(l, sums.data(), sizes, 2);
+  EXPECT_EQ(fb.weights(0.5f), (std::vector<float>{0.5f, 0.0f, 0.0f})) << "8.0 is at its floor: clamped";
+  EXPECT_EQ(fb.clamped_dims, 8 + 32);
+  EXPECT_DOUBLE_EQ(fb.objective_kl, 3.0 + 2.0 + 8.0);
+  l.free_bits = 0;
+  EXPECT_EQ(free_bits_groups(l, sums.data(), sizes, 2).clamped_dims, 0);
+}
+
 TEST(FreeBits, PerDimensionKlSumsToTheClosedForm) {
   const int rows = 3, L = 2;
   const std::vector<float> mulv = {0.5f, -1.0f, -0.2f, 0.3f,  0.0f, 2.0f,

@@ -11,6 +11,7 @@
 
 #include "elbo/backend/cpu/cpu_backend.hpp"
 #include "elbo/config/spec.hpp"
+#include "elbo/model/hvae.hpp"
 #include "elbo/model/vae.hpp"
 #include "elbo/train/evaluate.hpp"
 #include "elbo/train/footprint.hpp"
@@ -91,6 +92,28 @@ TEST(Memory, ActivationEstimateIsWhatTheModelAllocates) {
       EXPECT_LE(est, 1.02 * used + 4096) << m.type << " k=" << k;
     }
   }
+}
+
+// The hierarchical model's estimate against what Hvae<float> allocates, for a model
+// with pooling at two resolutions and several groups per stage; activation_bytes picks
+// it by the layout's type, and the Vae's estimate stays the one above.
+TEST(Memory, HierarchicalActivationEstimateIsWhatTheModelAllocates) {
+  CpuBackend<float> be;
+  const ModelSpec m = spec_with({"model={type: hierarchical, width: 8, bottleneck: 4, stages: [{down: 1, blocks: 1, "
+                                 "groups: 1, latent: 2}, {down: 2, blocks: 2, groups: 2, latent: 3}, {down: 7, "
+                                 "blocks: 1, groups: 1, latent: 4}]}"})
+                          .model;
+  const HvaeLayout layout(m, std::vector<int>{1, 28, 28});
+  const double before = allocated_bytes();
+  {
+    Hvae<float> model(layout, be, 64);
+    const double used = allocated_bytes() - before, est = hvae_activation_bytes(layout, 64);
+    EXPECT_GE(est, 0.98 * used);
+    EXPECT_LE(est, 1.02 * used + 4096);
+    EXPECT_DOUBLE_EQ(activation_bytes(layout, 64), est);
+  }
+  const VaeLayout vae(spec_with({}).model, std::vector<int>{1, 28, 28});
+  EXPECT_DOUBLE_EQ(activation_bytes(vae, 64, 3), vae_activation_bytes(vae, 64, 3));
 }
 
 TEST(Memory, TrainEstimateCountsStateActivationsAndHostBuffers) {
