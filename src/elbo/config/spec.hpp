@@ -46,6 +46,7 @@ struct ModelSpec {
   Activation activation = Activation::Relu;
   Likelihood likelihood = Likelihood::Bernoulli;
   double sigma = 1.0;  // standard deviation of the fixed-variance Gaussian likelihood
+  int components = 10;  // mixture components K of the discretized logistic mixture (PixelCNN++'s 10)
 };
 
 // The KL term (optim/kl.hpp has the formulas).

@@ -39,6 +39,7 @@ VaeLayout::VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape)
     throw model_error("model input shape must be [C, H, W] with positive sizes (got " +
                       shape_string(input_shape, "[]") + ")");
   m_input = TensorShape{input_shape[0], input_shape[1], input_shape[2]};
+  (void)likelihood();  // refuses data the likelihood cannot model
   if (spec.latent < 1) throw model_error("model.latent must be >= 1 (got " + std::to_string(spec.latent) + ")");
   if (spec.type == ModelType::Conv)
     build_conv();
@@ -123,6 +124,8 @@ void VaeLayout::build_mlp() {
   }
   if (s.likelihood == Likelihood::GaussianLearned)
     add(m_dec, linear(in, 2 * D, Activation::Identity), {"decoder.out", "decoder.logvar"});
+  else if (s.likelihood == Likelihood::DiscretizedLogisticMixture)  // (K*groups, H, W) values, flat
+    add(m_dec, linear(in, static_cast<int>(likelihood().output_width()), Activation::Identity), {"decoder.out"});
   else
     add(m_dec, linear(in, D, Activation::Identity), {"decoder.out"});
 }
@@ -209,12 +212,21 @@ void VaeLayout::build_conv() {
   if (m_dec.empty()) throw config_error("model.decoder: the list has no layer with parameters");
   TensorShape want = m_input;
   if (s.likelihood == Likelihood::GaussianLearned) want.c *= 2;  // [mean | logvar] channels
+  std::string why;
+  if (s.likelihood == Likelihood::DiscretizedLogisticMixture) {
+    const DlmShape d = likelihood().dlm;
+    want.c = d.out_channels();
+    why = " (" + std::to_string(want.c) + " channels = components " + std::to_string(d.components) + " x (1 logit + " +
+          std::to_string(m_input.c) + " means + " + std::to_string(m_input.c) + " log-scales" +
+          (m_input.c > 1 ? " + " + std::to_string(d.groups() - 1 - 2 * m_input.c) + " channel coefficients" : "") +
+          "))";
+  }
   const Layer& last = m_dec.back();
   // A flat last layer of the right size is fine too: (n, C*H*W) is the same memory as NCHW.
   if (!(last.out == want) && !(last.kind == LayerKind::Linear && last.out.size() == want.size()))
     throw config_error("model.decoder: the last layer produces " + shape_text(last.out) + " per sample but the " +
                        choice_name(s.likelihood) + " likelihood of " + shape_text(m_input) + " data needs " +
-                       shape_text(want));
+                       shape_text(want) + why);
   if (last.act != Activation::Identity)
     throw config_error("model.decoder: the last layer must have no activation (it gives the likelihood's "
                        "parameters, e.g. Bernoulli logits)");
@@ -389,9 +401,7 @@ void Vae<T>::forward(const T* params, const T* x, const T* eps, int rows,
   const int L = m_layout.latent();
   m_be.posterior_forward(rows, L, mulv(), eps, m_z.data(), m_kl.data());
   decoder_forward(params, m_z.data(), rows, params_needed);
-  const auto& s = m_layout.spec();
-  m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), output(), x,
-                          m_rec.data());
+  m_layout.likelihood().forward(m_be, rows, output(), x, m_rec.data());
 }
 
 template <class T>
@@ -411,7 +421,6 @@ void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int r
 template <class T>
 void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
                       const T* kl_weights, const std::function<void(size_t)>& grads_ready) {
-  const auto& s = m_layout.spec();
   const auto& enc = m_layout.encoder();
   const auto& dec = m_layout.decoder();
   T* g = m_grad_a.data();  // gradient w.r.t. the current layer's output
@@ -423,8 +432,7 @@ void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int r
     if (grads_ready) grads_ready(l.w);
   };
 
-  m_be.likelihood_backward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), output(), x,
-                           rec_weight, g);
+  m_layout.likelihood().backward(m_be, rows, output(), x, rec_weight, g);
   for (size_t k = dec.size(); k-- > 0;) {
     const T* in = k == 0 ? m_z.data() : m_dec_acts[k - 1].out();
     layer_backward(dec[k], params, grads, in, rows, m_dec_acts[k], g, h);

@@ -11,6 +11,7 @@
 
 #include "elbo/backend/backend.hpp"
 #include "elbo/config/spec.hpp"
+#include "elbo/model/likelihood.hpp"
 
 namespace elbo {
 
@@ -62,8 +63,11 @@ class VaeLayout {
   int input_dim() const { return static_cast<int>(m_input.size()); }
   const TensorShape& input_shape() const { return m_input; }
   int latent() const { return m_spec.latent; }
-  // Width of the decoder output: D, or 2D ([mean | logvar]) for a learned variance.
+  // Width of the decoder output: D, 2D ([mean | logvar]) for a learned variance, or the
+  // discretized logistic mixture's K*(1 + 2C + C(C-1)/2) values per pixel.
   int output_width() const { return static_cast<int>(m_dec.back().out.size()); }
+  // The likelihood over this layout's input: the op every use of the decoder output calls.
+  LikelihoodOp likelihood() const { return LikelihoodOp(m_spec, m_input.c, m_input.h * m_input.w); }
   // Length of the flat buffers (the views plus alignment gaps between layers).
   size_t num_params() const { return m_num_params; }
   // Trainable values: the sum of the views' sizes, what a user calls the model's size.

@@ -91,7 +91,6 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
   // Each input's log-sum-exp of its K log-weights, accumulated chunk by chunk (running
   // max and the sum scaled to it): memory does not grow with K.
   std::vector<double> lse_max(xb), lse_sum(xb);
-  const auto& spec = layout.spec();
 
   if (K > 1 && opt.max_seconds > 0) {
     // Time the IWAE bound's unit of work, one pass of cap decoder rows (the faster of
@@ -106,8 +105,7 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
       for (int t = 0; t < 2; ++t) {
         const auto t0 = std::chrono::steady_clock::now();
         model.decode(params, z.data(), cap);
-        be.likelihood_forward(spec.likelihood, static_cast<float>(spec.sigma), cap, D, model.output(), x_rep.data(),
-                              rec_buf.data());
+        layout.likelihood().forward(be, cap, model.output(), x_rep.data(), rec_buf.data());
         be.synchronize();
         best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
@@ -188,8 +186,7 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
                     L, eps.data() + static_cast<size_t>(j) * rows * L);
         be.posterior_forward(nr, L, mulv_rep.data(), eps.data(), z.data(), kl_buf.data());
         model.decode(params, z.data(), nr);
-        be.likelihood_forward(spec.likelihood, static_cast<float>(spec.sigma), nr, D, model.output(), x_rep.data(),
-                              rec_buf.data());
+        layout.likelihood().forward(be, nr, model.output(), x_rep.data(), rec_buf.data());
         be.posterior_log_ratio(nr, L, mulv_rep.data(), eps.data(), z.data(), ratio.data());
         be.download(rec.data(), rec_buf.data(), nr);
         be.download(lr.data(), ratio.data(), nr);
