@@ -220,6 +220,7 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
   out.iw_samples = K;
   out.iwae_nll = K > 0 ? sums[3] / denom : std::nan("");
   out.latent = L;
+  if (layout.likelihood().is_dlm()) out.dim = D;
   for (int j = 0; j < L; ++j) {
     const double mean = sums[4 + j] / denom;
     const double var = std::max(0.0, sums[4 + L + j] / denom - mean * mean);
@@ -231,10 +232,18 @@ EvalResult evaluate(const VaeLayout& layout, Backend<float>& be, const float* pa
 
 std::string format_eval(const EvalResult& r) {
   char buf[256];
-  std::snprintf(buf, sizeof(buf), "test -ELBO %.4f nats (rec %.4f, KL %.4f)", r.neg_elbo, r.rec, r.kl);
+  auto bpd = [&](double nats) {
+    if (r.dim == 0) return std::string();
+    char b[48];
+    std::snprintf(b, sizeof(b), " = %.4f bits/dim", r.bits_per_dim(nats));
+    return std::string(b);
+  };
+  std::snprintf(buf, sizeof(buf), "test -ELBO %.4f nats%s (rec %.4f, KL %.4f)", r.neg_elbo, bpd(r.neg_elbo).c_str(),
+                r.rec, r.kl);
   std::string s = buf;
   if (r.iw_samples > 0) {
-    std::snprintf(buf, sizeof(buf), " | IWAE(k=%d) NLL %.4f nats", r.iw_samples, r.iwae_nll);
+    std::snprintf(buf, sizeof(buf), " | IWAE(k=%d) NLL %.4f nats%s", r.iw_samples, r.iwae_nll,
+                  bpd(r.iwae_nll).c_str());
     s += buf;
   }
   return s + " | active units " + std::to_string(r.active_units) + "/" + std::to_string(r.latent) + " | " +
@@ -262,6 +271,14 @@ std::string eval_yaml(const EvalResult& r, const std::string& model, const std::
   if (r.iw_samples > 0) {
     std::snprintf(buf, sizeof(buf), "iwae_nll: %.6f\n", r.iwae_nll);
     s += buf;
+  }
+  if (r.dim > 0) {  // 8-bit pixels: the same bounds in bits/dim, and the D they divide by
+    std::snprintf(buf, sizeof(buf), "dim: %d\nneg_elbo_bpd: %.6f\n", r.dim, r.bits_per_dim(r.neg_elbo));
+    s += buf;
+    if (r.iw_samples > 0) {
+      std::snprintf(buf, sizeof(buf), "iwae_bpd: %.6f\n", r.bits_per_dim(r.iwae_nll));
+      s += buf;
+    }
   }
   // A flow list on one line (YAML), next to active_units; %.9g keeps the float's digits.
   s += "kl_per_dim: [";
