@@ -176,23 +176,22 @@ struct Pixel {
     for (int c = 0; c < s.channels; ++c) acc += bin_term(bins[c], v[c], mu(c, k), floored_log_scale(c, k)).logp;
     return acc;
   }
-  // log P(x) of the pixel's C values, and (optionally) the two log-sum-exps.
-  ELBO_HD T log_prob(T* lse_joint = nullptr, T* lse_logits = nullptr) const {
+  // log P(x) of the pixel's C values.
+  ELBO_HD T log_prob() const {
     OnlineLse<T> joint, logits;
     for (int k = 0; k < s.components; ++k) {
       joint.add(component(k));
       logits.add(o[logit(k)]);
     }
-    if (lse_joint != nullptr) *lse_joint = joint.value();
-    if (lse_logits != nullptr) *lse_logits = logits.value();
     return joint.value() - logits.value();
   }
   // g (stride hw, like o) = weight * d(-log P(x)) / d o, every output value written.
+  // One pass over the components evaluates each bin once: it writes every channel's
+  // unscaled d log p_ck and parks component k's joint log-probability in g's logit
+  // slot; a second, cheap pass scales them by -weight * responsibility_k.
   ELBO_HD void backward(T weight, T* g) const {
-    T lse_joint, lse_logits;
-    log_prob(&lse_joint, &lse_logits);
+    OnlineLse<T> joint_lse, logits;
     for (int k = 0; k < s.components; ++k) {
-      // Write each channel's d log p_ck first, then scale by -weight * responsibility_k.
       T joint = o[logit(k)];
       for (int c = 0; c < s.channels; ++c) {
         const T raw_ls = o[log_scale(c, k)];
@@ -205,7 +204,13 @@ struct Pixel {
           g[coeff(c, j, k)] = t.dmu * (T(1) - a * a) * v[j];
         }
       }
-      const T resp = exp_(joint - lse_joint), prior = exp_(o[logit(k)] - lse_logits);
+      g[logit(k)] = joint;
+      joint_lse.add(joint);
+      logits.add(o[logit(k)]);
+    }
+    const T lse_joint = joint_lse.value(), lse_logits = logits.value();
+    for (int k = 0; k < s.components; ++k) {
+      const T resp = exp_(g[logit(k)] - lse_joint), prior = exp_(o[logit(k)] - lse_logits);
       const T f = -weight * resp;
       for (int c = 0; c < s.channels; ++c) {
         g[mean(c, k)] *= f;
