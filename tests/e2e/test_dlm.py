@@ -68,11 +68,25 @@ out = f"{a.work}/fmnist"
 tr = elbo("train", a.spec, "--set", "device=cpu", "--set", f"data.train={TRAIN}", "--set", f"data.test={TEST}",
           "--set", "model.likelihood={type: discretized_logistic_mixture, components: 3}",
           "--set", "train.epochs=3", "--set", "train.log_every=10", "--set", "eval.iw_samples=5",
-          "--set", "eval.max_samples=300", "--set", f"output.dir={out}")
+          "--set", "eval.max_samples=300", "--set", "eval.every=50", "--set", f"output.dir={out}")
 rows = list(csv.DictReader(open(f"{out}/metrics.csv")))
 first, last = float(rows[0]["neg_elbo"]), float(rows[-1]["neg_elbo"])
 checks(last < 0.8 * first, f"training with the mixture learns: -ELBO {first:.1f} -> {last:.1f} nats")
-checks(list(rows[0].keys())[-1] == "kl_clamped_dims", "metrics.csv keeps its columns")
+header = open(f"{out}/metrics.csv").readline().strip()
+checks(header.endswith(",skipped_steps,kl_clamped_dims,neg_elbo_bpd,test_neg_elbo_bpd"),
+       f"metrics.csv keeps its columns and adds the bits/dim ones: {header}")
+for row in rows:
+    if row["neg_elbo"]:
+        want = float(row["neg_elbo"]) / (784 * math.log(2))
+        checks(abs(float(row["neg_elbo_bpd"]) - want) < 2e-6, f"step {row['step']}: neg_elbo_bpd = neg_elbo / (784 ln 2)")
+    checks(bool(row["test_neg_elbo"]) == bool(row["test_neg_elbo_bpd"]), f"step {row['step']}: test bits/dim with a test -ELBO")
+    if row["test_neg_elbo"]:
+        want = float(row["test_neg_elbo"]) / (784 * math.log(2))
+        checks(abs(float(row["test_neg_elbo_bpd"]) - want) < 2e-6,
+               f"step {row['step']}: test_neg_elbo_bpd {row['test_neg_elbo_bpd']} = test_neg_elbo / (784 ln 2)")
+checks(sum(1 for row in rows if row["test_neg_elbo"]) >= 2, "eval.every gave test rows")
+log_line = [ln for ln in (tr.stdout + tr.stderr).splitlines() if ln.startswith("epoch ") and "bits/dim" in ln]
+checks(len(log_line) > 0, "progress lines give the -elbo in bits/dim too")
 spec_text = open(f"{out}/spec.yaml").read()
 checks("type: discretized_logistic_mixture\n    components: 3" in spec_text, "spec.yaml records the likelihood's K")
 with h5py.File(f"{out}/model.h5", "r") as f:
