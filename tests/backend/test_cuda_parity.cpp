@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <sstream>
 #include <random>
 #include <utility>
@@ -282,6 +283,82 @@ TEST_F(CudaParity, PerDimensionKlWeightsInTheBackward) {
   vg.forward(dp.data(), dx.data(), ge.data(), rows);
   vg.backward(dp.data(), dg.data(), dx.data(), ge.data(), rows, 1.0f / rows, gw.data());
   EXPECT_PARITY(norm_err(get(dg), gc), 1e-4, "whole VAE, per-dim KL weights: all gradients");
+}
+
+// loss.type iwae: the five importance-weighted ops alone, then whole MLP and conv VAEs'
+// forward_iw/backward_iw (plain and DReG), against the CPU.
+TEST_F(CudaParity, ImportanceWeightedBoundAndDreg) {
+  const int rows = 23, k = 5, L = 7, D = 11;
+  Vec mulv = random_vec(rows * 2 * L, rng), eps = random_vec(rows * k * L, rng, -2, 2), x = random_vec(rows * D, rng);
+  Vec zc(rows * k * L), lrc(rows * k), xk(rows * k * D);
+  cpu.iw_posterior_forward(rows, k, L, mulv.data(), eps.data(), zc.data(), lrc.data());
+  cpu.repeat_rows(rows, D, k, x.data(), xk.data());
+  Buffer<float> gm = put(mulv), ge = put(eps), gx = put(x), gz(*gpu, zc.size()), glr(*gpu, lrc.size()),
+      gxk(*gpu, xk.size());
+  gpu->iw_posterior_forward(rows, k, L, gm.data(), ge.data(), gz.data(), glr.data());
+  gpu->repeat_rows(rows, D, k, gx.data(), gxk.data());
+  EXPECT_PARITY(norm_err(get(gz), zc), 1e-6, "iw_posterior_forward z");
+  EXPECT_PARITY(norm_err(get(glr), lrc), 1e-5, "iw_posterior_forward log ratio");
+  EXPECT_EQ(get(gxk), xk) << "repeat_rows copies";
+  // nll of a few hundred nats, as Fashion-MNIST's: the weights are exponentials of differences.
+  Vec nll = random_vec(rows * k, rng, 250, 260), bc(rows), wc(rows * k);
+  cpu.iw_weights(rows, k, 0.8f, nll.data(), lrc.data(), bc.data(), wc.data());
+  Buffer<float> gn = put(nll), gb(*gpu, rows), gw(*gpu, wc.size());
+  gpu->iw_weights(rows, k, 0.8f, gn.data(), glr.data(), gb.data(), gw.data());
+  EXPECT_PARITY(norm_err(get(gb), bc), 1e-6, "iw_weights bound");
+  EXPECT_PARITY(norm_err(get(gw), wc), 1e-4, "iw_weights weights");
+  Vec dz = random_vec(rows * k * L, rng), sc = dz;
+  cpu.scale_rows(rows * k, L, wc.data(), 0.5f, sc.data());
+  Buffer<float> gdz = put(dz);
+  gpu->scale_rows(rows * k, L, put(wc).data(), 0.5f, gdz.data());
+  EXPECT_PARITY(norm_err(get(gdz), sc), 1e-6, "scale_rows");
+  for (const bool dreg : {false, true}) {
+    Vec dc(mulv.size());
+    cpu.iw_posterior_backward(rows, k, L, mulv.data(), eps.data(), zc.data(), dz.data(), wc.data(), 0.3f, dreg,
+                              dc.data());
+    Buffer<float> gd(*gpu, dc.size()), gdz2 = put(dz), gw2 = put(wc), gz2 = put(zc);
+    gpu->iw_posterior_backward(rows, k, L, gm.data(), ge.data(), gz2.data(), gdz2.data(), gw2.data(), 0.3f, dreg,
+                               gd.data());
+    EXPECT_PARITY(norm_err(get(gd), dc), 1e-5, (dreg ? "DReG" : "IWAE") << " iw_posterior_backward");
+  }
+
+  ModelSpec ms;
+  ms.encoder = {64, 32};
+  ms.decoder = {32, 64};
+  ms.latent = 6;
+  const int Dm = 50, rm = 19;
+  const ModelSpec conv = parse_spec(R"(
+data: {train: unused}
+model:
+  type: conv
+  latent: 4
+  encoder: [{type: conv2d, channels: 6, kernel: 4, stride: 2, padding: 1}, relu, {type: group_norm, groups: 3},
+            flatten]
+  decoder: [{type: linear, features: 96}, relu, {type: reshape, shape: [6, 4, 4]},
+            {type: conv_transpose2d, channels: 1, kernel: 4, stride: 2, padding: 1}]
+)", "conv parity spec").model;
+  for (const bool use_conv : {false, true})
+    for (const bool dreg : {false, true}) {
+      std::unique_ptr<VaeLayout> layout = use_conv ? std::make_unique<VaeLayout>(conv, std::vector<int>{1, 8, 8})
+                                                   : std::make_unique<VaeLayout>(ms, Dm);
+      const int n = layout->input_dim(), lat = layout->latent();
+      std::vector<double> init = layout->init_params(6);
+      Vec p(init.begin(), init.end()), xm = random_vec(rm * n, rng, 0, 1), em = random_vec(rm * k * lat, rng);
+      Vae<float> vc(*layout, cpu, rm, k), vg(*layout, *gpu, rm, k);
+      Vec gc(p.size(), 0.0f);
+      vc.forward_iw(p.data(), xm.data(), em.data(), rm, 0.9f);
+      vc.backward_iw(p.data(), gc.data(), xm.data(), em.data(), rm, 1.0f / rm, 0.9f, dreg);
+      Buffer<float> dp = put(p), dx = put(xm), de = put(em), dg = put(Vec(p.size(), 0.0f));
+      vg.forward_iw(dp.data(), dx.data(), de.data(), rm, 0.9f);
+      vg.backward_iw(dp.data(), dg.data(), dx.data(), de.data(), rm, 1.0f / rm, 0.9f, dreg);
+      Vec bound(rm), rec(rm);
+      gpu->download(bound.data(), vg.iw_bound(), rm);
+      gpu->download(rec.data(), vg.iw_rec(), rm);
+      const std::string tag = std::string(use_conv ? "conv" : "mlp") + (dreg ? " DReG" : " IWAE");
+      EXPECT_PARITY(norm_err(bound, Vec(vc.iw_bound(), vc.iw_bound() + rm)), 1e-5, tag << " bound");
+      EXPECT_PARITY(norm_err(rec, Vec(vc.iw_rec(), vc.iw_rec() + rm)), 1e-5, tag << " mean rec");
+      EXPECT_PARITY(norm_err(get(dg), gc), 1e-4, tag << " all gradients");
+    }
 }
 
 // A recorded forward/backward (a CUDA graph) launched twice gives the bits of the

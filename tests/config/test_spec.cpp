@@ -241,6 +241,36 @@ TEST(Spec, KlScheduleAndFreeBitsKeys) {
   EXPECT_NE(e.find("cyclical"), std::string::npos) << e;
 }
 
+TEST(Spec, LossTypeSamplesAndDreg) {
+  const ExperimentSpec d = parse_spec(kMinimal, "exp.yaml");
+  EXPECT_EQ(d.loss.type, LossType::Elbo);
+  EXPECT_EQ(d.loss.samples, 1);
+  EXPECT_FALSE(d.loss.dreg);
+  EXPECT_EQ(iw_samples(d.loss), 0);
+  const ExperimentSpec s = parse_spec(kMinimal, "exp.yaml", {"loss.type=iwae", "loss.samples=5", "loss.dreg=true"});
+  EXPECT_EQ(s.loss.type, LossType::Iwae);
+  EXPECT_EQ(s.loss.samples, 5);
+  EXPECT_TRUE(s.loss.dreg);
+  EXPECT_EQ(iw_samples(s.loss), 5);
+  const std::string text = dump_spec(s);
+  EXPECT_EQ(dump_spec(parse_spec(text, "dump")), text);
+  EXPECT_EQ(iw_samples(parse_spec(kMinimal, "exp.yaml", {"loss.type=iwae"}).loss), 1);
+
+  std::string e = error_of(kMinimal, {"loss.type=vimco"});
+  EXPECT_NE(e.find("loss.type"), std::string::npos) << e;
+  EXPECT_NE(e.find("elbo, iwae"), std::string::npos) << e;
+  e = error_of(kMinimal, {"loss.type=iwae", "loss.samples=0"});
+  EXPECT_NE(e.find("loss.samples"), std::string::npos) << e;
+  e = error_of(kMinimal, {"loss.samples=5"});  // the ELBO takes one sample
+  EXPECT_NE(e.find("loss.samples"), std::string::npos) << e;
+  EXPECT_NE(e.find("loss.type: iwae"), std::string::npos) << e;
+  e = error_of(kMinimal, {"loss.dreg=true"});
+  EXPECT_NE(e.find("loss.dreg"), std::string::npos) << e;
+  e = error_of(kMinimal, {"loss.type=iwae", "loss.free_bits=0.5"});
+  EXPECT_NE(e.find("loss.free_bits"), std::string::npos) << e;
+  EXPECT_NE(e.find("iwae"), std::string::npos) << e;
+}
+
 TEST(Spec, TensorboardIsOnByDefaultAndDumped) {
   EXPECT_TRUE(parse_spec(kMinimal, "exp.yaml").output.tensorboard);
   const ExperimentSpec s = parse_spec(kMinimal, "exp.yaml", {"output.tensorboard=false"});

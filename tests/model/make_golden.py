@@ -30,12 +30,13 @@ class Vae(nn.Module):
         if lik == "gaussian_learned":
             self.decoder.logvar = nn.Linear(h, D)
 
-    def forward(self, x, eps, sigma):
+    def encode(self, x):
         h = x
         for l in self.encoder.layers:
             h = self.act(l(h))
-        mu, logvar = self.encoder.mu(h), self.encoder.logvar(h)
-        z = mu + torch.exp(0.5 * logvar) * eps
+        return self.encoder.mu(h), self.encoder.logvar(h)
+
+    def decode(self, z, x, sigma):
         g = z
         for l in self.decoder.layers:
             g = self.act(l(g))
@@ -48,6 +49,12 @@ class Vae(nn.Module):
             lv = self.decoder.logvar(g)
             rec = 0.5 * ((x - out) ** 2 * torch.exp(-lv) + lv + math.log(2 * math.pi)).sum(1)
             out = torch.cat([out, lv], 1)  # the C++ decoder output is [mean | logvar]
+        return rec, out
+
+    def forward(self, x, eps, sigma):
+        mu, logvar = self.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        rec, out = self.decode(z, x, sigma)
         kl = -0.5 * (1 + logvar - mu**2 - torch.exp(logvar)).sum(1)
         return rec, kl, mu, logvar, z, out
 
@@ -92,11 +99,18 @@ class ConvVae(nn.Module):
                 c, h, w = e["channels"], (h - 1) * s_ - 2 * p + k + op, (w - 1) * s_ - 2 * p + k + op
         return nn.Sequential(*mods), (c, h, w)
 
+    def encode(self, x):
+        h = self.encoder.layers(x.view(x.shape[0], *self.shape)).flatten(1)
+        return self.encoder.mu(h), self.encoder.logvar(h)
+
     def forward(self, x, eps, sigma):
-        B = x.shape[0]
-        h = self.encoder.layers(x.view(B, *self.shape)).flatten(1)
-        mu, logvar = self.encoder.mu(h), self.encoder.logvar(h)
+        mu, logvar = self.encode(x)
         z = mu + torch.exp(0.5 * logvar) * eps
+        rec, out = self.decode(z, x, sigma)
+        kl = -0.5 * (1 + logvar - mu**2 - torch.exp(logvar)).sum(1)
+        return rec, kl, mu, logvar, z, out
+
+    def decode(self, z, x, sigma):
         out = self.decoder.layers(z)
         C = self.shape[0]
         if self.lik == "gaussian_learned":
@@ -106,8 +120,41 @@ class ConvVae(nn.Module):
             rec = F.binary_cross_entropy_with_logits(out.flatten(1), x, reduction="none").sum(1)
         else:
             rec = 0.5 * ((x - out.flatten(1)) ** 2 / sigma**2 + math.log(2 * math.pi * sigma**2)).sum(1)
-        kl = -0.5 * (1 + logvar - mu**2 - torch.exp(logvar)).sum(1)
-        return rec, kl, mu, logvar, z, out.flatten(1)
+        return rec, out.flatten(1)
+
+
+IW_SAMPLES = 3
+
+
+def importance_weighted(m, x, eps_k, beta, sigma):
+    """loss.type iwae written with torch.distributions: per-input bounds, the mean bound's
+    gradient (reparameterized), and DReG's (Tucker et al. 2018): the decoder's from the
+    bound, the encoder's from the surrogate -sum_i w_i^2 log w_i with q's parameters
+    detached inside log q and the normalized weights w_i held constant."""
+    B, k, L = eps_k.shape
+    mu, logvar = m.encode(x)
+    std = torch.exp(0.5 * logvar)
+    z = mu[:, None] + std[:, None] * eps_k
+    rec, _ = m.decode(z.reshape(B * k, L), x.repeat_interleave(k, 0), sigma)
+    rec = rec.view(B, k)
+    prior = torch.distributions.Normal(torch.zeros_like(z), torch.ones_like(z))
+    log_p = prior.log_prob(z).sum(-1)
+    log_q = torch.distributions.Normal(mu[:, None], std[:, None]).log_prob(z).sum(-1)
+    log_w = -rec + beta * (log_p - log_q)
+    bound = -(torch.logsumexp(log_w, 1) - math.log(k))
+    params = dict(m.named_parameters())
+    enc = [p for n, p in params.items() if n.startswith("encoder.")]
+    dec = [p for n, p in params.items() if n.startswith("decoder.")]
+    iwae = torch.autograd.grad(bound.mean(), enc + dec, retain_graph=True)
+    log_q_held = torch.distributions.Normal(mu.detach()[:, None], std.detach()[:, None]).log_prob(z).sum(-1)
+    log_w_held = -rec + beta * (log_p - log_q_held)
+    w = torch.softmax(log_w_held, 1).detach()
+    surrogate = -(w**2 * log_w_held).sum(1).mean()
+    dreg_enc = torch.autograd.grad(surrogate, enc)
+    names = [n for n in params if n.startswith("encoder.")] + [n for n in params if n.startswith("decoder.")]
+    grads = dict(zip(names, iwae))
+    dreg = dict(zip(names, list(dreg_enc) + list(iwae[len(enc):])))
+    return bound, rec, grads, dreg
 
 
 CONV_ENC = [{"type": "conv2d", "channels": 4, "kernel": 4, "stride": 2, "padding": 1}, {"type": "group_norm", "groups": 2},
@@ -184,6 +231,18 @@ def main(path):
             for n, p in m.named_parameters():
                 g[f"params/{n}"] = init[n].numpy()
                 g[f"grads/{n}"] = p.grad.numpy()
+
+            # loss.type iwae at the same parameters: k samples per input, beta as above.
+            eps_k = torch.randn(c["B"], IW_SAMPLES, c["L"])
+            bound, rec_k, iw_grads, dreg_grads = importance_weighted(m, x, eps_k, c["beta"], c["sigma"])
+            iw = g.create_group("iwae")
+            iw.attrs["k"] = IW_SAMPLES
+            iw["eps"] = eps_k.numpy().reshape(c["B"] * IW_SAMPLES, c["L"])  # sample i of input r: row r*k + i
+            iw["bound"] = bound.detach().numpy()
+            iw["rec"] = rec_k.detach().numpy().reshape(-1)
+            for n in iw_grads:
+                iw[f"grads/{n}"] = iw_grads[n].numpy()
+                iw[f"dreg_grads/{n}"] = dreg_grads[n].numpy()
 
             # Three optimizer steps on the same batch and eps, from the same start.
             with torch.no_grad():

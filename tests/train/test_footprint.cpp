@@ -84,11 +84,11 @@ TEST(Memory, ActivationEstimateIsWhatTheModelAllocates) {
   for (const ModelSpec& m : {spec_with({"model.encoder=[400, 200]"}).model, conv_model()}) {
     const VaeLayout layout(m, std::vector<int>{1, 28, 28});
     const double before = allocated_bytes();
-    {
-      Vae<float> model(layout, be, 512);
-      const double used = allocated_bytes() - before, est = vae_activation_bytes(layout, 512);
-      EXPECT_GE(est, 0.98 * used) << m.type;
-      EXPECT_LE(est, 1.02 * used + 4096) << m.type;
+    for (int k : {0, 1, 5}) {  // loss.type: iwae sizes the decoder's side for k samples per input
+      Vae<float> model(layout, be, 512, k);
+      const double used = allocated_bytes() - before, est = vae_activation_bytes(layout, 512, k);
+      EXPECT_GE(est, 0.98 * used) << m.type << " k=" << k;
+      EXPECT_LE(est, 1.02 * used + 4096) << m.type << " k=" << k;
     }
   }
 }

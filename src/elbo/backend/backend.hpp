@@ -167,6 +167,27 @@ class Backend {
   virtual void posterior_log_ratio(int rows, int latent, const T* mulv, const T* eps, const T* z,
                                    T* out) = 0;
 
+  // --- importance-weighted bound (loss.type: iwae): k samples per input, sample i of
+  // input r in row r*k + i of the (rows*k)-row tensors ---
+  // out (rows*k, cols): row r*k + i is in's row r.
+  virtual void repeat_rows(int rows, int cols, int k, const T* in, T* out) = 0;
+  // z (rows*k, L) = mu_r + exp(logvar_r / 2) * eps (eps is (rows*k, L)); log_ratio[r*k + i]
+  // = log q(z|x_r) - log p(z) at that sample (a Monte-Carlo term, not the closed-form KL).
+  virtual void iw_posterior_forward(int rows, int k, int latent, const T* mulv, const T* eps, T* z,
+                                    T* log_ratio) = 0;
+  // With log w = -(nll + beta * log_ratio) per sample: bound[r] = -log (1/k sum_i w_ri),
+  // weights[r*k + i] = w_ri / sum_i w_ri (computed with the largest log w subtracted).
+  virtual void iw_weights(int rows, int k, T beta, const T* nll, const T* log_ratio, T* bound, T* weights) = 0;
+  // x (rows, cols): row r *= s * row_scale[r].
+  virtual void scale_rows(int rows, int cols, const T* row_scale, T s, T* x) = 0;
+  // dmulv (rows, 2L), written: the encoder-side gradient of s * sum_r bound[r] summed over
+  // each input's k samples. dz (rows*k, L) is the decoder's input gradient, already
+  // weighted by s * weights. reparam (dreg false): the total derivative through z and
+  // through q's own parameters; dreg: Tucker et al.'s estimator, the path derivative
+  // through z only, weighted by weights^2 (q's parameters held fixed inside log q).
+  virtual void iw_posterior_backward(int rows, int k, int latent, const T* mulv, const T* eps, const T* z,
+                                     const T* dz, const T* weights, T s_beta, bool dreg, T* dmulv) = 0;
+
   // --- likelihood p(x|z); `out` is the decoder output (rows x D, or rows x 2D = [mean | logvar]
   // for GaussianLearned); nll[r] = -log p(x_r | z_r) summed over the D dimensions ---
   virtual void likelihood_forward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x,

@@ -80,6 +80,10 @@ inline constexpr Named<OptimizerType> kOptimizerTypeNames[] = {{OptimizerType::A
 constexpr const auto& choices_of(OptimizerType) { return kOptimizerTypeNames; }
 
 // loss.kl_schedule: the KL weight's schedule over the run (optim/kl.hpp).
+enum class LossType { Elbo, Iwae };
+inline constexpr Named<LossType> kLossTypeNames[] = {{LossType::Elbo, "elbo"}, {LossType::Iwae, "iwae"}};
+constexpr const auto& choices_of(LossType) { return kLossTypeNames; }
+
 enum class KlSchedule { Linear, Cyclical };
 inline constexpr Named<KlSchedule> kKlScheduleNames[] = {{KlSchedule::Linear, "linear"},
                                                          {KlSchedule::Cyclical, "cyclical"}};

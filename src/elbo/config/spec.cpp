@@ -692,6 +692,24 @@ const std::vector<Section>& spec_sections() {
        }},
       {"loss",
        {
+           loss.field("type", &LossSpec::type),
+           {"samples",
+            [](Field& f, ExperimentSpec& s) {
+              LossSpec& l = s.loss;
+              f.read(l.samples);
+              f.check(l.samples >= 1, "must be >= 1 (importance samples per input)", l.samples);
+              f.check(l.samples == 1 || l.type == LossType::Iwae,
+                      "is the IWAE bound's number of samples; set loss.type: iwae (the ELBO takes one sample)",
+                      l.samples);
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.loss.samples); }},
+           {"dreg",
+            [](Field& f, ExperimentSpec& s) {
+              f.read(s.loss.dreg);
+              f.check(!s.loss.dreg || s.loss.type == LossType::Iwae,
+                      "is an estimator of the IWAE bound's encoder gradient; set loss.type: iwae", "true");
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.loss.dreg); }},
            loss.field("beta", &LossSpec::beta, at_least_0, "must be >= 0"),
            loss.field("kl_schedule", &LossSpec::kl_schedule),
            // Read after kl_schedule: a warm-up under the cyclical schedule would be
@@ -710,9 +728,17 @@ const std::vector<Section>& spec_sections() {
            loss.field(
                "kl_ramp", &LossSpec::kl_ramp, [](double v) { return v > 0 && v <= 1; },
                "must be in (0, 1] (the share of each cycle spent ramping)"),
-           loss.field(
-               "free_bits", &LossSpec::free_bits, [](double v) { return v >= 0 && std::isfinite(v); },
-               "must be >= 0 (nats per latent dimension; 0 = off)"),
+           {"free_bits",
+            [](Field& f, ExperimentSpec& s) {
+              LossSpec& l = s.loss;
+              f.read(l.free_bits);
+              f.check(l.free_bits >= 0 && std::isfinite(l.free_bits), "must be >= 0 (nats per latent dimension; 0 = off)",
+                      l.free_bits);
+              // The floor acts on the closed-form KL, which the importance-weighted bound does not have.
+              f.check(l.free_bits == 0 || l.type == LossType::Elbo,
+                      "floors the ELBO's closed-form KL; loss.type: iwae has none (set one of them off)", l.free_bits);
+            },
+            [](Out& o, const ExperimentSpec& s) { o.put(s.loss.free_bits); }},
            loss.field("free_bits_group", &LossSpec::free_bits_group, at_least_1,
                       "must be >= 1 (latent dimensions per group)"),
        }},

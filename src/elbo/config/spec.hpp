@@ -49,8 +49,14 @@ struct ModelSpec {
   int components = 10;  // mixture components K of the discretized logistic mixture (PixelCNN++'s 10)
 };
 
-// The KL term (optim/kl.hpp has the formulas).
+// The objective, and its KL term (optim/kl.hpp has the formulas).
 struct LossSpec {
+  // elbo: the one-sample ELBO with the closed-form KL. iwae: the importance-weighted
+  // bound with `samples` samples per input (Burda et al. 2015); beta tempers its
+  // log q - log p term like the KL's, so the schedules below apply to both.
+  LossType type = LossType::Elbo;
+  int samples = 1;               // iwae: importance samples k per input
+  bool dreg = false;             // iwae: the doubly reparameterized encoder gradient (Tucker et al. 2018)
   double beta = 1.0;             // weight of the KL term after warm-up
   KlSchedule kl_schedule = KlSchedule::Linear;  // linear: the warm-up below | cyclical: Fu et al. 2019
   int64_t kl_warmup_steps = 0;   // linear: beta ramps linearly from 0 over this many steps
@@ -59,6 +65,9 @@ struct LossSpec {
   double free_bits = 0.0;        // nats per latent dimension: floor of each group's batch-mean KL; 0 = off
   int free_bits_group = 1;       // latent dimensions per free-bits group (consecutive; 1 = per dimension)
 };
+
+// Importance samples per input a training pass runs: loss.samples for iwae, 0 (none: the ELBO's one pass) else.
+inline int iw_samples(const LossSpec& l) { return l.type == LossType::Iwae ? l.samples : 0; }
 
 struct OptimSpec {
   OptimizerType type = OptimizerType::Adam;

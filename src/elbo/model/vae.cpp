@@ -277,9 +277,8 @@ std::vector<double> VaeLayout::init_params(uint64_t seed) const {
 }
 
 template <class T>
-std::vector<typename Vae<T>::Acts> Vae<T>::make_acts(const std::vector<Layer>& layers) {
+std::vector<typename Vae<T>::Acts> Vae<T>::make_acts(const std::vector<Layer>& layers, size_t R) {
   std::vector<Acts> out(layers.size());
-  const size_t R = static_cast<size_t>(m_max_rows);
   for (size_t i = 0; i < layers.size(); ++i) {
     const Layer& l = layers[i];
     out[i].pre = Buffer<T>(m_be, R * l.out.size());
@@ -290,18 +289,30 @@ std::vector<typename Vae<T>::Acts> Vae<T>::make_acts(const std::vector<Layer>& l
 }
 
 template <class T>
-Vae<T>::Vae(const VaeLayout& layout, Backend<T>& be, int max_rows)
-    : m_layout(layout), m_be(be), m_max_rows(max_rows) {
+Vae<T>::Vae(const VaeLayout& layout, Backend<T>& be, int max_rows, int iw_samples)
+    : m_layout(layout), m_be(be), m_max_rows(max_rows), m_k(iw_samples) {
   ELBO_ASSERT(max_rows >= 1, "a replica needs room for at least one sample");
+  ELBO_ASSERT(iw_samples >= 0, "importance samples must be >= 0");
   const size_t R = static_cast<size_t>(max_rows);
-  m_enc_acts = make_acts(layout.encoder());
-  m_dec_acts = make_acts(layout.decoder());
-  m_z = Buffer<T>(be, R * layout.latent());
-  m_rec = Buffer<T>(be, R);
+  // The decoder and everything after z run once per importance sample.
+  const size_t RK = R * static_cast<size_t>(std::max(1, iw_samples));
+  m_enc_acts = make_acts(layout.encoder(), R);
+  m_dec_acts = make_acts(layout.decoder(), RK);
+  m_z = Buffer<T>(be, RK * layout.latent());
+  m_rec = Buffer<T>(be, RK);
   m_kl = Buffer<T>(be, R);
   m_kl_weights = Buffer<T>(be, static_cast<size_t>(layout.latent()));
-  m_grad_a = Buffer<T>(be, R * layout.max_width());
-  m_grad_b = Buffer<T>(be, R * layout.max_width());
+  m_grad_a = Buffer<T>(be, RK * layout.max_width());
+  m_grad_b = Buffer<T>(be, RK * layout.max_width());
+  if (iw_samples > 0) {
+    m_xk = Buffer<T>(be, RK * layout.input_dim());
+    m_log_ratio = Buffer<T>(be, RK);
+    m_weights = Buffer<T>(be, RK);
+    m_bound = Buffer<T>(be, R);
+    m_rec_mean = Buffer<T>(be, R);
+    m_mean_k = Buffer<T>(be, static_cast<size_t>(iw_samples));
+    be.fill(m_mean_k.data(), T(1) / static_cast<T>(iw_samples), m_mean_k.size());
+  }
 }
 
 template <class T>
@@ -419,36 +430,77 @@ void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int r
 }
 
 template <class T>
-void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
-                      const T* kl_weights, const std::function<void(size_t)>& grads_ready) {
-  const auto& enc = m_layout.encoder();
-  const auto& dec = m_layout.decoder();
-  T* g = m_grad_a.data();  // gradient w.r.t. the current layer's output
-  T* h = m_grad_b.data();  // gradient w.r.t. its input (written next)
-
+T* Vae<T>::decoder_backward(const T* params, T* grads, int rows, T* g, T* h,
+                            const std::function<void(size_t)>& grads_ready) {
   // Layers sit in the flat buffer in forward order, so each finished layer completes
   // grads[its first parameter, P): the gradient all-reduce may start on that range.
-  auto done = [&](const Layer& l) {
-    if (grads_ready) grads_ready(l.w);
-  };
-
-  m_layout.likelihood().backward(m_be, rows, output(), x, rec_weight, g);
+  const auto& dec = m_layout.decoder();
   for (size_t k = dec.size(); k-- > 0;) {
     const T* in = k == 0 ? m_z.data() : m_dec_acts[k - 1].out();
     layer_backward(dec[k], params, grads, in, rows, m_dec_acts[k], g, h);
-    done(dec[k]);
+    if (grads_ready) grads_ready(dec[k].w);
     std::swap(g, h);
   }
+  return g;
+}
 
-  // g = dz. Through the reparameterization and the KL term into (mu | logvar).
-  m_be.posterior_backward(rows, m_layout.latent(), mulv(), eps, g, kl_weights, h);
-  std::swap(g, h);
+template <class T>
+void Vae<T>::encoder_backward(const T* params, T* grads, const T* x, int rows, T* g, T* h,
+                              const std::function<void(size_t)>& grads_ready) {
+  const auto& enc = m_layout.encoder();
   for (size_t k = enc.size(); k-- > 0;) {
     const T* in = k == 0 ? x : m_enc_acts[k - 1].out();
     layer_backward(enc[k], params, grads, in, rows, m_enc_acts[k], g, k == 0 ? nullptr : h);
-    done(enc[k]);
+    if (grads_ready) grads_ready(enc[k].w);
     std::swap(g, h);
   }
+}
+
+template <class T>
+void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
+                      const T* kl_weights, const std::function<void(size_t)>& grads_ready) {
+  T* g = m_grad_a.data();  // gradient w.r.t. the current layer's output
+  T* h = m_grad_b.data();  // gradient w.r.t. its input (written next)
+  m_layout.likelihood().backward(m_be, rows, output(), x, rec_weight, g);
+  g = decoder_backward(params, grads, rows, g, h, grads_ready);
+  h = g == m_grad_a.data() ? m_grad_b.data() : m_grad_a.data();
+  // g = dz. Through the reparameterization and the KL term into (mu | logvar).
+  m_be.posterior_backward(rows, m_layout.latent(), mulv(), eps, g, kl_weights, h);
+  encoder_backward(params, grads, x, rows, h, g, grads_ready);
+}
+
+template <class T>
+void Vae<T>::forward_iw(const T* params, const T* x, const T* eps, int rows, T beta,
+                        const std::function<void(size_t)>& params_needed) {
+  ELBO_ASSERT(m_k > 0, "an importance-weighted pass on a model sized without importance samples");
+  encode(params, x, rows, params_needed);
+  const int L = m_layout.latent(), D = m_layout.input_dim(), k = m_k, n = rows * k;
+  // The closed-form KL for the log (z from the first rows of eps is scratch, overwritten next).
+  m_be.posterior_forward(rows, L, mulv(), eps, m_z.data(), m_kl.data());
+  m_be.iw_posterior_forward(rows, k, L, mulv(), eps, m_z.data(), m_log_ratio.data());
+  decoder_forward(params, m_z.data(), n, params_needed);
+  m_be.repeat_rows(rows, D, k, x, m_xk.data());
+  m_layout.likelihood().forward(m_be, n, output(), m_xk.data(), m_rec.data());
+  m_be.iw_weights(rows, k, beta, m_rec.data(), m_log_ratio.data(), m_bound.data(), m_weights.data());
+  // iw_rec (rows) = nll (rows, k) . (1/k, ..., 1/k)
+  m_be.gemm(false, false, rows, 1, k, T(1), m_rec.data(), k, m_mean_k.data(), 1, T(0), m_rec_mean.data(), 1);
+}
+
+template <class T>
+void Vae<T>::backward_iw(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T beta,
+                         bool dreg, const std::function<void(size_t)>& grads_ready) {
+  const int n = rows * m_k;
+  T* g = m_grad_a.data();
+  T* h = m_grad_b.data();
+  // d(rec_weight * bound_r) / d nll_ri = rec_weight * w_ri: each sample's likelihood
+  // gradient scaled by its normalized weight, then through the decoder as usual.
+  m_layout.likelihood().backward(m_be, n, output(), m_xk.data(), rec_weight, g);
+  m_be.scale_rows(n, m_layout.output_width(), m_weights.data(), T(1), g);
+  g = decoder_backward(params, grads, n, g, h, grads_ready);
+  h = g == m_grad_a.data() ? m_grad_b.data() : m_grad_a.data();
+  m_be.iw_posterior_backward(rows, m_k, m_layout.latent(), mulv(), eps, m_z.data(), g, m_weights.data(),
+                             rec_weight * beta, dreg, h);
+  encoder_backward(params, grads, x, rows, h, g, grads_ready);
 }
 
 template class Vae<float>;

@@ -109,10 +109,13 @@ class VaeLayout {
 template <class T>
 class Vae {
  public:
-  Vae(const VaeLayout& layout, Backend<T>& backend, int max_rows);
+  // iw_samples > 0 also sizes the importance-weighted passes (forward_iw, backward_iw)
+  // for that many samples per input: the decoder's workspace holds max_rows * k rows.
+  Vae(const VaeLayout& layout, Backend<T>& backend, int max_rows, int iw_samples = 0);
 
   const VaeLayout& layout() const { return m_layout; }
   int max_rows() const { return m_max_rows; }
+  int iw_samples() const { return m_k; }
 
   // x (rows, D), eps (rows, L) -> rec[r] = -log p(x_r|z_r), kl[r] = KL(q(z|x_r) || p(z)).
   // Before each layer, `params_needed(end)` (when given) asks for params[0, end) to be
@@ -131,17 +134,33 @@ class Vae {
   // weighs sum_r KL_rj (free bits: 0 for the dimensions of a clamped group).
   void backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, const T* kl_weights,
                 const std::function<void(size_t)>& grads_ready = {});
+  // The importance-weighted bound (Burda et al. 2015) with k = iw_samples() samples per
+  // input: eps (rows*k, L), sample i of input r in row r*k + i. The encoder runs once per
+  // input, the decoder once per sample. With log w = -(nll + beta (log q - log p)) per
+  // sample, iw_bound()[r] = -log (1/k sum_i w_ri) (beta 1: the IWAE bound; below 1, a
+  // KL warm-up's tempered one); iw_rec()[r] is the mean nll over the samples and kl()[r]
+  // the closed-form KL, so iw_rec + kl is the usual one-sample ELBO's expectation.
+  void forward_iw(const T* params, const T* x, const T* eps, int rows, T beta,
+                  const std::function<void(size_t)>& params_needed = {});
+  // grads += d/dparams [ rec_weight * sum_r iw_bound[r] ] for the last forward_iw (same
+  // arguments). dreg: the encoder gets the doubly reparameterized gradient estimator
+  // (Tucker et al. 2018) instead of the plain reparameterized one; the decoder's
+  // gradient is the same either way. grads_ready as in backward.
+  void backward_iw(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T beta, bool dreg,
+                   const std::function<void(size_t)>& grads_ready = {});
   // Encoder only: x (rows, D) -> mulv() (rows, 2L) = [mu | logvar]. params_needed as in forward.
   void encode(const T* params, const T* x, int rows, const std::function<void(size_t)>& params_needed = {});
   // Decoder only: z (rows, L) -> decoder output (rows, output_width).
   void decode(const T* params, const T* z, int rows);
 
   // Results of the last pass, in backend memory.
-  const T* rec() const { return m_rec.data(); }
+  const T* rec() const { return m_rec.data(); }  // after forward_iw: (rows*k), per sample
   const T* kl() const { return m_kl.data(); }
   const T* mulv() const { return m_enc_acts.back().out(); }  // (rows, 2L) = [mu | logvar]
   const T* z() const { return m_z.data(); }                     // (rows, L)
-  const T* output() const { return m_dec_acts.back().out(); }   // (rows, output_width)
+  const T* output() const { return m_dec_acts.back().out(); }   // (rows, output_width); forward_iw: rows*k
+  const T* iw_bound() const { return m_bound.data(); }          // (rows), after forward_iw
+  const T* iw_rec() const { return m_rec_mean.data(); }         // (rows), after forward_iw
 
  private:
   // One layer: in -> pre-activation (m_pre[i]) -> output (m_act[i], or pre itself when
@@ -155,14 +174,24 @@ class Vae {
   // g holds d(output) on entry and d(pre-activation) after; din (may be null) gets d(input).
   void layer_backward(const Layer& l, const T* params, T* grads, const T* in, int rows, Acts& a, T* g, T* din);
   void decoder_forward(const T* params, const T* z, int rows, const std::function<void(size_t)>& params_needed = {});
-  std::vector<Acts> make_acts(const std::vector<Layer>& layers);
+  // The layers' backward passes: g holds d(output) on entry; the result (dz for the
+  // decoder) is in the returned buffer, the other one is free.
+  T* decoder_backward(const T* params, T* grads, int rows, T* g, T* h, const std::function<void(size_t)>& grads_ready);
+  void encoder_backward(const T* params, T* grads, const T* x, int rows, T* g, T* h,
+                        const std::function<void(size_t)>& grads_ready);
+  std::vector<Acts> make_acts(const std::vector<Layer>& layers, size_t rows);
 
   const VaeLayout& m_layout;
   Backend<T>& m_be;
   int m_max_rows;
+  int m_k;  // importance samples per input the workspaces hold (0: none)
   std::vector<Acts> m_enc_acts, m_dec_acts;  // per layer; the last encoder one is [mu | logvar]
-  Buffer<T> m_z;              // (rows, L)
-  Buffer<T> m_rec, m_kl;      // (rows)
+  Buffer<T> m_z;              // (rows, L), or (rows*k, L)
+  Buffer<T> m_rec, m_kl;      // (rows), or (rows*k) for rec
+  // Importance-weighted passes: the inputs repeated k times (rows*k, D), per sample
+  // log q - log p and normalized weights (rows*k), per input bound and mean nll (rows),
+  // and k values of 1/k (the mean as a GEMM against it).
+  Buffer<T> m_xk, m_log_ratio, m_weights, m_bound, m_rec_mean, m_mean_k;
   Buffer<T> m_kl_weights;     // (L): the scalar backward's weight, repeated
   Buffer<T> m_grad_a, m_grad_b;  // (rows, max width): activation gradients, ping-pong
 };

@@ -63,15 +63,20 @@ double MemoryEstimate::host_bytes() const {
   return s;
 }
 
-double vae_activation_bytes(const VaeLayout& layout, int64_t rows) {
+double vae_activation_bytes(const VaeLayout& layout, int64_t rows, int iw_samples) {
+  const double k = std::max(1, iw_samples);  // samples per input after the encoder
   double per_row = 0;  // floats
   for (const auto* list : {&layout.encoder(), &layout.decoder()})
     for (const Layer& l : *list) {
-      per_row += static_cast<double>(l.out.size()) * (l.act != Activation::Identity ? 2 : 1);
-      if (l.kind == LayerKind::GroupNorm) per_row += 2.0 * l.groups;
+      double n = static_cast<double>(l.out.size()) * (l.act != Activation::Identity ? 2 : 1);
+      if (l.kind == LayerKind::GroupNorm) n += 2.0 * l.groups;
+      per_row += list == &layout.decoder() ? k * n : n;
     }
-  per_row += layout.latent() + 2;                            // z, rec, kl
-  per_row += 2.0 * static_cast<double>(layout.max_width());  // activation gradients, ping-pong
+  per_row += k * (layout.latent() + 1) + 1;                      // z, rec; kl
+  per_row += k * 2.0 * static_cast<double>(layout.max_width());  // activation gradients, ping-pong
+  // Importance-weighted passes: repeated inputs, log-ratios and weights per sample,
+  // bound and mean nll per input, and the k-vector of 1/k.
+  if (iw_samples > 0) per_row += k * (layout.input_dim() + 2) + 2 + k / static_cast<double>(std::max<int64_t>(rows, 1));
   return per_row * static_cast<double>(rows) * kFloat;
 }
 
@@ -96,7 +101,7 @@ double conv_scratch_bytes(const VaeLayout& layout, int64_t rows) {
 }  // namespace
 
 MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, DeviceKind device, int optimizer_shards,
-                                     int64_t micro_rows) {
+                                     int64_t micro_rows, int iw_samples) {
   const double P = static_cast<double>(layout.num_params()), R = static_cast<double>(rows);
   // The model's buffers hold one micro-batch (train.accumulate); the host batch all of the rank's rows.
   const int64_t pass = micro_rows > 0 ? micro_rows : rows;
@@ -113,7 +118,8 @@ MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows, Devi
                        "model.encoder, model.decoder or model.latent",
                        (2 * P + 2 * std::ceil(P / optimizer_shards)) * kFloat, true});
   e.items.push_back({"activations for " + num(pass) + " rows per rank", rows_keys,
-                     vae_activation_bytes(layout, pass) + M * (D + L) * kFloat, true});
+                     vae_activation_bytes(layout, pass, iw_samples) + M * (D + L * std::max(1, iw_samples)) * kFloat,
+                     true});
   if (device == DeviceKind::Cpu && conv_scratch_bytes(layout, pass) > 0)
     e.items.push_back({"convolution scratch (im2col)", rows_keys, conv_scratch_bytes(layout, pass), true});
   // Two prepared batches, the pixels they come from, the per-sample losses.

@@ -45,17 +45,18 @@ struct MemoryEstimate {
 };
 
 // Activations of a Vae<float> for `rows` samples (per layer, z, losses, the activation
-// gradients), as Vae's constructor allocates them.
-double vae_activation_bytes(const VaeLayout& layout, int64_t rows);
+// gradients), as Vae's constructor allocates them; with iw_samples k > 0 the decoder's
+// side holds rows * k samples, plus the importance-weighted passes' buffers.
+double vae_activation_bytes(const VaeLayout& layout, int64_t rows, int iw_samples = 0);
 
 // One training replica with `rows_per_rank` rows of each global batch: parameters,
 // gradients and Adam's two moments (4 x P floats; the moments of 1/optimizer_shards of
 // the parameters with dist.shard_optimizer), the activations, the inputs and eps, the
 // host batch buffers, the host copies of the state for checkpoints and resume, and the
 // CPU convolution scratch. With accumulation the model's buffers hold one micro-batch
-// of `micro_rows` rows (0: all rows_per_rank in one pass).
+// of `micro_rows` rows (0: all rows_per_rank in one pass); iw_samples as above (loss.type iwae).
 MemoryEstimate estimate_train_memory(const VaeLayout& layout, int64_t rows_per_rank, DeviceKind device,
-                                     int optimizer_shards = 1, int64_t micro_rows = 0);
+                                     int optimizer_shards = 1, int64_t micro_rows = 0, int iw_samples = 0);
 
 // The parameters' moving average (optim.ema): one more (num_params) buffer in the
 // backend's memory, and its host copies for checkpoints and resume.

@@ -53,17 +53,19 @@ Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>&
       m_sync(make_sync(spec, comm, place, be, m_grads.data(), m_params.data(), m_n)),
       m_micro_rows(micro_rows(local_rows, spec.train.accumulate)),
       m_model(allocating(need.items[MemoryEstimate::kActivations], spec.source,
-                         [&] { return Vae<float>(layout, be, m_micro_rows); })),
+                         [&] { return Vae<float>(layout, be, m_micro_rows, iw_samples(spec.loss)); })),
       m_optim(allocating(need.items[MemoryEstimate::kModelState], spec.source,
                          [&] { return make_optimizer(spec.optim, be, m_n, *m_sync, comm); })),
       m_ema(spec.optim.ema > 0 ? allocating(ema_memory(layout), spec.source, [&] { return Buffer<float>(be, m_n); })
                                : Buffer<float>()),
+      m_iwae(spec.loss.type == LossType::Iwae),
+      m_eps_cols(m_latent * std::max(1, iw_samples(spec.loss))),
       m_x(be, static_cast<size_t>(m_micro_rows) * dim),
-      m_eps(be, static_cast<size_t>(m_micro_rows) * m_latent),
+      m_eps(be, static_cast<size_t>(m_micro_rows) * m_eps_cols),
       m_free_bits(spec.loss.free_bits > 0),
       m_kl_weights(be, m_free_bits ? static_cast<size_t>(m_latent) : 0),
       m_mulv_host(m_free_bits ? static_cast<size_t>(local_rows) * 2 * m_latent : 0),
-      m_losses(be, 2 * static_cast<size_t>(local_rows)),
+      m_losses(be, 3 * static_cast<size_t>(local_rows)),
       m_norm_with_losses(comm.size() == 1),
       m_squared_norm(be, 1),
       // auto: on for one GPU replica, where nothing overlaps with the backward pass and
@@ -116,26 +118,41 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     result.kl_clamped_dims = exchange_kl(0, g_rows, 0.0f).clamped_dims;  // the collective, without rows
   m_sync->begin(step);
   // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop, ranks whose
-  // gradient norm is over train.skip_threshold]
-  double local[5] = {0, 0, 0, stop_requested ? 1.0 : 0.0, 0};
+  // gradient norm is over train.skip_threshold, IWAE bound sum]
+  double local[6] = {0, 0, 0, stop_requested ? 1.0 : 0.0, 0, 0};
   if (rows > 0) {
     float* const rec = m_losses.data();
     float* const kl = rec + m_local_rows;
+    float* const bound = kl + m_local_rows;
     // Every micro-batch's losses are weighted by the whole global batch: their
     // gradients add up (+=) to the gradient of the full batch.
     const float w = 1.0f / static_cast<float>(g_rows), kw = static_cast<float>(beta) * w;
+    const float b = static_cast<float>(beta);
+    const bool dreg = m_spec.loss.dreg;
+    // The one-pass results: rec and KL per row, and for iwae the bound (rec is then the
+    // mean over the samples; the ELBO's pieces stay comparable with an elbo run's).
+    const auto download_losses = [&](int first, int n) {
+      be.download_async(rec + first, m_iwae ? m_model.iw_rec() : m_model.rec(), n);
+      be.download_async(kl + first, m_model.kl(), n);
+      if (m_iwae) be.download_async(bound + first, m_model.iw_bound(), n);
+    };
     if (graph_step) {  // the recorded step reads the whole slice (no accumulation with graphs)
       be.upload_async(m_x.data(), batch.x, static_cast<size_t>(rows) * m_dim);
       be.normal(m_spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first), rows,
-                m_latent, m_eps.data());
+                m_eps_cols, m_eps.data());
     }
     if (graph_step && !m_graph) {
       try {
         m_graph = be.capture([&model = m_model, &be = m_be, p = m_params.data(), g = m_grads.data(), xp = m_x.data(),
-                              ep = m_eps.data(), rows, w, kw, P] {
+                              ep = m_eps.data(), rows, w, kw, b, dreg, iwae = m_iwae, P] {
           be.fill(g, 0.0f, P);
-          model.forward(p, xp, ep, rows);
-          model.backward(p, g, xp, ep, rows, w, kw);
+          if (iwae) {
+            model.forward_iw(p, xp, ep, rows, b);
+            model.backward_iw(p, g, xp, ep, rows, w, b, dreg);
+          } else {
+            model.forward(p, xp, ep, rows);
+            model.backward(p, g, xp, ep, rows, w, kw);
+          }
         });
       } catch (const Error& e) {
         // A driver or library that cannot record the step costs speed, not the run.
@@ -147,8 +164,7 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     if (graph_step && m_graph) {
       m_graph->launch();
       m_sync->ready_from(0);  // all buckets at once: a graph gives no per-layer hook for the overlap
-      be.download_async(rec, m_model.rec(), rows);
-      be.download_async(kl, m_model.kl(), rows);
+      download_losses(0, rows);
     } else {
       if (graph_step) be.fill(m_grads.data(), 0.0f, P);  // the recording would have zeroed them
       // This rank's rows in micro-batches of m_micro_rows (train.accumulate), in order.
@@ -163,23 +179,29 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
         const bool last = first + n == rows;
         be.upload_async(m_x.data(), batch.x + static_cast<size_t>(first) * m_dim, static_cast<size_t>(n) * m_dim);
         // eps keyed by the sample's position in the global batch: the same for any world size.
+        // iwae: the k samples of an input are columns of its row, keyed by its position too.
         be.normal(m_spec.seed, RngStream::Eps, static_cast<uint32_t>(step), static_cast<uint64_t>(batch.first + first),
-                  n, m_latent, m_eps.data());
-        m_model.forward(m_params.data(), m_x.data(), m_eps.data(), n,
-                        [this](size_t end) { m_sync->params_ready_until(end); });
+                  n, m_eps_cols, m_eps.data());
+        const auto needed = [this](size_t end) { m_sync->params_ready_until(end); };
         const auto ready = [this](size_t offset) { m_sync->ready_from(offset); };
-        if (m_free_bits) {
-          result.kl_clamped_dims = exchange_kl(n, g_rows, kw).clamped_dims;
-          m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, m_kl_weights.data(),
-                           ready);
-        } else if (last) {
-          m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw, ready);
+        const auto no_hook = std::function<void(size_t)>();
+        if (m_iwae) {
+          m_model.forward_iw(m_params.data(), m_x.data(), m_eps.data(), n, b, needed);
+          m_model.backward_iw(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, b, dreg,
+                              last ? ready : no_hook);
         } else {
-          m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw);
+          m_model.forward(m_params.data(), m_x.data(), m_eps.data(), n, needed);
+          if (m_free_bits) {
+            result.kl_clamped_dims = exchange_kl(n, g_rows, kw).clamped_dims;
+            m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, m_kl_weights.data(),
+                             ready);
+          } else {
+            m_model.backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw,
+                             last ? ready : no_hook);
+          }
         }
         // Ordered before the next micro-batch's forward overwrites the losses.
-        be.download_async(rec + first, m_model.rec(), n);
-        be.download_async(kl + first, m_model.kl(), n);
+        download_losses(first, n);
       }
     }
     if (m_norm_with_losses) be.sum_squares_async(P, m_grads.data(), m_squared_norm.data());
@@ -188,8 +210,9 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     for (int r = 0; r < rows; ++r) {
       local[0] += rec[r];
       local[1] += kl[r];
+      if (m_iwae) local[5] += bound[r];
     }
-    if (!std::isfinite(local[0]) || !std::isfinite(local[1])) local[2] = 1;
+    if (!std::isfinite(local[0]) || !std::isfinite(local[1]) || !std::isfinite(local[5])) local[2] = 1;
   }
   result.nonfinite_here = local[2] > 0;
   sync_and_update(lr, local, result);
@@ -197,6 +220,7 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
   if (has_ema() && std::isfinite(result.grad_norm) && !result.over_threshold) update_ema();
   result.rec = local[0];
   result.kl = local[1];
+  result.iw_bound = local[5];
   result.nonfinite_ranks = static_cast<int>(local[2]);
   result.stop_ranks = static_cast<int>(local[3]);
   return result;
@@ -213,12 +237,12 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
 // optimizer updates this rank's slice, and the all-gather of the parameters starts
 // here, finishing during the next forward pass (params_ready_until). A skipped update
 // changes no slice, so nothing needs gathering.
-void Replica::sync_and_update(double lr, double sums[5], StepResult& result) {
+void Replica::sync_and_update(double lr, double sums[6], StepResult& result) {
   m_sync->finish();  // a rank without rows this step still joins every bucket's reduction
   const double squared = m_norm_with_losses ? *m_squared_norm.data() : m_optim.squared_norm(m_grads.data());
   const double norm = std::sqrt(squared), threshold = m_spec.train.skip_threshold;
   sums[4] = threshold > 0 && std::isfinite(norm) && norm > threshold ? 1.0 : 0.0;
-  m_comm.allreduce_sum(sums, 5);
+  m_comm.allreduce_sum(sums, 6);
   if (sums[2] != 0) return;  // a loss not finite: no norm, no update (grad_norm stays NaN)
   result.grad_norm = norm;
   result.over_threshold = sums[4] != 0;

@@ -31,6 +31,7 @@ namespace elbo {
 // What all ranks agree on after one step (the same on every rank, except nonfinite_here).
 struct StepResult {
   double rec = 0, kl = 0;        // loss sums over the global batch
+  double iw_bound = 0;           // loss.type iwae: the importance-weighted bound's sum (at the step's beta)
   int nonfinite_ranks = 0;       // ranks whose loss was not finite
   bool nonfinite_here = false;   // this rank is one of them
   int stop_ranks = 0;            // ranks asked to stop before this step
@@ -99,8 +100,8 @@ class Replica {
  private:
   // The one place where the replicas' gradients become an update (see replica.cpp).
   // Fills result's grad_norm and over_threshold; `sums` are this rank's [rec, KL,
-  // non-finite, stop, over threshold], the sums over the ranks on return.
-  void sync_and_update(double lr, double sums[5], StepResult& result);
+  // non-finite, stop, over threshold, IWAE bound], the sums over the ranks on return.
+  void sync_and_update(double lr, double sums[6], StepResult& result);
   // Free bits: every rank (also one without rows this step) joins the all-reduce of the
   // per-dimension KL sums of the forward pass just run on `rows` rows; the result's
   // per-dimension weights (kl_weight where unclamped) go to m_kl_weights.
@@ -121,12 +122,14 @@ class Replica {
   Vae<float> m_model;                     // activations for m_micro_rows rows
   Adam<float> m_optim;                    // moments (m_n) each, or this rank's slice when sharded
   Buffer<float> m_ema;                    // (m_n) with optim.ema > 0, else empty
-  Buffer<float> m_x, m_eps;               // (m_micro_rows, m_dim), (m_micro_rows, m_latent)
+  const bool m_iwae;                      // loss.type: iwae
+  const int m_eps_cols;                   // eps per input: m_latent, times loss.samples for iwae
+  Buffer<float> m_x, m_eps;               // (m_micro_rows, m_dim), (m_micro_rows, m_eps_cols)
   const bool m_free_bits;                 // loss.free_bits > 0
   Buffer<float> m_kl_weights;             // (m_latent) free bits: per-dimension KL weights of the backward
   std::vector<float> m_mulv_host;         // (m_local_rows, 2 m_latent) free bits: [mu | logvar] on the host
   // The per-sample losses come back in pinned memory: two copies, one wait.
-  HostBuffer<float, float> m_losses;      // (2, m_local_rows): rec, then KL
+  HostBuffer<float, float> m_losses;      // (3, m_local_rows): rec, KL, then the IWAE bound (iwae)
   // With one rank the gradients are final when backward ends: their norm comes back
   // with the losses, and the optimizer step needs no wait of its own.
   const bool m_norm_with_losses;

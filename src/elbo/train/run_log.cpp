@@ -23,7 +23,7 @@ namespace {
 // metrics.csv's columns; new ones go at the end so that column numbers stay valid.
 constexpr const char* kMetricsHeader =
     "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s,test_neg_elbo,test_rec,test_kl,"
-    "skipped_steps,kl_clamped_dims";
+    "skipped_steps,kl_clamped_dims,neg_iwae";
 
 // Appended for a likelihood of 8-bit pixels: the interval's and the test -ELBO in bits/dim.
 constexpr const char* kBitsPerDimColumns = ",neg_elbo_bpd,test_neg_elbo_bpd";
@@ -284,6 +284,7 @@ void RunLog::count(const StepResult& r, int64_t global_rows, double data_wait_s)
   }
   m_iv.rec += r.rec;
   m_iv.kl += r.kl;
+  m_iv.iw_bound += r.iw_bound;
   m_iv.samples += static_cast<double>(global_rows);
   m_iv.grad_norm += r.grad_norm;
   if (r.kl_clamped_dims >= 0) m_iv.kl_clamped_dims += r.kl_clamped_dims;
@@ -297,7 +298,7 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
     if (m_root) {
       std::ostringstream row;
       row << step << "," << epoch + 1 << "," << st.samples_seen << ",,,," << beta << "," << lr << ",,,"
-          << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ","
+          << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",,"
           << (m_bpd_dim > 0 ? ",," : "") << "\n";
       write_row(row.str());
     }
@@ -315,10 +316,16 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
   // stays the true KL, so this says how much of it the objective floored).
   const bool free_bits = m_spec.loss.free_bits > 0;
   const double clamped = m_iv.kl_clamped_dims / static_cast<double>(m_iv.steps);
+  // loss.type iwae: the bound it trains (at the step's beta), per sample; rec and kl stay
+  // the ELBO's (mean nll over the samples, closed-form KL), comparable with an elbo run.
+  const bool iwae = m_spec.loss.type == LossType::Iwae;
+  const double neg_iwae = m_iv.iw_bound / m_iv.samples;
   if (m_root) {
-    char clamp_note[64] = "", bpd_note[48] = "";
+    char note[64] = "", bpd_note[48] = "";
     if (free_bits)
-      std::snprintf(clamp_note, sizeof(clamp_note), " | clamped %.3g/%d", clamped, m_spec.model.latent);
+      std::snprintf(note, sizeof(note), " | clamped %.3g/%d", clamped, m_spec.model.latent);
+    if (iwae)
+      std::snprintf(note, sizeof(note), " | -iwae(k=%d) %.3f", m_spec.loss.samples, neg_iwae);
     if (m_bpd_dim > 0) std::snprintf(bpd_note, sizeof(bpd_note), " = %.4f bits/dim", bits_per_dim(r + k, m_bpd_dim));
     char line[440];
     std::snprintf(line, sizeof(line),
@@ -326,7 +333,7 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
                   "|g| %.3g | %.0f samples/s | eta %s | data wait %.0f%%\n",
                   static_cast<long long>(epoch + 1), static_cast<long long>(m_spec.train.epochs),
                   static_cast<long long>(step), static_cast<long long>(m_total_steps), r + k, bpd_note, r, k, beta,
-                  clamp_note, lr, m_iv.grad_norm / static_cast<double>(m_iv.steps), rate, hms(eta).c_str(),
+                  note, lr, m_iv.grad_norm / static_cast<double>(m_iv.steps), rate, hms(eta).c_str(),
                   100.0 * std::min(1.0, m_iv.data_s / std::max(secs, 1e-9)));
     clear_bar();
     m_log << line << std::flush;
@@ -341,6 +348,8 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
       len += std::snprintf(row + len, sizeof(row) - len, ",,,");
     len += std::snprintf(row + len, sizeof(row) - len, "%lld,", static_cast<long long>(st.skipped_steps));
     if (free_bits) len += std::snprintf(row + len, sizeof(row) - len, "%.6g", clamped);
+    if (iwae) len += std::snprintf(row + len, sizeof(row) - len, ",%.6f", neg_iwae);
+    else len += std::snprintf(row + len, sizeof(row) - len, ",");
     if (m_bpd_dim > 0) {
       len += std::snprintf(row + len, sizeof(row) - len, ",%.6f,", bits_per_dim(r + k, m_bpd_dim));
       if (eval != nullptr) len += std::snprintf(row + len, sizeof(row) - len, "%.6f", bits_per_dim(eval->neg_elbo, m_bpd_dim));

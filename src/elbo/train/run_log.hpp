@@ -107,6 +107,7 @@ class RunLog {
   struct Interval {
     double rec = 0, kl = 0, samples = 0, grad_norm = 0;
     double kl_clamped_dims = 0;  // free bits: summed over the applied steps
+    double iw_bound = 0;         // loss.type iwae: the bound's sum over the applied steps' samples
     int64_t steps = 0;
     int64_t skipped = 0;  // steps dropped by train.on_nonfinite: skip
     double data_s = 0;    // rank 0's time spent getting batches ready (the step waits for it)

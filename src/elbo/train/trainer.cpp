@@ -132,7 +132,7 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   collectively(comm, [&] {
     plan = plan_steps(spec, data.n, world);
     need = estimate_train_memory(layout, local_rows, place.device, spec.dist.shard_optimizer ? world : 1,
-                                 local_rows / spec.train.accumulate);
+                                 local_rows / spec.train.accumulate, iw_samples(spec.loss));
     if (spec.optim.ema > 0) add_ema_memory(need, layout);
     if (data.test)
       add_eval_memory(need, layout, data::rank_slice(data.test->size(), rank, world).count, spec.eval.iw_samples,

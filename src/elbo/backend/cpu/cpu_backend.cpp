@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 
 #include "elbo/backend/dlm_math.hpp"
@@ -244,6 +245,93 @@ void CpuBackend<T>::posterior_log_ratio(int rows, int latent, const T* mulv, con
     double acc = 0;
     for (int j = 0; j < latent; ++j) acc += -0.5 * (double(e[j]) * e[j] + lv[j]) + 0.5 * double(zr[j]) * zr[j];
     out[r] = static_cast<T>(acc);
+  }
+}
+
+template <class T>
+void CpuBackend<T>::repeat_rows(int rows, int cols, int k, const T* in, T* out) {
+  for (int r = 0; r < rows; ++r)
+    for (int i = 0; i < k; ++i)
+      std::copy_n(in + static_cast<size_t>(r) * cols, cols, out + (static_cast<size_t>(r) * k + i) * cols);
+}
+
+template <class T>
+void CpuBackend<T>::iw_posterior_forward(int rows, int k, int latent, const T* mulv, const T* eps, T* z,
+                                         T* log_ratio) {
+  for (int r = 0; r < rows; ++r) {
+    const T* mu = mulv + static_cast<size_t>(r) * 2 * latent;
+    const T* lv = mu + latent;
+    for (int i = 0; i < k; ++i) {
+      const size_t row = static_cast<size_t>(r) * k + i;
+      const T* e = eps + row * latent;
+      T* zr = z + row * latent;
+      // log q = -0.5 sum(eps^2 + logvar + log 2pi), log p = -0.5 sum(z^2 + log 2pi): 2pi cancels.
+      T acc = 0;
+      for (int j = 0; j < latent; ++j) {
+        zr[j] = mu[j] + std::exp(T(0.5) * lv[j]) * e[j];
+        acc += T(0.5) * (zr[j] * zr[j] - e[j] * e[j] - lv[j]);
+      }
+      log_ratio[row] = acc;
+    }
+  }
+}
+
+template <class T>
+void CpuBackend<T>::iw_weights(int rows, int k, T beta, const T* nll, const T* log_ratio, T* bound, T* weights) {
+  for (int r = 0; r < rows; ++r) {
+    const size_t o = static_cast<size_t>(r) * k;
+    T top = -std::numeric_limits<T>::infinity();
+    for (int i = 0; i < k; ++i) top = std::max(top, -(nll[o + i] + beta * log_ratio[o + i]));
+    T sum = 0;
+    for (int i = 0; i < k; ++i) {
+      weights[o + i] = std::exp(-(nll[o + i] + beta * log_ratio[o + i]) - top);
+      sum += weights[o + i];
+    }
+    for (int i = 0; i < k; ++i) weights[o + i] /= sum;
+    bound[r] = -(top + std::log(sum / static_cast<T>(k)));
+  }
+}
+
+template <class T>
+void CpuBackend<T>::scale_rows(int rows, int cols, const T* row_scale, T s, T* x) {
+  for (int r = 0; r < rows; ++r) {
+    const T f = s * row_scale[r];
+    T* xr = x + static_cast<size_t>(r) * cols;
+    for (int c = 0; c < cols; ++c) xr[c] *= f;
+  }
+}
+
+template <class T>
+void CpuBackend<T>::iw_posterior_backward(int rows, int k, int latent, const T* mulv, const T* eps, const T* z,
+                                          const T* dz, const T* weights, T s_beta, bool dreg, T* dmulv) {
+  for (int r = 0; r < rows; ++r) {
+    const T* mu = mulv + static_cast<size_t>(r) * 2 * latent;
+    const T* lv = mu + latent;
+    T* dmu = dmulv + static_cast<size_t>(r) * 2 * latent;
+    T* dlv = dmu + latent;
+    std::fill_n(dmu, 2 * latent, T(0));
+    for (int i = 0; i < k; ++i) {
+      const size_t row = static_cast<size_t>(r) * k + i;
+      const T w = weights[row];
+      const T* e = eps + row * latent;
+      const T* zr = z + row * latent;
+      const T* g = dz + row * latent;
+      for (int j = 0; j < latent; ++j) {
+        const T sd = std::exp(T(0.5) * lv[j]);
+        // a = d(loss)/dz_j for this sample, as the estimator defines it.
+        T a;
+        if (dreg) {
+          // -log w with q's parameters held: d/dz [nll + beta (log q - log p)] = dnll/dz + beta (z - eps/sd).
+          a = w * g[j] + s_beta * w * w * (zr[j] - e[j] / sd);
+        } else {
+          a = g[j] + s_beta * w * zr[j];
+        }
+        dmu[j] += a;
+        dlv[j] += a * e[j] * T(0.5) * sd;
+        // reparam: log q = -(eps^2 + logvar)/2 at fixed eps also depends on logvar directly.
+        if (!dreg) dlv[j] -= s_beta * w * T(0.5);
+      }
+    }
   }
 }
 

@@ -44,6 +44,12 @@ class CpuBackend final : public Backend<T> {
   void posterior_backward(int rows, int latent, const T* mulv, const T* eps, const T* dz, const T* kl_weights,
                           T* dmulv) override;
   void posterior_log_ratio(int rows, int latent, const T* mulv, const T* eps, const T* z, T* out) override;
+  void repeat_rows(int rows, int cols, int k, const T* in, T* out) override;
+  void iw_posterior_forward(int rows, int k, int latent, const T* mulv, const T* eps, T* z, T* log_ratio) override;
+  void iw_weights(int rows, int k, T beta, const T* nll, const T* log_ratio, T* bound, T* weights) override;
+  void scale_rows(int rows, int cols, const T* row_scale, T s, T* x) override;
+  void iw_posterior_backward(int rows, int k, int latent, const T* mulv, const T* eps, const T* z, const T* dz,
+                             const T* weights, T s_beta, bool dreg, T* dmulv) override;
   void likelihood_forward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x,
                           T* nll) override;
   void likelihood_backward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x, T weight,

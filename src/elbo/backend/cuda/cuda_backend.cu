@@ -91,6 +91,77 @@ __global__ void posterior_ratio_kernel(int rows, int L, const float* mulv, const
   out[r] = static_cast<float>(acc);
 }
 
+__global__ void repeat_rows_kernel(int rows, int cols, int k, const float* in, float* out) {
+  size_t n = size_t(rows) * k * cols;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    size_t row = i / cols, c = i % cols;
+    out[i] = in[(row / k) * cols + c];
+  }
+}
+
+// One thread per sample (row r*k + i), as posterior_fwd_kernel.
+__global__ void iw_posterior_fwd_kernel(int rows, int k, int L, const float* mulv, const float* eps, float* z,
+                                        float* log_ratio) {
+  const size_t n = size_t(rows) * k;
+  for (size_t row = blockIdx.x * size_t(blockDim.x) + threadIdx.x; row < n; row += size_t(gridDim.x) * blockDim.x) {
+    const float* mu = mulv + (row / k) * 2 * L;
+    const float* lv = mu + L;
+    const float* e = eps + row * L;
+    float* zr = z + row * L;
+    float acc = 0.0f;
+    for (int j = 0; j < L; ++j) {
+      zr[j] = mu[j] + expf(0.5f * lv[j]) * e[j];
+      acc += 0.5f * (zr[j] * zr[j] - e[j] * e[j] - lv[j]);
+    }
+    log_ratio[row] = acc;
+  }
+}
+
+// One thread per input: its k samples in order, as the CPU loop (k is small).
+__global__ void iw_weights_kernel(int rows, int k, float beta, const float* nll, const float* log_ratio, float* bound,
+                                  float* weights) {
+  for (size_t r = blockIdx.x * size_t(blockDim.x) + threadIdx.x; r < size_t(rows); r += size_t(gridDim.x) * blockDim.x) {
+    const size_t o = r * k;
+    float top = -INFINITY;
+    for (int i = 0; i < k; ++i) top = fmaxf(top, -(nll[o + i] + beta * log_ratio[o + i]));
+    float sum = 0.0f;
+    for (int i = 0; i < k; ++i) {
+      weights[o + i] = expf(-(nll[o + i] + beta * log_ratio[o + i]) - top);
+      sum += weights[o + i];
+    }
+    for (int i = 0; i < k; ++i) weights[o + i] /= sum;
+    bound[r] = -(top + logf(sum / static_cast<float>(k)));
+  }
+}
+
+__global__ void scale_rows_kernel(int rows, int cols, const float* row_scale, float s, float* x) {
+  size_t n = size_t(rows) * cols;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    x[i] *= s * row_scale[i / cols];
+}
+
+// One thread per (input, latent dimension): the sum over its k samples in order.
+__global__ void iw_posterior_bwd_kernel(int rows, int k, int L, const float* mulv, const float* eps, const float* z,
+                                        const float* dz, const float* weights, float s_beta, bool dreg,
+                                        float* dmulv) {
+  const size_t n = size_t(rows) * L;
+  for (size_t t = blockIdx.x * size_t(blockDim.x) + threadIdx.x; t < n; t += size_t(gridDim.x) * blockDim.x) {
+    const size_t r = t / L, j = t % L;
+    const float sd = expf(0.5f * mulv[r * 2 * L + L + j]);
+    float dmu = 0.0f, dlv = 0.0f;
+    for (int i = 0; i < k; ++i) {
+      const size_t row = r * k + i;
+      const float w = weights[row], e = eps[row * L + j], zz = z[row * L + j], g = dz[row * L + j];
+      const float a = dreg ? w * g + s_beta * w * w * (zz - e / sd) : g + s_beta * w * zz;
+      dmu += a;
+      dlv += a * e * 0.5f * sd;
+      if (!dreg) dlv -= s_beta * w * 0.5f;
+    }
+    dmulv[r * 2 * L + j] = dmu;
+    dmulv[r * 2 * L + L + j] = dlv;
+  }
+}
+
 // One block per row: per-pixel terms summed in shared memory.
 __global__ void likelihood_fwd_kernel(int lik, float sigma, int dim, const float* out, const float* x, float* nll) {
   __shared__ float partial[kThreads];
@@ -470,6 +541,45 @@ void CudaBackend::posterior_log_ratio(int rows, int latent, const float* mulv, c
                                       float* out) {
   posterior_ratio_kernel<<<blocks_for(rows), kThreads, 0, m_state->stream>>>(rows, latent, mulv, eps, z, out);
   CHECK_LAUNCH(posterior_ratio_kernel);
+}
+
+void CudaBackend::repeat_rows(int rows, int cols, int k, const float* in, float* out) {
+  const size_t n = size_t(rows) * k * cols;
+  if (n == 0) return;
+  repeat_rows_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(rows, cols, k, in, out);
+  CHECK_LAUNCH(repeat_rows_kernel);
+}
+
+void CudaBackend::iw_posterior_forward(int rows, int k, int latent, const float* mulv, const float* eps, float* z,
+                                       float* log_ratio) {
+  const size_t n = size_t(rows) * k;
+  if (n == 0) return;
+  iw_posterior_fwd_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(rows, k, latent, mulv, eps, z, log_ratio);
+  CHECK_LAUNCH(iw_posterior_fwd_kernel);
+}
+
+void CudaBackend::iw_weights(int rows, int k, float beta, const float* nll, const float* log_ratio, float* bound,
+                             float* weights) {
+  if (rows == 0) return;
+  iw_weights_kernel<<<blocks_for(rows), kThreads, 0, m_state->stream>>>(rows, k, beta, nll, log_ratio, bound, weights);
+  CHECK_LAUNCH(iw_weights_kernel);
+}
+
+void CudaBackend::scale_rows(int rows, int cols, const float* row_scale, float s, float* x) {
+  const size_t n = size_t(rows) * cols;
+  if (n == 0) return;
+  scale_rows_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(rows, cols, row_scale, s, x);
+  CHECK_LAUNCH(scale_rows_kernel);
+}
+
+void CudaBackend::iw_posterior_backward(int rows, int k, int latent, const float* mulv, const float* eps,
+                                        const float* z, const float* dz, const float* weights, float s_beta, bool dreg,
+                                        float* dmulv) {
+  const size_t n = size_t(rows) * latent;
+  if (n == 0) return;
+  iw_posterior_bwd_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(rows, k, latent, mulv, eps, z, dz, weights,
+                                                                          s_beta, dreg, dmulv);
+  CHECK_LAUNCH(iw_posterior_bwd_kernel);
 }
 
 void CudaBackend::likelihood_forward(Likelihood lik, float sigma, int rows, int dim, const float* out, const float* x,

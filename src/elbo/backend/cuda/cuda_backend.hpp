@@ -73,6 +73,14 @@ class CudaBackend final : public Backend<float> {
                           const float* kl_weights, float* dmulv) override;
   void posterior_log_ratio(int rows, int latent, const float* mulv, const float* eps, const float* z,
                            float* out) override;
+  void repeat_rows(int rows, int cols, int k, const float* in, float* out) override;
+  void iw_posterior_forward(int rows, int k, int latent, const float* mulv, const float* eps, float* z,
+                            float* log_ratio) override;
+  void iw_weights(int rows, int k, float beta, const float* nll, const float* log_ratio, float* bound,
+                  float* weights) override;
+  void scale_rows(int rows, int cols, const float* row_scale, float s, float* x) override;
+  void iw_posterior_backward(int rows, int k, int latent, const float* mulv, const float* eps, const float* z,
+                             const float* dz, const float* weights, float s_beta, bool dreg, float* dmulv) override;
   void likelihood_forward(Likelihood lik, float sigma, int rows, int dim, const float* out, const float* x,
                           float* nll) override;
   void likelihood_backward(Likelihood lik, float sigma, int rows, int dim, const float* out, const float* x,
