@@ -12,6 +12,10 @@
 
 namespace elbo {
 
+// A negative log-likelihood of D 8-bit values in bits/dim, nats / (D ln 2): the unit
+// of PixelCNN++, NVAE and VDVAE.
+inline double bits_per_dim(double nats, int dim) { return nats / (dim * std::log(2.0)); }
+
 struct LikelihoodOp {
   Likelihood type = Likelihood::Bernoulli;
   double sigma = 1.0;
@@ -32,8 +36,6 @@ struct LikelihoodOp {
     if (is_dlm()) return dlm.out_width();
     return static_cast<size_t>(dim) * (type == Likelihood::GaussianLearned ? 2 : 1);
   }
-  // The nats -> bits/dim factor, 1 / (D ln 2): what the PixelCNN/VDVAE papers report.
-  double bits_per_dim(double nats) const { return nats / (dim * std::log(2.0)); }
 
   // nll[r] = -log p(x_r | out_r), nats.
   template <class T>

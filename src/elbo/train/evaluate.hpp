@@ -58,7 +58,7 @@ struct EvalResult {
   // mixture): bits/dim = nats / (D ln 2), the unit of PixelCNN++, NVAE, VDVAE. 0 = not
   // reported (a density or binarized data: not comparable).
   int dim = 0;  // D = C*H*W
-  double bits_per_dim(double nats) const { return dim > 0 ? nats / (dim * 0.69314718055994530942) : 0.0; }
+  double bits_per_dim(double nats) const { return dim > 0 ? elbo::bits_per_dim(nats, dim) : 0.0; }
   // KL(q(z_j|x) || N(0, 1)) of each latent dimension, nats, mean over the samples: sums
   // to `kl` (up to float rounding); near 0 for a collapsed unit.
   std::vector<double> kl_per_dim;

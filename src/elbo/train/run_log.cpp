@@ -28,8 +28,6 @@ constexpr const char* kMetricsHeader =
 // Appended for a likelihood of 8-bit pixels: the interval's and the test -ELBO in bits/dim.
 constexpr const char* kBitsPerDimColumns = ",neg_elbo_bpd,test_neg_elbo_bpd";
 
-double bits_per_dim(double nats, int dim) { return nats / (dim * std::log(2.0)); }
-
 std::string hms(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
   auto s = static_cast<long long>(seconds + 0.5);
