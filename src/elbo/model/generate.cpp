@@ -32,7 +32,7 @@ std::vector<float> decode_means(const VaeLayout& layout, Backend<float>& be, con
   in_chunks(rows, [&](int first, int n) {
     be.upload(zd.data(), z + static_cast<size_t>(first) * L, static_cast<size_t>(n) * L);
     model.decode(params, zd.data(), n);
-    be.likelihood_mean(layout.spec().likelihood, n, D, model.output(), mean.data());
+    layout.likelihood().mean(be, n, model.output(), mean.data());
     be.download(out.data() + static_cast<size_t>(first) * D, mean.data(), static_cast<size_t>(n) * D);
   });
   return out;

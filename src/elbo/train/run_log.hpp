@@ -126,6 +126,10 @@ class RunLog {
   Clock::time_point m_t0 = Clock::now();
   int64_t m_first_step = 0, m_total_steps = 0;
   double m_last_neg_elbo = 0;
+  // Bits/dim for a likelihood of 8-bit pixels (EvalResult::dim): D, or 0 for the
+  // others, whose log lines and metrics.csv columns stay as they were.
+  int m_bpd_dim = 0;
+  std::string m_header;  // metrics.csv's columns for this run
 };
 
 }  // namespace elbo
