@@ -46,8 +46,6 @@ class VaeLayout final : public ModelLayout {
   // Width of the decoder output: D, 2D ([mean | logvar]) for a learned variance, or the
   // discretized logistic mixture's K*(1 + 2C + C(C-1)/2) values per pixel.
   int output_width() const override { return static_cast<int>(m_dec.back().out.size()); }
-  // The likelihood over this layout's input: the op every use of the decoder output calls.
-  LikelihoodOp likelihood() const { return LikelihoodOp(m_spec, m_input.c, m_input.h * m_input.w); }
   // Length of the flat buffers (the views plus alignment gaps between layers).
   size_t num_params() const override { return m_num_params; }
   // Trainable values: the sum of the views' sizes, what a user calls the model's size.
