@@ -58,7 +58,7 @@ TEST(Choices, EveryNameRoundTrips) {
   expect_table_round_trips<ModelType>(3);
   expect_table_round_trips<LayerType>(9);
   expect_table_round_trips<Activation>(4);
-  expect_table_round_trips<Likelihood>(3);
+  expect_table_round_trips<Likelihood>(4);  // with discretized_logistic_mixture
   expect_table_round_trips<OptimizerType>(2);
   expect_table_round_trips<LrSchedule>(2);
   expect_table_round_trips<NonfinitePolicy>(2);

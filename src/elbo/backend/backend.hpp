@@ -50,6 +50,21 @@ struct ConvShape {
   int out_w() const { return (w + 2 * pad - s) / stride + 1; }
 };
 
+// The discretized logistic mixture over 8-bit images (PixelCNN++, Salimans et al. 2017):
+// x (rows, C, hw) holds pixels as byte/255; the decoder output (rows, K * groups(), hw)
+// holds, per pixel, groups of K values: [logits | mean of channel c (C groups) |
+// log-scale of channel c (C groups) | coefficient (c, j) for j < c (C(C-1)/2 groups,
+// c-major)]. Channel c's mean is mean_c + sum_{j<c} tanh(coeff_cj) * x_j (PixelCNN++'s
+// autoregressive RGB: G depends on R, B on R and G). C is 1 to kMaxChannels.
+struct DlmShape {
+  static constexpr int kMaxChannels = 4;
+  int channels = 1, hw = 1, components = 1;
+  ELBO_HD int groups() const { return 1 + 2 * channels + channels * (channels - 1) / 2; }
+  ELBO_HD int out_channels() const { return components * groups(); }  // K*3 for C = 1, K*10 for C = 3
+  ELBO_HD int dim() const { return channels * hw; }
+  ELBO_HD size_t out_width() const { return static_cast<size_t>(out_channels()) * hw; }
+};
+
 // Work recorded once and launched again and again: a CUDA graph on the GPU (one
 // launch instead of one per kernel), the work itself on the CPU. The recorded work
 // reads the same buffers and the same scalar arguments at every launch.
@@ -211,6 +226,14 @@ class Backend {
                                    T weight, T* dout) = 0;
   // probs (rows x dim) = E[x|z]: sigmoid(logits) or the Gaussian mean.
   virtual void likelihood_mean(Likelihood lik, int rows, int dim, const T* out, T* mean) = 0;
+
+  // --- the discretized logistic mixture (DlmShape); the same contract as the likelihood ops ---
+  // nll[r] = -log P(x_r | out_r) summed over C*hw pixel values (nats).
+  virtual void dlm_forward(const DlmShape& s, int rows, const T* out, const T* x, T* nll) = 0;
+  // dout (rows, out_width, written) = weight * d nll / d out.
+  virtual void dlm_backward(const DlmShape& s, int rows, const T* out, const T* x, T weight, T* dout) = 0;
+  // mean (rows, C, hw): the mixture's mean pixel in [0, 1] (see dlm_math.hpp).
+  virtual void dlm_mean(const DlmShape& s, int rows, const T* out, T* mean) = 0;
 
   // --- optimizer and reductions over the flat buffers ---
   virtual void adam_step(const AdamArgs& args, size_t n, T* params, const T* grads, T* m, T* v) = 0;

@@ -66,11 +66,14 @@ inline constexpr Named<Activation> kActivationNames[] = {{Activation::Identity, 
 constexpr const auto& choices_of(Activation) { return kActivationNames; }
 
 // The decoder's output distribution. These names are stored in model files; the spec
-// spells them as model.likelihood {type, variance}.
-enum class Likelihood { Bernoulli, GaussianFixed, GaussianLearned };
-inline constexpr Named<Likelihood> kLikelihoodNames[] = {{Likelihood::Bernoulli, "bernoulli"},
-                                                         {Likelihood::GaussianFixed, "gaussian_fixed"},
-                                                         {Likelihood::GaussianLearned, "gaussian_learned"}};
+// spells them as model.likelihood {type, variance} ({type, components} for the
+// discretized logistic mixture of 8-bit pixels, PixelCNN++'s).
+enum class Likelihood { Bernoulli, GaussianFixed, GaussianLearned, DiscretizedLogisticMixture };
+inline constexpr Named<Likelihood> kLikelihoodNames[] = {
+    {Likelihood::Bernoulli, "bernoulli"},
+    {Likelihood::GaussianFixed, "gaussian_fixed"},
+    {Likelihood::GaussianLearned, "gaussian_learned"},
+    {Likelihood::DiscretizedLogisticMixture, "discretized_logistic_mixture"}};
 constexpr const auto& choices_of(Likelihood) { return kLikelihoodNames; }
 
 enum class OptimizerType { Adam, AdamW };

@@ -305,11 +305,13 @@ struct Section {
   std::vector<Key> keys;
 };
 
-// --- model.likelihood: {type, variance, sigma} spells the enum Likelihood ---
+// --- model.likelihood: {type, variance, sigma} or {type, components} spells the enum Likelihood ---
 
-enum class LikelihoodType { Bernoulli, Gaussian };
-inline constexpr Named<LikelihoodType> kLikelihoodTypeNames[] = {{LikelihoodType::Bernoulli, "bernoulli"},
-                                                                 {LikelihoodType::Gaussian, "gaussian"}};
+enum class LikelihoodType { Bernoulli, Gaussian, DiscretizedLogisticMixture };
+inline constexpr Named<LikelihoodType> kLikelihoodTypeNames[] = {
+    {LikelihoodType::Bernoulli, "bernoulli"},
+    {LikelihoodType::Gaussian, "gaussian"},
+    {LikelihoodType::DiscretizedLogisticMixture, "discretized_logistic_mixture"}};
 constexpr const auto& choices_of(LikelihoodType) { return kLikelihoodTypeNames; }
 
 enum class Variance { Fixed, Learned };
@@ -317,16 +319,31 @@ inline constexpr Named<Variance> kVarianceNames[] = {{Variance::Fixed, "fixed"},
 constexpr const auto& choices_of(Variance) { return kVarianceNames; }
 
 LikelihoodType type_of(Likelihood l) {
-  return l == Likelihood::Bernoulli ? LikelihoodType::Bernoulli : LikelihoodType::Gaussian;
+  return l == Likelihood::Bernoulli                    ? LikelihoodType::Bernoulli
+         : l == Likelihood::DiscretizedLogisticMixture ? LikelihoodType::DiscretizedLogisticMixture
+                                                       : LikelihoodType::Gaussian;
 }
 Variance variance_of(Likelihood l) { return l == Likelihood::GaussianLearned ? Variance::Learned : Variance::Fixed; }
 // A Bernoulli likelihood has no variance: a variance given with it is ignored.
 Likelihood likelihood_of(LikelihoodType t, Variance v) {
   if (t == LikelihoodType::Bernoulli) return Likelihood::Bernoulli;
+  if (t == LikelihoodType::DiscretizedLogisticMixture) return Likelihood::DiscretizedLogisticMixture;
   return v == Variance::Learned ? Likelihood::GaussianLearned : Likelihood::GaussianFixed;
+}
+bool is_dlm(Likelihood l) { return l == Likelihood::DiscretizedLogisticMixture; }
+
+// The discretized logistic mixture reads 8-bit pixel values; binarized inputs are only
+// its two edge bins and belong to the Bernoulli likelihood. data is read first.
+void check_pixels_for(Field& f, const ExperimentSpec& s) {
+  if (is_dlm(s.model.likelihood) && s.data.binarize)
+    f.fail("discretized_logistic_mixture models the 256 values of 8-bit pixels, but data.binarize is true (binarized "
+           "pixels are the bernoulli likelihood's data)");
 }
 
 // type is read before variance: a Gaussian keeps the variance read so far (fixed by default).
+// variance and sigma belong to the Gaussian, components to the discretized logistic
+// mixture: the dump writes a likelihood's own keys only (so the resolved specs of
+// Bernoulli and Gaussian runs read as before), and the other type's keys are refused.
 const std::vector<Key>& likelihood_keys() {
   static const std::vector<Key> keys = {
       {"type",
@@ -335,18 +352,41 @@ const std::vector<Key>& likelihood_keys() {
          LikelihoodType t = type_of(l);
          f.read(t);
          l = likelihood_of(t, variance_of(l));
+         check_pixels_for(f, s);
        },
        [](Out& o, const ExperimentSpec& s) { o.put(type_of(s.model.likelihood)); }},
       {"variance",
        [](Field& f, ExperimentSpec& s) {
          Likelihood& l = s.model.likelihood;
+         if (is_dlm(l) && f.r.has(f.key)) f.fail("applies to the gaussian likelihood, not discretized_logistic_mixture");
          Variance v = variance_of(l);
          f.read(v);
          l = likelihood_of(type_of(l), v);
        },
-       [](Out& o, const ExperimentSpec& s) { o.put(variance_of(s.model.likelihood)); }},
-      SectionKeys<ModelSpec>{&ExperimentSpec::model}.field(
-          "sigma", &ModelSpec::sigma, [](double v) { return v > 0; }, "must be > 0"),
+       [](Out& o, const ExperimentSpec& s) {
+         if (!is_dlm(s.model.likelihood)) o.put(variance_of(s.model.likelihood));
+       }},
+      {"sigma",
+       [](Field& f, ExperimentSpec& s) {
+         if (is_dlm(s.model.likelihood) && f.r.has(f.key))
+           f.fail("applies to the gaussian likelihood, not discretized_logistic_mixture");
+         f.read(s.model.sigma);
+         f.check(s.model.sigma > 0, "must be > 0", s.model.sigma);
+       },
+       [](Out& o, const ExperimentSpec& s) {
+         if (!is_dlm(s.model.likelihood)) o.put(s.model.sigma);
+       }},
+      {"components",
+       [](Field& f, ExperimentSpec& s) {
+         if (!is_dlm(s.model.likelihood) && f.r.has(f.key))
+           f.fail("applies to type discretized_logistic_mixture only (the mixture's K)");
+         f.read(s.model.components);
+         f.check(s.model.components >= 1 && s.model.components <= 256, "must be in [1, 256] (mixture components)",
+                 s.model.components);
+       },
+       [](Out& o, const ExperimentSpec& s) {
+         if (is_dlm(s.model.likelihood)) o.put(s.model.components);
+       }},
   };
   return keys;
 }
@@ -725,6 +765,7 @@ const std::vector<Section>& spec_sections() {
                       LikelihoodType t = LikelihoodType::Bernoulli;
                       f.read(t);
                       s.model.likelihood = likelihood_of(t, Variance::Fixed);
+                      check_pixels_for(f, s);
                     } else {
                       mapping(f.key, likelihood_keys()).read(f, s);
                     }

@@ -63,6 +63,7 @@ struct ModelSpec {
   int width = 32;
   int bottleneck = 16;
   std::vector<StageSpec> stages;
+  int components = 10;  // mixture components K of the discretized logistic mixture (PixelCNN++'s 10)
 };
 
 // The objective, and its KL term (optim/kl.hpp has the formulas).

@@ -32,7 +32,7 @@ std::vector<float> decode_means(const VaeLayout& layout, Backend<float>& be, con
   in_chunks(rows, [&](int first, int n) {
     be.upload(zd.data(), z + static_cast<size_t>(first) * L, static_cast<size_t>(n) * L);
     model.decode(params, zd.data(), n);
-    be.likelihood_mean(layout.spec().likelihood, n, D, model.output(), mean.data());
+    layout.likelihood().mean(be, n, model.output(), mean.data());
     be.download(out.data() + static_cast<size_t>(first) * D, mean.data(), static_cast<size_t>(n) * D);
   });
   return out;
@@ -50,7 +50,7 @@ std::vector<float> sample_from_prior(const ModelLayout& layout, Backend<float>& 
     // Keyed by the sample's index: the chunking does not change the draws.
     be.normal(seed, RngStream::Sample, 0, static_cast<uint64_t>(first), rows, static_cast<int>(E), eps.data());
     model->sample_prior(params, eps.data(), rows);
-    be.likelihood_mean(layout.spec().likelihood, rows, D, model->output(), mean.data());
+    layout.likelihood().mean(be, rows, model->output(), mean.data());
     be.download(out.data() + static_cast<size_t>(first) * D, mean.data(), static_cast<size_t>(rows) * D);
   });
   return out;
@@ -91,7 +91,7 @@ std::vector<float> reconstruct(const ModelLayout& layout, Backend<float>& be, co
   in_chunks(rows, [&](int first, int n) {
     be.upload(xd.data(), x + static_cast<size_t>(first) * D, static_cast<size_t>(n) * D);
     model->forward(params, xd.data(), eps.data(), n);
-    be.likelihood_mean(layout.spec().likelihood, n, D, model->output(), mean.data());
+    layout.likelihood().mean(be, n, model->output(), mean.data());
     be.download(out.data() + static_cast<size_t>(first) * D, mean.data(), static_cast<size_t>(n) * D);
   });
   return out;

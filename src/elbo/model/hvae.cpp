@@ -117,7 +117,8 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
     }
   }
   if (m_groups.empty()) throw config_error("model.stages: no stage has a latent group (groups >= 1)");
-  const int out_c = spec.likelihood == Likelihood::GaussianLearned ? 2 * m_input.c : m_input.c;
+  // The likelihood's values per pixel: C, 2C ([mean | logvar]) or the mixture's K*(1 + 2C + C(C-1)/2).
+  const int out_c = static_cast<int>(likelihood().output_width() / (static_cast<size_t>(m_input.h) * m_input.w));
   m_out = conv(TensorShape{W, m_input.h, m_input.w}, out_c, 1, Activation::Identity, "decoder.out");
 }
 
@@ -333,9 +334,7 @@ void Hvae<T>::forward(const T* params, const T* x, const T* eps, int rows,
   // Per-row sums over the groups as (rows, G) x ones(G).
   m_be.gemm(false, false, rows, 1, G, T(1), m_kl_groups.data(), G, m_ones.data(), 1, T(0), m_kl.data(), 1);
   m_be.gemm(false, false, rows, 1, G, T(1), m_ratio_groups.data(), G, m_ones.data(), 1, T(0), m_log_ratio.data(), 1);
-  const auto& s = L.spec();
-  m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), rows, L.input_dim(), m_output.data(), x,
-                          m_rec.data());
+  L.likelihood().forward(m_be, rows, m_output.data(), x, m_rec.data());
 }
 
 template <class T>
@@ -427,8 +426,7 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
   // Likelihood and decoder.out.
   const Layer& out = L.out();
   const int full_pos = L.input_shape().h * L.input_shape().w;
-  m_be.likelihood_backward(spec.likelihood, static_cast<T>(spec.sigma), rows, L.input_dim(), m_output.data(), x,
-                           rec_weight, A);
+  L.likelihood().backward(m_be, rows, m_output.data(), x, rec_weight, A);
   m_be.channel_bias_act_backward(Activation::Identity, rows, out.out.c, full_pos, m_output.data(), m_output.data(), A,
                                  A, grads + out.b);
   m_be.conv2d_backward_filter(out.conv(rows), m_final, A, grads + out.w);

@@ -15,6 +15,7 @@
 
 #include "elbo/backend/backend.hpp"
 #include "elbo/config/spec.hpp"
+#include "elbo/model/likelihood.hpp"
 
 namespace elbo {
 
@@ -44,6 +45,8 @@ class ModelLayout {
   virtual const ModelSpec& spec() const = 0;
   virtual const TensorShape& input_shape() const = 0;
   int input_dim() const { return static_cast<int>(input_shape().size()); }
+  // The likelihood over the input: the op every use of the decoder output calls.
+  LikelihoodOp likelihood() const { return LikelihoodOp(spec(), input_shape().c, input_shape().h * input_shape().w); }
   // Width of the decoder output: D, or 2D ([mean | logvar]) for a learned variance.
   virtual int output_width() const = 0;
   // Length of the flat buffers (the views plus alignment gaps).

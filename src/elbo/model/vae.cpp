@@ -42,6 +42,7 @@ VaeLayout::VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape)
   if (spec.type == ModelType::Hierarchical)
     throw model_error("model.type hierarchical: the trainer, evaluation and model files do not take hierarchical "
                       "models yet (the model itself: src/elbo/model/hvae.hpp, issue 15)");
+  (void)likelihood();  // refuses data the likelihood cannot model
   if (spec.latent < 1) throw model_error("model.latent must be >= 1 (got " + std::to_string(spec.latent) + ")");
   if (spec.type == ModelType::Conv)
     build_conv();
@@ -126,6 +127,8 @@ void VaeLayout::build_mlp() {
   }
   if (s.likelihood == Likelihood::GaussianLearned)
     add(m_dec, linear(in, 2 * D, Activation::Identity), {"decoder.out", "decoder.logvar"});
+  else if (s.likelihood == Likelihood::DiscretizedLogisticMixture)  // (K*groups, H, W) values, flat
+    add(m_dec, linear(in, static_cast<int>(likelihood().output_width()), Activation::Identity), {"decoder.out"});
   else
     add(m_dec, linear(in, D, Activation::Identity), {"decoder.out"});
 }
@@ -212,12 +215,21 @@ void VaeLayout::build_conv() {
   if (m_dec.empty()) throw config_error("model.decoder: the list has no layer with parameters");
   TensorShape want = m_input;
   if (s.likelihood == Likelihood::GaussianLearned) want.c *= 2;  // [mean | logvar] channels
+  std::string why;
+  if (s.likelihood == Likelihood::DiscretizedLogisticMixture) {
+    const DlmShape d = likelihood().dlm;
+    want.c = d.out_channels();
+    why = " (" + std::to_string(want.c) + " channels = components " + std::to_string(d.components) + " x (1 logit + " +
+          std::to_string(m_input.c) + " means + " + std::to_string(m_input.c) + " log-scales" +
+          (m_input.c > 1 ? " + " + std::to_string(d.groups() - 1 - 2 * m_input.c) + " channel coefficients" : "") +
+          "))";
+  }
   const Layer& last = m_dec.back();
   // A flat last layer of the right size is fine too: (n, C*H*W) is the same memory as NCHW.
   if (!(last.out == want) && !(last.kind == LayerKind::Linear && last.out.size() == want.size()))
     throw config_error("model.decoder: the last layer produces " + shape_text(last.out) + " per sample but the " +
                        choice_name(s.likelihood) + " likelihood of " + shape_text(m_input) + " data needs " +
-                       shape_text(want));
+                       shape_text(want) + why);
   if (last.act != Activation::Identity)
     throw config_error("model.decoder: the last layer must have no activation (it gives the likelihood's "
                        "parameters, e.g. Bernoulli logits)");
@@ -397,9 +409,7 @@ void Vae<T>::forward(const T* params, const T* x, const T* eps, int rows,
   const int L = m_layout.latent();
   m_be.posterior_forward(rows, L, mulv(), eps, m_z.data(), m_kl.data());
   decoder_forward(params, m_z.data(), rows, params_needed);
-  const auto& s = m_layout.spec();
-  m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), output(), x,
-                          m_rec.data());
+  m_layout.likelihood().forward(m_be, rows, output(), x, m_rec.data());
 }
 
 template <class T>
@@ -446,11 +456,9 @@ void Vae<T>::encoder_backward(const T* params, T* grads, const T* x, int rows, T
 template <class T>
 void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
                       const T* kl_weights, const std::function<void(size_t)>& grads_ready) {
-  const auto& s = m_layout.spec();
   T* g = m_grad_a.data();  // gradient w.r.t. the current layer's output
   T* h = m_grad_b.data();  // gradient w.r.t. its input (written next)
-  m_be.likelihood_backward(s.likelihood, static_cast<T>(s.sigma), rows, m_layout.input_dim(), output(), x,
-                           rec_weight, g);
+  m_layout.likelihood().backward(m_be, rows, output(), x, rec_weight, g);
   g = decoder_backward(params, grads, rows, g, h, grads_ready);
   h = g == m_grad_a.data() ? m_grad_b.data() : m_grad_a.data();
   // g = dz. Through the reparameterization and the KL term into (mu | logvar).
@@ -469,8 +477,7 @@ void Vae<T>::forward_iw(const T* params, const T* x, const T* eps, int rows, T b
   m_be.iw_posterior_forward(rows, k, L, mulv(), eps, m_z.data(), m_log_ratio.data());
   decoder_forward(params, m_z.data(), n, params_needed);
   m_be.repeat_rows(rows, D, k, x, m_xk.data());
-  const auto& s = m_layout.spec();
-  m_be.likelihood_forward(s.likelihood, static_cast<T>(s.sigma), n, D, output(), m_xk.data(), m_rec.data());
+  m_layout.likelihood().forward(m_be, n, output(), m_xk.data(), m_rec.data());
   m_be.iw_weights(rows, k, beta, m_rec.data(), m_log_ratio.data(), m_bound.data(), m_weights.data());
   // iw_rec (rows) = nll (rows, k) . (1/k, ..., 1/k)
   m_be.gemm(false, false, rows, 1, k, T(1), m_rec.data(), k, m_mean_k.data(), 1, T(0), m_rec_mean.data(), 1);
@@ -479,14 +486,12 @@ void Vae<T>::forward_iw(const T* params, const T* x, const T* eps, int rows, T b
 template <class T>
 void Vae<T>::backward_iw(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T beta,
                          bool dreg, const std::function<void(size_t)>& grads_ready) {
-  const auto& s = m_layout.spec();
   const int n = rows * m_k;
   T* g = m_grad_a.data();
   T* h = m_grad_b.data();
   // d(rec_weight * bound_r) / d nll_ri = rec_weight * w_ri: each sample's likelihood
   // gradient scaled by its normalized weight, then through the decoder as usual.
-  m_be.likelihood_backward(s.likelihood, static_cast<T>(s.sigma), n, m_layout.input_dim(), output(), m_xk.data(),
-                           rec_weight, g);
+  m_layout.likelihood().backward(m_be, n, output(), m_xk.data(), rec_weight, g);
   m_be.scale_rows(n, m_layout.output_width(), m_weights.data(), T(1), g);
   g = decoder_backward(params, grads, n, g, h, grads_ready);
   h = g == m_grad_a.data() ? m_grad_b.data() : m_grad_a.data();

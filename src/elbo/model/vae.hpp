@@ -12,6 +12,7 @@
 #include "elbo/backend/backend.hpp"
 #include "elbo/config/spec.hpp"
 #include "elbo/model/model.hpp"  // ModelLayout, Model, ParamView, TensorShape
+#include "elbo/model/likelihood.hpp"
 
 namespace elbo {
 
@@ -42,7 +43,8 @@ class VaeLayout final : public ModelLayout {
   const ModelSpec& spec() const override { return m_spec; }
   const TensorShape& input_shape() const override { return m_input; }
   int latent() const { return m_spec.latent; }
-  // Width of the decoder output: D, or 2D ([mean | logvar]) for a learned variance.
+  // Width of the decoder output: D, 2D ([mean | logvar]) for a learned variance, or the
+  // discretized logistic mixture's K*(1 + 2C + C(C-1)/2) values per pixel.
   int output_width() const override { return static_cast<int>(m_dec.back().out.size()); }
   // Length of the flat buffers (the views plus alignment gaps between layers).
   size_t num_params() const override { return m_num_params; }

@@ -94,7 +94,6 @@ EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const f
   // Each input's log-sum-exp of its K log-weights, accumulated chunk by chunk (running
   // max and the sum scaled to it): memory does not grow with K.
   std::vector<double> lse_max(xb), lse_sum(xb);
-  const auto& spec = layout.spec();
 
   if (K > 1 && opt.max_seconds > 0) {
     // Time the IWAE bound's unit of work, one pass of cap decoder rows (the faster of
@@ -109,8 +108,7 @@ EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const f
       for (int t = 0; t < 2; ++t) {
         const auto t0 = std::chrono::steady_clock::now();
         model.decode(params, z.data(), cap);
-        be.likelihood_forward(spec.likelihood, static_cast<float>(spec.sigma), cap, D, model.output(), x_rep.data(),
-                              rec_buf.data());
+        layout.likelihood().forward(be, cap, model.output(), x_rep.data(), rec_buf.data());
         be.synchronize();
         best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
@@ -191,8 +189,7 @@ EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const f
                     L, eps.data() + static_cast<size_t>(j) * rows * L);
         be.posterior_forward(nr, L, mulv_rep.data(), eps.data(), z.data(), kl_buf.data());
         model.decode(params, z.data(), nr);
-        be.likelihood_forward(spec.likelihood, static_cast<float>(spec.sigma), nr, D, model.output(), x_rep.data(),
-                              rec_buf.data());
+        layout.likelihood().forward(be, nr, model.output(), x_rep.data(), rec_buf.data());
         be.posterior_log_ratio(nr, L, mulv_rep.data(), eps.data(), z.data(), ratio.data());
         be.download(rec.data(), rec_buf.data(), nr);
         be.download(lr.data(), ratio.data(), nr);
@@ -226,6 +223,7 @@ EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const f
   out.iw_samples = K;
   out.iwae_nll = K > 0 ? sums[3] / denom : std::nan("");
   out.latent = L;
+  if (layout.likelihood().is_dlm()) out.dim = D;
   for (int j = 0; j < L; ++j) {
     const double mean = sums[4 + j] / denom;
     const double var = std::max(0.0, sums[4 + L + j] / denom - mean * mean);
@@ -237,10 +235,18 @@ EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const f
 
 std::string format_eval(const EvalResult& r) {
   char buf[256];
-  std::snprintf(buf, sizeof(buf), "test -ELBO %.4f nats (rec %.4f, KL %.4f)", r.neg_elbo, r.rec, r.kl);
+  auto bpd = [&](double nats) {
+    if (r.dim == 0) return std::string();
+    char b[48];
+    std::snprintf(b, sizeof(b), " = %.4f bits/dim", r.bits_per_dim(nats));
+    return std::string(b);
+  };
+  std::snprintf(buf, sizeof(buf), "test -ELBO %.4f nats%s (rec %.4f, KL %.4f)", r.neg_elbo, bpd(r.neg_elbo).c_str(),
+                r.rec, r.kl);
   std::string s = buf;
   if (r.iw_samples > 0) {
-    std::snprintf(buf, sizeof(buf), " | IWAE(k=%d) NLL %.4f nats", r.iw_samples, r.iwae_nll);
+    std::snprintf(buf, sizeof(buf), " | IWAE(k=%d) NLL %.4f nats%s", r.iw_samples, r.iwae_nll,
+                  bpd(r.iwae_nll).c_str());
     s += buf;
   }
   return s + " | active units " + std::to_string(r.active_units) + "/" + std::to_string(r.latent) + " | " +
@@ -276,6 +282,14 @@ std::string eval_yaml(const EvalResult& r, const std::string& model, const std::
   if (r.iw_samples > 0) {
     std::snprintf(buf, sizeof(buf), "iwae_nll: %.6f\n", r.iwae_nll);
     s += buf;
+  }
+  if (r.dim > 0) {  // 8-bit pixels: the same bounds in bits/dim, and the D they divide by
+    std::snprintf(buf, sizeof(buf), "dim: %d\nneg_elbo_bpd: %.6f\n", r.dim, r.bits_per_dim(r.neg_elbo));
+    s += buf;
+    if (r.iw_samples > 0) {
+      std::snprintf(buf, sizeof(buf), "iwae_bpd: %.6f\n", r.bits_per_dim(r.iwae_nll));
+      s += buf;
+    }
   }
   // A flow list on one line (YAML), next to active_units; %.9g keeps the float's digits.
   s += "kl_per_dim: [";

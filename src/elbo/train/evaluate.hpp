@@ -55,6 +55,11 @@ struct EvalResult {
   double iwae_nll = 0;   // -log p(x) estimate: minus the k-sample IWAE bound, nats per sample
   int active_units = 0;  // latent units with Var_x(mu_j(x)) > kActiveUnitThreshold
   int latent = 0;
+  // Bits per dimension for a likelihood of 8-bit pixels (the discretized logistic
+  // mixture): bits/dim = nats / (D ln 2), the unit of PixelCNN++, NVAE, VDVAE. 0 = not
+  // reported (a density or binarized data: not comparable).
+  int dim = 0;  // D = C*H*W
+  double bits_per_dim(double nats) const { return dim > 0 ? elbo::bits_per_dim(nats, dim) : 0.0; }
   // KL(q(z_j|x) || N(0, 1)) of each latent dimension, nats, mean over the samples: sums
   // to `kl` (up to float rounding); near 0 for a collapsed unit.
   std::vector<double> kl_per_dim;
@@ -83,7 +88,8 @@ void check_eval_memory(const ModelLayout& layout, Backend<float>& be, Communicat
 std::string duration_words(double seconds);
 }  // namespace detail
 
-// "test -ELBO 101.23 nats (rec 90.1, KL 11.1) | IWAE(k=50) NLL 97.5 | 10000 samples"
+// "test -ELBO 101.23 nats (rec 90.1, KL 11.1) | IWAE(k=50) NLL 97.5 | 10000 samples"; with
+// bits/dim: "test -ELBO 7000.1 nats = 3.2876 bits/dim (rec ...) | IWAE(k=50) NLL 6990.2 nats = 3.2830 bits/dim".
 std::string format_eval(const EvalResult& r);
 // "KL per latent dimension (nats): 0.0012 3.1416 ..." (printed under format_eval's line).
 std::string format_kl_per_dim(const EvalResult& r);

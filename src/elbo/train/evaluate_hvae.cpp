@@ -159,6 +159,7 @@ EvalResult evaluate_hierarchical(const HvaeLayout& layout, Backend<float>& be, c
   out.iw_samples = K;
   out.iwae_nll = K > 0 ? sums[3] / denom : std::nan("");
   out.latent = E;
+  if (layout.likelihood().is_dlm()) out.dim = D;  // 8-bit pixels: bits/dim too
   for (int l = 0; l < G; ++l) {
     const HvaeGroup& g = layout.groups()[l];
     int active = 0;

@@ -28,6 +28,9 @@ constexpr const char* kMetricsHeader =
     "step,epoch,samples,neg_elbo,rec,kl,beta,lr,grad_norm,samples_per_s,elapsed_s,test_neg_elbo,test_rec,test_kl,"
     "skipped_steps,kl_clamped_dims,neg_iwae,kl_groups";
 
+// Appended for a likelihood of 8-bit pixels: the interval's and the test -ELBO in bits/dim.
+constexpr const char* kBitsPerDimColumns = ",neg_elbo_bpd,test_neg_elbo_bpd";
+
 std::string hms(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--:--";
   auto s = static_cast<long long>(seconds + 0.5);
@@ -92,13 +95,12 @@ void write_grids(const fs::path& dir, const std::string& tag, const ModelLayout&
 // metrics.csv of a resumed run: the rows up to the checkpoint's step stay, later
 // ones (logged after the checkpoint by the interrupted run) are dropped. A file from
 // an earlier version with fewer columns gets the current header and empty cells.
-void truncate_metrics(const std::string& csv, int64_t step) {
+void truncate_metrics(const std::string& csv, int64_t step, const std::string& current) {
   std::ifstream in(csv);
   if (!in) return;
   std::ostringstream kept;
   std::string line, header;
   std::getline(in, header);
-  const std::string current = kMetricsHeader;
   const bool older = header != current && current.compare(0, header.size(), header) == 0;
   const std::string pad(older ? std::count(current.begin(), current.end(), ',') -
                                     std::count(header.begin(), header.end(), ',')
@@ -143,12 +145,17 @@ void prepare_output_dir(const ExperimentSpec& spec, const std::string& resume) {
     if (e.path().extension() == ".tmp") fs::remove(e.path(), ec);
 }
 
-RunLog::RunLog(const ExperimentSpec& spec, std::ostream& log, bool root) : m_spec(spec), m_log(log), m_root(root) {}
+RunLog::RunLog(const ExperimentSpec& spec, std::ostream& log, bool root)
+    : m_spec(spec), m_log(log), m_root(root), m_header(kMetricsHeader) {}
 
 void RunLog::start(const Communicator& comm, const Backend<float>& be, const Placement& place, int threads,
                    const Replica& replica, const TrainingData& data, const BatchPrep& batches,
                    const ModelLayout& layout, const StepPlan& plan, const ResumePoint& resumed) {
   m_latent_values = static_cast<int>(layout.eps_per_row());
+  if (layout.likelihood().is_dlm()) {
+    m_bpd_dim = layout.input_dim();
+    m_header = std::string(kMetricsHeader) + kBitsPerDimColumns;
+  }
   if (!m_root) return;
   const ExperimentSpec& spec = m_spec;
   const int world = comm.size();
@@ -216,11 +223,11 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
   write_text_file_atomic((out_dir / "spec.yaml").string(), resolved);
   const fs::path csv_path = out_dir / "metrics.csv";
   if (resumed.resumed && fs::exists(csv_path)) {
-    truncate_metrics(csv_path.string(), resumed.state.step);
+    truncate_metrics(csv_path.string(), resumed.state.step, m_header);
     m_csv.open(csv_path, std::ios::app);
   } else {
     m_csv.open(csv_path, std::ios::trunc);
-    if (m_csv) m_csv << kMetricsHeader << "\n";
+    if (m_csv) m_csv << m_header << "\n";
   }
   if (!m_csv) throw io_error("cannot write " + csv_path.string());
   // Event files live in their own directory (output.overwrite removes it whole). A
@@ -234,7 +241,7 @@ void RunLog::start(const Communicator& comm, const Backend<float>& be, const Pla
 void RunLog::write_row(const std::string& row) {
   m_csv << row << std::flush;
   if (m_tb) {
-    const viz::MetricsRow m = viz::metrics_row(kMetricsHeader, row);
+    const viz::MetricsRow m = viz::metrics_row(m_header, row);
     m_tb->scalars(m.step, m.scalars);
     m_tb->flush();
   }
@@ -295,7 +302,8 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
     if (m_root) {
       std::ostringstream row;
       row << step << "," << epoch + 1 << "," << st.samples_seen << ",,,," << beta << "," << lr << ",,,"
-          << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",,,\n";
+          << std::chrono::duration<double>(Clock::now() - m_t0).count() << ",,,," << st.skipped_steps << ",,,"
+          << (m_bpd_dim > 0 ? ",," : "") << "\n";
       write_row(row.str());
     }
     m_iv = Interval{};
@@ -317,17 +325,18 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
   const bool iwae = m_spec.loss.type == LossType::Iwae;
   const double neg_iwae = m_iv.iw_bound / m_iv.samples;
   if (m_root) {
-    char note[64] = "";
+    char note[64] = "", bpd_note[48] = "";
     if (free_bits)
       std::snprintf(note, sizeof(note), " | clamped %.3g/%d", clamped, m_latent_values);
     if (iwae)
       std::snprintf(note, sizeof(note), " | -iwae(k=%d) %.3f", m_spec.loss.samples, neg_iwae);
-    char line[400];
+    if (m_bpd_dim > 0) std::snprintf(bpd_note, sizeof(bpd_note), " = %.4f bits/dim", bits_per_dim(r + k, m_bpd_dim));
+    char line[440];
     std::snprintf(line, sizeof(line),
-                  "epoch %lld/%lld step %lld/%lld | -elbo %.3f (rec %.3f, kl %.3f) | beta %.3g%s | lr %.3e | "
+                  "epoch %lld/%lld step %lld/%lld | -elbo %.3f%s (rec %.3f, kl %.3f) | beta %.3g%s | lr %.3e | "
                   "|g| %.3g | %.0f samples/s | eta %s | data wait %.0f%%\n",
                   static_cast<long long>(epoch + 1), static_cast<long long>(m_spec.train.epochs),
-                  static_cast<long long>(step), static_cast<long long>(m_total_steps), r + k, r, k, beta,
+                  static_cast<long long>(step), static_cast<long long>(m_total_steps), r + k, bpd_note, r, k, beta,
                   note, lr, m_iv.grad_norm / static_cast<double>(m_iv.steps), rate, hms(eta).c_str(),
                   100.0 * std::min(1.0, m_iv.data_s / std::max(secs, 1e-9)));
     clear_bar();
@@ -343,13 +352,19 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
       len += std::snprintf(row + len, sizeof(row) - len, ",,,");
     len += std::snprintf(row + len, sizeof(row) - len, "%lld,", static_cast<long long>(st.skipped_steps));
     if (free_bits) len += std::snprintf(row + len, sizeof(row) - len, "%.6g", clamped);
-    if (iwae) std::snprintf(row + len, sizeof(row) - len, ",%.6f,", neg_iwae);
-    else std::snprintf(row + len, sizeof(row) - len, ",,");
-    std::string full = row;
+    if (iwae) len += std::snprintf(row + len, sizeof(row) - len, ",%.6f,", neg_iwae);
+    else len += std::snprintf(row + len, sizeof(row) - len, ",,");
+    std::string full(row, static_cast<size_t>(len));
     for (size_t l = 0; l < m_iv.kl_groups.size(); ++l) {
       char cell[32];
       std::snprintf(cell, sizeof(cell), "%s%.6f", l > 0 ? ";" : "", m_iv.kl_groups[l] / m_iv.samples);
       full += cell;
+    }
+    if (m_bpd_dim > 0) {
+      char cells[64];
+      int n = std::snprintf(cells, sizeof(cells), ",%.6f,", bits_per_dim(r + k, m_bpd_dim));
+      if (eval != nullptr) std::snprintf(cells + n, sizeof(cells) - n, "%.6f", bits_per_dim(eval->neg_elbo, m_bpd_dim));
+      full += cells;
     }
     write_row(full + "\n");
   }

@@ -128,6 +128,10 @@ class RunLog {
   int64_t m_first_step = 0, m_total_steps = 0;
   double m_last_neg_elbo = 0;
   int m_latent_values = 0;  // latent values per sample (the free-bits note's denominator)
+  // Bits/dim for a likelihood of 8-bit pixels (EvalResult::dim): D, or 0 for the
+  // others, whose log lines and metrics.csv columns stay as they were.
+  int m_bpd_dim = 0;
+  std::string m_header;  // metrics.csv's columns for this run
 };
 
 }  // namespace elbo

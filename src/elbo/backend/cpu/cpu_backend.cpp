@@ -10,6 +10,7 @@
 #include <limits>
 #include <new>
 
+#include "elbo/backend/dlm_math.hpp"
 #include "elbo/util/error.hpp"
 
 namespace elbo {
@@ -337,6 +338,7 @@ void CpuBackend<T>::iw_posterior_backward(int rows, int k, int latent, const T* 
 template <class T>
 void CpuBackend<T>::likelihood_forward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x,
                                        T* nll) {
+  ELBO_ASSERT(lik != Likelihood::DiscretizedLogisticMixture, "the discretized logistic mixture has the dlm_* ops");
   const int ld = lik == Likelihood::GaussianLearned ? 2 * dim : dim;
   for (int r = 0; r < rows; ++r) {
     const T* o = out + static_cast<size_t>(r) * ld;
@@ -365,6 +367,8 @@ void CpuBackend<T>::likelihood_forward(Likelihood lik, T sigma, int rows, int di
         acc = T(0.5) * (acc + dim * T(kLog2Pi));
         break;
       }
+      case Likelihood::DiscretizedLogisticMixture:
+        break;  // refused above
     }
     nll[r] = acc;
   }
@@ -373,6 +377,7 @@ void CpuBackend<T>::likelihood_forward(Likelihood lik, T sigma, int rows, int di
 template <class T>
 void CpuBackend<T>::likelihood_backward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x,
                                         T weight, T* dout) {
+  ELBO_ASSERT(lik != Likelihood::DiscretizedLogisticMixture, "the discretized logistic mixture has the dlm_* ops");
   const int ld = lik == Likelihood::GaussianLearned ? 2 * dim : dim;
   for (int r = 0; r < rows; ++r) {
     const T* o = out + static_cast<size_t>(r) * ld;
@@ -397,17 +402,49 @@ void CpuBackend<T>::likelihood_backward(Likelihood lik, T sigma, int rows, int d
         }
         break;
       }
+      case Likelihood::DiscretizedLogisticMixture:
+        break;  // refused above
     }
   }
 }
 
 template <class T>
 void CpuBackend<T>::likelihood_mean(Likelihood lik, int rows, int dim, const T* out, T* mean) {
+  ELBO_ASSERT(lik != Likelihood::DiscretizedLogisticMixture, "the discretized logistic mixture has the dlm_* ops");
   const int ld = lik == Likelihood::GaussianLearned ? 2 * dim : dim;
   for (int r = 0; r < rows; ++r) {
     const T* o = out + static_cast<size_t>(r) * ld;
     T* m = mean + static_cast<size_t>(r) * dim;
     for (int d = 0; d < dim; ++d) m[d] = lik == Likelihood::Bernoulli ? sigmoid(o[d]) : o[d];
+  }
+}
+
+template <class T>
+void CpuBackend<T>::dlm_forward(const DlmShape& s, int rows, const T* out, const T* x, T* nll) {
+  for (int r = 0; r < rows; ++r) {
+    const T* o = out + static_cast<size_t>(r) * s.out_width();
+    const T* xr = x + static_cast<size_t>(r) * s.dim();
+    double acc = 0;  // thousands of pixel terms: summed in double, rounded once
+    for (int p = 0; p < s.hw; ++p) acc -= dlm::Pixel<T>(s, o + p, xr + p).log_prob();
+    nll[r] = static_cast<T>(acc);
+  }
+}
+
+template <class T>
+void CpuBackend<T>::dlm_backward(const DlmShape& s, int rows, const T* out, const T* x, T weight, T* dout) {
+  for (int r = 0; r < rows; ++r) {
+    const size_t ro = static_cast<size_t>(r) * s.out_width();
+    const T* xr = x + static_cast<size_t>(r) * s.dim();
+    for (int p = 0; p < s.hw; ++p) dlm::Pixel<T>(s, out + ro + p, xr + p).backward(weight, dout + ro + p);
+  }
+}
+
+template <class T>
+void CpuBackend<T>::dlm_mean(const DlmShape& s, int rows, const T* out, T* mean) {
+  for (int r = 0; r < rows; ++r) {
+    const T* o = out + static_cast<size_t>(r) * s.out_width();
+    T* m = mean + static_cast<size_t>(r) * s.dim();
+    for (int p = 0; p < s.hw; ++p) dlm::Pixel<T>(s, o + p, nullptr).mean_pixel(m + p);
   }
 }
 

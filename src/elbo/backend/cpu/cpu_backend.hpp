@@ -68,6 +68,9 @@ class CpuBackend final : public Backend<T> {
   void likelihood_backward(Likelihood lik, T sigma, int rows, int dim, const T* out, const T* x, T weight,
                            T* dout) override;
   void likelihood_mean(Likelihood lik, int rows, int dim, const T* out, T* mean) override;
+  void dlm_forward(const DlmShape& s, int rows, const T* out, const T* x, T* nll) override;
+  void dlm_backward(const DlmShape& s, int rows, const T* out, const T* x, T weight, T* dout) override;
+  void dlm_mean(const DlmShape& s, int rows, const T* out, T* mean) override;
   void adam_step(const AdamArgs& args, size_t n, T* params, const T* grads, T* m, T* v) override;
   double sum_squares(size_t n, const T* x) override;
   void scale(size_t n, T s, T* x) override;

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "elbo/backend/cuda/cuda_internal.hpp"
+#include "elbo/backend/dlm_math.hpp"
 
 namespace elbo {
 
@@ -222,6 +223,42 @@ __global__ void likelihood_mean_kernel(int lik, int rows, int dim, const float* 
   }
 }
 
+// The discretized logistic mixture, with the per-pixel math of dlm_math.hpp (shared
+// with the CPU op). Forward: one block per row, the pixels' -log P summed in shared memory.
+__global__ void dlm_fwd_kernel(DlmShape s, const float* out, const float* x, float* nll) {
+  __shared__ float partial[kThreads];
+  const int r = blockIdx.x;
+  const float* o = out + size_t(r) * s.out_width();
+  const float* xr = x + size_t(r) * s.dim();
+  float acc = 0.0f;
+  for (int p = threadIdx.x; p < s.hw; p += blockDim.x) acc -= dlm::Pixel<float>(s, o + p, xr + p).log_prob();
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+    if (threadIdx.x < k) partial[threadIdx.x] += partial[threadIdx.x + k];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) nll[r] = partial[0];
+}
+
+// One thread per pixel: it writes all of that pixel's K * groups output gradients.
+__global__ void dlm_bwd_kernel(DlmShape s, int rows, const float* out, const float* x, float w, float* dout) {
+  const size_t n = size_t(rows) * s.hw;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const size_t r = i / s.hw, p = i % s.hw;
+    const size_t ro = r * s.out_width() + p;
+    dlm::Pixel<float>(s, out + ro, x + r * s.dim() + p).backward(w, dout + ro);
+  }
+}
+
+__global__ void dlm_mean_kernel(DlmShape s, int rows, const float* out, float* mean) {
+  const size_t n = size_t(rows) * s.hw;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const size_t r = i / s.hw, p = i % s.hw;
+    dlm::Pixel<float>(s, out + r * s.out_width() + p, nullptr).mean_pixel(mean + r * s.dim() + p);
+  }
+}
+
 __global__ void adam_kernel(size_t n, float* p, const float* g, float* m, float* v, float lr_bc1, float inv_sqrt_bc2,
                             float b1, float b2, float eps, float wd, float decay, int decoupled) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -279,7 +316,10 @@ __global__ void axpby_kernel(size_t n, float a, const float* x, float b, float* 
     y[i] = __fadd_rn(__fmul_rn(a, x[i]), __fmul_rn(b, y[i]));
 }
 
-int lik_code(Likelihood l) { return l == Likelihood::Bernoulli ? 0 : l == Likelihood::GaussianFixed ? 1 : 2; }
+int lik_code(Likelihood l) {
+  ELBO_ASSERT(l != Likelihood::DiscretizedLogisticMixture, "the discretized logistic mixture has the dlm_* ops");
+  return l == Likelihood::Bernoulli ? 0 : l == Likelihood::GaussianFixed ? 1 : 2;
+}
 
 }  // namespace
 
@@ -560,6 +600,25 @@ void CudaBackend::likelihood_mean(Likelihood lik, int rows, int dim, const float
   likelihood_mean_kernel<<<blocks_for(size_t(rows) * dim), kThreads, 0, m_state->stream>>>(lik_code(lik), rows, dim,
                                                                                            out, mean);
   CHECK_LAUNCH(likelihood_mean_kernel);
+}
+
+void CudaBackend::dlm_forward(const DlmShape& s, int rows, const float* out, const float* x, float* nll) {
+  if (rows == 0) return;
+  dlm_fwd_kernel<<<rows, kThreads, 0, m_state->stream>>>(s, out, x, nll);
+  CHECK_LAUNCH(dlm_fwd_kernel);
+}
+
+void CudaBackend::dlm_backward(const DlmShape& s, int rows, const float* out, const float* x, float weight,
+                               float* dout) {
+  if (rows == 0) return;
+  dlm_bwd_kernel<<<blocks_for(size_t(rows) * s.hw), kThreads, 0, m_state->stream>>>(s, rows, out, x, weight, dout);
+  CHECK_LAUNCH(dlm_bwd_kernel);
+}
+
+void CudaBackend::dlm_mean(const DlmShape& s, int rows, const float* out, float* mean) {
+  if (rows == 0) return;
+  dlm_mean_kernel<<<blocks_for(size_t(rows) * s.hw), kThreads, 0, m_state->stream>>>(s, rows, out, mean);
+  CHECK_LAUNCH(dlm_mean_kernel);
 }
 
 void CudaBackend::adam_step(const AdamArgs& a, size_t n, float* params, const float* grads, float* m, float* v) {
