@@ -178,8 +178,7 @@ class Backend {
   // The [mu | raw] parts of dq and dp (strides of q and p; written) from dz (n, zc, hw),
   // the gradient reaching z = mu_q + sigma_q * eps, and kl_weight[0] (backend memory) * KL.
   virtual void gaussian_kl_backward(int n, int zc, int hw, const T* q, size_t q_stride, const T* p, size_t p_stride,
-                                    const T* eps, size_t eps_stride, const T* dz, const T* kl_weight, T* dq,
-                                    T* dp) = 0;
+                                    const T* eps, size_t eps_stride, const T* dz, const T* kl_weight, T* dq, T* dp) = 0;
 
   // --- randomness: out[r, j] = N(0,1) keyed by (seed, stream, step, first_item + r, j) ---
   virtual void normal(uint64_t seed, RngStream stream, uint32_t step, uint64_t first_item, int rows,
@@ -202,8 +201,7 @@ class Backend {
   virtual void repeat_rows(int rows, int cols, int k, const T* in, T* out) = 0;
   // z (rows*k, L) = mu_r + exp(logvar_r / 2) * eps (eps is (rows*k, L)); log_ratio[r*k + i]
   // = log q(z|x_r) - log p(z) at that sample (a Monte-Carlo term, not the closed-form KL).
-  virtual void iw_posterior_forward(int rows, int k, int latent, const T* mulv, const T* eps, T* z,
-                                    T* log_ratio) = 0;
+  virtual void iw_posterior_forward(int rows, int k, int latent, const T* mulv, const T* eps, T* z, T* log_ratio) = 0;
   // With log w = -(nll + beta * log_ratio) per sample: bound[r] = -log (1/k sum_i w_ri),
   // weights[r*k + i] = w_ri / sum_i w_ri (computed with the largest log w subtracted).
   virtual void iw_weights(int rows, int k, T beta, const T* nll, const T* log_ratio, T* bound, T* weights) = 0;
@@ -214,8 +212,8 @@ class Backend {
   // weighted by s * weights. reparam (dreg false): the total derivative through z and
   // through q's own parameters; dreg: Tucker et al.'s estimator, the path derivative
   // through z only, weighted by weights^2 (q's parameters held fixed inside log q).
-  virtual void iw_posterior_backward(int rows, int k, int latent, const T* mulv, const T* eps, const T* z,
-                                     const T* dz, const T* weights, T s_beta, bool dreg, T* dmulv) = 0;
+  virtual void iw_posterior_backward(int rows, int k, int latent, const T* mulv, const T* eps, const T* z, const T* dz,
+                                     const T* weights, T s_beta, bool dreg, T* dmulv) = 0;
 
   // --- likelihood p(x|z); `out` is the decoder output (rows x D, or rows x 2D = [mean | logvar]
   // for GaussianLearned); nll[r] = -log p(x_r | z_r) summed over the D dimensions ---

@@ -57,8 +57,8 @@ ELBO_HD T sigmoid(T x) {
   return x >= T(0) ? r : e * r;
 }
 
-constexpr double kMinLogScale = -7.0;         // PixelCNN++'s floor on the log-scale
-constexpr double kHalfBin = 1.0 / 255.0;      // half a bin on the [-1, 1] scale
+constexpr double kMinLogScale = -7.0;                  // PixelCNN++'s floor on the log-scale
+constexpr double kHalfBin = 1.0 / 255.0;               // half a bin on the [-1, 1] scale
 constexpr double kLogMassFloor = -11.512925464970229;  // log(1e-5): PixelCNN++'s switch to the mid-bin density
 constexpr double kLogHalfBins = 4.8481163645776177;    // log(127.5): the bin width is 1/127.5
 

@@ -336,8 +336,9 @@ bool is_dlm(Likelihood l) { return l == Likelihood::DiscretizedLogisticMixture; 
 // its two edge bins and belong to the Bernoulli likelihood. data is read first.
 void check_pixels_for(Field& f, const ExperimentSpec& s) {
   if (is_dlm(s.model.likelihood) && s.data.binarize)
-    f.fail("discretized_logistic_mixture models the 256 values of 8-bit pixels, but data.binarize is true (binarized "
-           "pixels are the bernoulli likelihood's data)");
+    f.fail(
+        "discretized_logistic_mixture models the 256 values of 8-bit pixels, but data.binarize is true (binarized "
+        "pixels are the bernoulli likelihood's data)");
 }
 
 // type is read before variance: a Gaussian keeps the variance read so far (fixed by default).
@@ -358,7 +359,8 @@ const std::vector<Key>& likelihood_keys() {
       {"variance",
        [](Field& f, ExperimentSpec& s) {
          Likelihood& l = s.model.likelihood;
-         if (is_dlm(l) && f.r.has(f.key)) f.fail("applies to the gaussian likelihood, not discretized_logistic_mixture");
+         if (is_dlm(l) && f.r.has(f.key))
+           f.fail("applies to the gaussian likelihood, not discretized_logistic_mixture");
          Variance v = variance_of(l);
          f.read(v);
          l = likelihood_of(type_of(l), v);
@@ -527,8 +529,9 @@ Key model_list(std::string name, std::vector<int> ModelSpec::*widths, std::vecto
                      ModelSpec& m = s.model;
                      if (m.type == ModelType::Hierarchical) {
                        if (f.r.has(f.key))
-                         f.fail("a hierarchical model is described by model.width, model.bottleneck and "
-                                "model.stages, not by encoder and decoder lists");
+                         f.fail(
+                             "a hierarchical model is described by model.width, model.bottleneck and "
+                             "model.stages, not by encoder and decoder lists");
                        (m.*widths).clear();
                        return;
                      }
@@ -582,7 +585,8 @@ std::vector<StageSpec> read_stages(Field& f) {
   int groups = 0;
   for (size_t i = 0; i < n.size(); ++i) {
     MapReader r = f.r.entry(n[i], where + "[" + std::to_string(i) + "].");
-    if (!n[i].IsMap()) r.fail(n[i], where + "[" + std::to_string(i) + "]", "must be a mapping {down, blocks, groups, latent}");
+    if (!n[i].IsMap())
+      r.fail(n[i], where + "[" + std::to_string(i) + "]", "must be a mapping {down, blocks, groups, latent}");
     StageSpec st;
     read_keys(r, stage_keys(), st);
     groups += st.groups;
@@ -771,12 +775,10 @@ const std::vector<Section>& spec_sections() {
                     }
                   },
                   mapping("likelihood", likelihood_keys()).dump}),
-           fixed(model_key_of(ModelType::Hierarchical,
-                              model.field("width", &ModelSpec::width, at_least_1,
-                                          "must be >= 1 (channels of the residual stream)"))),
-           fixed(model_key_of(ModelType::Hierarchical,
-                              model.field("bottleneck", &ModelSpec::bottleneck, at_least_1,
-                                          "must be >= 1 (channels inside a residual block)"))),
+           fixed(model_key_of(ModelType::Hierarchical, model.field("width", &ModelSpec::width, at_least_1,
+                                                                   "must be >= 1 (channels of the residual stream)"))),
+           fixed(model_key_of(ModelType::Hierarchical, model.field("bottleneck", &ModelSpec::bottleneck, at_least_1,
+                                                                   "must be >= 1 (channels inside a residual block)"))),
            fixed(model_key_of(ModelType::Hierarchical,
                               {"stages", [](Field& f, ExperimentSpec& s) { s.model.stages = read_stages(f); },
                                [](Out& o, const ExperimentSpec& s) {
@@ -798,8 +800,9 @@ const std::vector<Section>& spec_sections() {
               // The importance-weighted passes (forward_iw/backward_iw) exist for the
               // Vae alone; the hierarchical model's IWAE bound is an evaluation figure.
               if (s.loss.type == LossType::Iwae && s.model.type == ModelType::Hierarchical)
-                f.fail("iwae training is built for mlp and conv models; model.type: hierarchical trains the ELBO "
-                       "(loss.type: elbo) and reports its IWAE bound in evaluation (eval.iw_samples)");
+                f.fail(
+                    "iwae training is built for mlp and conv models; model.type: hierarchical trains the ELBO "
+                    "(loss.type: elbo) and reports its IWAE bound in evaluation (eval.iw_samples)");
             },
             [](Out& o, const ExperimentSpec& s) { o.put(s.loss.type); }},
            {"samples",
@@ -841,8 +844,8 @@ const std::vector<Section>& spec_sections() {
             [](Field& f, ExperimentSpec& s) {
               LossSpec& l = s.loss;
               f.read(l.free_bits);
-              f.check(l.free_bits >= 0 && std::isfinite(l.free_bits), "must be >= 0 (nats per latent dimension; 0 = off)",
-                      l.free_bits);
+              f.check(l.free_bits >= 0 && std::isfinite(l.free_bits),
+                      "must be >= 0 (nats per latent dimension; 0 = off)", l.free_bits);
               // The floor acts on the closed-form KL, which the importance-weighted bound does not have.
               f.check(l.free_bits == 0 || l.type == LossType::Elbo,
                       "floors the ELBO's closed-form KL; loss.type: iwae has none (set one of them off)", l.free_bits);

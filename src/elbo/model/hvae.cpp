@@ -88,9 +88,8 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
     stage.shape = cur;
     for (int b = 0; b < st.blocks; ++b) {
       stage.blocks.push_back(static_cast<int>(m_enc.size()));
-      m_enc.push_back({static_cast<int>(s), branch(cur, W,
-                                                   "encoder.stages." + std::to_string(s) + ".blocks." +
-                                                       std::to_string(b))});
+      m_enc.push_back({static_cast<int>(s),
+                       branch(cur, W, "encoder.stages." + std::to_string(s) + ".blocks." + std::to_string(b))});
     }
     m_stages.push_back(stage);
   }
@@ -411,14 +410,14 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
 }
 
 template <class T>
-void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
-                       const T* kl_weights, const std::function<void(size_t)>& grads_ready) {
+void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, const T* kl_weights,
+                       const std::function<void(size_t)>& grads_ready) {
   const HvaeLayout& L = m_layout;
   const auto& spec = L.spec();
   const int W = spec.width;
   const size_t E = L.latent_size();
   T* A = m_scratch_a.data();
-  T* gs = m_gstate_a.data();    // d(the stream) at the current point of the top-down path
+  T* gs = m_gstate_a.data();  // d(the stream) at the current point of the top-down path
   T* other = m_gstate_b.data();
   for (size_t s = 0; s < L.stages().size(); ++s)
     m_be.fill(m_de[s].data(), T(0), static_cast<size_t>(rows) * L.stages()[s].shape.size());
@@ -494,8 +493,8 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
     }
     // The stem (no activation): weights and bias only, nothing flows into x.
     const Layer& stem = L.stem();
-    m_be.channel_bias_act_backward(Activation::Identity, rows, W, h * w, m_stem_pre.data(), m_stem_pre.data(), below,
-                                   A, grads + stem.b);
+    m_be.channel_bias_act_backward(Activation::Identity, rows, W, h * w, m_stem_pre.data(), m_stem_pre.data(), below, A,
+                                   grads + stem.b);
     m_be.conv2d_backward_filter(stem.conv(rows), x, A, grads + stem.w);
     if (grads_ready) grads_ready(stem.w);
   }

@@ -67,19 +67,19 @@ struct HvaeEncBlock {
 // One latent group of the top-down path, in sampling order.
 struct HvaeGroup {
   int stage = 0;
-  TensorShape shape;       // (W, h, w): the stream's shape at this resolution
-  int zc = 0;              // latent channels per position
-  size_t eps_offset = 0;   // where its eps start in a row of eps
+  TensorShape shape;      // (W, h, w): the stream's shape at this resolution
+  int zc = 0;             // latent channels per position
+  size_t eps_offset = 0;  // where its eps start in a row of eps
   size_t numel() const { return static_cast<size_t>(zc) * shape.h * shape.w; }
-  HvaeBranch q;            // concat(h, e) (2W) -> [mu_q | r_q] (2 zc)
-  HvaeBranch prior;        // h (W) -> [mu_p | r_p | h_p] (2 zc + W)
-  Layer z_proj;            // z (zc) -> W, 1x1
-  HvaeBranch resnet;       // W -> W, with the skip
+  HvaeBranch q;       // concat(h, e) (2W) -> [mu_q | r_q] (2 zc)
+  HvaeBranch prior;   // h (W) -> [mu_p | r_p | h_p] (2 zc + W)
+  Layer z_proj;       // z (zc) -> W, 1x1
+  HvaeBranch resnet;  // W -> W, with the skip
 };
 
 struct HvaeStage {
   int down = 1;
-  TensorShape shape;       // (W, h, w) after pooling
+  TensorShape shape;        // (W, h, w) after pooling
   std::vector<int> blocks;  // indices into encoder_blocks()
 };
 
@@ -105,7 +105,7 @@ class HvaeLayout final : public ModelLayout {
   const std::vector<HvaeStage>& stages() const { return m_stages; }
   const std::vector<HvaeEncBlock>& encoder_blocks() const { return m_enc; }
   const std::vector<HvaeGroup>& groups() const { return m_groups; }  // top (lowest resolution) first
-  size_t h_top() const { return m_h_top; }                            // offset of decoder.h_top
+  size_t h_top() const { return m_h_top; }                           // offset of decoder.h_top
   const TensorShape& top_shape() const { return m_stages.back().shape; }
   const Layer& out() const { return m_out; }
   // The largest per-sample tensor any layer reads or writes (channels x positions).
@@ -178,7 +178,7 @@ class Hvae final : public Model<T> {
     Buffer<T> a0, p1, a1, p2, a2, out;
   };
   struct GroupActs {
-    Buffer<T> qin;   // concat(h, e): (2W)
+    Buffer<T> qin;  // concat(h, e): (2W)
     BranchActs q, prior, resnet;
     Buffer<T> h1, z, zp, h2, h3;
     const T* in = nullptr;  // the stream entering the group
@@ -189,8 +189,8 @@ class Hvae final : public Model<T> {
                       const std::function<void(size_t)>& params_needed);
   // d(in) (+= when accumulate, else =) and the branch's parameter gradients from g =
   // d(out), which is only read; uses the scratch buffers.
-  void branch_backward(const HvaeBranch& b, const T* params, T* grads, const T* in, int rows, BranchActs& a,
-                       const T* g, T* din, bool accumulate, const std::function<void(size_t)>& grads_ready);
+  void branch_backward(const HvaeBranch& b, const T* params, T* grads, const T* in, int rows, BranchActs& a, const T* g,
+                       T* din, bool accumulate, const std::function<void(size_t)>& grads_ready);
   void decoder_forward(const T* params, const T* eps, int rows, bool posterior,
                        const std::function<void(size_t)>& params_needed);
   size_t hw(const TensorShape& s) const { return static_cast<size_t>(s.h) * s.w; }
@@ -198,27 +198,27 @@ class Hvae final : public Model<T> {
   const HvaeLayout& m_layout;
   Backend<T>& m_be;
   int m_max_rows;
-  Buffer<T> m_stem_pre;                    // (W, H, W)
-  std::vector<Buffer<T>> m_pooled;         // per stage (empty where down = 1)
-  std::vector<BranchActs> m_enc_acts;      // per encoder block
-  std::vector<Buffer<T>> m_enc_out;        // per encoder block: its output stream
-  std::vector<const T*> m_block_in;        // per encoder block: the stream entering it
-  std::vector<const T*> m_stage_in;        // per stage: the stream entering its blocks
-  std::vector<const T*> m_stage_out;       // per stage: e_s
-  Buffer<T> m_top;                         // decoder.h_top repeated over the rows
-  std::vector<GroupActs> m_group_acts;     // per group
-  std::vector<Buffer<T>> m_unpooled;       // per stage: the stream after unpooling (empty where down = 1)
-  const T* m_final = nullptr;              // the stream entering decoder.out
-  Buffer<T> m_output;                      // (rows, output_width())
-  Buffer<T> m_rec, m_kl, m_log_ratio;      // (rows)
-  Buffer<T> m_kl_groups, m_ratio_groups;   // (rows, groups)
-  Buffer<T> m_ones;                        // max(rows, groups) ones: broadcasts and row sums as GEMMs
-  Buffer<T> m_kl_weights;                  // (groups): the scalar backward's weight, repeated
-  Buffer<T> m_scratch_a, m_scratch_b;      // (rows, max_width): branch gradients, ping-pong
-  Buffer<T> m_gstate_a, m_gstate_b;        // (rows, max stream size): d(stream), ping-pong across unpooling
-  Buffer<T> m_dq, m_dp, m_dz, m_dqin;      // (rows, largest group's sizes)
-  std::vector<Buffer<T>> m_de;             // per stage: d(e_s), then d(stream) through the encoder
-  Buffer<T> m_pool_grad;                   // (rows, max stream size)
+  Buffer<T> m_stem_pre;                   // (W, H, W)
+  std::vector<Buffer<T>> m_pooled;        // per stage (empty where down = 1)
+  std::vector<BranchActs> m_enc_acts;     // per encoder block
+  std::vector<Buffer<T>> m_enc_out;       // per encoder block: its output stream
+  std::vector<const T*> m_block_in;       // per encoder block: the stream entering it
+  std::vector<const T*> m_stage_in;       // per stage: the stream entering its blocks
+  std::vector<const T*> m_stage_out;      // per stage: e_s
+  Buffer<T> m_top;                        // decoder.h_top repeated over the rows
+  std::vector<GroupActs> m_group_acts;    // per group
+  std::vector<Buffer<T>> m_unpooled;      // per stage: the stream after unpooling (empty where down = 1)
+  const T* m_final = nullptr;             // the stream entering decoder.out
+  Buffer<T> m_output;                     // (rows, output_width())
+  Buffer<T> m_rec, m_kl, m_log_ratio;     // (rows)
+  Buffer<T> m_kl_groups, m_ratio_groups;  // (rows, groups)
+  Buffer<T> m_ones;                       // max(rows, groups) ones: broadcasts and row sums as GEMMs
+  Buffer<T> m_kl_weights;                 // (groups): the scalar backward's weight, repeated
+  Buffer<T> m_scratch_a, m_scratch_b;     // (rows, max_width): branch gradients, ping-pong
+  Buffer<T> m_gstate_a, m_gstate_b;       // (rows, max stream size): d(stream), ping-pong across unpooling
+  Buffer<T> m_dq, m_dp, m_dz, m_dqin;     // (rows, largest group's sizes)
+  std::vector<Buffer<T>> m_de;            // per stage: d(e_s), then d(stream) through the encoder
+  Buffer<T> m_pool_grad;                  // (rows, max stream size)
 };
 
 }  // namespace elbo

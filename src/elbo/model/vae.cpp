@@ -40,8 +40,9 @@ VaeLayout::VaeLayout(const ModelSpec& spec, const std::vector<int>& input_shape)
                       shape_string(input_shape, "[]") + ")");
   m_input = TensorShape{input_shape[0], input_shape[1], input_shape[2]};
   if (spec.type == ModelType::Hierarchical)
-    throw model_error("model.type hierarchical: the trainer, evaluation and model files do not take hierarchical "
-                      "models yet (the model itself: src/elbo/model/hvae.hpp, issue 15)");
+    throw model_error(
+        "model.type hierarchical: the trainer, evaluation and model files do not take hierarchical "
+        "models yet (the model itself: src/elbo/model/hvae.hpp, issue 15)");
   (void)likelihood();  // refuses data the likelihood cannot model
   if (spec.latent < 1) throw model_error("model.latent must be >= 1 (got " + std::to_string(spec.latent) + ")");
   if (spec.type == ModelType::Conv)
@@ -454,8 +455,8 @@ void Vae<T>::encoder_backward(const T* params, T* grads, const T* x, int rows, T
 }
 
 template <class T>
-void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight,
-                      const T* kl_weights, const std::function<void(size_t)>& grads_ready) {
+void Vae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, const T* kl_weights,
+                      const std::function<void(size_t)>& grads_ready) {
   T* g = m_grad_a.data();  // gradient w.r.t. the current layer's output
   T* h = m_grad_b.data();  // gradient w.r.t. its input (written next)
   m_layout.likelihood().backward(m_be, rows, output(), x, rec_weight, g);
@@ -484,8 +485,8 @@ void Vae<T>::forward_iw(const T* params, const T* x, const T* eps, int rows, T b
 }
 
 template <class T>
-void Vae<T>::backward_iw(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T beta,
-                         bool dreg, const std::function<void(size_t)>& grads_ready) {
+void Vae<T>::backward_iw(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, T beta, bool dreg,
+                         const std::function<void(size_t)>& grads_ready) {
   const int n = rows * m_k;
   T* g = m_grad_a.data();
   T* h = m_grad_b.data();

@@ -11,8 +11,8 @@
 
 #include "elbo/backend/backend.hpp"
 #include "elbo/config/spec.hpp"
-#include "elbo/model/model.hpp"  // ModelLayout, Model, ParamView, TensorShape
 #include "elbo/model/likelihood.hpp"
+#include "elbo/model/model.hpp"  // ModelLayout, Model, ParamView, TensorShape
 
 namespace elbo {
 
@@ -141,9 +141,9 @@ class Vae final : public Model<T> {
   const T* kl() const override { return m_kl.data(); }
   const T* mulv() const { return m_enc_acts.back().out(); }  // (rows, 2L) = [mu | logvar]
   const T* z() const { return m_z.data(); }                     // (rows, L)
-  const T* output() const override { return m_dec_acts.back().out(); }   // (rows, output_width); forward_iw: rows*k
-  const T* iw_bound() const { return m_bound.data(); }          // (rows), after forward_iw
-  const T* iw_rec() const { return m_rec_mean.data(); }         // (rows), after forward_iw
+  const T* output() const override { return m_dec_acts.back().out(); }  // (rows, output_width); forward_iw: rows*k
+  const T* iw_bound() const { return m_bound.data(); }                  // (rows), after forward_iw
+  const T* iw_rec() const { return m_rec_mean.data(); }                 // (rows), after forward_iw
 
  private:
   // One layer: in -> pre-activation (m_pre[i]) -> output (m_act[i], or pre itself when
@@ -167,10 +167,10 @@ class Vae final : public Model<T> {
   const VaeLayout& m_layout;
   Backend<T>& m_be;
   int m_max_rows;
-  int m_k;  // importance samples per input the workspaces hold (0: none)
+  int m_k;                                   // importance samples per input the workspaces hold (0: none)
   std::vector<Acts> m_enc_acts, m_dec_acts;  // per layer; the last encoder one is [mu | logvar]
-  Buffer<T> m_z;              // (rows, L), or (rows*k, L)
-  Buffer<T> m_rec, m_kl;      // (rows), or (rows*k) for rec
+  Buffer<T> m_z;                             // (rows, L), or (rows*k, L)
+  Buffer<T> m_rec, m_kl;                     // (rows), or (rows*k) for rec
   // Importance-weighted passes: the inputs repeated k times (rows*k, D), per sample
   // log q - log p and normalized weights (rows*k), per input bound and mean nll (rows),
   // and k values of 1/k (the mean as a GEMM against it).

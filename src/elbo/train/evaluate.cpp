@@ -62,8 +62,8 @@ std::string duration_words(double s) {
 
 }  // namespace detail
 
-EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const float* params,
-                    const data::ShardSet& set, Communicator& comm, const EvalOptions& opt) {
+EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const float* params, const data::ShardSet& set,
+                    Communicator& comm, const EvalOptions& opt) {
   if (const auto* h = dynamic_cast<const HvaeLayout*>(&model_layout))
     return evaluate_hierarchical(*h, be, params, set, comm, opt);
   const VaeLayout& layout = dynamic_cast<const VaeLayout&>(model_layout);
@@ -124,8 +124,7 @@ EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const f
                             " on " + std::to_string(n) + " samples decodes " + work + " samples, estimated at " +
                             detail::duration_words(secs) + " (from a timed pass of " + std::to_string(cap) +
                             " rows), over the limit of " + detail::duration_words(opt.max_seconds) + "; lower " +
-                            opt.iw_samples_name +
-                            (opt.max_samples_name.empty() ? "" : " or " + opt.max_samples_name) +
+                            opt.iw_samples_name + (opt.max_samples_name.empty() ? "" : " or " + opt.max_samples_name) +
                             (opt.max_seconds_hint.empty() ? "" : ", or " + opt.max_seconds_hint));
     }
   }
@@ -245,8 +244,7 @@ std::string format_eval(const EvalResult& r) {
                 r.rec, r.kl);
   std::string s = buf;
   if (r.iw_samples > 0) {
-    std::snprintf(buf, sizeof(buf), " | IWAE(k=%d) NLL %.4f nats%s", r.iw_samples, r.iwae_nll,
-                  bpd(r.iwae_nll).c_str());
+    std::snprintf(buf, sizeof(buf), " | IWAE(k=%d) NLL %.4f nats%s", r.iw_samples, r.iwae_nll, bpd(r.iwae_nll).c_str());
     s += buf;
   }
   return s + " | active units " + std::to_string(r.active_units) + "/" + std::to_string(r.latent) + " | " +

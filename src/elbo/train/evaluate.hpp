@@ -71,8 +71,8 @@ struct EvalResult {
   std::vector<int> active_groups, group_sizes;
 };
 
-EvalResult evaluate(const ModelLayout& layout, Backend<float>& backend, const float* params,
-                    const data::ShardSet& set, Communicator& comm, const EvalOptions& opt);
+EvalResult evaluate(const ModelLayout& layout, Backend<float>& backend, const float* params, const data::ShardSet& set,
+                    Communicator& comm, const EvalOptions& opt);
 
 // The hierarchical model's evaluation (evaluate() calls it for an HvaeLayout): the
 // ELBO from one pass per input, the IWAE bound from K full passes per input (log w =

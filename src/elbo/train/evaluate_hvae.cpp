@@ -95,7 +95,8 @@ EvalResult evaluate_hierarchical(const HvaeLayout& layout, Backend<float>& be, c
     be.download(kl.data(), model.kl(), rows);
     be.download(lr.data(), model.log_ratio(), rows);
     be.download(klg.data(), model.kl_groups(), static_cast<size_t>(rows) * G);
-    for (int l = 0; l < G; ++l) be.download(q[l].data(), model.posterior(l), static_cast<size_t>(rows) * 2 * layout.groups()[l].numel());
+    for (int l = 0; l < G; ++l)
+      be.download(q[l].data(), model.posterior(l), static_cast<size_t>(rows) * 2 * layout.groups()[l].numel());
     for (int r = 0; r < rows; ++r) {
       sums[1] += rec[r];
       sums[2] += kl[r];
@@ -124,8 +125,8 @@ EvalResult evaluate_hierarchical(const HvaeLayout& layout, Backend<float>& be, c
         const int nr = rows * kn;
         // eps of IW sample k of item i keyed by (k, i): independent of ranks and chunks.
         for (int j = 0; j < kn; ++j)
-          be.normal(opt.seed, RngStream::EvalEps, static_cast<uint32_t>(k0 + j), static_cast<uint64_t>(first), rows,
-                    E, eps.data() + static_cast<size_t>(j) * rows * E);
+          be.normal(opt.seed, RngStream::EvalEps, static_cast<uint32_t>(k0 + j), static_cast<uint64_t>(first), rows, E,
+                    eps.data() + static_cast<size_t>(j) * rows * E);
         model.forward(params, x.data(), eps.data(), nr);
         be.download(rec.data(), model.rec(), nr);
         be.download(lr.data(), model.log_ratio(), nr);
@@ -142,8 +143,7 @@ EvalResult evaluate_hierarchical(const HvaeLayout& layout, Backend<float>& be, c
         }
         progress.update(off * per_input + static_cast<int64_t>(rows) * (k0 + kn));
       }
-      for (int r = 0; r < rows; ++r)
-        sums[3] += -(lse_max[r] + std::log(lse_sum[r]) - std::log(static_cast<double>(K)));
+      for (int r = 0; r < rows; ++r) sums[3] += -(lse_max[r] + std::log(lse_sum[r]) - std::log(static_cast<double>(K)));
     }
     sums[0] += rows;
     progress.update((off + rows) * per_input);

@@ -106,8 +106,8 @@ double hvae_activation_bytes(const HvaeLayout& layout, int64_t rows) {
     max_qin = std::max(max_qin, 2 * sz);
   }
   const double G = layout.num_groups();
-  per_row += layout.output_width() + 3 + 2 * G;           // output, rec, KL, log-ratio; per-group KL and ratio
-  per_row += 2.0 * static_cast<double>(layout.max_width());  // branch gradients, ping-pong
+  per_row += layout.output_width() + 3 + 2 * G;                 // output, rec, KL, log-ratio; per-group KL and ratio
+  per_row += 2.0 * static_cast<double>(layout.max_width());     // branch gradients, ping-pong
   per_row += 3 * max_stream + max_q + max_p + max_z + max_qin;  // stream gradients, pooling, the heads' gradients
   return per_row * static_cast<double>(rows) * kFloat;
 }
@@ -145,13 +145,13 @@ std::vector<const Layer*> all_layers(const ModelLayout& layout) {
 double conv_scratch_bytes(const ModelLayout& layout, int64_t rows) {
   double worst = 0;
   for (const Layer* lp : all_layers(layout)) {
-      const Layer& l = *lp;
-      if (l.kind != LayerKind::Conv2d && l.kind != LayerKind::ConvTranspose2d) continue;
-      const ConvShape s = l.conv(1);
-      const double cols = static_cast<double>(s.c) * s.r * s.s * s.out_h() * s.out_w();
-      const double out = static_cast<double>(s.k) * s.out_h() * s.out_w();
-      const double chunk = std::clamp(std::floor(double(1 << 24) / std::max(cols, 1.0)), 1.0, double(rows));
-      worst = std::max(worst, chunk * (cols + out) * kFloat);
+    const Layer& l = *lp;
+    if (l.kind != LayerKind::Conv2d && l.kind != LayerKind::ConvTranspose2d) continue;
+    const ConvShape s = l.conv(1);
+    const double cols = static_cast<double>(s.c) * s.r * s.s * s.out_h() * s.out_w();
+    const double out = static_cast<double>(s.k) * s.out_h() * s.out_w();
+    const double chunk = std::clamp(std::floor(double(1 << 24) / std::max(cols, 1.0)), 1.0, double(rows));
+    worst = std::max(worst, chunk * (cols + out) * kFloat);
   }
   return worst;
 }

@@ -53,9 +53,15 @@ std::unique_ptr<Model<float>> make_train_model(const ModelLayout& layout, Backen
 Replica::Replica(const ExperimentSpec& spec, Communicator& comm, Backend<float>& be, const ModelLayout& layout,
                  const Placement& place, const MemoryEstimate& need, int local_rows, int dim,
                  std::function<void(const std::string&)> warn)
-    : m_spec(spec), m_comm(comm), m_be(be), m_local_rows(local_rows), m_dim(dim), m_latent(static_cast<int>(layout.eps_per_row())),
+    : m_spec(spec),
+      m_comm(comm),
+      m_be(be),
+      m_local_rows(local_rows),
+      m_dim(dim),
+      m_latent(static_cast<int>(layout.eps_per_row())),
       m_n(layout.num_params()),
-      m_params(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
+      m_params(
+          allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_grads(allocating(need.items[MemoryEstimate::kModelState], spec.source, [&] { return Buffer<float>(be, m_n); })),
       m_sync(make_sync(spec, comm, place, be, m_grads.data(), m_params.data(), m_n)),
       m_micro_rows(micro_rows(local_rows, spec.train.accumulate)),
@@ -159,8 +165,8 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     }
     if (graph_step && !m_graph) {
       try {
-        m_graph = be.capture([&model = *m_model, vae = m_vae, &be = m_be, p = m_params.data(), g = m_grads.data(), xp = m_x.data(),
-                              ep = m_eps.data(), rows, w, kw, b, dreg, iwae = m_iwae, P] {
+        m_graph = be.capture([&model = *m_model, vae = m_vae, &be = m_be, p = m_params.data(), g = m_grads.data(),
+                              xp = m_x.data(), ep = m_eps.data(), rows, w, kw, b, dreg, iwae = m_iwae, P] {
           be.fill(g, 0.0f, P);
           if (iwae) {
             vae->forward_iw(p, xp, ep, rows, b);
@@ -204,16 +210,16 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
         if (m_iwae) {
           m_vae->forward_iw(m_params.data(), m_x.data(), m_eps.data(), n, b, needed);
           m_vae->backward_iw(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, b, dreg,
-                              last ? ready : no_hook);
+                             last ? ready : no_hook);
         } else {
           m_model->forward(m_params.data(), m_x.data(), m_eps.data(), n, needed);
           if (m_free_bits) {
             result.kl_clamped_dims = exchange_kl(n, g_rows, kw).clamped_dims;
             m_model->backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, m_kl_weights.data(),
-                             ready);
+                              ready);
           } else {
             m_model->backward(m_params.data(), m_grads.data(), m_x.data(), m_eps.data(), n, w, kw,
-                             last ? ready : no_hook);
+                              last ? ready : no_hook);
           }
         }
         // Ordered before the next micro-batch's forward overwrites the losses.

@@ -135,11 +135,12 @@ class Replica {
   const int m_eps_cols;                   // eps per input: m_latent, times loss.samples for iwae
   Buffer<float> m_x, m_eps;               // (m_micro_rows, m_dim), (m_micro_rows, m_eps_cols)
   const bool m_free_bits;                 // loss.free_bits > 0
-  Buffer<float> m_kl_weights;             // (kl_parts) free bits: the backward's KL weights, per Vae latent dimension or Hvae group
+  Buffer<float>
+      m_kl_weights;  // (kl_parts) free bits: the backward's KL weights, per Vae latent dimension or Hvae group
   std::vector<float> m_mulv_host;         // (m_local_rows, 2 m_latent) free bits: [mu | logvar] on the host
   // The per-sample losses come back in pinned memory: two copies, one wait.
-  HostBuffer<float, float> m_losses;      // (3, m_local_rows): rec, KL, then the IWAE bound (iwae)
-  HostBuffer<float, float> m_kl_groups;   // (m_local_rows, groups) hierarchical: per-group KL; else empty
+  HostBuffer<float, float> m_losses;     // (3, m_local_rows): rec, KL, then the IWAE bound (iwae)
+  HostBuffer<float, float> m_kl_groups;  // (m_local_rows, groups) hierarchical: per-group KL; else empty
   // With one rank the gradients are final when backward ends: their norm comes back
   // with the losses, and the optimizer step needs no wait of its own.
   const bool m_norm_with_losses;

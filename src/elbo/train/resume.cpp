@@ -133,7 +133,11 @@ ResumePoint resume_run(const std::string& resume, const ExperimentSpec& spec, Co
 
 Checkpoints::Checkpoints(const ExperimentSpec& spec, bool root, const std::vector<int>& input_shape,
                          const ModelLayout& layout, Replica& replica)
-    : m_spec(spec), m_root(root), m_input_shape(input_shape), m_layout(layout), m_replica(replica),
+    : m_spec(spec),
+      m_root(root),
+      m_input_shape(input_shape),
+      m_layout(layout),
+      m_replica(replica),
       m_dir((fs::path(spec.output.dir) / "checkpoints").string()) {}
 
 Checkpoints::~Checkpoints() {

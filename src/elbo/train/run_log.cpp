@@ -326,10 +326,8 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
   const double neg_iwae = m_iv.iw_bound / m_iv.samples;
   if (m_root) {
     char note[64] = "", bpd_note[48] = "";
-    if (free_bits)
-      std::snprintf(note, sizeof(note), " | clamped %.3g/%d", clamped, m_latent_values);
-    if (iwae)
-      std::snprintf(note, sizeof(note), " | -iwae(k=%d) %.3f", m_spec.loss.samples, neg_iwae);
+    if (free_bits) std::snprintf(note, sizeof(note), " | clamped %.3g/%d", clamped, m_latent_values);
+    if (iwae) std::snprintf(note, sizeof(note), " | -iwae(k=%d) %.3f", m_spec.loss.samples, neg_iwae);
     if (m_bpd_dim > 0) std::snprintf(bpd_note, sizeof(bpd_note), " = %.4f bits/dim", bits_per_dim(r + k, m_bpd_dim));
     char line[440];
     std::snprintf(line, sizeof(line),
@@ -352,8 +350,10 @@ void RunLog::end_interval(const TrainState& st, int64_t epoch, double beta, doub
       len += std::snprintf(row + len, sizeof(row) - len, ",,,");
     len += std::snprintf(row + len, sizeof(row) - len, "%lld,", static_cast<long long>(st.skipped_steps));
     if (free_bits) len += std::snprintf(row + len, sizeof(row) - len, "%.6g", clamped);
-    if (iwae) len += std::snprintf(row + len, sizeof(row) - len, ",%.6f,", neg_iwae);
-    else len += std::snprintf(row + len, sizeof(row) - len, ",,");
+    if (iwae)
+      len += std::snprintf(row + len, sizeof(row) - len, ",%.6f,", neg_iwae);
+    else
+      len += std::snprintf(row + len, sizeof(row) - len, ",,");
     std::string full(row, static_cast<size_t>(len));
     for (size_t l = 0; l < m_iv.kl_groups.size(); ++l) {
       char cell[32];

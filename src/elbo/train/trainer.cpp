@@ -113,7 +113,8 @@ TrainResult train(const ExperimentSpec& spec, Communicator& comm, std::ostream& 
   TrainingData data;
   open_training_data(spec, comm, data);
   std::unique_ptr<ModelLayout> layout_holder;
-  collectively(comm, [&] { layout_holder = make_layout(spec.model, data.input_shape); });  // shape errors name the layer
+  collectively(comm,
+               [&] { layout_holder = make_layout(spec.model, data.input_shape); });  // shape errors name the layer
   const ModelLayout& layout = *layout_holder;
   const int local_rows = static_cast<int>(spec.train.batch_size / world);
   const int threads = threads_per_rank(spec.train.threads, comm.world().local_size);

@@ -256,8 +256,7 @@ void CpuBackend<T>::repeat_rows(int rows, int cols, int k, const T* in, T* out) 
 }
 
 template <class T>
-void CpuBackend<T>::iw_posterior_forward(int rows, int k, int latent, const T* mulv, const T* eps, T* z,
-                                         T* log_ratio) {
+void CpuBackend<T>::iw_posterior_forward(int rows, int k, int latent, const T* mulv, const T* eps, T* z, T* log_ratio) {
   for (int r = 0; r < rows; ++r) {
     const T* mu = mulv + static_cast<size_t>(r) * 2 * latent;
     const T* lv = mu + latent;

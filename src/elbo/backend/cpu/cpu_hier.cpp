@@ -107,8 +107,8 @@ void CpuBackend<T>::unpool_backward(int n, int c, int h, int w, int f, const T* 
 }
 
 template <class T>
-void CpuBackend<T>::gaussian_sample(int n, int zc, int hw, const T* par, size_t stride, const T* eps,
-                                    size_t eps_stride, T* z) {
+void CpuBackend<T>::gaussian_sample(int n, int zc, int hw, const T* par, size_t stride, const T* eps, size_t eps_stride,
+                                    T* z) {
   const size_t len = static_cast<size_t>(zc) * hw;
   for (int r = 0; r < n; ++r) {
     const T* mu = par + r * stride;
@@ -120,9 +120,8 @@ void CpuBackend<T>::gaussian_sample(int n, int zc, int hw, const T* par, size_t 
 }
 
 template <class T>
-void CpuBackend<T>::gaussian_kl_forward(int n, int zc, int hw, const T* q, size_t q_stride, const T* p,
-                                        size_t p_stride, const T* eps, size_t eps_stride, T* kl, T* log_ratio,
-                                        size_t out_stride) {
+void CpuBackend<T>::gaussian_kl_forward(int n, int zc, int hw, const T* q, size_t q_stride, const T* p, size_t p_stride,
+                                        const T* eps, size_t eps_stride, T* kl, T* log_ratio, size_t out_stride) {
   const size_t len = static_cast<size_t>(zc) * hw;
   for (int r = 0; r < n; ++r) {
     const T* mq = q + r * q_stride;

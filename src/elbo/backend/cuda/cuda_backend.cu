@@ -120,7 +120,8 @@ __global__ void iw_posterior_fwd_kernel(int rows, int k, int L, const float* mul
 // One thread per input: its k samples in order, as the CPU loop (k is small).
 __global__ void iw_weights_kernel(int rows, int k, float beta, const float* nll, const float* log_ratio, float* bound,
                                   float* weights) {
-  for (size_t r = blockIdx.x * size_t(blockDim.x) + threadIdx.x; r < size_t(rows); r += size_t(gridDim.x) * blockDim.x) {
+  for (size_t r = blockIdx.x * size_t(blockDim.x) + threadIdx.x; r < size_t(rows);
+       r += size_t(gridDim.x) * blockDim.x) {
     const size_t o = r * k;
     float top = -INFINITY;
     for (int i = 0; i < k; ++i) top = fmaxf(top, -(nll[o + i] + beta * log_ratio[o + i]));
@@ -142,8 +143,7 @@ __global__ void scale_rows_kernel(int rows, int cols, const float* row_scale, fl
 
 // One thread per (input, latent dimension): the sum over its k samples in order.
 __global__ void iw_posterior_bwd_kernel(int rows, int k, int L, const float* mulv, const float* eps, const float* z,
-                                        const float* dz, const float* weights, float s_beta, bool dreg,
-                                        float* dmulv) {
+                                        const float* dz, const float* weights, float s_beta, bool dreg, float* dmulv) {
   const size_t n = size_t(rows) * L;
   for (size_t t = blockIdx.x * size_t(blockDim.x) + threadIdx.x; t < n; t += size_t(gridDim.x) * blockDim.x) {
     const size_t r = t / L, j = t % L;
@@ -578,7 +578,7 @@ void CudaBackend::iw_posterior_backward(int rows, int k, int latent, const float
   const size_t n = size_t(rows) * latent;
   if (n == 0) return;
   iw_posterior_bwd_kernel<<<blocks_for(n), kThreads, 0, m_state->stream>>>(rows, k, latent, mulv, eps, z, dz, weights,
-                                                                          s_beta, dreg, dmulv);
+                                                                           s_beta, dreg, dmulv);
   CHECK_LAUNCH(iw_posterior_bwd_kernel);
 }
 

@@ -102,8 +102,7 @@ class CudaBackend final : public Backend<float> {
                            float weight, float* dout) override;
   void likelihood_mean(Likelihood lik, int rows, int dim, const float* out, float* mean) override;
   void dlm_forward(const DlmShape& s, int rows, const float* out, const float* x, float* nll) override;
-  void dlm_backward(const DlmShape& s, int rows, const float* out, const float* x, float weight,
-                    float* dout) override;
+  void dlm_backward(const DlmShape& s, int rows, const float* out, const float* x, float weight, float* dout) override;
   void dlm_mean(const DlmShape& s, int rows, const float* out, float* mean) override;
   void adam_step(const AdamArgs& args, size_t n, float* params, const float* grads, float* m, float* v) override;
   double sum_squares(size_t n, const float* x) override;

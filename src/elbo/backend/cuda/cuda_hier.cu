@@ -196,8 +196,8 @@ void CudaBackend::gaussian_sample(int n, int zc, int hw, const float* par, size_
 }
 
 void CudaBackend::gaussian_kl_forward(int n, int zc, int hw, const float* q, size_t q_stride, const float* p,
-                                      size_t p_stride, const float* eps, size_t eps_stride, float* kl,
-                                      float* log_ratio, size_t out_stride) {
+                                      size_t p_stride, const float* eps, size_t eps_stride, float* kl, float* log_ratio,
+                                      size_t out_stride) {
   if (n == 0) return;
   gaussian_kl_fwd_kernel<<<n, kThreads, 0, m_state->stream>>>(size_t(zc) * hw, q, q_stride, p, p_stride, eps,
                                                               eps_stride, kl, log_ratio, out_stride);
