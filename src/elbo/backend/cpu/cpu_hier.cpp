@@ -43,67 +43,65 @@ void CpuBackend<T>::channel_copy(int n, int hw, int count, const T* src, int src
   }
 }
 
+namespace {
+
+// Average pooling and nearest unpooling are each other's adjoints, so the four passes
+// are two routines. block_sums: out (planes, oh, ow) = scale * the sum of each f x f
+// block of in (planes, oh*f, ow*f), a then b in order (avg-pool forward with 1/f^2,
+// unpool backward with 1: times 1 is exact).
 template <class T>
-void CpuBackend<T>::avg_pool_forward(int n, int c, int h, int w, int f, const T* x, T* y) {
-  const int oh = h / f, ow = w / f;
-  const T inv = T(1) / static_cast<T>(f * f);
-  for (size_t plane = 0; plane < static_cast<size_t>(n) * c; ++plane) {
-    const T* xp = x + plane * h * w;
-    T* yp = y + plane * oh * ow;
+void block_sums(size_t planes, int oh, int ow, int f, T scale, const T* in, T* out) {
+  const int w = ow * f;
+  for (size_t plane = 0; plane < planes; ++plane) {
+    const T* ip = in + plane * oh * f * w;
+    T* op = out + plane * oh * ow;
     for (int i = 0; i < oh; ++i)
       for (int j = 0; j < ow; ++j) {
         T acc = 0;
         for (int a = 0; a < f; ++a)
-          for (int b = 0; b < f; ++b) acc += xp[(i * f + a) * w + j * f + b];
-        yp[i * ow + j] = acc * inv;
+          for (int b = 0; b < f; ++b) acc += ip[(i * f + a) * w + j * f + b];
+        op[i * ow + j] = acc * scale;
       }
   }
 }
 
+// spread: out (planes, h*f, w*f) = scale * in (planes, h, w) repeated over each f x f
+// block (unpool forward with 1, avg-pool backward with 1/f^2). Each input row goes once
+// into its first output row, which the next f - 1 rows copy.
 template <class T>
-void CpuBackend<T>::avg_pool_backward(int n, int c, int h, int w, int f, const T* dy, T* dx) {
-  const int oh = h / f, ow = w / f;
-  const T inv = T(1) / static_cast<T>(f * f);
-  for (size_t plane = 0; plane < static_cast<size_t>(n) * c; ++plane) {
-    const T* gp = dy + plane * oh * ow;
-    T* dp = dx + plane * h * w;
-    for (int i = 0; i < oh; ++i) {  // as unpool_forward, scaled
-      T* row = dp + static_cast<size_t>(i) * f * w;
-      for (int j = 0; j < ow; ++j) std::fill_n(row + j * f, f, gp[i * ow + j] * inv);
-      for (int a = 1; a < f; ++a) std::copy_n(row, w, row + static_cast<size_t>(a) * w);
-    }
-  }
-}
-
-template <class T>
-void CpuBackend<T>::unpool_forward(int n, int c, int h, int w, int f, const T* x, T* y) {
-  const int oh = h * f, ow = w * f;
-  for (size_t plane = 0; plane < static_cast<size_t>(n) * c; ++plane) {
-    const T* xp = x + plane * h * w;
-    T* yp = y + plane * oh * ow;
-    // Each input row once into its first output row, which the next f - 1 rows copy.
+void spread(size_t planes, int h, int w, int f, T scale, const T* in, T* out) {
+  const int ow = w * f;
+  for (size_t plane = 0; plane < planes; ++plane) {
+    const T* ip = in + plane * h * w;
+    T* op = out + plane * h * f * ow;
     for (int i = 0; i < h; ++i) {
-      T* row = yp + static_cast<size_t>(i) * f * ow;
-      for (int j = 0; j < w; ++j) std::fill_n(row + j * f, f, xp[i * w + j]);
+      T* row = op + static_cast<size_t>(i) * f * ow;
+      for (int j = 0; j < w; ++j) std::fill_n(row + j * f, f, ip[i * w + j] * scale);
       for (int a = 1; a < f; ++a) std::copy_n(row, ow, row + static_cast<size_t>(a) * ow);
     }
   }
 }
 
+}  // namespace
+
+template <class T>
+void CpuBackend<T>::avg_pool_forward(int n, int c, int h, int w, int f, const T* x, T* y) {
+  block_sums(static_cast<size_t>(n) * c, h / f, w / f, f, T(1) / static_cast<T>(f * f), x, y);
+}
+
+template <class T>
+void CpuBackend<T>::avg_pool_backward(int n, int c, int h, int w, int f, const T* dy, T* dx) {
+  spread(static_cast<size_t>(n) * c, h / f, w / f, f, T(1) / static_cast<T>(f * f), dy, dx);
+}
+
+template <class T>
+void CpuBackend<T>::unpool_forward(int n, int c, int h, int w, int f, const T* x, T* y) {
+  spread(static_cast<size_t>(n) * c, h, w, f, T(1), x, y);
+}
+
 template <class T>
 void CpuBackend<T>::unpool_backward(int n, int c, int h, int w, int f, const T* dy, T* dx) {
-  const int oh = h * f, ow = w * f;
-  for (size_t plane = 0; plane < static_cast<size_t>(n) * c; ++plane) {
-    const T* gp = dy + plane * oh * ow;
-    T* dp = dx + plane * h * w;
-    for (int i = 0; i < h; ++i)
-      for (int j = 0; j < w; ++j) {
-        T acc = 0;
-        for (int a = 0; a < f; ++a)
-          for (int b = 0; b < f; ++b) acc += gp[(i * f + a) * ow + j * f + b];
-        dp[i * w + j] = acc;
-      }
-  }
+  block_sums(static_cast<size_t>(n) * c, h, w, f, T(1), dy, dx);
 }
 
 template <class T>

@@ -27,57 +27,33 @@ __global__ void channel_copy_kernel(int n, int hw, int count, const float* src, 
   }
 }
 
-// One thread per pooled output: the mean of its f x f block, summed in the CPU's order.
-__global__ void avg_pool_fwd_kernel(size_t planes, int h, int w, int f, const float* x, float* y) {
-  const int oh = h / f, ow = w / f;
+// Average pooling and nearest unpooling are each other's adjoints: two kernels, as the
+// CPU's block_sums and spread. block_sums: one thread per output of (planes, oh, ow),
+// scale * the sum of its f x f block of in (planes, oh*f, ow*f) in the CPU's order (no
+// atomics: deterministic); avg-pool forward (1/f^2) and unpool backward (1).
+__global__ void block_sums_kernel(size_t planes, int oh, int ow, int f, float scale, const float* in, float* out) {
+  const int w = ow * f;
   const size_t total = planes * oh * ow;
-  const float inv = 1.0f / float(f * f);
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
     const size_t plane = i / (size_t(oh) * ow);
     const int k = int(i % (size_t(oh) * ow)), oi = k / ow, oj = k % ow;
-    const float* xp = x + plane * h * w;
+    const float* ip = in + plane * oh * f * w;
     float acc = 0.0f;
     for (int a = 0; a < f; ++a)
-      for (int b = 0; b < f; ++b) acc += xp[(oi * f + a) * w + oj * f + b];
-    y[i] = acc * inv;
+      for (int b = 0; b < f; ++b) acc += ip[(oi * f + a) * w + oj * f + b];
+    out[i] = acc * scale;
   }
 }
 
-// One thread per input element: its block's output gradient over f^2.
-__global__ void avg_pool_bwd_kernel(size_t planes, int h, int w, int f, const float* dy, float* dx) {
-  const int oh = h / f, ow = w / f;
-  const size_t total = planes * h * w;
-  const float inv = 1.0f / float(f * f);
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
-    const size_t plane = i / (size_t(h) * w);
-    const int k = int(i % (size_t(h) * w)), ii = k / w, jj = k % w;
-    dx[i] = dy[plane * oh * ow + (ii / f) * ow + jj / f] * inv;
-  }
-}
-
-// h, w: the small image; one thread per large-image element.
-__global__ void unpool_fwd_kernel(size_t planes, int h, int w, int f, const float* x, float* y) {
+// spread: one thread per element of out (planes, h*f, w*f) = scale * its block's value
+// of in (planes, h, w); unpool forward (1) and avg-pool backward (1/f^2).
+__global__ void spread_kernel(size_t planes, int h, int w, int f, float scale, const float* in, float* out) {
   const int oh = h * f, ow = w * f;
   const size_t total = planes * oh * ow;
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
     const size_t plane = i / (size_t(oh) * ow);
     const int k = int(i % (size_t(oh) * ow)), oi = k / ow, oj = k % ow;
-    y[i] = x[plane * h * w + (oi / f) * w + oj / f];
-  }
-}
-
-// One thread per small-image element: the sum over its block (no atomics: deterministic).
-__global__ void unpool_bwd_kernel(size_t planes, int h, int w, int f, const float* dy, float* dx) {
-  const int oh = h * f, ow = w * f;
-  const size_t total = planes * h * w;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
-    const size_t plane = i / (size_t(h) * w);
-    const int k = int(i % (size_t(h) * w)), ii = k / w, jj = k % w;
-    const float* gp = dy + plane * oh * ow;
-    float acc = 0.0f;
-    for (int a = 0; a < f; ++a)
-      for (int b = 0; b < f; ++b) acc += gp[(ii * f + a) * ow + jj * f + b];
-    dx[i] = acc;
+    out[i] = in[plane * h * w + (oi / f) * w + oj / f] * scale;
   }
 }
 
@@ -163,28 +139,35 @@ void CudaBackend::channel_copy(int n, int hw, int count, const float* src, int s
   CHECK_LAUNCH(channel_copy_kernel);
 }
 
+namespace {
+
+void launch_block_sums(cudaStream_t stream, size_t planes, int oh, int ow, int f, float scale, const float* in,
+                       float* out) {
+  block_sums_kernel<<<blocks_for(planes * oh * ow), kThreads, 0, stream>>>(planes, oh, ow, f, scale, in, out);
+  CHECK_LAUNCH(block_sums_kernel);
+}
+
+void launch_spread(cudaStream_t stream, size_t planes, int h, int w, int f, float scale, const float* in, float* out) {
+  spread_kernel<<<blocks_for(planes * h * f * w * f), kThreads, 0, stream>>>(planes, h, w, f, scale, in, out);
+  CHECK_LAUNCH(spread_kernel);
+}
+
+}  // namespace
+
 void CudaBackend::avg_pool_forward(int n, int c, int h, int w, int f, const float* x, float* y) {
-  const size_t planes = size_t(n) * c;
-  avg_pool_fwd_kernel<<<blocks_for(planes * (h / f) * (w / f)), kThreads, 0, m_state->stream>>>(planes, h, w, f, x, y);
-  CHECK_LAUNCH(avg_pool_fwd_kernel);
+  launch_block_sums(m_state->stream, size_t(n) * c, h / f, w / f, f, 1.0f / float(f * f), x, y);
 }
 
 void CudaBackend::avg_pool_backward(int n, int c, int h, int w, int f, const float* dy, float* dx) {
-  const size_t planes = size_t(n) * c;
-  avg_pool_bwd_kernel<<<blocks_for(planes * h * w), kThreads, 0, m_state->stream>>>(planes, h, w, f, dy, dx);
-  CHECK_LAUNCH(avg_pool_bwd_kernel);
+  launch_spread(m_state->stream, size_t(n) * c, h / f, w / f, f, 1.0f / float(f * f), dy, dx);
 }
 
 void CudaBackend::unpool_forward(int n, int c, int h, int w, int f, const float* x, float* y) {
-  const size_t planes = size_t(n) * c;
-  unpool_fwd_kernel<<<blocks_for(planes * h * f * w * f), kThreads, 0, m_state->stream>>>(planes, h, w, f, x, y);
-  CHECK_LAUNCH(unpool_fwd_kernel);
+  launch_spread(m_state->stream, size_t(n) * c, h, w, f, 1.0f, x, y);
 }
 
 void CudaBackend::unpool_backward(int n, int c, int h, int w, int f, const float* dy, float* dx) {
-  const size_t planes = size_t(n) * c;
-  unpool_bwd_kernel<<<blocks_for(planes * h * w), kThreads, 0, m_state->stream>>>(planes, h, w, f, dy, dx);
-  CHECK_LAUNCH(unpool_bwd_kernel);
+  launch_block_sums(m_state->stream, size_t(n) * c, h, w, f, 1.0f, dy, dx);
 }
 
 void CudaBackend::gaussian_sample(int n, int zc, int hw, const float* par, size_t stride, const float* eps,
