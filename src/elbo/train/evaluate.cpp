@@ -51,6 +51,31 @@ void check_eval_memory(const ModelLayout& layout, Backend<float>& be, Communicat
   });
 }
 
+void IwBound::start(int rows, const float* rec, const float* log_ratio) {
+  for (int r = 0; r < rows; ++r) {
+    m_max[r] = -double(rec[r]) - double(log_ratio[r]);
+    m_sum[r] = 1.0;
+  }
+}
+
+void IwBound::add(int rows, int kn, const float* rec, const float* log_ratio) {
+  for (int r = 0; r < rows; ++r) {
+    auto logw = [&](int j) {
+      return -double(rec[static_cast<size_t>(j) * rows + r]) - double(log_ratio[static_cast<size_t>(j) * rows + r]);
+    };
+    double m = m_max[r];
+    for (int j = 0; j < kn; ++j) m = std::max(m, logw(j));
+    double acc = m_sum[r] * std::exp(m_max[r] - m);
+    for (int j = 0; j < kn; ++j) acc += std::exp(logw(j) - m);
+    m_max[r] = m;
+    m_sum[r] = acc;
+  }
+}
+
+void IwBound::add_neg_bounds(int rows, int K, double& total) const {
+  for (int r = 0; r < rows; ++r) total += -(m_max[r] + std::log(m_sum[r]) - std::log(static_cast<double>(K)));
+}
+
 std::string duration_words(double s) {
   char buf[64];
   if (s >= 2 * 86400.0 * 365) std::snprintf(buf, sizeof(buf), "%.3g years", s / (86400.0 * 365));
@@ -93,7 +118,7 @@ EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const f
   std::vector<int64_t> idx(xb);
   // Each input's log-sum-exp of its K log-weights, accumulated chunk by chunk (running
   // max and the sum scaled to it): memory does not grow with K.
-  std::vector<double> lse_max(xb), lse_sum(xb);
+  detail::IwBound bound(static_cast<size_t>(xb));
 
   if (K > 1 && opt.max_seconds > 0) {
     // Time the IWAE bound's unit of work, one pass of cap decoder rows (the faster of
@@ -167,10 +192,7 @@ EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const f
       // Sample 0 is the forward pass above; the chunks decode samples 1..K-1.
       be.posterior_log_ratio(rows, L, model.mulv(), eps.data(), model.z(), ratio.data());
       be.download(lr.data(), ratio.data(), rows);
-      for (int r = 0; r < rows; ++r) {
-        lse_max[r] = -double(rec[r]) - double(lr[r]);
-        lse_sum[r] = 1.0;
-      }
+      bound.start(rows, rec.data(), lr.data());
       const size_t n_rep = static_cast<size_t>(rows) * kc;
       for (int j = 0; j < kc; ++j)
         std::copy_n(xh.data(), static_cast<size_t>(rows) * D, rep.data() + static_cast<size_t>(j) * rows * D);
@@ -192,21 +214,10 @@ EvalResult evaluate(const ModelLayout& model_layout, Backend<float>& be, const f
         be.posterior_log_ratio(nr, L, mulv_rep.data(), eps.data(), z.data(), ratio.data());
         be.download(rec.data(), rec_buf.data(), nr);
         be.download(lr.data(), ratio.data(), nr);
-        for (int r = 0; r < rows; ++r) {
-          auto logw = [&](int j) {
-            return -double(rec[static_cast<size_t>(j) * rows + r]) - double(lr[static_cast<size_t>(j) * rows + r]);
-          };
-          double m = lse_max[r];
-          for (int j = 0; j < kn; ++j) m = std::max(m, logw(j));
-          double acc = lse_sum[r] * std::exp(lse_max[r] - m);
-          for (int j = 0; j < kn; ++j) acc += std::exp(logw(j) - m);
-          lse_max[r] = m;
-          lse_sum[r] = acc;
-        }
+        bound.add(rows, kn, rec.data(), lr.data());
         progress.update(off * per_input + static_cast<int64_t>(rows) * (k0 + kn));
       }
-      for (int r = 0; r < rows; ++r)
-        sums[3] += -(lse_max[r] + std::log(lse_sum[r]) - std::log(static_cast<double>(K)));
+      bound.add_neg_bounds(rows, K, sums[3]);
     }
     sums[0] += rows;
     progress.update((off + rows) * per_input);

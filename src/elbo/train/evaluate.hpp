@@ -86,6 +86,23 @@ namespace detail {
 void check_eval_memory(const ModelLayout& layout, Backend<float>& be, Communicator& comm, int64_t rank_samples,
                        const EvalOptions& opt);
 std::string duration_words(double seconds);
+
+// The IWAE bound of a block of inputs accumulated over chunks of importance samples: a
+// running log-sum-exp of log w = -(rec + log q - log p) in double (the largest log w so
+// far and the sum scaled by it), so K samples never need to be held at once.
+class IwBound {
+ public:
+  explicit IwBound(size_t max_rows) : m_max(max_rows), m_sum(max_rows) {}
+  // Sample 0 of each of `rows` inputs.
+  void start(int rows, const float* rec, const float* log_ratio);
+  // kn more samples per input: sample j of input r at j * rows + r.
+  void add(int rows, int kn, const float* rec, const float* log_ratio);
+  // total += -log (1/K sum_k w_k) for each row in turn (added one by one, as before).
+  void add_neg_bounds(int rows, int K, double& total) const;
+
+ private:
+  std::vector<double> m_max, m_sum;
+};
 }  // namespace detail
 
 // "test -ELBO 101.23 nats (rec 90.1, KL 11.1) | IWAE(k=50) NLL 97.5 | 10000 samples"; with

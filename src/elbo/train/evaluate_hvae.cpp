@@ -37,7 +37,7 @@ EvalResult evaluate_hierarchical(const HvaeLayout& layout, Backend<float>& be, c
   std::vector<std::vector<float>> q(static_cast<size_t>(G));  // per group: (rows, 2 numel) [mu_q | r_q]
   for (int l = 0; l < G; ++l) q[l].resize(static_cast<size_t>(xb) * 2 * layout.groups()[l].numel());
   std::vector<int64_t> idx(xb);
-  std::vector<double> lse_max(xb), lse_sum(xb);
+  detail::IwBound bound(static_cast<size_t>(xb));
 
   if (K > 1 && opt.max_seconds > 0) {
     // As the Vae's: time the bound's unit of work (a full pass of cap rows, the faster
@@ -113,10 +113,7 @@ EvalResult evaluate_hierarchical(const HvaeLayout& layout, Backend<float>& be, c
     }
 
     if (K > 0) {
-      for (int r = 0; r < rows; ++r) {
-        lse_max[r] = -double(rec[r]) - double(lr[r]);
-        lse_sum[r] = 1.0;
-      }
+      bound.start(rows, rec.data(), lr.data());
       for (int j = 0; j < kc; ++j)
         std::copy_n(xh.data(), static_cast<size_t>(rows) * D, rep.data() + static_cast<size_t>(j) * rows * D);
       if (K > 1) be.upload(x.data(), rep.data(), static_cast<size_t>(rows) * kc * D);
@@ -130,20 +127,10 @@ EvalResult evaluate_hierarchical(const HvaeLayout& layout, Backend<float>& be, c
         model.forward(params, x.data(), eps.data(), nr);
         be.download(rec.data(), model.rec(), nr);
         be.download(lr.data(), model.log_ratio(), nr);
-        for (int r = 0; r < rows; ++r) {
-          auto logw = [&](int j) {
-            return -double(rec[static_cast<size_t>(j) * rows + r]) - double(lr[static_cast<size_t>(j) * rows + r]);
-          };
-          double m = lse_max[r];
-          for (int j = 0; j < kn; ++j) m = std::max(m, logw(j));
-          double acc = lse_sum[r] * std::exp(lse_max[r] - m);
-          for (int j = 0; j < kn; ++j) acc += std::exp(logw(j) - m);
-          lse_max[r] = m;
-          lse_sum[r] = acc;
-        }
+        bound.add(rows, kn, rec.data(), lr.data());
         progress.update(off * per_input + static_cast<int64_t>(rows) * (k0 + kn));
       }
-      for (int r = 0; r < rows; ++r) sums[3] += -(lse_max[r] + std::log(lse_sum[r]) - std::log(static_cast<double>(K)));
+      bound.add_neg_bounds(rows, K, sums[3]);
     }
     sums[0] += rows;
     progress.update((off + rows) * per_input);
