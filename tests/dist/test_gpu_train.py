@@ -70,6 +70,29 @@ def worst(p, q):
 
 
 failures = []
+
+
+def gpu_against_cpu(tag, label, extra, param_tol):
+    """One rank on each device from the same init: the logged losses within 1e-3
+    relative, every parameter tensor within param_tol."""
+    cpu_p, cpu_loss = train(1, f"cpu_{tag}", "--set", "device=cpu", *extra)
+    gpu_p, gpu_loss = train(1, f"gpu_{tag}", "--set", "device=cuda", *extra)
+    loss_err = float(np.max(np.abs(gpu_loss - cpu_loss) / np.abs(cpu_loss)))
+    err, name = worst(gpu_p, cpu_p)
+    print(f"{label}, GPU vs CPU, 50 steps: losses within {loss_err:.2e} relative; parameters {err:.2e} ({name})")
+    if loss_err > 1e-3 or err > param_tol:
+        failures.append(f"{label} on the GPU differs from the CPU beyond tolerance")
+
+
+def graph_against_eager(tag, label, extra):
+    """The steady-state step replayed as a CUDA graph vs launched op by op: bit-identical."""
+    graphed, _ = train(1, f"gpu_{tag}graph_on", *extra, "--set", "train.cuda_graph=on")
+    eager, _ = train(1, f"gpu_{tag}graph_off", *extra, "--set", "train.cuda_graph=off")
+    same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
+    print(f"{label}: CUDA graph replay vs eager launches: bit-identical = {same}")
+    if not same:
+        failures.append(f"the graph-replayed steps ({label}) differ from eagerly launched ones")
+
 cpu, cpu_loss = train(1, "cpu", "--set", "device=cpu")
 gpu, gpu_loss = train(1, "gpu_mpi", "--set", "device=cuda", "--set", "dist.communicator=mpi")
 loss_err = float(np.max(np.abs(gpu_loss - cpu_loss) / np.abs(cpu_loss)))
@@ -91,12 +114,7 @@ if err > 1e-5:
     failures.append("2 ranks on one GPU differ from 1 rank")
 
 mixed = ("--set", "device=cuda", "--set", "loss.kl_warmup_steps=10", "--set", "data.max_samples=2390")
-graphed, _ = train(1, "gpu_graph_on", *mixed, "--set", "train.cuda_graph=on")
-eager, _ = train(1, "gpu_graph_off", *mixed, "--set", "train.cuda_graph=off")
-same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
-print(f"CUDA graph replay vs eager launches, 50 steps: bit-identical = {same}")
-if not same:
-    failures.append("the graph-replayed steps differ from eagerly launched ones")
+graph_against_eager("", "MLP, 50 steps", mixed)
 
 shard = ("--set", "dist.shard_optimizer=true")
 nccl_sharded, _ = train(1, "gpu_nccl_sharded", "--set", "device=cuda", "--set", "dist.communicator=nccl", *shard)
@@ -154,34 +172,12 @@ if not exact or not in_model:
     failures.append("the GPU's moving average is not the recurrence, or model.h5 does not hold it")
 
 IW = ("--set", "loss.type=iwae", "--set", "loss.samples=5", "--set", "loss.dreg=true")
-cpu_iw, cpu_iw_loss = train(1, "cpu_iwae", "--set", "device=cpu", *IW)
-gpu_iw, gpu_iw_loss = train(1, "gpu_iwae", "--set", "device=cuda", *IW)
-loss_err = float(np.max(np.abs(gpu_iw_loss - cpu_iw_loss) / np.abs(cpu_iw_loss)))
-err, name = worst(gpu_iw, cpu_iw)
-print(f"iwae k=5 + DReG, GPU vs CPU, 50 steps: bound within {loss_err:.2e} relative; parameters {err:.2e} ({name})")
-if loss_err > 1e-3 or err > 2e-2:
-    failures.append("IWAE/DReG on the GPU differs from the CPU beyond tolerance")
-graphed, _ = train(1, "gpu_iwae_graph_on", *mixed, *IW, "--set", "train.cuda_graph=on")
-eager, _ = train(1, "gpu_iwae_graph_off", *mixed, *IW, "--set", "train.cuda_graph=off")
-same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
-print(f"iwae: CUDA graph replay vs eager launches: bit-identical = {same}")
-if not same:
-    failures.append("the graph-replayed IWAE steps differ from eagerly launched ones")
+gpu_against_cpu("iwae", "iwae k=5 + DReG", IW, 2e-2)  # the losses: the logged bound
+graph_against_eager("iwae_", "iwae k=5 + DReG", (*mixed, *IW))
 
 HV = ("--set", harness.SMALL_HVAE_MODEL)
-cpu_hv, cpu_hv_loss = train(1, "cpu_hvae", "--set", "device=cpu", *HV)
-gpu_hv, gpu_hv_loss = train(1, "gpu_hvae", "--set", "device=cuda", *HV)
-loss_err = float(np.max(np.abs(gpu_hv_loss - cpu_hv_loss) / np.abs(cpu_hv_loss)))
-err, name = worst(gpu_hv, cpu_hv)
-print(f"hierarchical, GPU vs CPU, 50 steps: losses within {loss_err:.2e} relative; parameters {err:.2e} ({name})")
-if loss_err > 1e-3 or err > 5e-3:
-    failures.append("the hierarchical model on the GPU differs from the CPU beyond tolerance")
-graphed, _ = train(1, "gpu_hvae_graph_on", *mixed, *HV, "--set", "train.cuda_graph=on")
-eager, _ = train(1, "gpu_hvae_graph_off", *mixed, *HV, "--set", "train.cuda_graph=off")
-same = all(np.array_equal(graphed[k], eager[k]) for k in eager)
-print(f"hierarchical: CUDA graph replay vs eager launches: bit-identical = {same}")
-if not same:
-    failures.append("the graph-replayed hierarchical steps differ from eagerly launched ones")
+gpu_against_cpu("hvae", "hierarchical", HV, 5e-3)
+graph_against_eager("hvae_", "hierarchical", (*mixed, *HV))
 
 reseeded, _ = train(1, "gpu_seed9", "--set", "device=cuda", "--set", "seed=9")
 err, _ = worst(reseeded, gpu)
