@@ -38,7 +38,7 @@ def load_split(d, limit=0):
 def elbo_init(m, stages):
     """elbo's HvaeLayout::init_params scheme on PyTorch's default draws."""
     n_enc = max(sum(s["blocks"] for s in stages), 1)
-    n_dec = sum(s["groups"] for s in stages)
+    n_dec = max(sum(s["groups"] + s.get("dec_blocks", 0) for s in stages), 1)
     with torch.no_grad():
         for st in m.encoder.stages:
             for b in st.blocks:
@@ -52,6 +52,8 @@ def elbo_init(m, stages):
                 g.prior.c3.bias[zc:2 * zc] = math.log(math.e - 1)  # softplus^-1(1)
                 g.z_proj.weight.mul_(1 / math.sqrt(n_dec))
                 g.resnet.c3.weight.mul_(1 / math.sqrt(n_dec))
+            for b in getattr(st, "blocks", []):
+                b.c3.weight.mul_(1 / math.sqrt(n_dec))
 
 
 def evaluate(m, x, k, E, batch=250):

@@ -23,39 +23,51 @@ def branch(cin, bottleneck, cout):
     return b
 
 
+def resize_channels(h, c):
+    """The stream between stages of different widths (VDVAE's per-resolution widths):
+    the first c channels, or zero channels appended."""
+    if h.shape[1] >= c:
+        return h[:, :c]
+    return torch.cat([h, h.new_zeros(h.shape[0], c - h.shape[1], h.shape[2], h.shape[3])], 1)
+
+
 class Hvae(nn.Module):
     def __init__(self, shape, width, bottleneck, stages, act, lik):
         super().__init__()
         C, H, W_ = shape
-        self.shape, self.stages, self.act, self.lik, self.width = shape, stages, ACT[act], lik, width
+        self.shape, self.stages, self.act, self.lik = shape, stages, ACT[act], lik
+        self.widths = [st.get("width", width) for st in stages]
+        bns = [st.get("bottleneck", bottleneck) for st in stages]
         self.encoder = nn.Module()
-        self.encoder.__setattr__("in", nn.Conv2d(C, width, 3, padding=1))
+        self.encoder.__setattr__("in", nn.Conv2d(C, self.widths[0], 3, padding=1))
         self.encoder.stages = nn.ModuleList()
         self.res = []
         h, w = H, W_
-        for st in stages:
+        for st, wd, bn in zip(stages, self.widths, bns):
             h, w = h // st["down"], w // st["down"]
             self.res.append((h, w))
             m = nn.Module()
-            m.blocks = nn.ModuleList([branch(width, bottleneck, width) for _ in range(st["blocks"])])
+            m.blocks = nn.ModuleList([branch(wd, bn, wd) for _ in range(st["blocks"])])
             self.encoder.stages.append(m)
         self.decoder = nn.Module()
         th, tw = self.res[-1]
-        self.decoder.h_top = nn.Parameter(0.1 * torch.randn(width, th, tw))
+        self.decoder.h_top = nn.Parameter(0.1 * torch.randn(self.widths[-1], th, tw))
         self.decoder.stages = nn.ModuleList()
-        for st in stages:
+        for st, wd, bn in zip(stages, self.widths, bns):
             m = nn.Module()
             m.groups = nn.ModuleList()
             for _ in range(st["groups"]):
                 g = nn.Module()
                 zc = st["latent"]
-                g.q = branch(2 * width, bottleneck, 2 * zc)
-                g.prior = branch(width, bottleneck, 2 * zc + width)
-                g.z_proj = nn.Conv2d(zc, width, 1)
-                g.resnet = branch(width, bottleneck, width)
+                g.q = branch(2 * wd, bn, 2 * zc)
+                g.prior = branch(wd, bn, 2 * zc + wd)
+                g.z_proj = nn.Conv2d(zc, wd, 1)
+                g.resnet = branch(wd, bn, wd)
                 m.groups.append(g)
+            if st.get("dec_blocks", 0):
+                m.blocks = nn.ModuleList([branch(wd, bn, wd) for _ in range(st["dec_blocks"])])
             self.decoder.stages.append(m)
-        self.decoder.out = nn.Conv2d(width, 2 * C if lik == "gaussian_learned" else C, 1)
+        self.decoder.out = nn.Conv2d(self.widths[0], 2 * C if lik == "gaussian_learned" else C, 1)
 
     def run(self, b, x):
         a = self.act
@@ -66,9 +78,10 @@ class Hvae(nn.Module):
         C, H, W_ = self.shape
         h = getattr(self.encoder, "in")(x.view(B, C, H, W_))
         es = []
-        for st, m in zip(self.stages, self.encoder.stages):
+        for st, m, wd in zip(self.stages, self.encoder.stages, self.widths):
             if st["down"] > 1:
                 h = F.avg_pool2d(h, st["down"])
+            h = resize_channels(h, wd)
             for b in m.blocks:
                 h = h + self.run(b, h)
             es.append(h)
@@ -90,8 +103,12 @@ class Hvae(nn.Module):
                 ratios.append((q.log_prob(z) - p.log_prob(z)).sum((1, 2, 3)))
                 h = h + po[:, 2 * zc:] + g.z_proj(z)
                 h = h + self.run(g.resnet, h)
+            for b in getattr(m, "blocks", []):
+                h = h + self.run(b, h)
             if st["down"] > 1:
                 h = F.interpolate(h, scale_factor=st["down"], mode="nearest")
+            if s > 0:
+                h = resize_channels(h, self.widths[s - 1])
         out = self.decoder.out(h)
         if self.lik == "bernoulli":
             rec = F.binary_cross_entropy_with_logits(out.flatten(1), x, reduction="none").sum(1)
