@@ -339,7 +339,8 @@ TEST(SpecHierarchical, ErrorsNameTheStageAndKey) {
   e = error_of(head + "  stages:\n    - {down: 1, latent: 0}\n");
   EXPECT_NE(e.find("model.stages[0].latent: must be >= 1"), std::string::npos) << e;
   e = error_of(head + "  stages:\n    - {down: 1, grups: 2}\n");
-  EXPECT_NE(e.find("model.stages[0].grups: unknown key; valid keys here: down, blocks, groups, latent"),
+  EXPECT_NE(e.find("model.stages[0].grups: unknown key; valid keys here: down, blocks, groups, latent, dec_blocks, "
+                   "width, bottleneck"),
             std::string::npos)
       << e;
   e = error_of(head + "  stages:\n    - {down: 1, groups: 0}\n    - {down: 2, groups: 0}\n");
@@ -354,6 +355,73 @@ TEST(SpecHierarchical, ErrorsNameTheStageAndKey) {
   EXPECT_NE(e.find("model.encoder: a hierarchical model is described by"), std::string::npos) << e;
   e = error_of(head + "  stages: [{groups: 1}]\n  bottleneck: 0\n");
   EXPECT_NE(e.find("model.bottleneck: must be >= 1"), std::string::npos) << e;
+  // The per-stage keys: an explicit 0 width is an error, not "model.width".
+  e = error_of(head + "  stages:\n    - {groups: 1}\n    - {down: 2, width: 0}\n");
+  EXPECT_NE(e.find("exp.yaml:7: model.stages[1].width: must be >= 1 (channels of the stream at this resolution; "
+                   "leave it out for model.width) (got 0)"),
+            std::string::npos)
+      << e;
+  e = error_of(head + "  stages:\n    - {groups: 1, bottleneck: -2}\n");
+  EXPECT_NE(e.find("exp.yaml:6: model.stages[0].bottleneck: must be >= 1"), std::string::npos) << e;
+  e = error_of(head + "  stages:\n    - {groups: 1}\n    - {down: 2, dec_blocks: -1}\n");
+  EXPECT_NE(e.find("exp.yaml:7: model.stages[1].dec_blocks: must be >= 0 (decoder residual blocks after the groups) "
+                   "(got -1)"),
+            std::string::npos)
+      << e;
+  e = error_of(head + "  stages:\n    - {groups: 1, width: wide}\n");
+  EXPECT_NE(e.find("model.stages[0].width: must be an integer, got 'wide'"), std::string::npos) << e;
+  // dec_blocks alone adds no latent group.
+  e = error_of(head + "  stages:\n    - {groups: 0, dec_blocks: 2}\n");
+  EXPECT_NE(e.find("model.stages: has no latent group"), std::string::npos) << e;
+}
+
+// Per-stage widths and bottlenecks, decoder-only blocks, and stages without groups
+// with or without a latent key; the dump writes the new keys only where given, so a
+// spec without them keeps its text (run directories and checkpoints store it).
+TEST(SpecHierarchical, PerStageWidthsAndDecoderBlocks) {
+  const std::string text =
+      "data:\n  train: x\n"
+      "model:\n"
+      "  type: hierarchical\n"
+      "  width: 24\n"
+      "  bottleneck: 8\n"
+      "  stages:\n"
+      "    - {down: 1, blocks: 1, groups: 0, dec_blocks: 2, width: 16, bottleneck: 4}\n"
+      "    - {down: 2, blocks: 1, groups: 0, latent: 3, dec_blocks: 1}\n"
+      "    - {down: 2, groups: 2, latent: 5, width: 64, dec_blocks: 0}\n"
+      "    - {down: 7, groups: 1, bottleneck: 32}\n";
+  const ExperimentSpec s = parse_spec(text, "exp.yaml");
+  const ModelSpec& m = s.model;
+  ASSERT_EQ(m.stages.size(), 4u);
+  EXPECT_EQ(m.stages[0], (StageSpec{1, 1, 0, 4, 2, 16, 4}));
+  EXPECT_EQ(m.stages[1], (StageSpec{2, 1, 0, 3, 1, 0, 0}));
+  EXPECT_EQ(m.stages[2], (StageSpec{2, 1, 2, 5, 0, 64, 0}));
+  EXPECT_EQ(m.stages[3], (StageSpec{7, 1, 1, 4, 0, 0, 32}));
+  EXPECT_EQ(m.stage_width(0), 16);
+  EXPECT_EQ(m.stage_width(1), 24);  // model.width
+  EXPECT_EQ(m.stage_width(2), 64);
+  EXPECT_EQ(m.stage_bottleneck(0), 4);
+  EXPECT_EQ(m.stage_bottleneck(2), 8);  // model.bottleneck
+  EXPECT_EQ(m.stage_bottleneck(3), 32);
+  const std::string dump = dump_spec(s);
+  EXPECT_NE(dump.find("{down: 1, blocks: 1, groups: 0, latent: 4, dec_blocks: 2, width: 16, bottleneck: 4}"),
+            std::string::npos)
+      << dump;
+  EXPECT_NE(dump.find("{down: 2, blocks: 1, groups: 2, latent: 5, width: 64}"), std::string::npos) << dump;
+  EXPECT_NE(dump.find("{down: 7, blocks: 1, groups: 1, latent: 4, bottleneck: 32}"), std::string::npos) << dump;
+  const ExperimentSpec t = parse_spec(dump, "dump");
+  EXPECT_EQ(t.model.stages, m.stages);
+  EXPECT_EQ(dump_spec(t), dump);
+  // Without the keys: none of them in the dump, the stages as before.
+  const std::string old = dump_spec(parse_spec(kHvae, "exp.yaml"));
+  EXPECT_EQ(old.find("dec_blocks"), std::string::npos) << old;
+  EXPECT_NE(old.find("{down: 7, blocks: 1, groups: 2, latent: 4}"), std::string::npos) << old;
+  EXPECT_EQ(old.find("width"), old.rfind("width")) << "only model.width:\n" << old;
+  // --set reaches a stage's keys through the list as a whole.
+  const ExperimentSpec o = parse_spec(
+      text, "exp.yaml", {"model.stages=[{groups: 1, width: 12}, {down: 2, groups: 0, dec_blocks: 3, bottleneck: 2}]"});
+  EXPECT_EQ(o.model.stages[0], (StageSpec{1, 1, 1, 4, 0, 12, 0}));
+  EXPECT_EQ(o.model.stages[1], (StageSpec{2, 1, 0, 4, 3, 0, 2}));
 }
 
 }  // namespace

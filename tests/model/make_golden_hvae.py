@@ -89,9 +89,9 @@ class Hvae(nn.Module):
         kls, ratios, off = [], [], 0
         for s in reversed(range(len(self.stages))):
             st, m = self.stages[s], self.decoder.stages[s]
-            zc = st["latent"]
             rh, rw = self.res[s]
             for g in m.groups:
+                zc = st["latent"]  # a stage without groups needs no latent
                 qo = self.run(g.q, torch.cat([h, es[s]], 1))
                 po = self.run(g.prior, h)
                 q = Normal(qo[:, :zc], F.softplus(qo[:, zc:]))
@@ -127,6 +127,14 @@ CASES = [
          lik="gaussian_learned", stages=[dict(down=2, blocks=1, groups=2, latent=2),
                                          dict(down=1, blocks=0, groups=1, latent=1)],
          beta=0.7, B=2, opt="adamw", wd=0.05),
+    # Per-stage widths that grow and shrink (the stream is padded and truncated on the
+    # way down and, in reverse, on the way up), per-stage bottlenecks, and decoder-only
+    # blocks on a stage without latents (no `latent` key) and on one with groups.
+    dict(name="hvae_widths_dec_blocks_tanh", shape=(1, 8, 8), width=4, bottleneck=3, act="tanh", lik="bernoulli",
+         stages=[dict(down=1, blocks=1, groups=0, dec_blocks=2, width=3, bottleneck=2),
+                 dict(down=2, blocks=1, groups=2, latent=2, dec_blocks=1, width=5),
+                 dict(down=2, blocks=1, groups=1, latent=1, width=2, bottleneck=4),
+                 dict(down=2, blocks=0, groups=1, latent=3)], beta=0.9, B=2, opt="adam", wd=0.0),
 ]
 
 

@@ -1,6 +1,7 @@
 // Golden test of the hierarchical VAE: the C++ model against the same model written
 // independently in PyTorch (tests/model/make_golden_hvae.py: torch.distributions for
-// the KL and log-densities, F.avg_pool2d and F.interpolate between resolutions).
+// the KL and log-densities, F.avg_pool2d and F.interpolate between resolutions, the
+// channel pad/truncate between stages of different widths).
 // Forward values, per-group KL, the log-ratio, every parameter gradient and three
 // optimizer steps agree to 1e-5 relative in double precision; the float path per tensor.
 #include <gtest/gtest.h>
@@ -147,7 +148,11 @@ TEST_P(GoldenHvae, ThreeOptimizerStepsMatchTorchOptim) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, GoldenHvae, ::testing::Values("hvae_bern_relu", "hvae_gauss_learned_softplus"));
+// The third case: per-stage widths that grow and shrink (pad and truncate, both ways),
+// per-stage bottlenecks, decoder-only blocks with and without latent groups.
+INSTANTIATE_TEST_SUITE_P(Cases, GoldenHvae,
+                         ::testing::Values("hvae_bern_relu", "hvae_gauss_learned_softplus",
+                                           "hvae_widths_dec_blocks_tanh"));
 
 }  // namespace
 }  // namespace elbo

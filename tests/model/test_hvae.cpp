@@ -36,6 +36,97 @@ ModelSpec small_spec(Activation act = Activation::Tanh, Likelihood lik = Likelih
   return m;
 }
 
+// Three stages whose widths grow and shrink (2 -> 4 -> 3: the encoder pads, then
+// truncates; the decoder truncates 4 -> 2 and pads 3 -> 4), per-stage bottlenecks, and
+// decoder-only blocks at full resolution (a stage without groups) and with a group.
+ModelSpec widths_spec(Activation act = Activation::Tanh, Likelihood lik = Likelihood::Bernoulli) {
+  ModelSpec m = small_spec(act, lik);
+  m.stages = {StageSpec{1, 1, 0, 0, 1, 2, 2}, StageSpec{2, 1, 1, 1, 1, 4, 0}, StageSpec{2, 1, 1, 2, 0, 0, 3}};
+  return m;
+}
+
+TEST(HvaeLayout, PerStageWidthsAndDecoderBlocks) {
+  const HvaeLayout L(widths_spec(), {1, 4, 4});
+  ASSERT_EQ(L.stages().size(), 3u);
+  EXPECT_EQ(L.stages()[0].shape, (TensorShape{2, 4, 4}));
+  EXPECT_EQ(L.stages()[1].shape, (TensorShape{4, 2, 2}));
+  EXPECT_EQ(L.stages()[1].outer, (TensorShape{2, 4, 4}));
+  EXPECT_EQ(L.stages()[2].shape, (TensorShape{3, 1, 1}));  // model.width
+  EXPECT_FALSE(L.stages()[0].resizes());
+  EXPECT_TRUE(L.stages()[1].resizes() && L.stages()[2].resizes());
+  EXPECT_EQ(L.num_groups(), 2);
+  EXPECT_EQ(L.decoder_blocks().size(), 2u);
+  EXPECT_EQ(L.latent_size(), 2u + 4u);  // the 1x1 group's 2 channels first, then 1 channel at 2x2
+  EXPECT_EQ(L.view("encoder.in.weight").shape, (std::vector<int>{2, 1, 3, 3}));
+  EXPECT_EQ(L.view("encoder.stages.0.blocks.0.c1.weight").shape, (std::vector<int>{2, 2, 1, 1}));
+  EXPECT_EQ(L.view("encoder.stages.1.blocks.0.c2.weight").shape, (std::vector<int>{2, 2, 3, 3}));  // model.bottleneck
+  EXPECT_EQ(L.view("encoder.stages.2.blocks.0.c1.weight").shape, (std::vector<int>{3, 3, 1, 1}));
+  EXPECT_EQ(L.view("decoder.h_top").shape, (std::vector<int>{3, 1, 1}));
+  EXPECT_EQ(L.view("decoder.stages.2.groups.0.q.c1.weight").shape, (std::vector<int>{3, 6, 1, 1}));
+  EXPECT_EQ(L.view("decoder.stages.1.groups.0.prior.c3.weight").shape, (std::vector<int>{2 + 4, 2, 1, 1}));
+  EXPECT_EQ(L.view("decoder.stages.1.blocks.0.c3.weight").shape, (std::vector<int>{4, 2, 1, 1}));
+  EXPECT_EQ(L.view("decoder.stages.0.blocks.0.c1.weight").shape, (std::vector<int>{2, 2, 1, 1}));
+  EXPECT_EQ(L.view("decoder.out.weight").shape, (std::vector<int>{1, 2, 1, 1}));
+  // The flat buffer's order: per decoder stage from the top, its groups, then its blocks.
+  auto at = [&](const std::string& n) { return L.view(n).offset; };
+  EXPECT_LT(at("decoder.stages.2.groups.0.resnet.c3.bias"), at("decoder.stages.1.groups.0.q.c1.weight"));
+  EXPECT_LT(at("decoder.stages.1.groups.0.resnet.c3.bias"), at("decoder.stages.1.blocks.0.c1.weight"));
+  EXPECT_LT(at("decoder.stages.1.blocks.0.c3.bias"), at("decoder.stages.0.blocks.0.c1.weight"));
+  EXPECT_LT(at("decoder.stages.0.blocks.0.c3.bias"), at("decoder.out.weight"));
+  // A stage without groups needs no latent; a stage with groups does.
+  ModelSpec m = widths_spec();
+  m.stages[1].latent = 0;
+  EXPECT_THROW(HvaeLayout(m, {1, 4, 4}), Error);
+  m = widths_spec();
+  m.stages[0].latent = 0;
+  EXPECT_NO_THROW(HvaeLayout(m, {1, 4, 4}));
+  for (auto [field, name] : {std::pair{&StageSpec::width, "width"}, {&StageSpec::bottleneck, "bottleneck"},
+                             {&StageSpec::dec_blocks, "dec_blocks"}}) {
+    m = widths_spec();
+    m.stages[2].*field = -1;
+    try {
+      HvaeLayout bad(m, {1, 4, 4});
+      FAIL() << name << " -1 must be refused";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::Config);
+      EXPECT_NE(std::string(e.what()).find("model.stages[2]: "), std::string::npos) << e.what();
+    }
+  }
+}
+
+// The decoder's residual scaling counts its blocks with its groups: 1/sqrt(2 + 2).
+TEST(HvaeLayout, InitScalesDecoderBlocksWithTheGroups) {
+  ModelSpec m = widths_spec();
+  m.width = m.bottleneck = 16;
+  for (StageSpec& st : m.stages) st.width = st.bottleneck = 0;
+  m.stages[0].dec_blocks = 1;
+  m.stages[1].dec_blocks = 1;
+  const HvaeLayout L(m, {1, 4, 4});
+  const std::vector<double> p = L.init_params(3);
+  auto max_abs = [&](const std::string& name) {
+    const ParamView& v = L.view(name);
+    double mx = 0;
+    for (size_t i = 0; i < v.numel(); ++i) mx = std::max(mx, std::abs(p[v.offset + i]));
+    return mx;
+  };
+  const double bound = 1.0 / std::sqrt(16.0);
+  for (const char* name : {"decoder.stages.0.blocks.0.c3.weight", "decoder.stages.1.groups.0.resnet.c3.weight"}) {
+    EXPECT_LE(max_abs(name), bound / 2) << name;
+    EXPECT_GT(max_abs(name), 0.8 * bound / 2) << name;
+  }
+  EXPECT_GT(max_abs("decoder.stages.0.blocks.0.c1.weight"), 0.8 * bound);
+  // Without decoder blocks the values are those of the same model before they existed:
+  // the blocks draw after the values that precede them in the flat buffer.
+  m.stages[0].dec_blocks = m.stages[1].dec_blocks = 0;
+  const HvaeLayout plain(m, {1, 4, 4});
+  const std::vector<double> q = plain.init_params(3);
+  for (const char* name : {"encoder.stages.1.blocks.0.c3.weight", "decoder.stages.2.groups.0.q.c2.weight"}) {
+    const ParamView& a = L.view(name);
+    const ParamView& b = plain.view(name);
+    EXPECT_TRUE(std::equal(p.begin() + a.offset, p.begin() + a.offset + a.numel(), q.begin() + b.offset)) << name;
+  }
+}
+
 TEST(HvaeLayout, NamesShapesAndEpsLayout) {
   const HvaeLayout L(small_spec(), {1, 4, 4});
   EXPECT_EQ(L.num_groups(), 3);
@@ -152,11 +243,11 @@ Pass run_forward(Hvae<double>& model, const Vec& params, const Vec& x, const Vec
   return p;
 }
 
-class HvaeGrad : public ::testing::TestWithParam<Likelihood> {};
-
-TEST_P(HvaeGrad, WholeLossGradientMatchesFiniteDifferences) {
+// The whole loss's gradient (reconstruction and per-group KL weights, one of them 0)
+// against central differences in double, and grads_ready's order.
+void check_whole_loss_gradient(const ModelSpec& spec, const std::string& tag) {
   CpuBackend<double> be;
-  const HvaeLayout L(small_spec(Activation::Tanh, GetParam()), {1, 4, 4});
+  const HvaeLayout L(spec, {1, 4, 4});
   const int rows = 2, G = L.num_groups();
   std::mt19937_64 rng(21);
   // Random parameters everywhere (the initialization zeroes some paths).
@@ -164,7 +255,9 @@ TEST_P(HvaeGrad, WholeLossGradientMatchesFiniteDifferences) {
   const Vec x = random_vec(size_t(rows) * L.input_dim(), rng, 0, 1);
   const Vec eps = random_vec(size_t(rows) * L.latent_size(), rng, -1.5, 1.5);
   const double rec_weight = 0.7;
-  const Vec kl_w = {0.3, 1.1, 0.0};  // one weight per group, one of them clamped (free bits)
+  Vec kl_w = {0.3, 1.1, 0.0};  // one weight per group, one of them clamped (free bits)
+  kl_w.resize(size_t(G), 0.5);
+  if (G < 3) kl_w.back() = 0.0;
   Hvae<double> model(L, be, rows);
   auto loss = [&](const Vec& p) {
     const Pass r = run_forward(model, p, x, eps, rows);
@@ -198,7 +291,19 @@ TEST_P(HvaeGrad, WholeLossGradientMatchesFiniteDifferences) {
     if (v.name.size() > 7 && v.name.compare(v.name.size() - 7, 7, ".weight") == 0) ++weights;
   EXPECT_EQ(ready.size(), weights + 1);  // every conv and decoder.h_top
   // The alignment gaps receive nothing; the finite differences there are 0 too.
-  expect_gradient(loss, params, grads, std::string("hvae_") + choice_name(GetParam()), 1e-6, 2e-6);
+  expect_gradient(loss, params, grads, tag, 1e-6, 2e-6);
+}
+
+class HvaeGrad : public ::testing::TestWithParam<Likelihood> {};
+
+TEST_P(HvaeGrad, WholeLossGradientMatchesFiniteDifferences) {
+  check_whole_loss_gradient(small_spec(Activation::Tanh, GetParam()), std::string("hvae_") + choice_name(GetParam()));
+}
+
+// Per-stage widths (pad and truncate both ways) and decoder-only blocks.
+TEST_P(HvaeGrad, WithPerStageWidthsAndDecoderBlocks) {
+  check_whole_loss_gradient(widths_spec(Activation::Tanh, GetParam()),
+                            std::string("hvae_widths_") + choice_name(GetParam()));
 }
 
 INSTANTIATE_TEST_SUITE_P(Likelihoods, HvaeGrad,

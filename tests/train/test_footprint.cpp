@@ -116,6 +116,26 @@ TEST(Memory, HierarchicalActivationEstimateIsWhatTheModelAllocates) {
   EXPECT_DOUBLE_EQ(activation_bytes(vae, 64, 3), vae_activation_bytes(vae, 64, 3));
 }
 
+// The same with per-stage widths (growing and shrinking, so the resize buffers of both
+// directions exist, and the stream's widest tensor is a mixed shape) and decoder-only
+// blocks at full resolution and lower down.
+TEST(Memory, HierarchicalEstimateWithPerStageWidthsAndDecoderBlocks) {
+  CpuBackend<float> be;
+  const ModelSpec m =
+      spec_with({"model={type: hierarchical, width: 8, bottleneck: 4, stages: [{down: 1, blocks: 1, groups: 0, "
+                 "dec_blocks: 2, width: 4, bottleneck: 2}, {down: 2, blocks: 2, groups: 2, latent: 3, dec_blocks: 1, "
+                 "width: 24}, {down: 7, blocks: 1, groups: 1, latent: 4, width: 6, bottleneck: 8}]}"})
+          .model;
+  const HvaeLayout layout(m, std::vector<int>{1, 28, 28});
+  // W_1 = 24 channels at the input's resolution (d(pooling input)) outgrows every stream.
+  EXPECT_EQ(layout.max_stream(), 24u * 28 * 28);
+  const double before = allocated_bytes();
+  Hvae<float> model(layout, be, 64);
+  const double used = allocated_bytes() - before, est = hvae_activation_bytes(layout, 64);
+  EXPECT_GE(est, 0.98 * used);
+  EXPECT_LE(est, 1.02 * used + 4096);
+}
+
 TEST(Memory, TrainEstimateCountsStateActivationsAndHostBuffers) {
   const VaeLayout layout(spec_with({}).model, 784);
   const MemoryEstimate e = estimate_train_memory(layout, 128, DeviceKind::Cpu);

@@ -563,16 +563,36 @@ const std::vector<KeyOf<StageSpec>>& stage_keys() {
                             },
                             [=](Out& o, const StageSpec& st) { o.put(st.*member); }};
   };
+  // Checked when given (an explicit 0 width is an error, not "model.width"); dumped
+  // only when it differs from the member's default.
+  const auto optional_key = [](std::string name, int StageSpec::*member, int min, std::string rule) {
+    return KeyOf<StageSpec>{std::move(name),
+                            [=](Field& f, StageSpec& st) {
+                              f.read(st.*member);  // marks the key read even when its value is empty
+                              if (f.r.has(f.key)) f.check(st.*member >= min, rule, st.*member);
+                            },
+                            [=](Out& o, const StageSpec& st) {
+                              if (st.*member != StageSpec{}.*member) o.put(st.*member);
+                            }};
+  };
   static const std::vector<KeyOf<StageSpec>> keys = {
       int_key("down", &StageSpec::down, 1, "must be >= 1 (the pooling factor from the previous stage; 1 = none)"),
       int_key("blocks", &StageSpec::blocks, 0, "must be >= 0 (encoder residual blocks)"),
       int_key("groups", &StageSpec::groups, 0, "must be >= 0 (decoder blocks, one latent group each)"),
       int_key("latent", &StageSpec::latent, 1, "must be >= 1 (latent channels per position of each group)"),
+      // The keys below are left out of the dump at their defaults: specs written
+      // before they existed keep their text (run directories, checkpoints).
+      optional_key("dec_blocks", &StageSpec::dec_blocks, 0, "must be >= 0 (decoder residual blocks after the groups)"),
+      optional_key("width", &StageSpec::width, 1,
+                   "must be >= 1 (channels of the stream at this resolution; leave it out for model.width)"),
+      optional_key("bottleneck", &StageSpec::bottleneck, 1,
+                   "must be >= 1 (channels inside this stage's residual blocks; leave it out for model.bottleneck)"),
   };
   return keys;
 }
 
-// model.stages: mappings {down, blocks, groups, latent}, the input's resolution first.
+// model.stages: mappings {down, blocks, groups, latent, dec_blocks, width, bottleneck},
+// the input's resolution first.
 std::vector<StageSpec> read_stages(Field& f) {
   YAML::Node n = f.r.raw(f.key);
   const std::string where = f.r.path(f.key);
@@ -586,7 +606,8 @@ std::vector<StageSpec> read_stages(Field& f) {
   for (size_t i = 0; i < n.size(); ++i) {
     MapReader r = f.r.entry(n[i], where + "[" + std::to_string(i) + "].");
     if (!n[i].IsMap())
-      r.fail(n[i], where + "[" + std::to_string(i) + "]", "must be a mapping {down, blocks, groups, latent}");
+      r.fail(n[i], where + "[" + std::to_string(i) + "]",
+             "must be a mapping {down, blocks, groups, latent, dec_blocks, width, bottleneck}");
     StageSpec st;
     read_keys(r, stage_keys(), st);
     groups += st.groups;

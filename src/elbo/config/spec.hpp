@@ -39,12 +39,19 @@ struct LayerSpec {
 // One resolution of a hierarchical model (model.type: hierarchical), listed from the
 // input's resolution down: the encoder average-pools its input by `down` and runs
 // `blocks` residual blocks; the decoder, on its way back up, runs `groups` blocks
-// with a latent group of `latent` channels per position each, then unpools by `down`.
+// with a latent group of `latent` channels per position each, then `dec_blocks`
+// residual blocks without latents, then unpools by `down`. A stage may have its own
+// stream width and bottleneck (VDVAE's per-resolution widths: wide where positions
+// are few); 0 takes model.width / model.bottleneck, and is left out of the dump so
+// that specs without the keys keep their text.
 struct StageSpec {
-  int down = 1;    // pooling factor from the previous stage (the first: from the input)
-  int blocks = 1;  // encoder residual blocks
-  int groups = 1;  // decoder blocks, one latent group each
-  int latent = 4;  // latent channels per position in each group
+  int down = 1;        // pooling factor from the previous stage (the first: from the input)
+  int blocks = 1;      // encoder residual blocks
+  int groups = 1;      // decoder blocks, one latent group each
+  int latent = 4;      // latent channels per position in each group
+  int dec_blocks = 0;  // decoder residual blocks after the groups (no latent)
+  int width = 0;       // the stream's channels at this resolution; 0 = model.width
+  int bottleneck = 0;  // channels inside this stage's residual blocks; 0 = model.bottleneck
   bool operator==(const StageSpec&) const = default;
 };
 
@@ -64,6 +71,10 @@ struct ModelSpec {
   int bottleneck = 16;
   std::vector<StageSpec> stages;
   int components = 10;  // mixture components K of the discretized logistic mixture (PixelCNN++'s 10)
+
+  // Stage s's stream width and bottleneck with model.width / model.bottleneck filled in.
+  int stage_width(size_t s) const { return stages.at(s).width > 0 ? stages[s].width : width; }
+  int stage_bottleneck(size_t s) const { return stages.at(s).bottleneck > 0 ? stages[s].bottleneck : bottleneck; }
 };
 
 // The objective, and its KL term (optim/kl.hpp has the formulas).

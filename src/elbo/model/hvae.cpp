@@ -48,8 +48,7 @@ Layer HvaeLayout::conv(TensorShape in, int out_channels, int kernel, Activation 
   return l;
 }
 
-HvaeBranch HvaeLayout::branch(TensorShape in, int out_channels, const std::string& name) {
-  const int B = m_spec.bottleneck;
+HvaeBranch HvaeLayout::branch(TensorShape in, int B, int out_channels, const std::string& name) {
   const Activation act = m_spec.activation;
   HvaeBranch b;
   b.c1 = conv(in, B, 1, act, name + ".c1");
@@ -69,28 +68,43 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
   if (spec.activation == Activation::Identity)
     throw config_error("model.activation: a hierarchical model's blocks need a nonlinearity (relu, tanh, softplus)");
   m_input = TensorShape{input_shape[0], input_shape[1], input_shape[2]};
-  const int W = spec.width;
-
-  m_stem = conv(m_input, W, 3, Activation::Identity, "encoder.in");
-  TensorShape cur{W, m_input.h, m_input.w};
   for (size_t s = 0; s < spec.stages.size(); ++s) {
     const StageSpec& st = spec.stages[s];
     const std::string at = "model.stages[" + std::to_string(s) + "]";
     if (st.down < 1) throw config_error(at + ": down must be >= 1");
+    if (st.blocks < 0 || st.groups < 0 || st.dec_blocks < 0)
+      throw config_error(at + ": blocks, groups and dec_blocks must be >= 0");
+    if (st.groups > 0 && st.latent < 1) throw config_error(at + ": latent must be >= 1");
+    // 0 stands for model.width / model.bottleneck (StageSpec); below it is an error.
+    if (st.width < 0 || st.bottleneck < 0)
+      throw config_error(at + ": width and bottleneck must be >= 1 (leave them out for model.width and "
+                         "model.bottleneck)");
+  }
+
+  m_stem = conv(m_input, spec.stage_width(0), 3, Activation::Identity, "encoder.in");
+  TensorShape cur{spec.stage_width(0), m_input.h, m_input.w};
+  for (size_t s = 0; s < spec.stages.size(); ++s) {
+    const StageSpec& st = spec.stages[s];
+    const std::string at = "model.stages[" + std::to_string(s) + "]";
     if (cur.h % st.down != 0 || cur.w % st.down != 0)
       throw config_error(at + ": down " + std::to_string(st.down) + " does not divide the " + res_text(cur.h, cur.w) +
                          " resolution of " + (s == 0 ? std::string("the input") : "stage " + std::to_string(s - 1)));
-    if (st.blocks < 0 || st.groups < 0 || st.latent < 1)
-      throw config_error(at + ": blocks and groups must be >= 0 and latent >= 1");
-    cur = TensorShape{W, cur.h / st.down, cur.w / st.down};
     HvaeStage stage;
     stage.down = st.down;
+    stage.outer = cur;
+    stage.bottleneck = spec.stage_bottleneck(s);
+    cur = TensorShape{spec.stage_width(s), cur.h / st.down, cur.w / st.down};
     stage.shape = cur;
     for (int b = 0; b < st.blocks; ++b) {
       stage.blocks.push_back(static_cast<int>(m_enc.size()));
-      m_enc.push_back({static_cast<int>(s),
-                       branch(cur, W, "encoder.stages." + std::to_string(s) + ".blocks." + std::to_string(b))});
+      m_enc.push_back({static_cast<int>(s), branch(cur, stage.bottleneck, cur.c,
+                                                   "encoder.stages." + std::to_string(s) + ".blocks." +
+                                                       std::to_string(b))});
     }
+    // The stream's tensors around this stage's pooling and resizing (hvae.hpp).
+    const size_t outer_pos = static_cast<size_t>(stage.outer.h) * stage.outer.w;
+    const size_t pos = static_cast<size_t>(cur.h) * cur.w;
+    m_max_stream = std::max({m_max_stream, stage.outer.size(), cur.size(), stage.outer.c * pos, cur.c * outer_pos});
     m_stages.push_back(stage);
   }
 
@@ -99,26 +113,36 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
   m_views.push_back({"decoder.h_top", m_h_top, {top.c, top.h, top.w}});
   for (size_t s = m_stages.size(); s-- > 0;) {
     const StageSpec& st = spec.stages[s];
-    const TensorShape sh = m_stages[s].shape;
+    HvaeStage& stage = m_stages[s];
+    const TensorShape sh = stage.shape;
+    const int W = sh.c, B = stage.bottleneck;
+    const std::string prefix = "decoder.stages." + std::to_string(s);
     for (int g = 0; g < st.groups; ++g) {
-      const std::string name = "decoder.stages." + std::to_string(s) + ".groups." + std::to_string(g);
+      const std::string name = prefix + ".groups." + std::to_string(g);
       HvaeGroup grp;
       grp.stage = static_cast<int>(s);
       grp.shape = sh;
       grp.zc = st.latent;
       grp.eps_offset = m_latent_size;
-      grp.q = branch(TensorShape{2 * W, sh.h, sh.w}, 2 * st.latent, name + ".q");
-      grp.prior = branch(sh, 2 * st.latent + W, name + ".prior");
+      grp.q = branch(TensorShape{2 * W, sh.h, sh.w}, B, 2 * st.latent, name + ".q");
+      grp.prior = branch(sh, B, 2 * st.latent + W, name + ".prior");
       grp.z_proj = conv(TensorShape{st.latent, sh.h, sh.w}, W, 1, Activation::Identity, name + ".z_proj");
-      grp.resnet = branch(sh, W, name + ".resnet");
+      grp.resnet = branch(sh, B, W, name + ".resnet");
       m_latent_size += grp.numel();
+      stage.groups.push_back(static_cast<int>(m_groups.size()));
       m_groups.push_back(grp);
+    }
+    // PyTorch's named_parameters order within a decoder stage: its groups, then its blocks.
+    for (int b = 0; b < st.dec_blocks; ++b) {
+      stage.dec_blocks.push_back(static_cast<int>(m_dec.size()));
+      m_dec.push_back({static_cast<int>(s), branch(sh, B, W, prefix + ".blocks." + std::to_string(b))});
     }
   }
   if (m_groups.empty()) throw config_error("model.stages: no stage has a latent group (groups >= 1)");
   // The likelihood's values per pixel: C, 2C ([mean | logvar]) or the mixture's K*(1 + 2C + C(C-1)/2).
   const int out_c = static_cast<int>(likelihood().output_width() / (static_cast<size_t>(m_input.h) * m_input.w));
-  m_out = conv(TensorShape{W, m_input.h, m_input.w}, out_c, 1, Activation::Identity, "decoder.out");
+  m_out = conv(TensorShape{m_stages.front().outer.c, m_input.h, m_input.w}, out_c, 1, Activation::Identity,
+               "decoder.out");
 }
 
 std::vector<double> HvaeLayout::init_params(uint64_t seed) const {
@@ -142,21 +166,26 @@ std::vector<double> HvaeLayout::init_params(uint64_t seed) const {
     conv(b.c3, last_scale);
   };
   const double enc_scale = 1.0 / std::sqrt(static_cast<double>(std::max<size_t>(m_enc.size(), 1)));
-  const double dec_scale = 1.0 / std::sqrt(static_cast<double>(m_groups.size()));
+  const double dec_scale = 1.0 / std::sqrt(static_cast<double>(m_groups.size() + m_dec.size()));
   conv(m_stem, 1.0);
-  for (const HvaeEncBlock& b : m_enc) branch(b.branch, enc_scale);
+  for (const HvaeBlock& b : m_enc) branch(b.branch, enc_scale);
   value += static_cast<uint32_t>(top_shape().size());  // decoder.h_top starts at zero
-  for (const HvaeGroup& g : m_groups) {
-    branch(g.q, 1.0);
-    conv(g.prior.c1, 1.0);
-    conv(g.prior.c2, 1.0);
-    // The prior's last conv: zero weights, zero bias but sigma_p's raw scale at
-    // softplus^-1(1), so p(z_l | z_>l) starts as N(0, I) and h_p as 0.
-    const Layer& c3 = g.prior.c3;
-    value += static_cast<uint32_t>(static_cast<size_t>(c3.out.c) * c3.in.c + c3.out.c);
-    for (int c = g.zc; c < 2 * g.zc; ++c) p[c3.b + c] = kUnitScaleRaw;
-    conv(g.z_proj, dec_scale);
-    branch(g.resnet, dec_scale);
+  // The decoder in the views' order: per stage from the top, its groups, then its blocks.
+  for (size_t s = m_stages.size(); s-- > 0;) {
+    for (int gi : m_stages[s].groups) {
+      const HvaeGroup& g = m_groups[static_cast<size_t>(gi)];
+      branch(g.q, 1.0);
+      conv(g.prior.c1, 1.0);
+      conv(g.prior.c2, 1.0);
+      // The prior's last conv: zero weights, zero bias but sigma_p's raw scale at
+      // softplus^-1(1), so p(z_l | z_>l) starts as N(0, I) and h_p as 0.
+      const Layer& c3 = g.prior.c3;
+      value += static_cast<uint32_t>(static_cast<size_t>(c3.out.c) * c3.in.c + c3.out.c);
+      for (int c = g.zc; c < 2 * g.zc; ++c) p[c3.b + c] = kUnitScaleRaw;
+      conv(g.z_proj, dec_scale);
+      branch(g.resnet, dec_scale);
+    }
+    for (int i : m_stages[s].dec_blocks) branch(m_dec[static_cast<size_t>(i)].branch, dec_scale);
   }
   conv(m_out, 1.0);
   return p;
@@ -180,27 +209,28 @@ Hvae<T>::Hvae(const HvaeLayout& layout, Backend<T>& be, int max_rows)
     : m_layout(layout), m_be(be), m_max_rows(max_rows) {
   ELBO_ASSERT(max_rows >= 1, "a replica needs room for at least one sample");
   const size_t R = static_cast<size_t>(max_rows);
-  const int W = layout.spec().width;
-  const TensorShape& in = layout.input_shape();
-  const size_t full = static_cast<size_t>(W) * in.h * in.w;  // the stream at the input's resolution
-  size_t max_stream = full;
-  m_stem_pre = Buffer<T>(be, R * full);
+  const TensorShape& full = layout.stages().front().outer;  // the stream at the input's resolution
+  m_stem_pre = Buffer<T>(be, R * full.size());
   for (const HvaeStage& st : layout.stages()) {
-    m_pooled.emplace_back(st.down > 1 ? Buffer<T>(be, R * st.shape.size()) : Buffer<T>());
-    m_unpooled.emplace_back();
+    const size_t pos = hw(st.shape), outer_c = static_cast<size_t>(st.outer.c);
+    // Pooling keeps the previous stage's width; the resize, where the width changes,
+    // follows it in the encoder and precedes the unpooling in the decoder.
+    m_pooled.emplace_back(st.down > 1 ? Buffer<T>(be, R * outer_c * pos) : Buffer<T>());
+    m_resized.emplace_back(st.resizes() ? Buffer<T>(be, R * st.shape.size()) : Buffer<T>());
+    m_dec_resized.emplace_back(st.resizes() ? Buffer<T>(be, R * outer_c * pos) : Buffer<T>());
+    // Unpooling by stage s's factor restores the previous stage's (or the input's) shape.
+    m_unpooled.emplace_back(st.down > 1 ? Buffer<T>(be, R * st.outer.size()) : Buffer<T>());
     m_de.emplace_back(be, R * st.shape.size());
-    max_stream = std::max(max_stream, st.shape.size());
   }
-  for (size_t s = 0; s < layout.stages().size(); ++s) {
-    const HvaeStage& st = layout.stages()[s];
-    // Unpooling by stage s's factor restores the previous stage's (or the input's) resolution.
-    const size_t up = s == 0 ? full : layout.stages()[s - 1].shape.size();
-    if (st.down > 1) m_unpooled[s] = Buffer<T>(be, R * up);
-  }
-  for (const HvaeEncBlock& b : layout.encoder_blocks()) {
+  for (const HvaeBlock& b : layout.encoder_blocks()) {
     m_enc_acts.push_back(make_branch(b.branch));
     m_enc_out.emplace_back(be, R * b.branch.c3.out.size());
   }
+  for (const HvaeBlock& b : layout.decoder_blocks()) {
+    m_dec_acts.push_back(make_branch(b.branch));
+    m_dec_out.emplace_back(be, R * b.branch.c3.out.size());
+  }
+  m_dec_in.resize(layout.decoder_blocks().size());
   m_block_in.resize(layout.encoder_blocks().size());
   m_stage_in.resize(layout.stages().size());
   m_stage_out.resize(layout.stages().size());
@@ -220,7 +250,7 @@ Hvae<T>::Hvae(const HvaeLayout& layout, Backend<T>& be, int max_rows)
     a.h3 = Buffer<T>(be, R * sz);
     m_group_acts.push_back(std::move(a));
     max_q = std::max(max_q, 2 * g.numel());
-    max_p = std::max(max_p, static_cast<size_t>(2 * g.zc + W) * pos);
+    max_p = std::max(max_p, static_cast<size_t>(2 * g.zc + g.shape.c) * pos);
     max_z = std::max(max_z, g.numel());
     max_qin = std::max(max_qin, 2 * sz);
   }
@@ -236,13 +266,13 @@ Hvae<T>::Hvae(const HvaeLayout& layout, Backend<T>& be, int max_rows)
   m_kl_weights = Buffer<T>(be, G);
   m_scratch_a = Buffer<T>(be, R * layout.max_width());
   m_scratch_b = Buffer<T>(be, R * layout.max_width());
-  m_gstate_a = Buffer<T>(be, R * max_stream);
-  m_gstate_b = Buffer<T>(be, R * max_stream);
+  m_gstate_a = Buffer<T>(be, R * layout.max_stream());
+  m_gstate_b = Buffer<T>(be, R * layout.max_stream());
   m_dq = Buffer<T>(be, R * max_q);
   m_dp = Buffer<T>(be, R * max_p);
   m_dz = Buffer<T>(be, R * max_z);
   m_dqin = Buffer<T>(be, R * max_qin);
-  m_pool_grad = Buffer<T>(be, R * max_stream);
+  m_pool_grad = Buffer<T>(be, R * layout.max_stream());
 }
 
 template <class T>
@@ -265,6 +295,21 @@ void Hvae<T>::branch_forward(const HvaeBranch& b, const T* params, const T* in, 
     conv_forward(*convs[i], params, x, rows, pre[i], out[i]);
     x = out[i];
   }
+}
+
+template <class T>
+void Hvae<T>::residual_forward(const HvaeBranch& b, const T* params, const T* in, int rows, BranchActs& a, T* out,
+                               const std::function<void(size_t)>& params_needed) {
+  branch_forward(b, params, in, rows, a, params_needed);
+  const size_t n = static_cast<size_t>(rows) * b.c1.in.size();
+  m_be.channel_copy(1, static_cast<int>(n), 1, in, 1, 0, out, 1, 0, false);
+  m_be.axpby(n, T(1), a.out.data(), T(1), out);
+}
+
+template <class T>
+void Hvae<T>::resize(int rows, int hw, int src_c, const T* src, int dst_c, T* dst) {
+  if (dst_c > src_c) m_be.fill(dst, T(0), static_cast<size_t>(rows) * dst_c * hw);
+  m_be.channel_copy(rows, hw, std::min(src_c, dst_c), src, src_c, 0, dst, dst_c, 0, false);
 }
 
 template <class T>
@@ -301,30 +346,26 @@ void Hvae<T>::forward(const T* params, const T* x, const T* eps, int rows,
                       const std::function<void(size_t)>& params_needed) {
   ELBO_ASSERT(rows >= 1 && rows <= m_max_rows, "batch rows exceed the replica's workspace");
   const HvaeLayout& L = m_layout;
-  const int W = L.spec().width;
-  // Encoder: x -> stem -> per stage: pool, residual blocks -> e_s.
+  // Encoder: x -> stem -> per stage: pool, resize, residual blocks -> e_s.
   if (params_needed) params_needed(params_end(L.stem()));
   conv_forward(L.stem(), params, x, rows, m_stem_pre.data(), m_stem_pre.data());
   const T* cur = m_stem_pre.data();
-  int h = L.input_shape().h, w = L.input_shape().w;
   for (size_t s = 0; s < L.stages().size(); ++s) {
     const HvaeStage& st = L.stages()[s];
     if (st.down > 1) {
-      m_be.avg_pool_forward(rows, W, h, w, st.down, cur, m_pooled[s].data());
+      m_be.avg_pool_forward(rows, st.outer.c, st.outer.h, st.outer.w, st.down, cur, m_pooled[s].data());
       cur = m_pooled[s].data();
     }
-    h = st.shape.h;
-    w = st.shape.w;
+    if (st.resizes()) {
+      resize(rows, static_cast<int>(hw(st.shape)), st.outer.c, cur, st.shape.c, m_resized[s].data());
+      cur = m_resized[s].data();
+    }
     m_stage_in[s] = cur;
     for (int i : st.blocks) {
-      const HvaeBranch& b = L.encoder_blocks()[i].branch;
       m_block_in[i] = cur;
-      branch_forward(b, params, cur, rows, m_enc_acts[i], params_needed);
-      const size_t n = static_cast<size_t>(rows) * st.shape.size();
-      T* out = m_enc_out[i].data();
-      m_be.channel_copy(1, static_cast<int>(n), 1, cur, 1, 0, out, 1, 0, false);
-      m_be.axpby(n, T(1), m_enc_acts[i].out.data(), T(1), out);
-      cur = out;
+      residual_forward(L.encoder_blocks()[i].branch, params, cur, rows, m_enc_acts[i], m_enc_out[i].data(),
+                       params_needed);
+      cur = m_enc_out[i].data();
     }
     m_stage_out[s] = cur;
   }
@@ -346,19 +387,18 @@ template <class T>
 void Hvae<T>::decoder_forward(const T* params, const T* eps, int rows, bool posterior,
                               const std::function<void(size_t)>& params_needed) {
   const HvaeLayout& L = m_layout;
-  const int W = L.spec().width, G = L.num_groups();
+  const int G = L.num_groups();
   const size_t E = L.latent_size();
   // The top of the stream: decoder.h_top repeated over the rows, ones(rows, 1) x h_top(1, D).
   const int top = static_cast<int>(L.top_shape().size());
   if (params_needed) params_needed(L.h_top() + static_cast<size_t>(top));
   m_be.gemm(false, false, rows, top, 1, T(1), m_ones.data(), 1, params + L.h_top(), top, T(0), m_top.data(), top);
   const T* cur = m_top.data();
-  size_t gi = 0;
   for (size_t s = L.stages().size(); s-- > 0;) {
     const HvaeStage& st = L.stages()[s];
-    const int pos = st.shape.h * st.shape.w;
+    const int W = st.shape.c, pos = st.shape.h * st.shape.w;
     const size_t n = static_cast<size_t>(rows) * st.shape.size();
-    for (; gi < L.groups().size() && L.groups()[gi].stage == static_cast<int>(s); ++gi) {
+    for (int gi : st.groups) {
       const HvaeGroup& g = L.groups()[gi];
       GroupActs& a = m_group_acts[gi];
       a.in = cur;
@@ -391,8 +431,19 @@ void Hvae<T>::decoder_forward(const T* params, const T* eps, int rows, bool post
       m_be.axpby(n, T(1), a.resnet.out.data(), T(1), a.h3.data());
       cur = a.h3.data();
     }
+    for (int i : st.dec_blocks) {
+      m_dec_in[i] = cur;
+      residual_forward(L.decoder_blocks()[i].branch, params, cur, rows, m_dec_acts[i], m_dec_out[i].data(),
+                       params_needed);
+      cur = m_dec_out[i].data();
+    }
+    // To the previous stage's width at this resolution, then to its resolution.
+    if (st.resizes()) {
+      resize(rows, pos, W, cur, st.outer.c, m_dec_resized[s].data());
+      cur = m_dec_resized[s].data();
+    }
     if (st.down > 1) {
-      m_be.unpool_forward(rows, W, st.shape.h, st.shape.w, st.down, cur, m_unpooled[s].data());
+      m_be.unpool_forward(rows, st.outer.c, st.shape.h, st.shape.w, st.down, cur, m_unpooled[s].data());
       cur = m_unpooled[s].data();
     }
   }
@@ -413,8 +464,6 @@ template <class T>
 void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int rows, T rec_weight, const T* kl_weights,
                        const std::function<void(size_t)>& grads_ready) {
   const HvaeLayout& L = m_layout;
-  const auto& spec = L.spec();
-  const int W = spec.width;
   const size_t E = L.latent_size();
   T* A = m_scratch_a.data();
   T* gs = m_gstate_a.data();  // d(the stream) at the current point of the top-down path
@@ -432,18 +481,28 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
   m_be.conv2d_backward_data(out.conv(rows), A, params + out.w, gs);
   if (grads_ready) grads_ready(out.w);
 
-  // The top-down path backwards: stages from the input's resolution up, groups last first.
-  size_t gi = L.groups().size();
+  // The top-down path backwards: stages from the input's resolution up; in each, the
+  // unpooling, the resize, the decoder blocks and the groups, last first.
   for (size_t s = 0; s < L.stages().size(); ++s) {
     const HvaeStage& st = L.stages()[s];
-    const int pos = st.shape.h * st.shape.w;
+    const int W = st.shape.c, pos = st.shape.h * st.shape.w;
     if (st.down > 1) {
-      m_be.unpool_backward(rows, W, st.shape.h, st.shape.w, st.down, gs, other);
+      m_be.unpool_backward(rows, st.outer.c, st.shape.h, st.shape.w, st.down, gs, other);
       std::swap(gs, other);
     }
-    for (; gi > 0 && L.groups()[gi - 1].stage == static_cast<int>(s); --gi) {
-      const HvaeGroup& g = L.groups()[gi - 1];
-      GroupActs& a = m_group_acts[gi - 1];
+    if (st.resizes()) {
+      resize(rows, pos, st.outer.c, gs, W, other);
+      std::swap(gs, other);
+    }
+    for (auto it = st.dec_blocks.rbegin(); it != st.dec_blocks.rend(); ++it) {
+      const int i = *it;
+      branch_backward(L.decoder_blocks()[i].branch, params, grads, m_dec_in[i], rows, m_dec_acts[i], gs, gs, true,
+                      grads_ready);
+    }
+    for (auto it = st.groups.rbegin(); it != st.groups.rend(); ++it) {
+      const int gi = *it;
+      const HvaeGroup& g = L.groups()[gi];
+      GroupActs& a = m_group_acts[gi];
       const size_t q_stride = 2 * g.numel(), p_stride = static_cast<size_t>(2 * g.zc + W) * pos;
       // gs = d h3 -> d h2 (the skip plus the resnet branch)
       branch_backward(g.resnet, params, grads, a.h2.data(), rows, a.resnet, gs, gs, true, grads_ready);
@@ -455,7 +514,7 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
       if (grads_ready) grads_ready(g.z_proj.w);
       // The sample and the KL into [mu_q | r_q] and [mu_p | r_p]; d h_p = d h1 = d h2.
       m_be.gaussian_kl_backward(rows, g.zc, pos, a.q.out.data(), q_stride, a.prior.out.data(), p_stride,
-                                eps + g.eps_offset, E, m_dz.data(), kl_weights + (gi - 1), m_dq.data(), m_dp.data());
+                                eps + g.eps_offset, E, m_dz.data(), kl_weights + gi, m_dq.data(), m_dp.data());
       m_be.channel_copy(rows, pos, W, gs, W, 0, m_dp.data(), 2 * g.zc + W, 2 * g.zc, false);
       // d h = d h1 (the skip) + the prior branch + the stream's half of the q branch's input.
       branch_backward(g.prior, params, grads, a.in, rows, a.prior, m_dp.data(), gs, true, grads_ready);
@@ -469,7 +528,8 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
   m_be.gemm(true, false, 1, top, rows, T(1), m_ones.data(), 1, gs, top, T(1), grads + L.h_top(), top);
   if (grads_ready) grads_ready(L.h_top());
 
-  // The encoder backwards: d e_s flows down through the blocks and the pooling.
+  // The encoder backwards: d e_s flows down through the blocks, the pooling and the
+  // resize (in that order: both act per channel, so they commute).
   for (size_t s = L.stages().size(); s-- > 0;) {
     const HvaeStage& st = L.stages()[s];
     T* de = m_de[s].data();
@@ -479,16 +539,18 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
                       grads_ready);
     }
     // de = d(the stream entering stage s); into the previous stage's resolution.
-    const int h = s == 0 ? L.input_shape().h : L.stages()[s - 1].shape.h;
-    const int w = s == 0 ? L.input_shape().w : L.stages()[s - 1].shape.w;
-    const size_t n = static_cast<size_t>(rows) * W * h * w;
+    const int W = st.shape.c, h = st.outer.h, w = st.outer.w;
     const T* below = de;
     if (st.down > 1) {
       m_be.avg_pool_backward(rows, W, h, w, st.down, de, m_pool_grad.data());
       below = m_pool_grad.data();
     }
     if (s > 0) {
-      m_be.axpby(n, T(1), below, T(1), m_de[s - 1].data());
+      // Into d(e_{s-1}): the channels the resize kept (a truncation's dropped ones had none).
+      if (st.resizes())
+        m_be.channel_copy(rows, h * w, std::min(W, st.outer.c), below, W, 0, m_de[s - 1].data(), st.outer.c, 0, true);
+      else
+        m_be.axpby(static_cast<size_t>(rows) * st.outer.size(), T(1), below, T(1), m_de[s - 1].data());
       continue;
     }
     // The stem (no activation): weights and bias only, nothing flows into x.

@@ -6,38 +6,49 @@
 // Rule for backward: parameter gradients accumulate (+=), activation gradients are
 // written (=).
 //
-//   x (C, H, W)                                         stages s = 0..S-1, input resolution first
-//    | encoder.in: conv3x3 C -> W
-//    v
-//   [stage 0] avg_pool(down_0) -> blocks_0 x ResBlock --> e_0 ------------------.
-//   [stage 1] avg_pool(down_1) -> blocks_1 x ResBlock --> e_1 ------------.     |
-//    ...                                                                  |     |
-//   decoder: h = decoder.h_top (learned, W at the lowest resolution)       |     |
-//   [stage S-1 .. 0] groups_s x DecGroup(h, e_s), then unpool(down_s) <----'-----'
-//    | decoder.out: conv1x1 W -> C (2C for a learned-variance Gaussian)
+//   x (C, H, W)                           stages s = 0..S-1, input resolution first;
+//    | encoder.in: conv3x3 C -> W_0         W_s: stage s's stream width (model.width unless
+//    v                                      the stage sets width), B_s its bottleneck
+//   [stage 0] avg_pool(down_0) -> blocks_0 x ResBlock --> e_0 ------------------------.
+//   [stage 1] avg_pool(down_1) -> resize(W_0 -> W_1) -> blocks_1 x ResBlock --> e_1 -. |
+//    ...                                                                            | |
+//   decoder: h = decoder.h_top (learned, W_{S-1} at the lowest resolution)           | |
+//   [stage S-1 .. 0] groups_s x DecGroup(h, e_s) <-----------------------------------'-'
+//                    -> dec_blocks_s x ResBlock -> unpool(down_s) -> resize(W_s -> W_{s-1})
+//    | decoder.out: conv1x1 W_0 -> C (2C for a learned-variance Gaussian)
 //    v
 //   p(x | z_1..z_L) through the likelihood ops, as the Vae's
 //
-//   ResBlock(h)  = h + c3(act(c2(act(c1(act(h))))))   c1, c3: 1x1, c2: 3x3, bottleneck B
-//   DecGroup(h, e), group l with zc channels per position:
+//   resize(a -> b): the stream between stages of different widths, without parameters
+//     (VDVAE): its first b channels, or b - a zero channels appended. Its backward is
+//     the reverse resize. It commutes with pooling and unpooling (all act per channel),
+//     so the code resizes at the lower resolution: the decoder before unpooling.
+//   ResBlock(h)  = h + c3(act(c2(act(c1(act(h))))))   c1, c3: 1x1, c2: 3x3, bottleneck B_s
+//   DecGroup(h, e), group l with zc channels per position, at stage s's width W = W_s:
 //     [mu_q | r_q]        = q(concat(h, e))            (a ResBlock-shaped branch, no skip)
 //     [mu_p | r_p | h_p]  = prior(h)                   (likewise; h_p: W channels)
 //     sigma = softplus(r)                              (softplus-bounded scales)
 //     z_l   = mu_q + sigma_q * eps_l  (posterior; from the prior: mu_p + sigma_p * eps_l)
 //     KL_l  = sum over (zc, h, w) of log(sigma_p/sigma_q) + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2
 //     h'    = ResBlock(h + h_p + z_proj(z_l))          z_proj: 1x1 zc -> W
+//   The decoder's own ResBlocks (dec_blocks) add capacity without latents, e.g. at
+//   full resolution where a stage without groups would otherwise only unpool.
 //   rec = -log p(x | z), kl = sum_l KL_l; -ELBO = rec + kl.
 //   log q(z|x) - log p(z) = sum_l [log N(z_l; mu_q, sigma_q) - log N(z_l; mu_p, sigma_p)] (one sample),
 //   for the importance-weighted bound.
 //
+// Parameters in the flat buffer (and the pass's order): encoder.in, the encoder's
+// blocks stage by stage, decoder.h_top, then per stage from the top its groups and its
+// decoder blocks (decoder.stages.{s}.blocks.{i}), decoder.out.
+//
 // Initialization: PyTorch's Conv2d defaults, then VDVAE's residual scaling: the last
 // conv of each residual branch (and z_proj) has its weights scaled by 1/sqrt(N), N
 // the number of residual blocks in its half of the network (encoder blocks, or decoder
-// groups). The stream then grows like 1 + N * v/N instead of 1 + N * v with depth, so
-// the initial output and its gradient stay O(1) however deep the model. The prior's
-// last conv starts at zero with sigma_p's bias at softplus^-1(1) = log(e - 1), so
-// every prior starts as N(0, I) and adds nothing to the stream; decoder.h_top starts
-// at zero.
+// groups plus decoder blocks). The stream then grows like 1 + N * v/N instead of
+// 1 + N * v with depth, so the initial output and its gradient stay O(1) however deep
+// the model. The prior's last conv starts at zero with sigma_p's bias at
+// softplus^-1(1) = log(e - 1), so every prior starts as N(0, I) and adds nothing to the
+// stream; decoder.h_top starts at zero.
 #pragma once
 
 #include <functional>
@@ -59,28 +70,37 @@ struct HvaeBranch {
   int out_channels() const { return c3.out.c; }
 };
 
-struct HvaeEncBlock {
+// A residual block (with the skip) of the encoder or, without a latent, the decoder.
+struct HvaeBlock {
   int stage = 0;
-  HvaeBranch branch;  // W -> W at the stage's resolution
+  HvaeBranch branch;  // W_s -> W_s at the stage's resolution
 };
 
 // One latent group of the top-down path, in sampling order.
 struct HvaeGroup {
   int stage = 0;
-  TensorShape shape;      // (W, h, w): the stream's shape at this resolution
+  TensorShape shape;      // (W_s, h, w): the stream's shape at this resolution
   int zc = 0;             // latent channels per position
   size_t eps_offset = 0;  // where its eps start in a row of eps
   size_t numel() const { return static_cast<size_t>(zc) * shape.h * shape.w; }
-  HvaeBranch q;       // concat(h, e) (2W) -> [mu_q | r_q] (2 zc)
-  HvaeBranch prior;   // h (W) -> [mu_p | r_p | h_p] (2 zc + W)
-  Layer z_proj;       // z (zc) -> W, 1x1
-  HvaeBranch resnet;  // W -> W, with the skip
+  HvaeBranch q;       // concat(h, e) (2 W_s) -> [mu_q | r_q] (2 zc)
+  HvaeBranch prior;   // h (W_s) -> [mu_p | r_p | h_p] (2 zc + W_s)
+  Layer z_proj;       // z (zc) -> W_s, 1x1
+  HvaeBranch resnet;  // W_s -> W_s, with the skip
 };
 
 struct HvaeStage {
   int down = 1;
-  TensorShape shape;        // (W, h, w) after pooling
-  std::vector<int> blocks;  // indices into encoder_blocks()
+  TensorShape shape;  // (W_s, h, w) after pooling: the stream at this stage
+  // The stream at the previous stage's resolution (the input's for stage 0) and width
+  // (W_{s-1}; W_0 for stage 0): what the encoder pools, what the decoder's unpooling
+  // and resize give back.
+  TensorShape outer;
+  int bottleneck = 0;           // B_s
+  std::vector<int> blocks;      // indices into encoder_blocks()
+  std::vector<int> groups;      // indices into groups(), in sampling order
+  std::vector<int> dec_blocks;  // indices into decoder_blocks()
+  bool resizes() const { return outer.c != shape.c; }
 };
 
 class HvaeLayout final : public ModelLayout {
@@ -103,13 +123,18 @@ class HvaeLayout final : public ModelLayout {
 
   const Layer& stem() const { return m_stem; }
   const std::vector<HvaeStage>& stages() const { return m_stages; }
-  const std::vector<HvaeEncBlock>& encoder_blocks() const { return m_enc; }
+  const std::vector<HvaeBlock>& encoder_blocks() const { return m_enc; }
   const std::vector<HvaeGroup>& groups() const { return m_groups; }  // top (lowest resolution) first
+  const std::vector<HvaeBlock>& decoder_blocks() const { return m_dec; }  // top first, as the groups
   size_t h_top() const { return m_h_top; }                           // offset of decoder.h_top
   const TensorShape& top_shape() const { return m_stages.back().shape; }
   const Layer& out() const { return m_out; }
   // The largest per-sample tensor any layer reads or writes (channels x positions).
   size_t max_width() const { return m_max_width; }
+  // The largest per-sample stream tensor, and its gradient, between the layers: a
+  // stage's stream, its outer shape, and the mixed shapes around pooling and resizing
+  // (W_{s-1} channels at stage s's resolution, W_s channels at the outer one).
+  size_t max_stream() const { return m_max_stream; }
 
   // PyTorch's Conv2d defaults (U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and
   // biases) with the residual scaling and the prior's start described at the top of
@@ -119,17 +144,18 @@ class HvaeLayout final : public ModelLayout {
 
  private:
   Layer conv(TensorShape in, int out_channels, int kernel, Activation act, const std::string& name);
-  HvaeBranch branch(TensorShape in, int out_channels, const std::string& name);
+  HvaeBranch branch(TensorShape in, int bottleneck, int out_channels, const std::string& name);
   size_t place(size_t n);
 
   ModelSpec m_spec;
   TensorShape m_input;
-  size_t m_num_params = 0, m_num_values = 0, m_latent_size = 0, m_max_width = 0;
+  size_t m_num_params = 0, m_num_values = 0, m_latent_size = 0, m_max_width = 0, m_max_stream = 0;
   size_t m_h_top = 0;
   Layer m_stem, m_out;
   std::vector<HvaeStage> m_stages;
-  std::vector<HvaeEncBlock> m_enc;
+  std::vector<HvaeBlock> m_enc;
   std::vector<HvaeGroup> m_groups;
+  std::vector<HvaeBlock> m_dec;
   std::vector<ParamView> m_views;
 };
 
@@ -178,7 +204,7 @@ class Hvae final : public Model<T> {
     Buffer<T> a0, p1, a1, p2, a2, out;
   };
   struct GroupActs {
-    Buffer<T> qin;  // concat(h, e): (2W)
+    Buffer<T> qin;  // concat(h, e): (2 W_s)
     BranchActs q, prior, resnet;
     Buffer<T> h1, z, zp, h2, h3;
     const T* in = nullptr;  // the stream entering the group
@@ -187,6 +213,13 @@ class Hvae final : public Model<T> {
   void conv_forward(const Layer& l, const T* params, const T* in, int rows, T* pre, T* out);
   void branch_forward(const HvaeBranch& b, const T* params, const T* in, int rows, BranchActs& a,
                       const std::function<void(size_t)>& params_needed);
+  // out = in + branch(in): a residual block of the encoder or the decoder.
+  void residual_forward(const HvaeBranch& b, const T* params, const T* in, int rows, BranchActs& a, T* out,
+                        const std::function<void(size_t)>& params_needed);
+  // dst (rows, dst_c, hw) = the first dst_c channels of src (rows, src_c, hw), zeros
+  // after its src_c channels: the stream between stages of different widths, and
+  // (dst_c and src_c swapped) its backward.
+  void resize(int rows, int hw, int src_c, const T* src, int dst_c, T* dst);
   // d(in) (+= when accumulate, else =) and the branch's parameter gradients from g =
   // d(out), which is only read; uses the scratch buffers.
   void branch_backward(const HvaeBranch& b, const T* params, T* grads, const T* in, int rows, BranchActs& a, const T* g,
@@ -198,8 +231,9 @@ class Hvae final : public Model<T> {
   const HvaeLayout& m_layout;
   Backend<T>& m_be;
   int m_max_rows;
-  Buffer<T> m_stem_pre;                   // (W, H, W)
-  std::vector<Buffer<T>> m_pooled;        // per stage (empty where down = 1)
+  Buffer<T> m_stem_pre;                   // (W_0, H, W)
+  std::vector<Buffer<T>> m_pooled;        // per stage: (W_{s-1}, h, w) (empty where down = 1)
+  std::vector<Buffer<T>> m_resized;       // per stage: (W_s, h, w) (empty where the width stays)
   std::vector<BranchActs> m_enc_acts;     // per encoder block
   std::vector<Buffer<T>> m_enc_out;       // per encoder block: its output stream
   std::vector<const T*> m_block_in;       // per encoder block: the stream entering it
@@ -207,6 +241,10 @@ class Hvae final : public Model<T> {
   std::vector<const T*> m_stage_out;      // per stage: e_s
   Buffer<T> m_top;                        // decoder.h_top repeated over the rows
   std::vector<GroupActs> m_group_acts;    // per group
+  std::vector<BranchActs> m_dec_acts;     // per decoder block
+  std::vector<Buffer<T>> m_dec_out;       // per decoder block: its output stream
+  std::vector<const T*> m_dec_in;         // per decoder block: the stream entering it
+  std::vector<Buffer<T>> m_dec_resized;   // per stage: (W_{s-1}, h, w) (empty where the width stays)
   std::vector<Buffer<T>> m_unpooled;      // per stage: the stream after unpooling (empty where down = 1)
   const T* m_final = nullptr;             // the stream entering decoder.out
   Buffer<T> m_output;                     // (rows, output_width())
@@ -215,10 +253,10 @@ class Hvae final : public Model<T> {
   Buffer<T> m_ones;                       // max(rows, groups) ones: broadcasts and row sums as GEMMs
   Buffer<T> m_kl_weights;                 // (groups): the scalar backward's weight, repeated
   Buffer<T> m_scratch_a, m_scratch_b;     // (rows, max_width): branch gradients, ping-pong
-  Buffer<T> m_gstate_a, m_gstate_b;       // (rows, max stream size): d(stream), ping-pong across unpooling
+  Buffer<T> m_gstate_a, m_gstate_b;       // (rows, max_stream): d(stream), ping-pong across unpooling and resizing
   Buffer<T> m_dq, m_dp, m_dz, m_dqin;     // (rows, largest group's sizes)
   std::vector<Buffer<T>> m_de;            // per stage: d(e_s), then d(stream) through the encoder
-  Buffer<T> m_pool_grad;                  // (rows, max stream size)
+  Buffer<T> m_pool_grad;                  // (rows, max_stream): d(the pooling's input), W_s channels
 };
 
 }  // namespace elbo

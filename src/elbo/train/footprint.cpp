@@ -84,31 +84,32 @@ double hvae_activation_bytes(const HvaeLayout& layout, int64_t rows) {
   const auto branch = [](const HvaeBranch& b) {  // a0, p1, a1, p2, a2, out
     return static_cast<double>(b.c1.in.size() + 2 * b.c1.out.size() + 2 * b.c2.out.size() + b.c3.out.size());
   };
-  const TensorShape& in = layout.input_shape();
-  const double full = static_cast<double>(layout.spec().width) * in.h * in.w;
-  double max_stream = full, per_row = full;  // the stem's output
-  for (size_t s = 0; s < layout.stages().size(); ++s) {
-    const HvaeStage& st = layout.stages()[s];
+  double per_row = static_cast<double>(layout.stages().front().outer.size());  // the stem's output
+  for (const HvaeStage& st : layout.stages()) {
     const double here = static_cast<double>(st.shape.size());
-    per_row += here;  // d(e_s)
-    if (st.down > 1) per_row += here + (s == 0 ? full : static_cast<double>(layout.stages()[s - 1].shape.size()));
-    max_stream = std::max(max_stream, here);
+    // W_{s-1} channels at this resolution: the pooled stream, and the decoder's resized one.
+    const double mixed = static_cast<double>(st.outer.c) * st.shape.h * st.shape.w;
+    per_row += here;                                                                  // d(e_s)
+    if (st.down > 1) per_row += mixed + static_cast<double>(st.outer.size());          // pooled, unpooled
+    if (st.resizes()) per_row += here + mixed;                                        // resized both ways
   }
-  for (const HvaeEncBlock& b : layout.encoder_blocks()) per_row += branch(b.branch) + b.branch.c3.out.size();
+  for (const auto* blocks : {&layout.encoder_blocks(), &layout.decoder_blocks()})
+    for (const HvaeBlock& b : *blocks) per_row += branch(b.branch) + b.branch.c3.out.size();
   per_row += static_cast<double>(layout.top_shape().size());
   double max_q = 0, max_p = 0, max_z = 0, max_qin = 0;
   for (const HvaeGroup& g : layout.groups()) {
     const double sz = static_cast<double>(g.shape.size()), pos = static_cast<double>(g.shape.h) * g.shape.w;
     per_row += 2 * sz + branch(g.q) + branch(g.prior) + branch(g.resnet) + 4 * sz + static_cast<double>(g.numel());
     max_q = std::max(max_q, 2.0 * g.numel());
-    max_p = std::max(max_p, (2.0 * g.zc + layout.spec().width) * pos);
+    max_p = std::max(max_p, (2.0 * g.zc + g.shape.c) * pos);
     max_z = std::max(max_z, static_cast<double>(g.numel()));
     max_qin = std::max(max_qin, 2 * sz);
   }
   const double G = layout.num_groups();
-  per_row += layout.output_width() + 3 + 2 * G;                 // output, rec, KL, log-ratio; per-group KL and ratio
-  per_row += 2.0 * static_cast<double>(layout.max_width());     // branch gradients, ping-pong
-  per_row += 3 * max_stream + max_q + max_p + max_z + max_qin;  // stream gradients, pooling, the heads' gradients
+  per_row += layout.output_width() + 3 + 2 * G;              // output, rec, KL, log-ratio; per-group KL and ratio
+  per_row += 2.0 * static_cast<double>(layout.max_width());  // branch gradients, ping-pong
+  // Stream gradients (ping-pong) and the pooling's, the heads' gradients.
+  per_row += 3 * static_cast<double>(layout.max_stream()) + max_q + max_p + max_z + max_qin;
   return per_row * static_cast<double>(rows) * kFloat;
 }
 
@@ -128,13 +129,14 @@ std::vector<const Layer*> all_layers(const ModelLayout& layout) {
   } else if (const auto* h = dynamic_cast<const HvaeLayout*>(&layout)) {
     const auto add = [&](const HvaeBranch& b) { out.insert(out.end(), {&b.c1, &b.c2, &b.c3}); };
     out.push_back(&h->stem());
-    for (const HvaeEncBlock& b : h->encoder_blocks()) add(b.branch);
+    for (const HvaeBlock& b : h->encoder_blocks()) add(b.branch);
     for (const HvaeGroup& g : h->groups()) {
       add(g.q);
       add(g.prior);
       add(g.resnet);
       out.push_back(&g.z_proj);
     }
+    for (const HvaeBlock& b : h->decoder_blocks()) add(b.branch);
     out.push_back(&h->out());
   }
   return out;
