@@ -7,6 +7,7 @@
 #include <memory>
 #include <sstream>
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -70,6 +71,8 @@ class CudaParity : public ::testing::Test {
     gpu->download(out.data(), d.data(), d.size());
     return out;
   }
+  // A whole hierarchical VAE (`model_yaml`: the model section's keys) on 16x16 inputs.
+  void check_whole_hvae(const std::string& model_yaml);
   std::unique_ptr<Backend<float>> gpu;
   CpuBackend<float> cpu{1};
   std::mt19937 rng{17};
@@ -555,19 +558,10 @@ TEST_F(CudaParity, HierarchicalOps) {
   }
 }
 
-// A whole hierarchical VAE (three resolutions, pooling and unpooling, groups at each)
-// on the GPU against the CPU: forward, per-group KL, log-ratio, every gradient, sampling.
-TEST_F(CudaParity, WholeHierarchicalVaeForwardBackwardAndSampling) {
-  const ExperimentSpec spec = parse_spec(R"(
-data: {train: unused}
-model:
-  type: hierarchical
-  width: 8
-  bottleneck: 4
-  activation: relu
-  stages: [{down: 1, blocks: 1, groups: 1, latent: 2}, {down: 2, blocks: 2, groups: 2, latent: 3},
-           {down: 4, blocks: 1, groups: 2, latent: 4}]
-)", "hierarchical parity spec");
+// A whole hierarchical VAE on the GPU against the CPU: forward, per-group KL,
+// log-ratio, every gradient, sampling.
+void CudaParity::check_whole_hvae(const std::string& model_yaml) {
+  const ExperimentSpec spec = parse_spec("data: {train: unused}\nmodel:\n" + model_yaml, "hierarchical parity spec");
   const HvaeLayout layout(spec.model, std::vector<int>{1, 16, 16});
   const int rows = 7, D = layout.input_dim(), G = layout.num_groups();
   const size_t E = layout.latent_size();
@@ -603,6 +597,32 @@ model:
   mg.sample(dp.data(), de.data(), rows);
   const size_t n_out = size_t(rows) * layout.output_width();
   EXPECT_PARITY(norm_err(fetch(mg.output(), n_out), Vec(mc.output(), mc.output() + n_out)), 1e-5, "hvae prior sample");
+}
+
+// Three resolutions, pooling and unpooling, groups at each.
+TEST_F(CudaParity, WholeHierarchicalVaeForwardBackwardAndSampling) {
+  check_whole_hvae(R"(
+  type: hierarchical
+  width: 8
+  bottleneck: 4
+  activation: relu
+  stages: [{down: 1, blocks: 1, groups: 1, latent: 2}, {down: 2, blocks: 2, groups: 2, latent: 3},
+           {down: 4, blocks: 1, groups: 2, latent: 4}]
+)");
+}
+
+// Per-stage widths that grow and shrink (the stream padded and truncated, both ways)
+// and decoder-only blocks, at full resolution without groups and lower down with them.
+TEST_F(CudaParity, WholeHierarchicalVaeWithPerStageWidthsAndDecoderBlocks) {
+  check_whole_hvae(R"(
+  type: hierarchical
+  width: 8
+  bottleneck: 4
+  activation: relu
+  stages: [{down: 1, blocks: 1, groups: 0, dec_blocks: 2, width: 4, bottleneck: 2},
+           {down: 2, blocks: 2, groups: 2, latent: 3, dec_blocks: 1, width: 12},
+           {down: 4, blocks: 1, groups: 2, latent: 4, width: 6, bottleneck: 8}]
+)");
 }
 
 // The discretized logistic mixture (grayscale and RGB, several components) on the GPU

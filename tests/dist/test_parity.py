@@ -20,7 +20,8 @@ the ELBO's gradient feels at 1e-7 reach the IWAE gradient at about 1e-5 after 20
 steps; a wrong eps key or weight would differ by 1e-1), a recorded step bit-identical to
 op-by-op steps. A hierarchical model (model.type: hierarchical) on 1 and 3 ranks: the
 same parameters within 1e-5 and the same logged per-group KL within 1e-5, and with free
-bits per latent group the same parameters and clamped groups. A run with
+bits per latent group the same parameters and clamped groups; with per-stage widths and
+decoder-only blocks the same parameters within 1e-5. A run with
 another seed must differ, so the comparison itself is known to bite."""
 import os, shutil, subprocess, sys
 import h5py, numpy as np
@@ -173,6 +174,22 @@ print(f"hierarchical free bits np=3 vs np=1: worst per-tensor relative error {er
 if not any(c > 0 for c in hclamped) or worst(hfb1, hv1)[0] < 1e-3:
     sys.exit("hierarchical free bits: no group clamped, or nothing changed: the comparison checks nothing")
 if err > 1e-5 or [float(r["kl_clamped_dims"]) for r in metrics("hvae_fb_np3")] != hclamped:
+    failed = True
+# Per-stage widths that grow and shrink (4 -> 12 -> 6: the stream padded and truncated
+# both ways) and decoder-only blocks, at 14x14 without latents and at 7x7 with groups:
+# their gradients join the buckets in the order backward finishes them.
+HW = ("--set", "model={type: hierarchical, width: 8, bottleneck: 4, likelihood: bernoulli, stages: ["
+      "{down: 2, blocks: 1, groups: 0, dec_blocks: 1, width: 4, bottleneck: 2}, "
+      "{down: 2, blocks: 1, groups: 2, latent: 2, dec_blocks: 1, width: 12}, "
+      "{down: 7, blocks: 1, groups: 1, latent: 2, width: 6}]}")
+hw1 = train(1, "hvae_widths_np1", *HW)
+hw3 = train(3, "hvae_widths_np3", *HW, "--set", "dist.bucket_mb=0.004")
+err, name = worst(hw3, hw1)
+print(f"hierarchical, per-stage widths and decoder blocks, np=3 (4 KB buckets) vs np=1: worst per-tensor relative "
+      f"error {err:.3e} ({name}) over {len(hw1)} tensors")
+if not any(".blocks." in k and k.startswith("decoder") for k in hw1) or hw1["encoder.in.weight"].shape[0] != 4:
+    sys.exit("hierarchical widths: model.h5 lacks the decoder blocks or stage 0's width: the case checks nothing")
+if err > 1e-5:
     failed = True
 reseeded = train(2, "np2_seed9", "--set", "seed=9")
 err, _ = worst(reseeded, ref)
