@@ -1,7 +1,8 @@
 // The hierarchical VAE on the CPU backend: the layout (names, shapes, errors naming
-// the stage, the initialization's residual scaling and prior start), the whole loss
-// gradient against finite differences in double, per-group KL weights, the order of
-// grads_ready, and prior sampling against the posterior pass.
+// the stage, the initialization's residual scaling and prior start, per-stage widths
+// and decoder blocks), the whole loss gradient against finite differences in double,
+// per-group KL weights, the order of grads_ready, and prior sampling against the
+// posterior pass.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -332,9 +333,12 @@ TEST(Hvae, ScalarKlWeightEqualsTheSameWeightPerGroup) {
 // With every posterior head set to N(0, I) (zero weights, raw bias log(e - 1)) and the
 // priors at their N(0, I) start, the posterior pass samples z = eps exactly as the
 // prior pass does: the same decoder output, and every group's KL and log-ratio 0.
-TEST(Hvae, PriorSamplingMatchesThePosteriorPassWhenTheyAgree) {
+// Also with per-stage widths and decoder blocks (the prior pass resizes and runs them too).
+class HvaeSampling : public ::testing::TestWithParam<bool> {};
+
+TEST_P(HvaeSampling, PriorSamplingMatchesThePosteriorPassWhenTheyAgree) {
   CpuBackend<double> be;
-  const HvaeLayout L(small_spec(Activation::Relu), {1, 4, 4});
+  const HvaeLayout L(GetParam() ? widths_spec(Activation::Relu) : small_spec(Activation::Relu), {1, 4, 4});
   const int rows = 2;
   Vec params = L.init_params(9);
   for (const HvaeGroup& g : L.groups()) {
@@ -358,6 +362,9 @@ TEST(Hvae, PriorSamplingMatchesThePosteriorPassWhenTheyAgree) {
   const Vec prior2(model.output(), model.output() + rows * L.output_width());
   EXPECT_NE(prior2, prior);
 }
+
+INSTANTIATE_TEST_SUITE_P(Specs, HvaeSampling, ::testing::Values(false, true),
+                         [](const auto& info) { return std::string(info.param ? "widths_dec_blocks" : "plain"); });
 
 }  // namespace
 }  // namespace elbo
