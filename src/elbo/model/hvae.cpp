@@ -77,7 +77,8 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
     if (st.groups > 0 && st.latent < 1) throw config_error(at + ": latent must be >= 1");
     // 0 stands for model.width / model.bottleneck (StageSpec); below it is an error.
     if (st.width < 0 || st.bottleneck < 0)
-      throw config_error(at + ": width and bottleneck must be >= 1 (leave them out for model.width and "
+      throw config_error(at +
+                         ": width and bottleneck must be >= 1 (leave them out for model.width and "
                          "model.bottleneck)");
   }
 
@@ -97,9 +98,9 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
     stage.shape = cur;
     for (int b = 0; b < st.blocks; ++b) {
       stage.blocks.push_back(static_cast<int>(m_enc.size()));
-      m_enc.push_back({static_cast<int>(s), branch(cur, stage.bottleneck, cur.c,
-                                                   "encoder.stages." + std::to_string(s) + ".blocks." +
-                                                       std::to_string(b))});
+      m_enc.push_back(
+          {static_cast<int>(s), branch(cur, stage.bottleneck, cur.c,
+                                       "encoder.stages." + std::to_string(s) + ".blocks." + std::to_string(b))});
     }
     // The stream's tensors around this stage's pooling and resizing (hvae.hpp).
     const size_t outer_pos = static_cast<size_t>(stage.outer.h) * stage.outer.w;
@@ -141,8 +142,8 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
   if (m_groups.empty()) throw config_error("model.stages: no stage has a latent group (groups >= 1)");
   // The likelihood's values per pixel: C, 2C ([mean | logvar]) or the mixture's K*(1 + 2C + C(C-1)/2).
   const int out_c = static_cast<int>(likelihood().output_width() / (static_cast<size_t>(m_input.h) * m_input.w));
-  m_out = conv(TensorShape{m_stages.front().outer.c, m_input.h, m_input.w}, out_c, 1, Activation::Identity,
-               "decoder.out");
+  m_out =
+      conv(TensorShape{m_stages.front().outer.c, m_input.h, m_input.w}, out_c, 1, Activation::Identity, "decoder.out");
 }
 
 std::vector<double> HvaeLayout::init_params(uint64_t seed) const {

@@ -124,9 +124,9 @@ class HvaeLayout final : public ModelLayout {
   const Layer& stem() const { return m_stem; }
   const std::vector<HvaeStage>& stages() const { return m_stages; }
   const std::vector<HvaeBlock>& encoder_blocks() const { return m_enc; }
-  const std::vector<HvaeGroup>& groups() const { return m_groups; }  // top (lowest resolution) first
+  const std::vector<HvaeGroup>& groups() const { return m_groups; }       // top (lowest resolution) first
   const std::vector<HvaeBlock>& decoder_blocks() const { return m_dec; }  // top first, as the groups
-  size_t h_top() const { return m_h_top; }                           // offset of decoder.h_top
+  size_t h_top() const { return m_h_top; }                                // offset of decoder.h_top
   const TensorShape& top_shape() const { return m_stages.back().shape; }
   const Layer& out() const { return m_out; }
   // The largest per-sample tensor any layer reads or writes (channels x positions).
