@@ -566,8 +566,8 @@ model:
   bottleneck: 4
   activation: relu
   stages: [{down: 1, blocks: 1, groups: 1, latent: 2}, {down: 2, blocks: 2, groups: 2, latent: 3},
-           {down: 4, blocks: 1, groups: 2, latent: 4}]
-)", "hierarchical parity spec");
+           {down: 4, blocks: 1, groups: 2, latent: 4, resample: conv}]
+)", "hierarchical parity spec");  // average pooling into stage 1, learned resampling (cuDNN) into stage 2
   const HvaeLayout layout(spec.model, std::vector<int>{1, 16, 16});
   const int rows = 7, D = layout.input_dim(), G = layout.num_groups();
   const size_t E = layout.latent_size();

@@ -296,7 +296,7 @@ const char* kHvae =
     "  stages:\n"
     "    - {down: 1, blocks: 2, groups: 1, latent: 2}\n"
     "    - {down: 2, blocks: 1, groups: 3, latent: 4}\n"
-    "    - {down: 7, groups: 2}\n";
+    "    - {down: 7, groups: 2, resample: conv}\n";
 
 TEST(SpecHierarchical, StagesParseDumpAndRoundTrip) {
   ExperimentSpec s = parse_spec(kHvae, "exp.yaml");
@@ -307,8 +307,12 @@ TEST(SpecHierarchical, StagesParseDumpAndRoundTrip) {
   ASSERT_EQ(s.model.stages.size(), 3u);
   EXPECT_EQ(s.model.stages[0], (StageSpec{1, 2, 1, 2}));
   EXPECT_EQ(s.model.stages[1], (StageSpec{2, 1, 3, 4}));
-  EXPECT_EQ(s.model.stages[2], (StageSpec{7, 1, 2, 4}));  // blocks and latent take their defaults
+  EXPECT_EQ(s.model.stages[2], (StageSpec{7, 1, 2, 4, Resample::Conv}));  // blocks and latent take their defaults
+  EXPECT_EQ(s.model.stages[0].resample, Resample::Pool);
   const std::string text = dump_spec(s);
+  // resample is dumped where it is not the default only: specs written before it existed dump unchanged.
+  EXPECT_EQ(text.find("resample: pool"), std::string::npos) << text;
+  EXPECT_NE(text.find("resample: conv"), std::string::npos) << text;
   EXPECT_NE(text.find("stages"), std::string::npos) << text;
   EXPECT_EQ(text.find("latent: 20"), std::string::npos) << "model.latent means nothing here:\n" << text;
   EXPECT_EQ(text.find("encoder"), std::string::npos) << text;
@@ -339,9 +343,12 @@ TEST(SpecHierarchical, ErrorsNameTheStageAndKey) {
   e = error_of(head + "  stages:\n    - {down: 1, latent: 0}\n");
   EXPECT_NE(e.find("model.stages[0].latent: must be >= 1"), std::string::npos) << e;
   e = error_of(head + "  stages:\n    - {down: 1, grups: 2}\n");
-  EXPECT_NE(e.find("model.stages[0].grups: unknown key; valid keys here: down, blocks, groups, latent"),
+  EXPECT_NE(e.find("model.stages[0].grups: unknown key; valid keys here: down, blocks, groups, latent, resample"),
             std::string::npos)
       << e;
+  e = error_of(head + "  stages:\n    - {down: 2, resample: bilinear}\n");
+  EXPECT_NE(e.find("model.stages[0].resample"), std::string::npos) << e;
+  EXPECT_NE(e.find("pool"), std::string::npos) << e;
   e = error_of(head + "  stages:\n    - {down: 1, groups: 0}\n    - {down: 2, groups: 0}\n");
   EXPECT_NE(e.find("model.stages: has no latent group"), std::string::npos) << e;
   e = error_of(head + "  width: 8\n");

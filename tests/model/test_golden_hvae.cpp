@@ -147,7 +147,8 @@ TEST_P(GoldenHvae, ThreeOptimizerStepsMatchTorchOptim) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, GoldenHvae, ::testing::Values("hvae_bern_relu", "hvae_gauss_learned_softplus"));
+INSTANTIATE_TEST_SUITE_P(Cases, GoldenHvae, ::testing::Values("hvae_bern_relu", "hvae_gauss_learned_softplus",
+                                                                   "hvae_resample_conv"));
 
 }  // namespace
 }  // namespace elbo

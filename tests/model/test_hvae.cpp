@@ -152,11 +152,11 @@ Pass run_forward(Hvae<double>& model, const Vec& params, const Vec& x, const Vec
   return p;
 }
 
-class HvaeGrad : public ::testing::TestWithParam<Likelihood> {};
-
-TEST_P(HvaeGrad, WholeLossGradientMatchesFiniteDifferences) {
+// The whole loss rec_weight * rec + sum_l kl_w[l] * KL_l in double against central
+// differences, and grads_ready's order, for the model of `spec` on (1, 4, 4) inputs.
+void check_whole_loss_gradient(const ModelSpec& spec, const std::string& tag) {
   CpuBackend<double> be;
-  const HvaeLayout L(small_spec(Activation::Tanh, GetParam()), {1, 4, 4});
+  const HvaeLayout L(spec, {1, 4, 4});
   const int rows = 2, G = L.num_groups();
   std::mt19937_64 rng(21);
   // Random parameters everywhere (the initialization zeroes some paths).
@@ -164,7 +164,8 @@ TEST_P(HvaeGrad, WholeLossGradientMatchesFiniteDifferences) {
   const Vec x = random_vec(size_t(rows) * L.input_dim(), rng, 0, 1);
   const Vec eps = random_vec(size_t(rows) * L.latent_size(), rng, -1.5, 1.5);
   const double rec_weight = 0.7;
-  const Vec kl_w = {0.3, 1.1, 0.0};  // one weight per group, one of them clamped (free bits)
+  Vec kl_w = {0.3, 1.1, 0.0};  // one weight per group, one of them clamped (free bits)
+  kl_w.resize(static_cast<size_t>(G), 0.8);
   Hvae<double> model(L, be, rows);
   auto loss = [&](const Vec& p) {
     const Pass r = run_forward(model, p, x, eps, rows);
@@ -198,7 +199,22 @@ TEST_P(HvaeGrad, WholeLossGradientMatchesFiniteDifferences) {
     if (v.name.size() > 7 && v.name.compare(v.name.size() - 7, 7, ".weight") == 0) ++weights;
   EXPECT_EQ(ready.size(), weights + 1);  // every conv and decoder.h_top
   // The alignment gaps receive nothing; the finite differences there are 0 too.
-  expect_gradient(loss, params, grads, std::string("hvae_") + choice_name(GetParam()), 1e-6, 2e-6);
+  expect_gradient(loss, params, grads, tag, 1e-6, 2e-6);
+}
+
+class HvaeGrad : public ::testing::TestWithParam<Likelihood> {};
+
+TEST_P(HvaeGrad, WholeLossGradientMatchesFiniteDifferences) {
+  check_whole_loss_gradient(small_spec(Activation::Tanh, GetParam()), std::string("hvae_") + choice_name(GetParam()));
+}
+
+// resample: conv on every stage, the first included (its down_conv reads the stem, its
+// up_conv feeds decoder.out): 4x4 -> 2x2 -> 1x1.
+TEST(HvaeGradResample, LearnedResamplingGradientMatchesFiniteDifferences) {
+  ModelSpec m = small_spec(Activation::Tanh, Likelihood::GaussianLearned);
+  m.stages = {StageSpec{2, 1, 1, 1}, StageSpec{2, 1, 2, 2}};
+  for (StageSpec& st : m.stages) st.resample = Resample::Conv;
+  check_whole_loss_gradient(m, "hvae_resample_conv");
 }
 
 INSTANTIATE_TEST_SUITE_P(Likelihoods, HvaeGrad,

@@ -45,6 +45,7 @@ struct StageSpec {
   int blocks = 1;  // encoder residual blocks
   int groups = 1;  // decoder blocks, one latent group each
   int latent = 4;  // latent channels per position in each group
+  Resample resample = Resample::Pool;  // how the resolution changes from the previous stage
   bool operator==(const StageSpec&) const = default;
 };
 

@@ -48,6 +48,25 @@ Layer HvaeLayout::conv(TensorShape in, int out_channels, int kernel, Activation 
   return l;
 }
 
+Layer HvaeLayout::resample(LayerKind kind, TensorShape in, TensorShape out, int down, const std::string& name) {
+  Layer l;
+  l.kind = kind;
+  l.in = in;
+  l.out = out;
+  l.kernel = down;
+  l.stride = down;
+  l.pad = 0;
+  l.act = Activation::Identity;
+  // PyTorch's weight shapes: Conv2d (out, in, k, k), ConvTranspose2d (in, out, k, k).
+  const int first = kind == LayerKind::Conv2d ? out.c : in.c, second = kind == LayerKind::Conv2d ? in.c : out.c;
+  l.w = place(static_cast<size_t>(first) * second * down * down);
+  m_views.push_back({name + ".weight", l.w, {first, second, down, down}});
+  l.b = place(static_cast<size_t>(out.c));
+  m_views.push_back({name + ".bias", l.b, {out.c}});
+  m_max_width = std::max({m_max_width, in.size(), out.size()});
+  return l;
+}
+
 HvaeBranch HvaeLayout::branch(TensorShape in, int out_channels, const std::string& name) {
   const int B = m_spec.bottleneck;
   const Activation act = m_spec.activation;
@@ -82,10 +101,15 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
                          " resolution of " + (s == 0 ? std::string("the input") : "stage " + std::to_string(s - 1)));
     if (st.blocks < 0 || st.groups < 0 || st.latent < 1)
       throw config_error(at + ": blocks and groups must be >= 0 and latent >= 1");
+    const TensorShape below = cur;
     cur = TensorShape{W, cur.h / st.down, cur.w / st.down};
     HvaeStage stage;
     stage.down = st.down;
     stage.shape = cur;
+    stage.learned = st.resample == Resample::Conv && st.down > 1;
+    if (stage.learned)
+      stage.down_conv =
+          resample(LayerKind::Conv2d, below, cur, st.down, "encoder.stages." + std::to_string(s) + ".down");
     for (int b = 0; b < st.blocks; ++b) {
       stage.blocks.push_back(static_cast<int>(m_enc.size()));
       m_enc.push_back({static_cast<int>(s),
@@ -114,6 +138,10 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
       m_latent_size += grp.numel();
       m_groups.push_back(grp);
     }
+    HvaeStage& stage = m_stages[s];
+    if (stage.learned)
+      stage.up_conv = resample(LayerKind::ConvTranspose2d, sh, stage.down_conv.in, st.down,
+                               "decoder.stages." + std::to_string(s) + ".up");
   }
   if (m_groups.empty()) throw config_error("model.stages: no stage has a latent group (groups >= 1)");
   // The likelihood's values per pixel: C, 2C ([mean | logvar]) or the mixture's K*(1 + 2C + C(C-1)/2).
@@ -143,20 +171,36 @@ std::vector<double> HvaeLayout::init_params(uint64_t seed) const {
   };
   const double enc_scale = 1.0 / std::sqrt(static_cast<double>(std::max<size_t>(m_enc.size(), 1)));
   const double dec_scale = 1.0 / std::sqrt(static_cast<double>(m_groups.size()));
+  // ConvTranspose2d's fan-in is PyTorch's: weight dim 1 (its output channels) x k x k.
+  auto up = [&](const Layer& l) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(l.out.c) * l.kernel * l.kernel);
+    uniform(l.w, static_cast<size_t>(l.in.c) * l.out.c * l.kernel * l.kernel, bound, 1.0);
+    uniform(l.b, static_cast<size_t>(l.out.c), bound, 1.0);
+  };
+  // In the views' order: per stage its down_conv, then its blocks.
   conv(m_stem, 1.0);
-  for (const HvaeEncBlock& b : m_enc) branch(b.branch, enc_scale);
+  for (const HvaeStage& st : m_stages) {
+    if (st.learned) conv(st.down_conv, 1.0);
+    for (int i : st.blocks) branch(m_enc[static_cast<size_t>(i)].branch, enc_scale);
+  }
   value += static_cast<uint32_t>(top_shape().size());  // decoder.h_top starts at zero
-  for (const HvaeGroup& g : m_groups) {
-    branch(g.q, 1.0);
-    conv(g.prior.c1, 1.0);
-    conv(g.prior.c2, 1.0);
-    // The prior's last conv: zero weights, zero bias but sigma_p's raw scale at
-    // softplus^-1(1), so p(z_l | z_>l) starts as N(0, I) and h_p as 0.
-    const Layer& c3 = g.prior.c3;
-    value += static_cast<uint32_t>(static_cast<size_t>(c3.out.c) * c3.in.c + c3.out.c);
-    for (int c = g.zc; c < 2 * g.zc; ++c) p[c3.b + c] = kUnitScaleRaw;
-    conv(g.z_proj, dec_scale);
-    branch(g.resnet, dec_scale);
+  // Decoder, top stage first: its groups, then its up_conv.
+  size_t gi = 0;
+  for (size_t s = m_stages.size(); s-- > 0;) {
+    for (; gi < m_groups.size() && m_groups[gi].stage == static_cast<int>(s); ++gi) {
+      const HvaeGroup& g = m_groups[gi];
+      branch(g.q, 1.0);
+      conv(g.prior.c1, 1.0);
+      conv(g.prior.c2, 1.0);
+      // The prior's last conv: zero weights, zero bias but sigma_p's raw scale at
+      // softplus^-1(1), so p(z_l | z_>l) starts as N(0, I) and h_p as 0.
+      const Layer& c3 = g.prior.c3;
+      value += static_cast<uint32_t>(static_cast<size_t>(c3.out.c) * c3.in.c + c3.out.c);
+      for (int c = g.zc; c < 2 * g.zc; ++c) p[c3.b + c] = kUnitScaleRaw;
+      conv(g.z_proj, dec_scale);
+      branch(g.resnet, dec_scale);
+    }
+    if (m_stages[s].learned) up(m_stages[s].up_conv);
   }
   conv(m_out, 1.0);
   return p;
@@ -204,6 +248,8 @@ Hvae<T>::Hvae(const HvaeLayout& layout, Backend<T>& be, int max_rows)
   m_block_in.resize(layout.encoder_blocks().size());
   m_stage_in.resize(layout.stages().size());
   m_stage_out.resize(layout.stages().size());
+  m_down_in.resize(layout.stages().size());
+  m_up_in.resize(layout.stages().size());
   m_top = Buffer<T>(be, R * layout.top_shape().size());
   size_t max_q = 0, max_p = 0, max_z = 0, max_qin = 0;
   for (const HvaeGroup& g : layout.groups()) {
@@ -247,7 +293,10 @@ Hvae<T>::Hvae(const HvaeLayout& layout, Backend<T>& be, int max_rows)
 
 template <class T>
 void Hvae<T>::conv_forward(const Layer& l, const T* params, const T* in, int rows, T* pre, T* out) {
-  m_be.conv2d_forward(l.conv(rows), in, params + l.w, pre);
+  if (l.kind == LayerKind::ConvTranspose2d)  // the data gradient of the convolution it reverses
+    m_be.conv2d_backward_data(l.conv(rows), in, params + l.w, pre);
+  else
+    m_be.conv2d_forward(l.conv(rows), in, params + l.w, pre);
   m_be.channel_bias_act_forward(l.act, rows, l.out.c, l.out.h * l.out.w, params + l.b, pre, out);
 }
 
@@ -309,7 +358,12 @@ void Hvae<T>::forward(const T* params, const T* x, const T* eps, int rows,
   int h = L.input_shape().h, w = L.input_shape().w;
   for (size_t s = 0; s < L.stages().size(); ++s) {
     const HvaeStage& st = L.stages()[s];
-    if (st.down > 1) {
+    if (st.learned) {
+      m_down_in[s] = cur;
+      if (params_needed) params_needed(params_end(st.down_conv));
+      conv_forward(st.down_conv, params, cur, rows, m_pooled[s].data(), m_pooled[s].data());
+      cur = m_pooled[s].data();
+    } else if (st.down > 1) {
       m_be.avg_pool_forward(rows, W, h, w, st.down, cur, m_pooled[s].data());
       cur = m_pooled[s].data();
     }
@@ -391,7 +445,12 @@ void Hvae<T>::decoder_forward(const T* params, const T* eps, int rows, bool post
       m_be.axpby(n, T(1), a.resnet.out.data(), T(1), a.h3.data());
       cur = a.h3.data();
     }
-    if (st.down > 1) {
+    if (st.learned) {
+      m_up_in[s] = cur;
+      if (params_needed) params_needed(params_end(st.up_conv));
+      conv_forward(st.up_conv, params, cur, rows, m_unpooled[s].data(), m_unpooled[s].data());
+      cur = m_unpooled[s].data();
+    } else if (st.down > 1) {
       m_be.unpool_forward(rows, W, st.shape.h, st.shape.w, st.down, cur, m_unpooled[s].data());
       cur = m_unpooled[s].data();
     }
@@ -437,7 +496,17 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
   for (size_t s = 0; s < L.stages().size(); ++s) {
     const HvaeStage& st = L.stages()[s];
     const int pos = st.shape.h * st.shape.w;
-    if (st.down > 1) {
+    if (st.learned) {
+      // up_conv (no activation): d(pre) = gs; the roles of a transposed convolution swap.
+      const Layer& up = st.up_conv;
+      const ConvShape cs = up.conv(rows);
+      m_be.channel_bias_act_backward(Activation::Identity, rows, up.out.c, up.out.h * up.out.w, m_unpooled[s].data(),
+                                     m_unpooled[s].data(), gs, gs, grads + up.b);
+      m_be.conv2d_backward_filter(cs, gs, m_up_in[s], grads + up.w);
+      m_be.conv2d_forward(cs, gs, params + up.w, other);
+      if (grads_ready) grads_ready(up.w);
+      std::swap(gs, other);
+    } else if (st.down > 1) {
       m_be.unpool_backward(rows, W, st.shape.h, st.shape.w, st.down, gs, other);
       std::swap(gs, other);
     }
@@ -483,7 +552,17 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
     const int w = s == 0 ? L.input_shape().w : L.stages()[s - 1].shape.w;
     const size_t n = static_cast<size_t>(rows) * W * h * w;
     const T* below = de;
-    if (st.down > 1) {
+    if (st.learned) {
+      // down_conv (no activation): d(pre) = de, then its weights and the stream below.
+      const Layer& dc = st.down_conv;
+      const ConvShape cs = dc.conv(rows);
+      m_be.channel_bias_act_backward(Activation::Identity, rows, dc.out.c, dc.out.h * dc.out.w, m_pooled[s].data(),
+                                     m_pooled[s].data(), de, de, grads + dc.b);
+      m_be.conv2d_backward_filter(cs, m_down_in[s], de, grads + dc.w);
+      m_be.conv2d_backward_data(cs, de, params + dc.w, m_pool_grad.data());
+      if (grads_ready) grads_ready(dc.w);
+      below = m_pool_grad.data();
+    } else if (st.down > 1) {
       m_be.avg_pool_backward(rows, W, h, w, st.down, de, m_pool_grad.data());
       below = m_pool_grad.data();
     }

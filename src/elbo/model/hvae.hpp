@@ -81,6 +81,11 @@ struct HvaeStage {
   int down = 1;
   TensorShape shape;        // (W, h, w) after pooling
   std::vector<int> blocks;  // indices into encoder_blocks()
+  // resample: conv. `down_conv`: Conv2d (kernel = stride = down) from the previous
+  // stage's stream (the stem's for stage 0) to this one, in place of the avg-pool;
+  // `up_conv`: ConvTranspose2d back, in place of the unpooling. Absent for pool.
+  bool learned = false;
+  Layer down_conv, up_conv;
 };
 
 class HvaeLayout final : public ModelLayout {
@@ -119,6 +124,8 @@ class HvaeLayout final : public ModelLayout {
 
  private:
   Layer conv(TensorShape in, int out_channels, int kernel, Activation act, const std::string& name);
+  // resample: conv's layers: kernel = stride = `down`, no padding, no activation.
+  Layer resample(LayerKind kind, TensorShape in, TensorShape out, int down, const std::string& name);
   HvaeBranch branch(TensorShape in, int out_channels, const std::string& name);
   size_t place(size_t n);
 
@@ -199,15 +206,17 @@ class Hvae final : public Model<T> {
   Backend<T>& m_be;
   int m_max_rows;
   Buffer<T> m_stem_pre;                   // (W, H, W)
-  std::vector<Buffer<T>> m_pooled;        // per stage (empty where down = 1)
+  std::vector<Buffer<T>> m_pooled;        // per stage: avg-pool or down_conv output (empty where down = 1)
   std::vector<BranchActs> m_enc_acts;     // per encoder block
   std::vector<Buffer<T>> m_enc_out;       // per encoder block: its output stream
   std::vector<const T*> m_block_in;       // per encoder block: the stream entering it
   std::vector<const T*> m_stage_in;       // per stage: the stream entering its blocks
   std::vector<const T*> m_stage_out;      // per stage: e_s
+  std::vector<const T*> m_down_in;        // per stage: the stream entering its down_conv (resample: conv)
+  std::vector<const T*> m_up_in;          // per stage: the stream entering its up_conv (resample: conv)
   Buffer<T> m_top;                        // decoder.h_top repeated over the rows
   std::vector<GroupActs> m_group_acts;    // per group
-  std::vector<Buffer<T>> m_unpooled;      // per stage: the stream after unpooling (empty where down = 1)
+  std::vector<Buffer<T>> m_unpooled;      // per stage: the stream after unpooling or up_conv (empty where down = 1)
   const T* m_final = nullptr;             // the stream entering decoder.out
   Buffer<T> m_output;                     // (rows, output_width())
   Buffer<T> m_rec, m_kl, m_log_ratio;     // (rows)
