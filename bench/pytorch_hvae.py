@@ -45,7 +45,7 @@ def elbo_init(m, stages):
                 b.c3.weight.mul_(1 / math.sqrt(n_enc))
         m.decoder.h_top.zero_()
         for st, spec in zip(m.decoder.stages, stages):
-            zc = spec["latent"]
+            zc = spec.get("latent", 0)
             for g in st.groups:
                 g.prior.c3.weight.zero_()
                 g.prior.c3.bias.zero_()

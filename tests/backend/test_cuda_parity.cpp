@@ -607,12 +607,13 @@ TEST_F(CudaParity, WholeHierarchicalVaeForwardBackwardAndSampling) {
   bottleneck: 4
   activation: relu
   stages: [{down: 1, blocks: 1, groups: 1, latent: 2}, {down: 2, blocks: 2, groups: 2, latent: 3},
-           {down: 4, blocks: 1, groups: 2, latent: 4}]
-)");
+           {down: 4, blocks: 1, groups: 2, latent: 4, resample: conv}]
+)");  // average pooling into stage 1, learned resampling (cuDNN) into stage 2
 }
 
-// Per-stage widths that grow and shrink (the stream padded and truncated, both ways)
-// and decoder-only blocks, at full resolution without groups and lower down with them.
+// Per-stage widths that grow and shrink (the stream padded and truncated, both ways),
+// decoder-only blocks at full resolution without groups and lower down with them, and
+// a width changed by a learned 1x1 conv (resample: conv, down 1).
 TEST_F(CudaParity, WholeHierarchicalVaeWithPerStageWidthsAndDecoderBlocks) {
   check_whole_hvae(R"(
   type: hierarchical
@@ -621,8 +622,9 @@ TEST_F(CudaParity, WholeHierarchicalVaeWithPerStageWidthsAndDecoderBlocks) {
   activation: relu
   stages: [{down: 1, blocks: 1, groups: 0, dec_blocks: 2, width: 4, bottleneck: 2},
            {down: 2, blocks: 2, groups: 2, latent: 3, dec_blocks: 1, width: 12},
-           {down: 4, blocks: 1, groups: 2, latent: 4, width: 6, bottleneck: 8}]
-)");
+           {down: 4, blocks: 1, groups: 2, latent: 4, width: 6, bottleneck: 8},
+           {down: 1, blocks: 1, groups: 1, latent: 2, width: 10, resample: conv}]
+)");  // the last stage: a learned 1x1 change of width
 }
 
 // The discretized logistic mixture (grayscale and RGB, several components) on the GPU

@@ -296,7 +296,7 @@ const char* kHvae =
     "  stages:\n"
     "    - {down: 1, blocks: 2, groups: 1, latent: 2}\n"
     "    - {down: 2, blocks: 1, groups: 3, latent: 4}\n"
-    "    - {down: 7, groups: 2}\n";
+    "    - {down: 7, groups: 2, resample: conv}\n";
 
 TEST(SpecHierarchical, StagesParseDumpAndRoundTrip) {
   ExperimentSpec s = parse_spec(kHvae, "exp.yaml");
@@ -307,8 +307,12 @@ TEST(SpecHierarchical, StagesParseDumpAndRoundTrip) {
   ASSERT_EQ(s.model.stages.size(), 3u);
   EXPECT_EQ(s.model.stages[0], (StageSpec{1, 2, 1, 2}));
   EXPECT_EQ(s.model.stages[1], (StageSpec{2, 1, 3, 4}));
-  EXPECT_EQ(s.model.stages[2], (StageSpec{7, 1, 2, 4}));  // blocks and latent take their defaults
+  EXPECT_EQ(s.model.stages[2], (StageSpec{7, 1, 2, 4, Resample::Conv}));  // blocks and latent take their defaults
+  EXPECT_EQ(s.model.stages[0].resample, Resample::Pool);
   const std::string text = dump_spec(s);
+  // resample is dumped where it is not the default only: specs written before it existed dump unchanged.
+  EXPECT_EQ(text.find("resample: pool"), std::string::npos) << text;
+  EXPECT_NE(text.find("resample: conv"), std::string::npos) << text;
   EXPECT_NE(text.find("stages"), std::string::npos) << text;
   EXPECT_EQ(text.find("latent: 20"), std::string::npos) << "model.latent means nothing here:\n" << text;
   EXPECT_EQ(text.find("encoder"), std::string::npos) << text;
@@ -339,10 +343,13 @@ TEST(SpecHierarchical, ErrorsNameTheStageAndKey) {
   e = error_of(head + "  stages:\n    - {down: 1, latent: 0}\n");
   EXPECT_NE(e.find("model.stages[0].latent: must be >= 1"), std::string::npos) << e;
   e = error_of(head + "  stages:\n    - {down: 1, grups: 2}\n");
-  EXPECT_NE(e.find("model.stages[0].grups: unknown key; valid keys here: down, blocks, groups, latent, dec_blocks, "
-                   "width, bottleneck"),
+  EXPECT_NE(e.find("model.stages[0].grups: unknown key; valid keys here: down, blocks, groups, latent, resample, "
+                   "dec_blocks, width, bottleneck"),
             std::string::npos)
       << e;
+  e = error_of(head + "  stages:\n    - {down: 2, resample: bilinear}\n");
+  EXPECT_NE(e.find("model.stages[0].resample"), std::string::npos) << e;
+  EXPECT_NE(e.find("pool"), std::string::npos) << e;
   e = error_of(head + "  stages:\n    - {down: 1, groups: 0}\n    - {down: 2, groups: 0}\n");
   EXPECT_NE(e.find("model.stages: has no latent group"), std::string::npos) << e;
   e = error_of(head + "  width: 8\n");
@@ -392,11 +399,12 @@ TEST(SpecHierarchical, PerStageWidthsAndDecoderBlocks) {
       "    - {down: 7, groups: 1, bottleneck: 32}\n";
   const ExperimentSpec s = parse_spec(text, "exp.yaml");
   const ModelSpec& m = s.model;
+  const Resample P = Resample::Pool;
   ASSERT_EQ(m.stages.size(), 4u);
-  EXPECT_EQ(m.stages[0], (StageSpec{1, 1, 0, 4, 2, 16, 4}));
-  EXPECT_EQ(m.stages[1], (StageSpec{2, 1, 0, 3, 1, 0, 0}));
-  EXPECT_EQ(m.stages[2], (StageSpec{2, 1, 2, 5, 0, 64, 0}));
-  EXPECT_EQ(m.stages[3], (StageSpec{7, 1, 1, 4, 0, 0, 32}));
+  EXPECT_EQ(m.stages[0], (StageSpec{1, 1, 0, 4, P, 2, 16, 4}));
+  EXPECT_EQ(m.stages[1], (StageSpec{2, 1, 0, 3, P, 1, 0, 0}));
+  EXPECT_EQ(m.stages[2], (StageSpec{2, 1, 2, 5, P, 0, 64, 0}));
+  EXPECT_EQ(m.stages[3], (StageSpec{7, 1, 1, 4, P, 0, 0, 32}));
   EXPECT_EQ(m.stage_width(0), 16);
   EXPECT_EQ(m.stage_width(1), 24);  // model.width
   EXPECT_EQ(m.stage_width(2), 64);
@@ -415,13 +423,13 @@ TEST(SpecHierarchical, PerStageWidthsAndDecoderBlocks) {
   // Without the keys: none of them in the dump, the stages as before.
   const std::string old = dump_spec(parse_spec(kHvae, "exp.yaml"));
   EXPECT_EQ(old.find("dec_blocks"), std::string::npos) << old;
-  EXPECT_NE(old.find("{down: 7, blocks: 1, groups: 2, latent: 4}"), std::string::npos) << old;
+  EXPECT_NE(old.find("{down: 2, blocks: 1, groups: 3, latent: 4}"), std::string::npos) << old;
   EXPECT_EQ(old.find("width"), old.rfind("width")) << "only model.width:\n" << old;
   // --set reaches a stage's keys through the list as a whole.
   const ExperimentSpec o = parse_spec(
       text, "exp.yaml", {"model.stages=[{groups: 1, width: 12}, {down: 2, groups: 0, dec_blocks: 3, bottleneck: 2}]"});
-  EXPECT_EQ(o.model.stages[0], (StageSpec{1, 1, 1, 4, 0, 12, 0}));
-  EXPECT_EQ(o.model.stages[1], (StageSpec{2, 1, 0, 4, 3, 0, 2}));
+  EXPECT_EQ(o.model.stages[0], (StageSpec{1, 1, 1, 4, P, 0, 12, 0}));
+  EXPECT_EQ(o.model.stages[1], (StageSpec{2, 1, 0, 4, P, 3, 0, 2}));
 }
 
 }  // namespace

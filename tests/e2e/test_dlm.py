@@ -4,7 +4,8 @@ by `elbo train` on Fashion-MNIST (the loss falls, the bound beats the uniform 8
 bits/dim), then `elbo eval` with the IWAE bound: the printed bits/dim and eval.yaml's
 neg_elbo_bpd / iwae_bpd are nats / (D ln 2) with D = 784; the training run's eval.yaml
 and log say the same. Then configs/rgb64_dlm.yaml takes a few steps on a tiny folder of
-64 x 64 RGB images sharded by elbo-shard, and is evaluated the same way (D = 12288)."""
+64 x 64 RGB images sharded by elbo-shard, and is evaluated the same way (D = 12288); so is
+every other --rgb-spec given (configs/rgb64_hvae.yaml, the hierarchical one)."""
 import csv, math, os, re, subprocess, sys
 
 import h5py, numpy as np
@@ -14,8 +15,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import harness  # noqa: E402
 
 a = harness.parse_args(__doc__, lambda ap: (ap.add_argument("--elbo-shard", required=True),
-                                            ap.add_argument("--rgb-spec", required=True,
-                                                            help="configs/rgb64_dlm.yaml")))
+                                            ap.add_argument("--rgb-spec", required=True, nargs="+",
+                                                            help="configs/rgb64_dlm.yaml, rgb64_hvae.yaml")))
 TRAIN, TEST = f"{a.data}/train", f"{a.data}/test"
 ENV = dict(os.environ, ELBO_PROGRESS="off")
 checks = harness.Checks()
@@ -152,19 +153,24 @@ for i in range(10):
     img[:, rng.integers(56, 64):] = 0
     Image.fromarray(img, "RGB").save(f"{a.work}/img/a/{i:02d}.png")
 run(a.elbo_shard, "--image-dir", f"{a.work}/img", "--test-fraction", "0.2", "--seed", "1", "--out", f"{a.work}/rgb")
-rgb = f"{a.work}/rgb_run"
-tr = elbo("train", a.rgb_spec, "--set", "device=cpu", "--set", f"data.train={a.work}/rgb/train",
-          "--set", f"data.test={a.work}/rgb/test", "--set", "train.batch_size=4", "--set", "train.max_steps=3",
-          "--set", "train.log_every=1", "--set", "eval.every=0", "--set", "eval.iw_samples=2",
-          "--set", "train.threads=1", "--set", f"output.dir={rgb}")
-with h5py.File(f"{rgb}/model.h5", "r") as f:
-    shape = (int(f.attrs["input_channels"]), int(f.attrs["input_height"]), int(f.attrs["input_width"]))
-    checks(shape == (3, 64, 64), f"rgb64_dlm: model.h5 is for (3, 64, 64): {shape}")
-    checks(f["params/decoder.layers.13.weight"].shape[0] == 100, "rgb64_dlm: the last conv gives 100 channels")
-check_bits_per_dim(tr.stdout + tr.stderr, f"{rgb}/eval.yaml", 3 * 64 * 64, 2, "rgb64_dlm train")
-ev = elbo("eval", f"{rgb}/model.h5", "--data", f"{a.work}/rgb/test", "--iw-samples", "3",
-          "--output", f"{a.work}/rgb_eval.yaml")
-check_bits_per_dim(ev.stdout, f"{a.work}/rgb_eval.yaml", 3 * 64 * 64, 3, "rgb64_dlm eval")
-checks(Image.open(f"{rgb}/recon.png").mode == "RGB", "rgb64_dlm: recon.png is RGB")
-checks(Image.open(f"{rgb}/samples.png").mode == "RGB", "rgb64_dlm: samples.png is RGB")
+for spec in a.rgb_spec:
+    name = os.path.splitext(os.path.basename(spec))[0]
+    rgb = f"{a.work}/{name}_run"
+    tr = elbo("train", spec, "--set", "device=cpu", "--set", f"data.train={a.work}/rgb/train",
+              "--set", f"data.test={a.work}/rgb/test", "--set", "train.batch_size=4", "--set", "train.max_steps=3",
+              "--set", "train.log_every=1", "--set", "eval.every=0", "--set", "eval.iw_samples=2",
+              "--set", "train.threads=1", "--set", f"output.dir={rgb}")
+    with h5py.File(f"{rgb}/model.h5", "r") as f:
+        shape = (int(f.attrs["input_channels"]), int(f.attrs["input_height"]), int(f.attrs["input_width"]))
+        checks(shape == (3, 64, 64), f"{name}: model.h5 is for (3, 64, 64): {shape}")
+        last = "decoder.out.weight" if "decoder.out.weight" in f["params"] else "decoder.layers.13.weight"
+        checks(f[f"params/{last}"].shape[0] == 100, f"{name}: the last conv ({last}) gives 100 channels")
+    losses = [float(r["neg_elbo"]) for r in csv.DictReader(open(f"{rgb}/metrics.csv"))]
+    checks(len(losses) == 3 and all(math.isfinite(v) for v in losses), f"{name}: 3 finite training losses {losses}")
+    check_bits_per_dim(tr.stdout + tr.stderr, f"{rgb}/eval.yaml", 3 * 64 * 64, 2, f"{name} train")
+    ev = elbo("eval", f"{rgb}/model.h5", "--data", f"{a.work}/rgb/test", "--iw-samples", "3",
+              "--output", f"{a.work}/{name}_eval.yaml")
+    check_bits_per_dim(ev.stdout, f"{a.work}/{name}_eval.yaml", 3 * 64 * 64, 3, f"{name} eval")
+    checks(Image.open(f"{rgb}/recon.png").mode == "RGB", f"{name}: recon.png is RGB")
+    checks(Image.open(f"{rgb}/samples.png").mode == "RGB", f"{name}: samples.png is RGB")
 checks.finish()

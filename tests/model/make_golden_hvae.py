@@ -43,16 +43,21 @@ class Hvae(nn.Module):
         self.encoder.stages = nn.ModuleList()
         self.res = []
         h, w = H, W_
+        prev = self.widths[0]
         for st, wd, bn in zip(stages, self.widths, bns):
             h, w = h // st["down"], w // st["down"]
             self.res.append((h, w))
             m = nn.Module()
+            if st.get("resample", "pool") == "conv" and (st["down"] > 1 or prev != wd):
+                m.down = nn.Conv2d(prev, wd, st["down"], stride=st["down"])
             m.blocks = nn.ModuleList([branch(wd, bn, wd) for _ in range(st["blocks"])])
             self.encoder.stages.append(m)
+            prev = wd
         self.decoder = nn.Module()
         th, tw = self.res[-1]
         self.decoder.h_top = nn.Parameter(0.1 * torch.randn(self.widths[-1], th, tw))
         self.decoder.stages = nn.ModuleList()
+        prev = self.widths[0]
         for st, wd, bn in zip(stages, self.widths, bns):
             m = nn.Module()
             m.groups = nn.ModuleList()
@@ -66,7 +71,10 @@ class Hvae(nn.Module):
                 m.groups.append(g)
             if st.get("dec_blocks", 0):
                 m.blocks = nn.ModuleList([branch(wd, bn, wd) for _ in range(st["dec_blocks"])])
+            if st.get("resample", "pool") == "conv" and (st["down"] > 1 or prev != wd):
+                m.up = nn.ConvTranspose2d(wd, prev, st["down"], stride=st["down"])
             self.decoder.stages.append(m)
+            prev = wd
         self.decoder.out = nn.Conv2d(self.widths[0], 2 * C if lik == "gaussian_learned" else C, 1)
 
     def run(self, b, x):
@@ -79,9 +87,12 @@ class Hvae(nn.Module):
         h = getattr(self.encoder, "in")(x.view(B, C, H, W_))
         es = []
         for st, m, wd in zip(self.stages, self.encoder.stages, self.widths):
-            if st["down"] > 1:
-                h = F.avg_pool2d(h, st["down"])
-            h = resize_channels(h, wd)
+            if hasattr(m, "down"):
+                h = m.down(h)  # resample: conv, a learned stride-`down` patch embedding
+            else:
+                if st["down"] > 1:
+                    h = F.avg_pool2d(h, st["down"])
+                h = resize_channels(h, wd)
             for b in m.blocks:
                 h = h + self.run(b, h)
             es.append(h)
@@ -89,9 +100,9 @@ class Hvae(nn.Module):
         kls, ratios, off = [], [], 0
         for s in reversed(range(len(self.stages))):
             st, m = self.stages[s], self.decoder.stages[s]
+            zc = st.get("latent", 0)
             rh, rw = self.res[s]
             for g in m.groups:
-                zc = st["latent"]  # a stage without groups needs no latent
                 qo = self.run(g.q, torch.cat([h, es[s]], 1))
                 po = self.run(g.prior, h)
                 q = Normal(qo[:, :zc], F.softplus(qo[:, zc:]))
@@ -105,10 +116,12 @@ class Hvae(nn.Module):
                 h = h + self.run(g.resnet, h)
             for b in getattr(m, "blocks", []):
                 h = h + self.run(b, h)
-            if st["down"] > 1:
-                h = F.interpolate(h, scale_factor=st["down"], mode="nearest")
-            if s > 0:
-                h = resize_channels(h, self.widths[s - 1])
+            if hasattr(m, "up"):
+                h = m.up(h)  # its transpose: each position to its own down x down patch
+            else:
+                if st["down"] > 1:
+                    h = F.interpolate(h, scale_factor=st["down"], mode="nearest")
+                h = resize_channels(h, self.widths[max(s - 1, 0)])
         out = self.decoder.out(h)
         if self.lik == "bernoulli":
             rec = F.binary_cross_entropy_with_logits(out.flatten(1), x, reduction="none").sum(1)
@@ -127,6 +140,11 @@ CASES = [
          lik="gaussian_learned", stages=[dict(down=2, blocks=1, groups=2, latent=2),
                                          dict(down=1, blocks=0, groups=1, latent=1)],
          beta=0.7, B=2, opt="adamw", wd=0.05),
+    # resample: conv (a learned down/up convolution) on the first stage (reading the stem,
+    # feeding decoder.out) and the top one, average pooling between them.
+    dict(name="hvae_resample_conv", shape=(1, 8, 8), width=4, bottleneck=3, act="relu", lik="bernoulli",
+         stages=[dict(down=2, blocks=1, groups=1, latent=1, resample="conv"), dict(down=2, blocks=1, groups=1, latent=2),
+                 dict(down=2, blocks=0, groups=2, latent=2, resample="conv")], beta=1.0, B=3, opt="adam", wd=0.0),
     # Per-stage widths that grow and shrink (the stream is padded and truncated on the
     # way down and, in reverse, on the way up), per-stage bottlenecks, and decoder-only
     # blocks on a stage without latents (no `latent` key) and on one with groups.
@@ -135,6 +153,14 @@ CASES = [
                  dict(down=2, blocks=1, groups=2, latent=2, dec_blocks=1, width=5),
                  dict(down=2, blocks=1, groups=1, latent=1, width=2, bottleneck=4),
                  dict(down=2, blocks=0, groups=1, latent=3)], beta=0.9, B=2, opt="adam", wd=0.0),
+    # resample: conv with per-stage widths: a 1x1 conv where only the width changes
+    # (down 1), a 2x2 one that changes both, none on stage 0 (nothing to learn), and
+    # the parameter-free pad/truncate on the pooled top stage; decoder blocks.
+    dict(name="hvae_resample_conv_widths", shape=(1, 8, 8), width=4, bottleneck=3, act="softplus", lik="bernoulli",
+         stages=[dict(down=1, blocks=1, groups=0, dec_blocks=1, width=3, resample="conv"),
+                 dict(down=1, blocks=1, groups=1, latent=2, width=5, resample="conv"),
+                 dict(down=2, blocks=1, groups=1, latent=1, dec_blocks=1, width=2, bottleneck=2, resample="conv"),
+                 dict(down=4, blocks=0, groups=1, latent=2)], beta=1.0, B=2, opt="adamw", wd=0.01),
 ]
 
 

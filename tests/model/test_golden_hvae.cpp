@@ -148,11 +148,13 @@ TEST_P(GoldenHvae, ThreeOptimizerStepsMatchTorchOptim) {
   }
 }
 
-// The third case: per-stage widths that grow and shrink (pad and truncate, both ways),
-// per-stage bottlenecks, decoder-only blocks with and without latent groups.
+// hvae_widths_dec_blocks_tanh: per-stage widths that grow and shrink (pad and truncate,
+// both ways), per-stage bottlenecks, decoder-only blocks with and without latent groups;
+// hvae_resample_conv_widths: learned resampling that also changes the width (a 1x1 conv
+// where down is 1), beside the parameter-free resize.
 INSTANTIATE_TEST_SUITE_P(Cases, GoldenHvae,
-                         ::testing::Values("hvae_bern_relu", "hvae_gauss_learned_softplus",
-                                           "hvae_widths_dec_blocks_tanh"));
+                         ::testing::Values("hvae_bern_relu", "hvae_gauss_learned_softplus", "hvae_resample_conv",
+                                           "hvae_widths_dec_blocks_tanh", "hvae_resample_conv_widths"));
 
 }  // namespace
 }  // namespace elbo

@@ -117,14 +117,14 @@ TEST(Memory, HierarchicalActivationEstimateIsWhatTheModelAllocates) {
 }
 
 // The same with per-stage widths (growing and shrinking, so the resize buffers of both
-// directions exist, and the stream's widest tensor is a mixed shape) and decoder-only
-// blocks at full resolution and lower down.
+// directions exist, and the stream's widest tensor is a mixed shape), decoder-only
+// blocks at full resolution and lower down, and a learned resampling to the top stage.
 TEST(Memory, HierarchicalEstimateWithPerStageWidthsAndDecoderBlocks) {
   CpuBackend<float> be;
   const ModelSpec m =
       spec_with({"model={type: hierarchical, width: 8, bottleneck: 4, stages: [{down: 1, blocks: 1, groups: 0, "
                  "dec_blocks: 2, width: 4, bottleneck: 2}, {down: 2, blocks: 2, groups: 2, latent: 3, dec_blocks: 1, "
-                 "width: 24}, {down: 7, blocks: 1, groups: 1, latent: 4, width: 6, bottleneck: 8}]}"})
+                 "width: 24}, {down: 7, blocks: 1, groups: 1, latent: 4, width: 6, bottleneck: 8, resample: conv}]}"})
           .model;
   const HvaeLayout layout(m, std::vector<int>{1, 28, 28});
   // W_1 = 24 channels at the input's resolution (d(pooling input)) outgrows every stream.

@@ -44,6 +44,15 @@ inline constexpr Named<ModelType> kModelTypeNames[] = {
     {ModelType::Mlp, "mlp"}, {ModelType::Conv, "conv"}, {ModelType::Hierarchical, "hierarchical"}};
 constexpr const auto& choices_of(ModelType) { return kModelTypeNames; }
 
+// How a hierarchical model's stage changes resolution: pool = average pooling in the
+// encoder and nearest unpooling in the decoder (VDVAE; no parameters); conv = a learned
+// convolution with kernel = stride = down (a patch embedding) and its transposed
+// convolution, which gives each position of the coarser stage its own down x down
+// patch and carries the change of width.
+enum class Resample { Pool, Conv };
+inline constexpr Named<Resample> kResampleNames[] = {{Resample::Pool, "pool"}, {Resample::Conv, "conv"}};
+constexpr const auto& choices_of(Resample) { return kResampleNames; }
+
 // An entry of a conv model's encoder or decoder list (LayerSpec).
 enum class LayerType { Linear, Conv2d, ConvTranspose2d, GroupNorm, Relu, Tanh, Softplus, Flatten, Reshape };
 inline constexpr Named<LayerType> kLayerTypeNames[] = {{LayerType::Linear, "linear"},

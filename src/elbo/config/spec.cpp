@@ -580,6 +580,12 @@ const std::vector<KeyOf<StageSpec>>& stage_keys() {
       int_key("blocks", &StageSpec::blocks, 0, "must be >= 0 (encoder residual blocks)"),
       int_key("groups", &StageSpec::groups, 0, "must be >= 0 (decoder blocks, one latent group each)"),
       int_key("latent", &StageSpec::latent, 1, "must be >= 1 (latent channels per position of each group)"),
+      // Dumped only when not the default, so the specs written before the key existed
+      // (config.yaml, model files) read back and dump unchanged.
+      KeyOf<StageSpec>{"resample", [](Field& f, StageSpec& st) { f.read(st.resample); },
+                       [](Out& o, const StageSpec& st) {
+                         if (st.resample != Resample::Pool) o.put(st.resample);
+                       }},
       // The keys below are left out of the dump at their defaults: specs written
       // before they existed keep their text (run directories, checkpoints).
       optional_key("dec_blocks", &StageSpec::dec_blocks, 0, "must be >= 0 (decoder residual blocks after the groups)"),

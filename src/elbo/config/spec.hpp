@@ -49,6 +49,7 @@ struct StageSpec {
   int blocks = 1;      // encoder residual blocks
   int groups = 1;      // decoder blocks, one latent group each
   int latent = 4;      // latent channels per position in each group
+  Resample resample = Resample::Pool;  // how the resolution (and width) changes from the previous stage
   int dec_blocks = 0;  // decoder residual blocks after the groups (no latent)
   int width = 0;       // the stream's channels at this resolution; 0 = model.width
   int bottleneck = 0;  // channels inside this stage's residual blocks; 0 = model.bottleneck

@@ -48,6 +48,25 @@ Layer HvaeLayout::conv(TensorShape in, int out_channels, int kernel, Activation 
   return l;
 }
 
+Layer HvaeLayout::resample(LayerKind kind, TensorShape in, TensorShape out, int down, const std::string& name) {
+  Layer l;
+  l.kind = kind;
+  l.in = in;
+  l.out = out;
+  l.kernel = down;
+  l.stride = down;
+  l.pad = 0;
+  l.act = Activation::Identity;
+  // PyTorch's weight shapes: Conv2d (out, in, k, k), ConvTranspose2d (in, out, k, k).
+  const int first = kind == LayerKind::Conv2d ? out.c : in.c, second = kind == LayerKind::Conv2d ? in.c : out.c;
+  l.w = place(static_cast<size_t>(first) * second * down * down);
+  m_views.push_back({name + ".weight", l.w, {first, second, down, down}});
+  l.b = place(static_cast<size_t>(out.c));
+  m_views.push_back({name + ".bias", l.b, {out.c}});
+  m_max_width = std::max({m_max_width, in.size(), out.size()});
+  return l;
+}
+
 HvaeBranch HvaeLayout::branch(TensorShape in, int B, int out_channels, const std::string& name) {
   const Activation act = m_spec.activation;
   HvaeBranch b;
@@ -96,6 +115,12 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
     stage.bottleneck = spec.stage_bottleneck(s);
     cur = TensorShape{spec.stage_width(s), cur.h / st.down, cur.w / st.down};
     stage.shape = cur;
+    // resample: conv learns the change of resolution and of width; a stage that
+    // changes neither has nothing to learn.
+    stage.learned = st.resample == Resample::Conv && (st.down > 1 || stage.outer.c != stage.shape.c);
+    if (stage.learned)
+      stage.down_conv =
+          resample(LayerKind::Conv2d, stage.outer, cur, st.down, "encoder.stages." + std::to_string(s) + ".down");
     for (int b = 0; b < st.blocks; ++b) {
       stage.blocks.push_back(static_cast<int>(m_enc.size()));
       m_enc.push_back(
@@ -133,11 +158,12 @@ HvaeLayout::HvaeLayout(const ModelSpec& spec, const std::vector<int>& input_shap
       stage.groups.push_back(static_cast<int>(m_groups.size()));
       m_groups.push_back(grp);
     }
-    // PyTorch's named_parameters order within a decoder stage: its groups, then its blocks.
+    // PyTorch's named_parameters order within a decoder stage: its groups, its blocks, its up_conv.
     for (int b = 0; b < st.dec_blocks; ++b) {
       stage.dec_blocks.push_back(static_cast<int>(m_dec.size()));
       m_dec.push_back({static_cast<int>(s), branch(sh, B, W, prefix + ".blocks." + std::to_string(b))});
     }
+    if (stage.learned) stage.up_conv = resample(LayerKind::ConvTranspose2d, sh, stage.outer, st.down, prefix + ".up");
   }
   if (m_groups.empty()) throw config_error("model.stages: no stage has a latent group (groups >= 1)");
   // The likelihood's values per pixel: C, 2C ([mean | logvar]) or the mixture's K*(1 + 2C + C(C-1)/2).
@@ -168,10 +194,20 @@ std::vector<double> HvaeLayout::init_params(uint64_t seed) const {
   };
   const double enc_scale = 1.0 / std::sqrt(static_cast<double>(std::max<size_t>(m_enc.size(), 1)));
   const double dec_scale = 1.0 / std::sqrt(static_cast<double>(m_groups.size() + m_dec.size()));
+  // ConvTranspose2d's fan-in is PyTorch's: weight dim 1 (its output channels) x k x k.
+  auto up = [&](const Layer& l) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(l.out.c) * l.kernel * l.kernel);
+    uniform(l.w, static_cast<size_t>(l.in.c) * l.out.c * l.kernel * l.kernel, bound, 1.0);
+    uniform(l.b, static_cast<size_t>(l.out.c), bound, 1.0);
+  };
+  // In the views' order: per stage its down_conv, then its blocks.
   conv(m_stem, 1.0);
-  for (const HvaeBlock& b : m_enc) branch(b.branch, enc_scale);
+  for (const HvaeStage& st : m_stages) {
+    if (st.learned) conv(st.down_conv, 1.0);
+    for (int i : st.blocks) branch(m_enc[static_cast<size_t>(i)].branch, enc_scale);
+  }
   value += static_cast<uint32_t>(top_shape().size());  // decoder.h_top starts at zero
-  // The decoder in the views' order: per stage from the top, its groups, then its blocks.
+  // The decoder, top stage first: its groups, its blocks, its up_conv.
   for (size_t s = m_stages.size(); s-- > 0;) {
     for (int gi : m_stages[s].groups) {
       const HvaeGroup& g = m_groups[static_cast<size_t>(gi)];
@@ -187,6 +223,7 @@ std::vector<double> HvaeLayout::init_params(uint64_t seed) const {
       branch(g.resnet, dec_scale);
     }
     for (int i : m_stages[s].dec_blocks) branch(m_dec[static_cast<size_t>(i)].branch, dec_scale);
+    if (m_stages[s].learned) up(m_stages[s].up_conv);
   }
   conv(m_out, 1.0);
   return p;
@@ -214,13 +251,15 @@ Hvae<T>::Hvae(const HvaeLayout& layout, Backend<T>& be, int max_rows)
   m_stem_pre = Buffer<T>(be, R * full.size());
   for (const HvaeStage& st : layout.stages()) {
     const size_t pos = hw(st.shape), outer_c = static_cast<size_t>(st.outer.c);
-    // Pooling keeps the previous stage's width; the resize, where the width changes,
-    // follows it in the encoder and precedes the unpooling in the decoder.
-    m_pooled.emplace_back(st.down > 1 ? Buffer<T>(be, R * outer_c * pos) : Buffer<T>());
+    // Pooling keeps the previous stage's width, a down_conv gives this stage's; the
+    // resize, where the width changes without a conv, follows the pooling in the
+    // encoder and precedes the unpooling in the decoder.
+    const size_t pooled = st.learned ? st.shape.size() : st.down > 1 ? outer_c * pos : 0;
+    m_pooled.emplace_back(pooled > 0 ? Buffer<T>(be, R * pooled) : Buffer<T>());
     m_resized.emplace_back(st.resizes() ? Buffer<T>(be, R * st.shape.size()) : Buffer<T>());
     m_dec_resized.emplace_back(st.resizes() ? Buffer<T>(be, R * outer_c * pos) : Buffer<T>());
-    // Unpooling by stage s's factor restores the previous stage's (or the input's) shape.
-    m_unpooled.emplace_back(st.down > 1 ? Buffer<T>(be, R * st.outer.size()) : Buffer<T>());
+    // Unpooling (or the up_conv) restores the previous stage's (or the input's) shape.
+    m_unpooled.emplace_back(st.learned || st.down > 1 ? Buffer<T>(be, R * st.outer.size()) : Buffer<T>());
     m_de.emplace_back(be, R * st.shape.size());
   }
   for (const HvaeBlock& b : layout.encoder_blocks()) {
@@ -235,6 +274,8 @@ Hvae<T>::Hvae(const HvaeLayout& layout, Backend<T>& be, int max_rows)
   m_block_in.resize(layout.encoder_blocks().size());
   m_stage_in.resize(layout.stages().size());
   m_stage_out.resize(layout.stages().size());
+  m_down_in.resize(layout.stages().size());
+  m_up_in.resize(layout.stages().size());
   m_top = Buffer<T>(be, R * layout.top_shape().size());
   size_t max_q = 0, max_p = 0, max_z = 0, max_qin = 0;
   for (const HvaeGroup& g : layout.groups()) {
@@ -278,7 +319,10 @@ Hvae<T>::Hvae(const HvaeLayout& layout, Backend<T>& be, int max_rows)
 
 template <class T>
 void Hvae<T>::conv_forward(const Layer& l, const T* params, const T* in, int rows, T* pre, T* out) {
-  m_be.conv2d_forward(l.conv(rows), in, params + l.w, pre);
+  if (l.kind == LayerKind::ConvTranspose2d)  // the data gradient of the convolution it reverses
+    m_be.conv2d_backward_data(l.conv(rows), in, params + l.w, pre);
+  else
+    m_be.conv2d_forward(l.conv(rows), in, params + l.w, pre);
   m_be.channel_bias_act_forward(l.act, rows, l.out.c, l.out.h * l.out.w, params + l.b, pre, out);
 }
 
@@ -353,7 +397,12 @@ void Hvae<T>::forward(const T* params, const T* x, const T* eps, int rows,
   const T* cur = m_stem_pre.data();
   for (size_t s = 0; s < L.stages().size(); ++s) {
     const HvaeStage& st = L.stages()[s];
-    if (st.down > 1) {
+    if (st.learned) {
+      m_down_in[s] = cur;
+      if (params_needed) params_needed(params_end(st.down_conv));
+      conv_forward(st.down_conv, params, cur, rows, m_pooled[s].data(), m_pooled[s].data());
+      cur = m_pooled[s].data();
+    } else if (st.down > 1) {
       m_be.avg_pool_forward(rows, st.outer.c, st.outer.h, st.outer.w, st.down, cur, m_pooled[s].data());
       cur = m_pooled[s].data();
     }
@@ -438,12 +487,18 @@ void Hvae<T>::decoder_forward(const T* params, const T* eps, int rows, bool post
                        params_needed);
       cur = m_dec_out[i].data();
     }
-    // To the previous stage's width at this resolution, then to its resolution.
+    // To the previous stage's width at this resolution, then to its resolution (or
+    // both at once by the learned up_conv).
     if (st.resizes()) {
       resize(rows, pos, W, cur, st.outer.c, m_dec_resized[s].data());
       cur = m_dec_resized[s].data();
     }
-    if (st.down > 1) {
+    if (st.learned) {
+      m_up_in[s] = cur;
+      if (params_needed) params_needed(params_end(st.up_conv));
+      conv_forward(st.up_conv, params, cur, rows, m_unpooled[s].data(), m_unpooled[s].data());
+      cur = m_unpooled[s].data();
+    } else if (st.down > 1) {
       m_be.unpool_forward(rows, st.outer.c, st.shape.h, st.shape.w, st.down, cur, m_unpooled[s].data());
       cur = m_unpooled[s].data();
     }
@@ -487,7 +542,17 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
   for (size_t s = 0; s < L.stages().size(); ++s) {
     const HvaeStage& st = L.stages()[s];
     const int W = st.shape.c, pos = st.shape.h * st.shape.w;
-    if (st.down > 1) {
+    if (st.learned) {
+      // up_conv (no activation): d(pre) = gs; the roles of a transposed convolution swap.
+      const Layer& up = st.up_conv;
+      const ConvShape cs = up.conv(rows);
+      m_be.channel_bias_act_backward(Activation::Identity, rows, up.out.c, up.out.h * up.out.w, m_unpooled[s].data(),
+                                     m_unpooled[s].data(), gs, gs, grads + up.b);
+      m_be.conv2d_backward_filter(cs, gs, m_up_in[s], grads + up.w);
+      m_be.conv2d_forward(cs, gs, params + up.w, other);
+      if (grads_ready) grads_ready(up.w);
+      std::swap(gs, other);
+    } else if (st.down > 1) {
       m_be.unpool_backward(rows, st.outer.c, st.shape.h, st.shape.w, st.down, gs, other);
       std::swap(gs, other);
     }
@@ -542,7 +607,17 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
     // de = d(the stream entering stage s); into the previous stage's resolution.
     const int W = st.shape.c, h = st.outer.h, w = st.outer.w;
     const T* below = de;
-    if (st.down > 1) {
+    if (st.learned) {
+      // down_conv (no activation): d(pre) = de, then its weights and the stream below.
+      const Layer& dc = st.down_conv;
+      const ConvShape cs = dc.conv(rows);
+      m_be.channel_bias_act_backward(Activation::Identity, rows, dc.out.c, dc.out.h * dc.out.w, m_pooled[s].data(),
+                                     m_pooled[s].data(), de, de, grads + dc.b);
+      m_be.conv2d_backward_filter(cs, m_down_in[s], de, grads + dc.w);
+      m_be.conv2d_backward_data(cs, de, params + dc.w, m_pool_grad.data());
+      if (grads_ready) grads_ready(dc.w);
+      below = m_pool_grad.data();
+    } else if (st.down > 1) {
       m_be.avg_pool_backward(rows, W, h, w, st.down, de, m_pool_grad.data());
       below = m_pool_grad.data();
     }
@@ -556,8 +631,8 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
     }
     // The stem (no activation): weights and bias only, nothing flows into x.
     const Layer& stem = L.stem();
-    m_be.channel_bias_act_backward(Activation::Identity, rows, W, h * w, m_stem_pre.data(), m_stem_pre.data(), below, A,
-                                   grads + stem.b);
+    m_be.channel_bias_act_backward(Activation::Identity, rows, stem.out.c, h * w, m_stem_pre.data(), m_stem_pre.data(),
+                                   below, A, grads + stem.b);
     m_be.conv2d_backward_filter(stem.conv(rows), x, A, grads + stem.w);
     if (grads_ready) grads_ready(stem.w);
   }

@@ -23,6 +23,9 @@
 //     (VDVAE): its first b channels, or b - a zero channels appended. Its backward is
 //     the reverse resize. It commutes with pooling and unpooling (all act per channel),
 //     so the code resizes at the lower resolution: the decoder before unpooling.
+//   A stage with resample: conv replaces avg_pool + resize by a learned Conv2d
+//     (kernel = stride = down; 1x1 where only the width changes) and resize + unpool
+//     by its ConvTranspose2d (encoder.stages.{s}.down, decoder.stages.{s}.up).
 //   ResBlock(h)  = h + c3(act(c2(act(c1(act(h))))))   c1, c3: 1x1, c2: 3x3, bottleneck B_s
 //   DecGroup(h, e), group l with zc channels per position, at stage s's width W = W_s:
 //     [mu_q | r_q]        = q(concat(h, e))            (a ResBlock-shaped branch, no skip)
@@ -100,7 +103,14 @@ struct HvaeStage {
   std::vector<int> blocks;      // indices into encoder_blocks()
   std::vector<int> groups;      // indices into groups(), in sampling order
   std::vector<int> dec_blocks;  // indices into decoder_blocks()
-  bool resizes() const { return outer.c != shape.c; }
+  // resample: conv. `down_conv`: Conv2d (kernel = stride = down) from `outer` to
+  // `shape`, in place of the avg-pool and the resize; `up_conv`: ConvTranspose2d back,
+  // in place of the resize and the unpooling. Absent for pool, and where the stage
+  // changes neither resolution nor width.
+  bool learned = false;
+  Layer down_conv, up_conv;
+  // The parameter-free resize between widths (hvae.hpp's top), where no conv does it.
+  bool resizes() const { return outer.c != shape.c && !learned; }
 };
 
 class HvaeLayout final : public ModelLayout {
@@ -144,6 +154,8 @@ class HvaeLayout final : public ModelLayout {
 
  private:
   Layer conv(TensorShape in, int out_channels, int kernel, Activation act, const std::string& name);
+  // resample: conv's layers: kernel = stride = `down`, no padding, no activation.
+  Layer resample(LayerKind kind, TensorShape in, TensorShape out, int down, const std::string& name);
   HvaeBranch branch(TensorShape in, int bottleneck, int out_channels, const std::string& name);
   size_t place(size_t n);
 
@@ -232,20 +244,22 @@ class Hvae final : public Model<T> {
   Backend<T>& m_be;
   int m_max_rows;
   Buffer<T> m_stem_pre;                   // (W_0, H, W)
-  std::vector<Buffer<T>> m_pooled;        // per stage: (W_{s-1}, h, w) (empty where down = 1)
-  std::vector<Buffer<T>> m_resized;       // per stage: (W_s, h, w) (empty where the width stays)
+  std::vector<Buffer<T>> m_pooled;        // per stage: avg-pool (W_{s-1}, h, w) or down_conv (W_s, h, w) output
+  std::vector<Buffer<T>> m_resized;       // per stage: (W_s, h, w) (empty where no resize)
   std::vector<BranchActs> m_enc_acts;     // per encoder block
   std::vector<Buffer<T>> m_enc_out;       // per encoder block: its output stream
   std::vector<const T*> m_block_in;       // per encoder block: the stream entering it
   std::vector<const T*> m_stage_in;       // per stage: the stream entering its blocks
   std::vector<const T*> m_stage_out;      // per stage: e_s
+  std::vector<const T*> m_down_in;        // per stage: the stream entering its down_conv (resample: conv)
+  std::vector<const T*> m_up_in;          // per stage: the stream entering its up_conv (resample: conv)
   Buffer<T> m_top;                        // decoder.h_top repeated over the rows
   std::vector<GroupActs> m_group_acts;    // per group
   std::vector<BranchActs> m_dec_acts;     // per decoder block
   std::vector<Buffer<T>> m_dec_out;       // per decoder block: its output stream
   std::vector<const T*> m_dec_in;         // per decoder block: the stream entering it
-  std::vector<Buffer<T>> m_dec_resized;   // per stage: (W_{s-1}, h, w) (empty where the width stays)
-  std::vector<Buffer<T>> m_unpooled;      // per stage: the stream after unpooling (empty where down = 1)
+  std::vector<Buffer<T>> m_dec_resized;   // per stage: (W_{s-1}, h, w) (empty where no resize)
+  std::vector<Buffer<T>> m_unpooled;      // per stage: the stream after unpooling or up_conv (empty where neither)
   const T* m_final = nullptr;             // the stream entering decoder.out
   Buffer<T> m_output;                     // (rows, output_width())
   Buffer<T> m_rec, m_kl, m_log_ratio;     // (rows)

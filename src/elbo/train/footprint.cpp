@@ -89,9 +89,12 @@ double hvae_activation_bytes(const HvaeLayout& layout, int64_t rows) {
     const double here = static_cast<double>(st.shape.size());
     // W_{s-1} channels at this resolution: the pooled stream, and the decoder's resized one.
     const double mixed = static_cast<double>(st.outer.c) * st.shape.h * st.shape.w;
-    per_row += here;                                                           // d(e_s)
-    if (st.down > 1) per_row += mixed + static_cast<double>(st.outer.size());  // pooled, unpooled
-    if (st.resizes()) per_row += here + mixed;                                 // resized both ways
+    per_row += here;  // d(e_s)
+    if (st.learned)
+      per_row += here + static_cast<double>(st.outer.size());  // down_conv's and up_conv's outputs
+    else if (st.down > 1)
+      per_row += mixed + static_cast<double>(st.outer.size());  // pooled, unpooled
+    if (st.resizes()) per_row += here + mixed;                  // resized both ways
   }
   for (const auto* blocks : {&layout.encoder_blocks(), &layout.decoder_blocks()})
     for (const HvaeBlock& b : *blocks) per_row += branch(b.branch) + b.branch.c3.out.size();
@@ -137,6 +140,8 @@ std::vector<const Layer*> all_layers(const ModelLayout& layout) {
       out.push_back(&g.z_proj);
     }
     for (const HvaeBlock& b : h->decoder_blocks()) add(b.branch);
+    for (const HvaeStage& st : h->stages())
+      if (st.learned) out.insert(out.end(), {&st.down_conv, &st.up_conv});
     out.push_back(&h->out());
   }
   return out;
