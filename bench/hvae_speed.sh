@@ -11,7 +11,8 @@ LOG_EVERY=$(( STEPS / 5 ))
 
 mpirun -np 2 --bind-to core "$ELBO" train "$SPEC" --set data.train="$DATA/train" --set data.test= \
   --set train.max_steps="$STEPS" --set train.log_every="$LOG_EVERY" --set train.threads=1 \
-  --set eval.images=false --set output.tensorboard=false --set output.dir="$WORK/elbo" >"$WORK/elbo.log"
+  --set eval.every=0 --set eval.iw_samples=0 --set eval.images=false --set output.tensorboard=false \
+  --set output.dir="$WORK/elbo" >"$WORK/elbo.log"
 # samples/s of the intervals after the first (the progress lines' "N samples/s")
 elbo_rate=$(grep -E '^epoch .* step [0-9]+/' "$WORK/elbo.log" | tail -n +2 |
   sed -E 's/.* ([0-9.]+) samples\/s.*/\1/' | awk '{ s += $1; n++ } END { if (n) printf "%.1f", s / n }')

@@ -114,6 +114,20 @@ def main():
                            eps=float(opt_s.get("eps", 1e-8)))
     ema = [p.detach().clone() for p in m.parameters()] if ema_d > 0 else None
     batch, epochs = int(tr.get("batch_size", 128)), a.epochs or int(tr.get("epochs", 10))
+    total_steps = epochs * math.ceil(len(xtr) / batch)
+    if a.max_steps:
+        total_steps = min(total_steps, a.max_steps)
+    warm_lr, min_lr = int(opt_s.get("warmup_steps", 0) or 0), float(opt_s.get("min_lr", 0) or 0)
+    cosine = opt_s.get("schedule", "constant") == "cosine"
+
+    def lr_at(step):
+        """elbo's learning_rate() (src/elbo/optim/adam.cpp): linear warm-up, then cosine to min_lr."""
+        if warm_lr > 0 and step < warm_lr:
+            return lr * (step + 1) / warm_lr
+        if cosine:
+            t = min(1.0, (step - warm_lr) / max(1, total_steps - warm_lr - 1))
+            return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+        return lr
     warm_kl = int(spec.get("loss", {}).get("kl_warmup_steps", 0) or 0)
     step, t_start, n_timed = 0, None, 0
     for epoch in range(epochs):
@@ -125,6 +139,8 @@ def main():
                 break
             xb = xtr[perm[i:i + batch]]
             beta = min(1.0, step / warm_kl) if warm_kl else 1.0
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
             rec, klg, *_ = m(xb, torch.randn(len(xb), E))
             loss = (rec + beta * klg.sum(1)).mean()
             opt.zero_grad(set_to_none=True)
