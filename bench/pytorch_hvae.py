@@ -10,6 +10,11 @@ passes per input. Run with Debian's /usr/bin/python3 (python3-torch).
 
   pytorch_hvae.py SPEC.yaml --train DIR --test DIR [--epochs N] [--threads T]
                   [--max-steps N] [--iw-samples K] [--eval-samples N] [--json OUT]
+                  [--ranks R]
+
+--ranks R trains data-parallel as elbo does (R processes, DistributedDataParallel over
+gloo on localhost, each its slice of the global batch, --threads each): PyTorch's own
+answer to elbo's ranks, for the speed comparison.
 """
 import argparse, glob, json, math, os, sys, time
 import h5py, numpy as np, torch, yaml
@@ -92,7 +97,20 @@ def main():
     ap.add_argument("--warmup-steps", type=int, default=20, help="steps not timed")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json")
+    ap.add_argument("--ranks", type=int, default=1, help="data-parallel processes (DistributedDataParallel, gloo)")
     a = ap.parse_args()
+    if a.ranks > 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        torch.multiprocessing.spawn(train, args=(a,), nprocs=a.ranks)
+    else:
+        train(0, a)
+
+
+def train(rank, a):
+    world = a.ranks
+    if world > 1:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     spec = yaml.safe_load(open(a.spec))
     mod, opt_s, tr = spec["model"], spec.get("optim", {}), spec.get("train", {})
     lik = mod.get("likelihood", "bernoulli")
@@ -108,6 +126,9 @@ def main():
     elbo_init(m, stages)
     with torch.no_grad():
         E = m(xtr[:1], torch.zeros(1, 10 ** 7))[4]
+    # Every rank builds the same model from the same seed; DDP averages the gradients of
+    # the ranks' row means, which is the global batch's mean.
+    net = torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m
     lr, clip = float(opt_s.get("lr", 1e-3)), float(opt_s.get("grad_clip", 0) or 0)
     ema_d = float(opt_s.get("ema", 0) or 0)
     opt = torch.optim.Adam(m.parameters(), lr=lr, betas=(opt_s.get("beta1", 0.9), opt_s.get("beta2", 0.999)),
@@ -138,10 +159,12 @@ def main():
             if a.max_steps and step >= a.max_steps:
                 break
             xb = xtr[perm[i:i + batch]]
+            if world > 1:  # the same draws on every rank keep perm identical; each takes its rows
+                xb = xb[rank::world]
             beta = min(1.0, step / warm_kl) if warm_kl else 1.0
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            rec, klg, *_ = m(xb, torch.randn(len(xb), E))
+            rec, klg, *_ = net(xb, torch.randn(len(xb), E))
             loss = (rec + beta * klg.sum(1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -158,21 +181,26 @@ def main():
             if step == a.warmup_steps:
                 t_start = time.perf_counter()
             elif step > a.warmup_steps:
-                n_timed += len(xb)
-        print(f"epoch {epoch + 1}: train -ELBO {total / max(seen, 1):.3f} ({seen} samples)", flush=True)
+                n_timed += len(xb) * world
+        if rank == 0:
+            print(f"epoch {epoch + 1}: train -ELBO {total / max(seen, 1):.3f} ({seen} samples)", flush=True)
         if a.max_steps and step >= a.max_steps:
             break
     rate = n_timed / (time.perf_counter() - t_start) if t_start and n_timed else float("nan")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank > 0:
+            return
     if ema is not None:
         with torch.no_grad():
             for e, p in zip(ema, m.parameters()):
                 p.copy_(e)
     rec, kl, iw = evaluate(m, xte, a.iw_samples, E)
     out = dict(test_neg_elbo=rec + kl, test_rec=rec, test_kl=kl, test_iwae=iw, iw_samples=a.iw_samples,
-               eval_samples=len(xte), train_samples_per_s=rate, threads=a.threads, epochs=epochs, steps=step,
+               eval_samples=len(xte), train_samples_per_s=rate, threads=a.threads, ranks=world, epochs=epochs, steps=step,
                params=sum(p.numel() for p in m.parameters()))
     print(f"pytorch hvae: test -ELBO {rec + kl:.4f} (rec {rec:.4f}, KL {kl:.4f}) IWAE(k={a.iw_samples}) {iw:.4f} on "
-          f"{len(xte)} test samples | {rate:.0f} train samples/s, {a.threads} thread(s), batch {batch}")
+          f"{len(xte)} test samples | {rate:.0f} train samples/s, {world} rank(s) x {a.threads} thread(s), batch {batch}")
     if a.json:
         out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
         with open(a.json, "w") as f:
