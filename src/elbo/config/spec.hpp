@@ -45,14 +45,14 @@ struct LayerSpec {
 // are few); 0 takes model.width / model.bottleneck, and is left out of the dump so
 // that specs without the keys keep their text.
 struct StageSpec {
-  int down = 1;        // pooling factor from the previous stage (the first: from the input)
-  int blocks = 1;      // encoder residual blocks
-  int groups = 1;      // decoder blocks, one latent group each
-  int latent = 4;      // latent channels per position in each group
+  int down = 1;                        // pooling factor from the previous stage (the first: from the input)
+  int blocks = 1;                      // encoder residual blocks
+  int groups = 1;                      // decoder blocks, one latent group each
+  int latent = 4;                      // latent channels per position in each group
   Resample resample = Resample::Pool;  // how the resolution (and width) changes from the previous stage
-  int dec_blocks = 0;  // decoder residual blocks after the groups (no latent)
-  int width = 0;       // the stream's channels at this resolution; 0 = model.width
-  int bottleneck = 0;  // channels inside this stage's residual blocks; 0 = model.bottleneck
+  int dec_blocks = 0;                  // decoder residual blocks after the groups (no latent)
+  int width = 0;                       // the stream's channels at this resolution; 0 = model.width
+  int bottleneck = 0;                  // channels inside this stage's residual blocks; 0 = model.bottleneck
   bool operator==(const StageSpec&) const = default;
 };
 
