@@ -327,6 +327,15 @@ void Hvae<T>::conv_forward(const Layer& l, const T* params, const T* in, int row
 }
 
 template <class T>
+const T* Hvae<T>::resample_forward(const Layer& l, const T* params, const T* in, int rows, const T*& saved_in, T* out,
+                                   const std::function<void(size_t)>& params_needed) {
+  saved_in = in;
+  if (params_needed) params_needed(params_end(l));
+  conv_forward(l, params, in, rows, out, out);
+  return out;
+}
+
+template <class T>
 void Hvae<T>::branch_forward(const HvaeBranch& b, const T* params, const T* in, int rows, BranchActs& a,
                              const std::function<void(size_t)>& params_needed) {
   const Activation act = m_layout.spec().activation;
@@ -398,10 +407,7 @@ void Hvae<T>::forward(const T* params, const T* x, const T* eps, int rows,
   for (size_t s = 0; s < L.stages().size(); ++s) {
     const HvaeStage& st = L.stages()[s];
     if (st.learned) {
-      m_down_in[s] = cur;
-      if (params_needed) params_needed(params_end(st.down_conv));
-      conv_forward(st.down_conv, params, cur, rows, m_pooled[s].data(), m_pooled[s].data());
-      cur = m_pooled[s].data();
+      cur = resample_forward(st.down_conv, params, cur, rows, m_down_in[s], m_pooled[s].data(), params_needed);
     } else if (st.down > 1) {
       m_be.avg_pool_forward(rows, st.outer.c, st.outer.h, st.outer.w, st.down, cur, m_pooled[s].data());
       cur = m_pooled[s].data();
@@ -494,10 +500,7 @@ void Hvae<T>::decoder_forward(const T* params, const T* eps, int rows, bool post
       cur = m_dec_resized[s].data();
     }
     if (st.learned) {
-      m_up_in[s] = cur;
-      if (params_needed) params_needed(params_end(st.up_conv));
-      conv_forward(st.up_conv, params, cur, rows, m_unpooled[s].data(), m_unpooled[s].data());
-      cur = m_unpooled[s].data();
+      cur = resample_forward(st.up_conv, params, cur, rows, m_up_in[s], m_unpooled[s].data(), params_needed);
     } else if (st.down > 1) {
       m_be.unpool_forward(rows, st.outer.c, st.shape.h, st.shape.w, st.down, cur, m_unpooled[s].data());
       cur = m_unpooled[s].data();

@@ -223,6 +223,10 @@ class Hvae final : public Model<T> {
   };
   BranchActs make_branch(const HvaeBranch& b);
   void conv_forward(const Layer& l, const T* params, const T* in, int rows, T* pre, T* out);
+  // A stage's learned down_conv or up_conv (no activation) into `out`; `saved_in` keeps
+  // its input for the backward pass. Returns out.
+  const T* resample_forward(const Layer& l, const T* params, const T* in, int rows, const T*& saved_in, T* out,
+                            const std::function<void(size_t)>& params_needed);
   void branch_forward(const HvaeBranch& b, const T* params, const T* in, int rows, BranchActs& a,
                       const std::function<void(size_t)>& params_needed);
   // out = in + branch(in): a residual block of the encoder or the decoder.
