@@ -10,7 +10,7 @@ passes per input. Run with Debian's /usr/bin/python3 (python3-torch).
 
   pytorch_hvae.py SPEC.yaml --train DIR --test DIR [--epochs N] [--threads T]
                   [--max-steps N] [--iw-samples K] [--eval-samples N] [--json OUT]
-                  [--ranks R]
+                  [--ranks R] [--save FILE.pt] [--load FILE.pt]
 
 --ranks R trains data-parallel as elbo does (R processes, DistributedDataParallel over
 gloo on localhost, each its slice of the global batch, --threads each): PyTorch's own
@@ -61,14 +61,16 @@ def elbo_init(m, stages):
                 b.c3.weight.mul_(1 / math.sqrt(n_dec))
 
 
-def evaluate(m, x, k, E, batch=250):
+def evaluate(m, x, k, E, batch=250, rank=0, world=1):
     """-ELBO and its parts (one eps per input) and, with k > 0, the IWAE(k) bound from k
-    full passes: log w = -(rec + log q(z|x) - log p(z))."""
+    full passes: log w = -(rec + log q(z|x) - log p(z)). With world > 1 each rank takes
+    every world-th batch and the sums are all-reduced (the bound is per input, so the
+    split changes only which draws an input gets)."""
     m.eval()
-    gen = torch.Generator().manual_seed(12345)
+    gen = torch.Generator().manual_seed(12345 + rank)
     rec_s = kl_s = iw_s = 0.0
     with torch.no_grad():
-        for i in range(0, len(x), batch):
+        for i in range(rank * batch, len(x), batch * world):
             xb = x[i:i + batch]
             eps = torch.randn(len(xb), E, generator=gen)
             rec, klg, ratio, _, _ = m(xb, eps)
@@ -80,6 +82,10 @@ def evaluate(m, x, k, E, batch=250):
                     r, _, lr, _, _ = m(xb, torch.randn(len(xb), E, generator=gen))
                     lw.append(-(r + lr).double())
                 iw_s += -(torch.logsumexp(torch.stack(lw, 1), 1) - math.log(k)).sum().item()
+    if world > 1:
+        sums = torch.tensor([rec_s, kl_s, iw_s], dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        rec_s, kl_s, iw_s = sums.tolist()
     n = len(x)
     return rec_s / n, kl_s / n, (iw_s / n if k > 0 else float("nan"))
 
@@ -98,6 +104,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json")
     ap.add_argument("--ranks", type=int, default=1, help="data-parallel processes (DistributedDataParallel, gloo)")
+    ap.add_argument("--save", help="write the evaluated (EMA) parameters here (torch.save of the state dict)")
+    ap.add_argument("--load", help="evaluate these parameters (a --save file) instead of training")
     a = ap.parse_args()
     if a.ranks > 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -151,6 +159,10 @@ def train(rank, a):
         return lr
     warm_kl = int(spec.get("loss", {}).get("kl_warmup_steps", 0) or 0)
     step, t_start, n_timed = 0, None, 0
+    if a.load:
+        epochs = 0
+        m.load_state_dict(torch.load(a.load))
+        ema = None
     for epoch in range(epochs):
         m.train()
         perm = torch.randperm(len(xtr))
@@ -187,15 +199,17 @@ def train(rank, a):
         if a.max_steps and step >= a.max_steps:
             break
     rate = n_timed / (time.perf_counter() - t_start) if t_start and n_timed else float("nan")
-    if world > 1:
-        torch.distributed.destroy_process_group()
-        if rank > 0:
-            return
     if ema is not None:
         with torch.no_grad():
             for e, p in zip(ema, m.parameters()):
                 p.copy_(e)
-    rec, kl, iw = evaluate(m, xte, a.iw_samples, E)
+    if a.save and rank == 0:
+        torch.save(m.state_dict(), a.save)
+    rec, kl, iw = evaluate(m, xte, a.iw_samples, E, rank=rank, world=world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+        if rank > 0:
+            return
     out = dict(test_neg_elbo=rec + kl, test_rec=rec, test_kl=kl, test_iwae=iw, iw_samples=a.iw_samples,
                eval_samples=len(xte), train_samples_per_s=rate, threads=a.threads, ranks=world, epochs=epochs, steps=step,
                params=sum(p.numel() for p in m.parameters()))
