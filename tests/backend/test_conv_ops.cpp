@@ -64,6 +64,8 @@ const ConvShape kShapes[] = {
     {4, 5, 1, 1, 3, 1, 1, 1, 0},  // 1x1 on a 1x1 image: the pointwise path as one GEMM over the batch
     {2, 3, 6, 6, 2, 1, 1, 2, 0},  // 1x1 with stride 2: the general path
     {2, 2, 3, 4, 3, 5, 3, 1, 3},  // stride 1, padding wider than the image: rows of zeros only
+    {5, 6, 1, 1, 4, 3, 3, 1, 1},  // 3x3 on a 1x1 image: only the center tap meets it (the center-tap path)
+    {3, 2, 1, 1, 3, 5, 5, 2, 2},  // 5x5, stride 2 on a 1x1 image: the center-tap path with a wider kernel
 };
 
 class Conv : public ::testing::TestWithParam<ConvShape> {};
