@@ -16,7 +16,7 @@ passes per input. Run with Debian's /usr/bin/python3 (python3-torch).
 gloo on localhost, each its slice of the global batch, --threads each): PyTorch's own
 answer to elbo's ranks, for the speed comparison.
 """
-import argparse, glob, json, math, os, sys, time
+import argparse, glob, json, math, os, socket, sys, time
 import h5py, numpy as np, torch, yaml
 import torch.nn.functional as F
 
@@ -109,7 +109,10 @@ def main():
     a = ap.parse_args()
     if a.ranks > 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
+        if "MASTER_PORT" not in os.environ:  # a free one: another run (a paused reference) may hold any fixed port
+            with socket.socket() as sk:
+                sk.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sk.getsockname()[1])
         torch.multiprocessing.spawn(train, args=(a,), nprocs=a.ranks)
     else:
         train(0, a)
