@@ -33,7 +33,7 @@ bool is_pointwise(const ConvShape& s) { return s.r == 1 && s.s == 1 && s.stride 
 
 // A 1x1 input to a 1x1 output (a padded 3x3 at the hierarchical model's 1x1 stage): of
 // the r*s taps only (pad, pad) meets the input, the others see padding. It is the
-// pointwise case with that tap's (k, c) slice of the filter (center_tap_* below) --
+// pointwise case with that tap's (k, c) slice of the filter (gather_tap, add_tap) --
 // im2col would build 9 columns of which 8 are zeros and a GEMM 9 times the work.
 bool is_center_tap(const ConvShape& s) {
   return s.h == 1 && s.w == 1 && s.out_h() == 1 && s.out_w() == 1 && s.pad < s.r && s.pad < s.s;
@@ -189,11 +189,15 @@ void pointwise_backward_filter(const ConvShape& s, const T* x, const T* dy, T* d
                x + static_cast<size_t>(b) * s.c * P, P, T(1), dw, s.c);
 }
 
-// The center tap's filter slice, tap[k*c + ch] = w[k][ch][pad][pad], and back (added).
+// The center tap's filter slice, tap[k*c + ch] = w[k][ch][pad][pad], into `buf` (grown
+// to fit), and back (added).
 template <class T>
-void gather_tap(const ConvShape& s, const T* w, T* tap) {
+T* gather_tap(const ConvShape& s, const T* w, std::vector<T>& buf) {
   const size_t rs = static_cast<size_t>(s.r) * s.s, at = static_cast<size_t>(s.pad) * s.s + s.pad;
-  for (size_t i = 0; i < static_cast<size_t>(s.k) * s.c; ++i) tap[i] = w[i * rs + at];
+  const size_t kc = static_cast<size_t>(s.k) * s.c;
+  if (buf.size() < kc) buf.resize(kc);
+  for (size_t i = 0; i < kc; ++i) buf[i] = w[i * rs + at];
+  return buf.data();
 }
 template <class T>
 void add_tap(const ConvShape& s, const T* tap, T* dw) {
@@ -219,11 +223,8 @@ template <class T>
 void CpuBackend<T>::conv2d_forward(const ConvShape& s, const T* x, const T* w, T* y) {
   check_shape(s, "conv2d_forward");
   if (is_pointwise(s)) return pointwise_forward(s, x, w, y);
-  if (is_center_tap(s)) {
-    m_gemm.resize(std::max(m_gemm.size(), static_cast<size_t>(s.k) * s.c));
-    gather_tap(s, w, m_gemm.data());
-    return pointwise_forward(s, x, m_gemm.data(), y);  // y (n, k) = x (n, c) . tap^T
-  }
+  // y (n, k) = x (n, c) . tap^T
+  if (is_center_tap(s)) return pointwise_forward(s, x, gather_tap(s, w, m_gemm), y);
   const int P = s.out_h() * s.out_w(), CRS = s.c * s.r * s.s;
   const int nb_max = conv_scratch(s);
   for (int n0 = 0; n0 < s.n; n0 += nb_max) {
@@ -240,11 +241,8 @@ template <class T>
 void CpuBackend<T>::conv2d_backward_data(const ConvShape& s, const T* dy, const T* w, T* dx) {
   check_shape(s, "conv2d_backward_data");
   if (is_pointwise(s)) return pointwise_backward_data(s, dy, w, dx);
-  if (is_center_tap(s)) {
-    m_gemm.resize(std::max(m_gemm.size(), static_cast<size_t>(s.k) * s.c));
-    gather_tap(s, w, m_gemm.data());
-    return pointwise_backward_data(s, dy, m_gemm.data(), dx);  // dx (n, c) = dy (n, k) . tap
-  }
+  // dx (n, c) = dy (n, k) . tap
+  if (is_center_tap(s)) return pointwise_backward_data(s, dy, gather_tap(s, w, m_gemm), dx);
   const int P = s.out_h() * s.out_w(), CRS = s.c * s.r * s.s;
   const int nb_max = conv_scratch(s);
   std::fill(dx, dx + static_cast<size_t>(s.n) * s.c * s.h * s.w, T(0));
