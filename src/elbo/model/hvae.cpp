@@ -327,6 +327,23 @@ void Hvae<T>::conv_forward(const Layer& l, const T* params, const T* in, int row
 }
 
 template <class T>
+void Hvae<T>::conv_backward(const Layer& l, const T* params, T* grads, const T* in, int rows, const T* pre,
+                            const T* out, const T* g, T* dpre, T* din,
+                            const std::function<void(size_t)>& grads_ready) {
+  m_be.channel_bias_act_backward(l.act, rows, l.out.c, l.out.h * l.out.w, pre, out, g, dpre, grads + l.b);
+  const ConvShape cs = l.conv(rows);
+  if (l.kind == LayerKind::ConvTranspose2d) {
+    // The roles swap: dpre is the reversed convolution's input, `in` its output.
+    m_be.conv2d_backward_filter(cs, dpre, in, grads + l.w);
+    if (din) m_be.conv2d_forward(cs, dpre, params + l.w, din);
+  } else {
+    m_be.conv2d_backward_filter(cs, in, dpre, grads + l.w);
+    if (din) m_be.conv2d_backward_data(cs, dpre, params + l.w, din);
+  }
+  if (grads_ready) grads_ready(l.w);
+}
+
+template <class T>
 const T* Hvae<T>::resample_forward(const Layer& l, const T* params, const T* in, int rows, const T*& saved_in, T* out,
                                    const std::function<void(size_t)>& params_needed) {
   saved_in = in;
@@ -372,21 +389,10 @@ void Hvae<T>::branch_backward(const HvaeBranch& b, const T* params, T* grads, co
   const Activation act = m_layout.spec().activation;
   T* A = m_scratch_a.data();
   T* B = m_scratch_b.data();
-  auto pos = [](const Layer& l) { return l.out.h * l.out.w; };
   // c3 (no activation): A = d(pre) = g; g itself stays untouched (a skip may read it).
-  m_be.channel_bias_act_backward(Activation::Identity, rows, b.c3.out.c, pos(b.c3), a.out.data(), a.out.data(), g, A,
-                                 grads + b.c3.b);
-  m_be.conv2d_backward_filter(b.c3.conv(rows), a.a2.data(), A, grads + b.c3.w);
-  m_be.conv2d_backward_data(b.c3.conv(rows), A, params + b.c3.w, B);
-  if (grads_ready) grads_ready(b.c3.w);
-  m_be.channel_bias_act_backward(act, rows, b.c2.out.c, pos(b.c2), a.p2.data(), a.a2.data(), B, B, grads + b.c2.b);
-  m_be.conv2d_backward_filter(b.c2.conv(rows), a.a1.data(), B, grads + b.c2.w);
-  m_be.conv2d_backward_data(b.c2.conv(rows), B, params + b.c2.w, A);
-  if (grads_ready) grads_ready(b.c2.w);
-  m_be.channel_bias_act_backward(act, rows, b.c1.out.c, pos(b.c1), a.p1.data(), a.a1.data(), A, A, grads + b.c1.b);
-  m_be.conv2d_backward_filter(b.c1.conv(rows), a.a0.data(), A, grads + b.c1.w);
-  m_be.conv2d_backward_data(b.c1.conv(rows), A, params + b.c1.w, B);
-  if (grads_ready) grads_ready(b.c1.w);
+  conv_backward(b.c3, params, grads, a.a2.data(), rows, a.out.data(), a.out.data(), g, A, B, grads_ready);
+  conv_backward(b.c2, params, grads, a.a1.data(), rows, a.p2.data(), a.a2.data(), B, B, A, grads_ready);
+  conv_backward(b.c1, params, grads, a.a0.data(), rows, a.p1.data(), a.a1.data(), A, A, B, grads_ready);
   const size_t n = static_cast<size_t>(rows) * b.c1.in.size();
   m_be.activation_backward(act, n, in, a.a0.data(), B, B);
   if (accumulate)
@@ -532,13 +538,8 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
 
   // Likelihood and decoder.out.
   const Layer& out = L.out();
-  const int full_pos = L.input_shape().h * L.input_shape().w;
   L.likelihood().backward(m_be, rows, m_output.data(), x, rec_weight, A);
-  m_be.channel_bias_act_backward(Activation::Identity, rows, out.out.c, full_pos, m_output.data(), m_output.data(), A,
-                                 A, grads + out.b);
-  m_be.conv2d_backward_filter(out.conv(rows), m_final, A, grads + out.w);
-  m_be.conv2d_backward_data(out.conv(rows), A, params + out.w, gs);
-  if (grads_ready) grads_ready(out.w);
+  conv_backward(out, params, grads, m_final, rows, m_output.data(), m_output.data(), A, A, gs, grads_ready);
 
   // The top-down path backwards: stages from the input's resolution up; in each, the
   // unpooling, the resize, the decoder blocks and the groups, last first.
@@ -547,13 +548,8 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
     const int W = st.shape.c, pos = st.shape.h * st.shape.w;
     if (st.learned) {
       // up_conv (no activation): d(pre) = gs; the roles of a transposed convolution swap.
-      const Layer& up = st.up_conv;
-      const ConvShape cs = up.conv(rows);
-      m_be.channel_bias_act_backward(Activation::Identity, rows, up.out.c, up.out.h * up.out.w, m_unpooled[s].data(),
-                                     m_unpooled[s].data(), gs, gs, grads + up.b);
-      m_be.conv2d_backward_filter(cs, gs, m_up_in[s], grads + up.w);
-      m_be.conv2d_forward(cs, gs, params + up.w, other);
-      if (grads_ready) grads_ready(up.w);
+      conv_backward(st.up_conv, params, grads, m_up_in[s], rows, m_unpooled[s].data(), m_unpooled[s].data(), gs, gs,
+                    other, grads_ready);
       std::swap(gs, other);
     } else if (st.down > 1) {
       m_be.unpool_backward(rows, st.outer.c, st.shape.h, st.shape.w, st.down, gs, other);
@@ -576,11 +572,8 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
       // gs = d h3 -> d h2 (the skip plus the resnet branch)
       branch_backward(g.resnet, params, grads, a.h2.data(), rows, a.resnet, gs, gs, true, grads_ready);
       // z_proj: d z from d h2
-      m_be.channel_bias_act_backward(Activation::Identity, rows, W, pos, a.zp.data(), a.zp.data(), gs, A,
-                                     grads + g.z_proj.b);
-      m_be.conv2d_backward_filter(g.z_proj.conv(rows), a.z.data(), A, grads + g.z_proj.w);
-      m_be.conv2d_backward_data(g.z_proj.conv(rows), A, params + g.z_proj.w, m_dz.data());
-      if (grads_ready) grads_ready(g.z_proj.w);
+      conv_backward(g.z_proj, params, grads, a.z.data(), rows, a.zp.data(), a.zp.data(), gs, A, m_dz.data(),
+                    grads_ready);
       // The sample and the KL into [mu_q | r_q] and [mu_p | r_p]; d h_p = d h1 = d h2.
       m_be.gaussian_kl_backward(rows, g.zc, pos, a.q.out.data(), q_stride, a.prior.out.data(), p_stride,
                                 eps + g.eps_offset, E, m_dz.data(), kl_weights + gi, m_dq.data(), m_dp.data());
@@ -612,13 +605,8 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
     const T* below = de;
     if (st.learned) {
       // down_conv (no activation): d(pre) = de, then its weights and the stream below.
-      const Layer& dc = st.down_conv;
-      const ConvShape cs = dc.conv(rows);
-      m_be.channel_bias_act_backward(Activation::Identity, rows, dc.out.c, dc.out.h * dc.out.w, m_pooled[s].data(),
-                                     m_pooled[s].data(), de, de, grads + dc.b);
-      m_be.conv2d_backward_filter(cs, m_down_in[s], de, grads + dc.w);
-      m_be.conv2d_backward_data(cs, de, params + dc.w, m_pool_grad.data());
-      if (grads_ready) grads_ready(dc.w);
+      conv_backward(st.down_conv, params, grads, m_down_in[s], rows, m_pooled[s].data(), m_pooled[s].data(), de, de,
+                    m_pool_grad.data(), grads_ready);
       below = m_pool_grad.data();
     } else if (st.down > 1) {
       m_be.avg_pool_backward(rows, W, h, w, st.down, de, m_pool_grad.data());
@@ -633,11 +621,8 @@ void Hvae<T>::backward(const T* params, T* grads, const T* x, const T* eps, int 
       continue;
     }
     // The stem (no activation): weights and bias only, nothing flows into x.
-    const Layer& stem = L.stem();
-    m_be.channel_bias_act_backward(Activation::Identity, rows, stem.out.c, h * w, m_stem_pre.data(), m_stem_pre.data(),
-                                   below, A, grads + stem.b);
-    m_be.conv2d_backward_filter(stem.conv(rows), x, A, grads + stem.w);
-    if (grads_ready) grads_ready(stem.w);
+    conv_backward(L.stem(), params, grads, x, rows, m_stem_pre.data(), m_stem_pre.data(), below, A, nullptr,
+                  grads_ready);
   }
 }
 

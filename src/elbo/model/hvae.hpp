@@ -223,6 +223,11 @@ class Hvae final : public Model<T> {
   };
   BranchActs make_branch(const HvaeBranch& b);
   void conv_forward(const Layer& l, const T* params, const T* in, int rows, T* pre, T* out);
+  // The backward of conv_forward: g = d(out) -> dpre (may alias g) -> the layer's bias
+  // and filter gradients, and d(in) into din (overwritten) unless din is null (the stem:
+  // nothing flows into x). pre/out are conv_forward's.
+  void conv_backward(const Layer& l, const T* params, T* grads, const T* in, int rows, const T* pre, const T* out,
+                     const T* g, T* dpre, T* din, const std::function<void(size_t)>& grads_ready);
   // A stage's learned down_conv or up_conv (no activation) into `out`; `saved_in` keeps
   // its input for the backward pass. Returns out.
   const T* resample_forward(const Layer& l, const T* params, const T* in, int rows, const T*& saved_in, T* out,
