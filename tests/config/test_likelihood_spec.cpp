@@ -4,22 +4,15 @@
 
 #include "elbo/config/spec.hpp"
 #include "elbo/util/error.hpp"
+#include "spec_errors.hpp"
 
 namespace elbo {
 namespace {
 
-const std::string kData = "data:\n  train: /tmp/train\n";
+using spec_test::error_of;
+using spec_test::expect_error;
 
-std::string error_of(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
-  try {
-    parse_spec(yaml, "exp.yaml", overrides);
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::Config);
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a config error for:\n" << yaml;
-  return "";
-}
+const std::string kData = "data:\n  train: /tmp/train\n";
 
 TEST(LikelihoodSpec, DiscretizedLogisticMixtureWithComponents) {
   ExperimentSpec s =
@@ -54,32 +47,24 @@ TEST(LikelihoodSpec, DumpWritesEachLikelihoodsOwnKeys) {
 }
 
 TEST(LikelihoodSpec, ErrorsNameTheKey) {
-  std::string e = error_of(kData + "model:\n  likelihood: {type: discretized_logistic_mixture, components: 0}\n");
-  EXPECT_NE(e.find("exp.yaml:4: model.likelihood.components: must be in [1, 256] (mixture components) (got 0)"),
-            std::string::npos)
-      << e;
-  e = error_of(kData + "model:\n  likelihood: {type: discretized_logistic_mixture, components: many}\n");
-  EXPECT_NE(e.find("model.likelihood.components: must be an integer"), std::string::npos) << e;
-  e = error_of(kData + "model:\n  likelihood: {type: bernoulli, components: 4}\n");
-  EXPECT_NE(e.find("model.likelihood.components: applies to type discretized_logistic_mixture only"),
-            std::string::npos)
-      << e;
-  e = error_of(kData + "model:\n  likelihood: {type: discretized_logistic_mixture, sigma: 0.5}\n");
-  EXPECT_NE(e.find("model.likelihood.sigma: applies to the gaussian likelihood, not discretized_logistic_mixture"),
-            std::string::npos)
-      << e;
-  e = error_of(kData + "model:\n  likelihood: {type: discretized_logistic_mixture, variance: learned}\n");
-  EXPECT_NE(e.find("model.likelihood.variance: applies to the gaussian likelihood"), std::string::npos) << e;
-  e = error_of(kData + "model:\n  likelihood: {type: logistic}\n");
-  EXPECT_NE(e.find("valid choices: bernoulli, gaussian, discretized_logistic_mixture"), std::string::npos) << e;
+  expect_error(kData + "model:\n  likelihood: {type: discretized_logistic_mixture, components: 0}\n",
+               {"exp.yaml:4: model.likelihood.components: must be in [1, 256] (mixture components) (got 0)"});
+  expect_error(kData + "model:\n  likelihood: {type: discretized_logistic_mixture, components: many}\n",
+               {"model.likelihood.components: must be an integer"});
+  expect_error(kData + "model:\n  likelihood: {type: bernoulli, components: 4}\n",
+               {"model.likelihood.components: applies to type discretized_logistic_mixture only"});
+  expect_error(kData + "model:\n  likelihood: {type: discretized_logistic_mixture, sigma: 0.5}\n",
+               {"model.likelihood.sigma: applies to the gaussian likelihood, not discretized_logistic_mixture"});
+  expect_error(kData + "model:\n  likelihood: {type: discretized_logistic_mixture, variance: learned}\n",
+               {"model.likelihood.variance: applies to the gaussian likelihood"});
+  expect_error(kData + "model:\n  likelihood: {type: logistic}\n",
+               {"valid choices: bernoulli, gaussian, discretized_logistic_mixture"});
   // Binarized pixels are two edge bins: the Bernoulli likelihood's data.
-  e = error_of("data:\n  train: x\n  binarize: true\nmodel:\n  likelihood: {type: discretized_logistic_mixture}\n");
-  EXPECT_NE(e.find("model.likelihood.type: discretized_logistic_mixture models the 256 values of 8-bit pixels, but "
-                   "data.binarize is true"),
-            std::string::npos)
-      << e;
-  e = error_of("data:\n  train: x\n  binarize: true\nmodel:\n  likelihood: discretized_logistic_mixture\n");
-  EXPECT_NE(e.find("model.likelihood: discretized_logistic_mixture models the 256 values"), std::string::npos) << e;
+  expect_error("data:\n  train: x\n  binarize: true\nmodel:\n  likelihood: {type: discretized_logistic_mixture}\n",
+               {"model.likelihood.type: discretized_logistic_mixture models the 256 values of 8-bit pixels, but "
+                "data.binarize is true"});
+  expect_error("data:\n  train: x\n  binarize: true\nmodel:\n  likelihood: discretized_logistic_mixture\n",
+               {"model.likelihood: discretized_logistic_mixture models the 256 values"});
 }
 
 TEST(LikelihoodSpec, ComponentsCannotChangeOnResume) {

@@ -11,9 +11,13 @@
 #include "elbo/config/choices.hpp"
 #include "elbo/config/spec.hpp"
 #include "elbo/util/error.hpp"
+#include "spec_errors.hpp"
 
 namespace elbo {
 namespace {
+
+using spec_test::error_of;
+using spec_test::expect_error;
 
 const std::string kFixtures = std::string(ELBO_SOURCE_DIR) + "/tests/config/fixtures/";
 
@@ -23,17 +27,6 @@ std::string read_file(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
-}
-
-std::string error_of(const std::string& yaml) {
-  try {
-    parse_spec(yaml, "exp.yaml");
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), ErrorKind::Config);
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a config error for:\n" << yaml;
-  return "";
 }
 
 // Every name of a table parses back to its value, and no two values share a name.
@@ -78,33 +71,25 @@ TEST(Choices, ListsAndSubsetsKeepTableOrder) {
 
 TEST(Choices, ASpecOffersOnlyItsSubsetAndNamesIt) {
   // The op set's Identity and placement's None are not spec choices.
-  std::string e = error_of("data: {train: x}\nmodel: {activation: identity}\n");
-  EXPECT_NE(e.find("exp.yaml:2: model.activation: unknown value 'identity'; valid choices: relu, tanh, softplus"),
-            std::string::npos)
-      << e;
-  e = error_of("data: {train: x}\ndist: {communicator: none}\n");
-  EXPECT_NE(e.find("dist.communicator: unknown value 'none'; valid choices: auto, nccl, mpi"), std::string::npos) << e;
-  e = error_of("data: {train: x}\ndevice: tpu\n");
-  EXPECT_NE(e.find("exp.yaml:2: device: unknown value 'tpu'; valid choices: auto, cpu, cuda"), std::string::npos) << e;
-  e = error_of("data: {train: x, loader: disk}\n");
-  EXPECT_NE(e.find("data.loader: unknown value 'disk'; valid choices: auto, memory, stream"), std::string::npos) << e;
-  e = error_of("data: {train: x}\ntrain: {cuda_graph: maybe}\n");
-  EXPECT_NE(e.find("train.cuda_graph: unknown value 'maybe'; valid choices: auto, on, off"), std::string::npos) << e;
-  e = error_of("data: {train: x}\nmodel: {type: conv, encoder: [relu, {type: pool}], decoder: [flatten]}\n");
-  EXPECT_NE(e.find("model.encoder[1].type: unknown layer 'pool'; valid layers: linear, conv2d, conv_transpose2d, "
-                   "group_norm, relu, tanh, softplus, flatten, reshape"),
-            std::string::npos)
-      << e;
-  e = error_of("data: {train: x}\nmodel: {type: conv, encoder: [{type: relu, groups: 2}], decoder: [flatten]}\n");
-  EXPECT_NE(e.find("model.encoder[0].groups: unknown key; valid keys here: type, features, channels, kernel, stride, "
-                   "padding, output_padding, groups, shape"),
-            std::string::npos)
-      << e;
-  e = error_of("data: {train: x}\nmodel: {latent: 4, depth: 3}\n");
-  EXPECT_NE(e.find("model.depth: unknown key; valid keys here: type, encoder, decoder, latent, activation, likelihood, "
-                   "width, bottleneck, stages"),
-            std::string::npos)
-      << e;
+  expect_error("data: {train: x}\nmodel: {activation: identity}\n",
+               {"exp.yaml:2: model.activation: unknown value 'identity'; valid choices: relu, tanh, softplus"});
+  expect_error("data: {train: x}\ndist: {communicator: none}\n",
+               {"dist.communicator: unknown value 'none'; valid choices: auto, nccl, mpi"});
+  expect_error("data: {train: x}\ndevice: tpu\n",
+               {"exp.yaml:2: device: unknown value 'tpu'; valid choices: auto, cpu, cuda"});
+  expect_error("data: {train: x, loader: disk}\n",
+               {"data.loader: unknown value 'disk'; valid choices: auto, memory, stream"});
+  expect_error("data: {train: x}\ntrain: {cuda_graph: maybe}\n",
+               {"train.cuda_graph: unknown value 'maybe'; valid choices: auto, on, off"});
+  expect_error("data: {train: x}\nmodel: {type: conv, encoder: [relu, {type: pool}], decoder: [flatten]}\n",
+               {"model.encoder[1].type: unknown layer 'pool'; valid layers: linear, conv2d, conv_transpose2d, "
+                "group_norm, relu, tanh, softplus, flatten, reshape"});
+  expect_error("data: {train: x}\nmodel: {type: conv, encoder: [{type: relu, groups: 2}], decoder: [flatten]}\n",
+               {"model.encoder[0].groups: unknown key; valid keys here: type, features, channels, kernel, stride, "
+                "padding, output_padding, groups, shape"});
+  expect_error("data: {train: x}\nmodel: {latent: 4, depth: 3}\n",
+               {"model.depth: unknown key; valid keys here: type, encoder, decoder, latent, activation, likelihood, "
+                "width, bottleneck, stages"});
 }
 
 // `dump` without the section keys that `stored` lacks (keys added after the fixture was
@@ -116,8 +101,10 @@ std::string without_keys_added_later(const std::string& dump, const std::string&
   std::string section;
   std::istringstream in(stored);
   for (std::string line; std::getline(in, line);) {
-    if (line.rfind("  ", 0) != 0) section = key_of(line);
-    else if (line.rfind("   ", 0) != 0) known.insert(section + "." + key_of(line.substr(2)));
+    if (line.rfind("  ", 0) != 0)
+      section = key_of(line);
+    else if (line.rfind("   ", 0) != 0)
+      known.insert(section + "." + key_of(line.substr(2)));
   }
   std::string out;
   bool keep = true;
