@@ -137,8 +137,11 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     result.kl_clamped_dims = exchange_kl(0, g_rows, 0.0f).clamped_dims;  // the collective, without rows
   m_sync->begin(step);
   // [rec sum, KL sum, ranks with a non-finite loss, ranks asked to stop, ranks whose
-  // gradient norm is over train.skip_threshold, IWAE bound sum]
-  double local[6] = {0, 0, 0, stop_requested ? 1.0 : 0.0, 0, 0};
+  // gradient norm is over train.skip_threshold, IWAE bound sum, then (hierarchical)
+  // each latent group's KL sum]: one all-reduce for all of them.
+  const int G = m_hvae ? m_hvae->layout().num_groups() : 0;
+  std::vector<double> local(kStepSums + static_cast<size_t>(G), 0.0);
+  local[3] = stop_requested ? 1.0 : 0.0;
   if (rows > 0) {
     float* const rec = m_losses.data();
     float* const kl = rec + m_local_rows;
@@ -236,18 +239,12 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
     }
     if (!std::isfinite(local[0]) || !std::isfinite(local[1]) || !std::isfinite(local[5])) local[2] = 1;
   }
-  // Hierarchical: each group's KL summed over this rank's rows, then over the ranks (an
-  // all-reduce only this model pays; the others' steps are unchanged).
-  if (m_hvae) {
-    const int G = m_hvae->layout().num_groups();
-    result.kl_groups.assign(static_cast<size_t>(G), 0.0);
-    for (int r = 0; r < rows; ++r)
-      for (int l = 0; l < G; ++l)
-        result.kl_groups[static_cast<size_t>(l)] += m_kl_groups.data()[static_cast<size_t>(r) * G + l];
-    m_comm.allreduce_sum(result.kl_groups.data(), result.kl_groups.size());
-  }
+  // Hierarchical: each group's KL summed over this rank's rows (over the ranks with the rest).
+  for (int r = 0; r < rows; ++r)
+    for (int l = 0; l < G; ++l) local[kStepSums + l] += m_kl_groups.data()[static_cast<size_t>(r) * G + l];
   result.nonfinite_here = local[2] > 0;
   sync_and_update(lr, local, result);
+  result.kl_groups.assign(local.begin() + kStepSums, local.end());
   // The update was applied (every loss and the norm finite, not over the threshold).
   if (has_ema() && std::isfinite(result.grad_norm) && !result.over_threshold) update_ema();
   result.rec = local[0];
@@ -269,12 +266,12 @@ StepResult Replica::step(const BatchPrep::Batch& batch, int64_t step, double bet
 // optimizer updates this rank's slice, and the all-gather of the parameters starts
 // here, finishing during the next forward pass (params_ready_until). A skipped update
 // changes no slice, so nothing needs gathering.
-void Replica::sync_and_update(double lr, double sums[6], StepResult& result) {
+void Replica::sync_and_update(double lr, std::vector<double>& sums, StepResult& result) {
   m_sync->finish();  // a rank without rows this step still joins every bucket's reduction
   const double squared = m_norm_with_losses ? *m_squared_norm.data() : m_optim.squared_norm(m_grads.data());
   const double norm = std::sqrt(squared), threshold = m_spec.train.skip_threshold;
   sums[4] = threshold > 0 && std::isfinite(norm) && norm > threshold ? 1.0 : 0.0;
-  m_comm.allreduce_sum(sums, 6);
+  m_comm.allreduce_sum(sums.data(), sums.size());
   if (sums[2] != 0) return;  // a loss not finite: no norm, no update (grad_norm stays NaN)
   result.grad_norm = norm;
   result.over_threshold = sums[4] != 0;

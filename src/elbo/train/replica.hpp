@@ -104,8 +104,11 @@ class Replica {
  private:
   // The one place where the replicas' gradients become an update (see replica.cpp).
   // Fills result's grad_norm and over_threshold; `sums` are this rank's [rec, KL,
-  // non-finite, stop, over threshold, IWAE bound], the sums over the ranks on return.
-  void sync_and_update(double lr, double sums[6], StepResult& result);
+  // non-finite, stop, over threshold, IWAE bound] and after those kStepSums values any
+  // other per-step sums (the hierarchical model's per-group KL), the sums over the
+  // ranks on return.
+  static constexpr size_t kStepSums = 6;
+  void sync_and_update(double lr, std::vector<double>& sums, StepResult& result);
   // Free bits: every rank (also one without rows this step) joins the all-reduce of the
   // per-dimension (Vae) or per-group (Hvae) KL sums of the forward pass just run on `rows` rows; the result's
   // per-dimension weights (kl_weight where unclamped) go to m_kl_weights.
