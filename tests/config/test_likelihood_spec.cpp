@@ -9,7 +9,6 @@
 namespace elbo {
 namespace {
 
-using spec_test::error_of;
 using spec_test::expect_error;
 
 const std::string kData = "data:\n  train: /tmp/train\n";

@@ -16,7 +16,6 @@
 namespace elbo {
 namespace {
 
-using spec_test::error_of;
 using spec_test::expect_error;
 
 const std::string kFixtures = std::string(ELBO_SOURCE_DIR) + "/tests/config/fixtures/";
